@@ -1,0 +1,138 @@
+"""Architectures by name: one registry dict of encoder configurations and a builder."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+PROMPT_EMBED_DIM = 256
+PATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """A SAM ViT image encoder (windowed attention plus a few global blocks)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+    img_size: int = 1024
+
+    def build(self) -> nn.Module:
+        return ImageEncoderViT(
+            img_size=self.img_size,
+            patch_size=PATCH_SIZE,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            out_chans=PROMPT_EMBED_DIM,
+            window_size=self.window_size,
+            global_attn_indexes=self.global_attn_indexes,
+        )
+
+
+@dataclass(frozen=True)
+class TinyViTConfig:
+    """MobileSAM's TinyViT image encoder."""
+
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    img_size: int = 1024
+
+    def build(self) -> nn.Module:
+        from .modeling.tiny_vit import TinyViT
+
+        return TinyViT(
+            img_size=self.img_size,
+            embed_dims=self.embed_dims,
+            depths=self.depths,
+            num_heads=self.num_heads,
+            window_sizes=self.window_sizes,
+        )
+
+
+EncoderConfig = ViTConfig | TinyViTConfig
+
+ARCHITECTURES: dict[str, EncoderConfig] = {
+    "vit_b": ViTConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": ViTConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": ViTConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+    "vit_t": TinyViTConfig(),
+    # A tiny encoder for tests and quick experiments: every code path, little compute.
+    "vit_test": ViTConfig(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=6, img_size=256),
+}
+
+
+def build_sam(arch: str | EncoderConfig) -> Sam:
+    """Build a randomly initialised SAM.
+
+    Args:
+        arch: A name in ARCHITECTURES or an encoder configuration.
+
+    Returns:
+        The model (train mode, CPU, float32).
+    """
+    config = _config(arch)
+    grid = config.img_size // PATCH_SIZE
+    prompt_encoder = PromptEncoder(
+        embed_dim=PROMPT_EMBED_DIM,
+        image_embedding_size=(grid, grid),
+        input_image_size=(config.img_size, config.img_size),
+        mask_in_chans=16,
+    )
+    transformer = TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, num_heads=8, mlp_dim=2048)
+    mask_decoder = MaskDecoder(PROMPT_EMBED_DIM, transformer, num_multimask_outputs=3)
+    model = Sam(config.build(), prompt_encoder, mask_decoder)
+    model.architecture = arch if isinstance(arch, str) else ""
+    return model
+
+
+def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Name the registered architecture a SAM state dict (official keys) belongs to.
+
+    Raises:
+        ValueError: The weights match no registered architecture.
+    """
+    if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
+        dims = tuple(
+            int(state_dict[f"image_encoder.layers.{i}.blocks.0.conv1.c.weight"].shape[1])
+            if i == 0
+            else int(state_dict[f"image_encoder.layers.{i}.blocks.0.attn.qkv.weight"].shape[1])
+            for i in range(4)
+            if f"image_encoder.layers.{i}.blocks.0.conv1.c.weight" in state_dict
+            or f"image_encoder.layers.{i}.blocks.0.attn.qkv.weight" in state_dict
+        )
+        for name, config in ARCHITECTURES.items():
+            if isinstance(config, TinyViTConfig) and config.embed_dims == dims:
+                return name
+        raise ValueError(f"These TinyViT weights (widths {dims}) match no known model.")
+    proj = state_dict.get("image_encoder.patch_embed.proj.weight")
+    pos = state_dict.get("image_encoder.pos_embed")
+    if proj is None or pos is None:
+        raise ValueError("These weights hold no SAM image encoder (no patch embedding found).")
+    depth = len({key.split(".")[2] for key in state_dict if key.startswith("image_encoder.blocks.")})
+    found = (int(proj.shape[0]), depth, int(pos.shape[1]) * PATCH_SIZE)
+    for name, config in ARCHITECTURES.items():
+        if isinstance(config, ViTConfig) and (config.embed_dim, config.depth, config.img_size) == found:
+            return name
+    raise ValueError(
+        f"These ViT weights (width {found[0]}, {found[1]} blocks, {found[2]} px input) match no known model."
+    )
+
+
+def _config(arch: str | EncoderConfig) -> EncoderConfig:
+    if isinstance(arch, (ViTConfig, TinyViTConfig)):
+        return arch
+    if arch not in ARCHITECTURES:
+        names = ", ".join(ARCHITECTURES)
+        raise ValueError(f"Unknown model architecture {arch!r}. Known architectures: {names}.")
+    return ARCHITECTURES[arch]

@@ -1,0 +1,218 @@
+"""SAM's ViT image encoder: patch embedding, windowed/global attention blocks, neck."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import LayerNorm2d, MLPBlock
+
+
+class ImageEncoderViT(nn.Module):
+    """Vision transformer that turns a normalised image into a SAM embedding.
+
+    Args:
+        img_size: Side of the square input image in pixels.
+        patch_size: Side of a patch; the embedding is img_size / patch_size per side.
+        in_chans: Input channels.
+        embed_dim: Transformer width.
+        depth: Number of transformer blocks.
+        num_heads: Attention heads per block.
+        mlp_ratio: Feed-forward width relative to embed_dim.
+        out_chans: Channels of the output embedding.
+        window_size: Side of the attention windows of non-global blocks.
+        global_attn_indexes: Blocks that attend over the whole image.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 1024,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        out_chans: int = 256,
+        window_size: int = 14,
+        global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                window_size=0 if i in global_attn_indexes else window_size,
+                grid_size=grid,
+            )
+            for i in range(depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed images.
+
+        Args:
+            x: (B, 3, img_size, img_size) normalised float images.
+
+        Returns:
+            (B, out_chans, img_size / 16, img_size / 16) embeddings.
+        """
+        x = self.patch_embed(x) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.neck(x.permute(0, 3, 1, 2))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens: (B, C, H, W) -> (B, H/p, W/p, D)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with windowed (window_size > 0) or global attention."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, window_size: int, grid_size: int
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        attn_size = window_size if window_size > 0 else grid_size
+        self.attn = Attention(dim, num_heads, attn_size)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
+        self.window_size = window_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size > 0:
+            height, width = x.shape[1:3]
+            x, padded = window_partition(x, self.window_size)
+            x = self.attn(x)
+            x = window_unpartition(x, self.window_size, padded, (height, width))
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with decomposed relative position biases on a 2D token grid.
+
+    Args:
+        dim: Token width.
+        num_heads: Heads.
+        size: Side of the (square) token grid the relative tables are made for.
+    """
+
+    def __init__(self, dim: int, num_heads: int, size: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * size - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * size - 1, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attend over a (B, H, W, C) token grid; returns the same shape."""
+        batch, height, width, _ = x.shape
+        tokens = height * width
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        bias = relative_position_bias(q, self.rel_pos_h, self.rel_pos_w, (height, width))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
+        return self.proj(out.reshape(batch, height, width, -1))
+
+
+def relative_position_bias(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """Additive attention bias from decomposed relative positions (query-dependent).
+
+    Args:
+        q: (B, heads, H*W, head_dim) unscaled queries.
+        rel_pos_h: (L, head_dim) table of vertical offsets.
+        rel_pos_w: (L, head_dim) table of horizontal offsets.
+        size: (H, W) of the token grid (queries and keys share it).
+
+    Returns:
+        (B, heads, H*W, H*W) bias, in q's dtype.
+    """
+    height, width = size
+    table_h = relative_table(height, rel_pos_h).to(q.dtype)  # (H, H, head_dim)
+    table_w = relative_table(width, rel_pos_w).to(q.dtype)
+    grid_q = q.reshape(*q.shape[:2], height, width, -1)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w)
+    bias = bias_h[..., :, None] + bias_w[..., None, :]
+    return bias.reshape(*q.shape[:2], height * width, height * width)
+
+
+def relative_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Index a relative-position table for every (query, key) pair along one axis.
+
+    Args:
+        size: Number of positions along the axis (queries and keys alike).
+        rel_pos: (L, C) table; resized linearly when L != 2 * size - 1.
+
+    Returns:
+        (size, size, C) entries, [i, j] holding the offset i - j.
+    """
+    length = 2 * size - 1
+    if rel_pos.shape[0] != length:
+        resized = F.interpolate(rel_pos.T[None], size=length, mode="linear")
+        rel_pos = resized[0].T
+    coords = torch.arange(size, device=rel_pos.device)
+    offsets = coords[:, None] - coords[None, :] + (size - 1)
+    return rel_pos[offsets]
+
+
+def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Split a (B, H, W, C) grid into (B * windows, window, window, C), zero-padding the edges.
+
+    Returns:
+        The windows and the padded (H, W).
+    """
+    batch, height, width, channels = x.shape
+    pad_h = (window - height % window) % window
+    pad_w = (window - width % window) % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = height + pad_h, width + pad_w
+    x = x.view(batch, hp // window, window, wp // window, window, channels)
+    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, channels)
+    return windows, (hp, wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window: int, padded: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of `window_partition`: back to (B, H, W, C) with the padding removed."""
+    hp, wp = padded
+    height, width = size
+    batch = windows.shape[0] // (hp * wp // window // window)
+    x = windows.view(batch, hp // window, wp // window, window, window, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch, hp, wp, -1)
+    return x[:, :height, :width, :].contiguous()

@@ -1,0 +1,78 @@
+"""The SAM model: an image encoder, a prompt encoder and a mask decoder, composed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class Sam(nn.Module):
+    """Segment Anything from its parts.
+
+    Args:
+        image_encoder: Maps (B, 3, S, S) normalised images to (B, 256, S/16, S/16) embeddings;
+            must expose `img_size` (S).
+        prompt_encoder: Embeds points, boxes and masks.
+        mask_decoder: Predicts masks and IoU scores.
+        pixel_mean: Per-channel mean of 0-255 RGB input, subtracted before encoding.
+        pixel_std: Per-channel standard deviation, divided before encoding.
+    """
+
+    mask_threshold: float = 0.0
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        self.architecture = ""  # set by the builder to its registry name
+
+    @property
+    def img_size(self) -> int:
+        """Side of the square model input in pixels."""
+        return int(self.image_encoder.img_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise (B, 3, h, w) 0-255 RGB and pad it bottom-right to (B, 3, S, S)."""
+        x = (x - self.pixel_mean) / self.pixel_std
+        height, width = x.shape[-2:]
+        return F.pad(x, (0, self.img_size - width, 0, self.img_size - height))
+
+    def postprocess_masks(
+        self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Upscale low-resolution logits to the original image.
+
+        Args:
+            masks: (B, C, 4H, 4W) low-resolution logits.
+            input_size: (h, w) of the resized image before padding.
+            original_size: (H, W) of the user's image.
+
+        Returns:
+            (B, C, H, W) logits.
+        """
+        masks = F.interpolate(masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)

@@ -1,0 +1,314 @@
+"""Predictor: compute an image's embedding once, then segment it from many prompts.
+
+Coordinates follow SAM's conventions: points are (x, y) pixels of the original image, boxes are
+(x0, y0, x1, y1). Masks come back at the original image's (H, W).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .modeling import Sam
+from .precision import autocast, resolve_precision
+from .preprocess import to_rgb_uint8
+
+LOW_RES_SIDE = 256  # side of SAM's low-resolution mask logits for a 1024 px model
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """An image's embedding and the geometry needed to map prompts and masks.
+
+    Attributes:
+        features: (1, 256, h, w) float32 embedding, on any device.
+        original_size: (H, W) of the user's image.
+        input_size: (h', w') of the image after resizing its longest side to the model input.
+    """
+
+    features: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+def resized_shape(height: int, width: int, longest: int) -> tuple[int, int]:
+    """(h, w) of an image whose longest side is scaled to `longest`, rounded half up."""
+    scale = longest / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+class Predictor:
+    """Segment one image at a time from point, box and mask prompts.
+
+    Args:
+        model: A SAM model (see `samcore.load_model`).
+        precision: "fp32", "bf16", or "auto" (bf16 where it keeps masks faithful on this device).
+    """
+
+    def __init__(self, model: Sam, precision: str = "auto") -> None:
+        self.model = model.eval()
+        self.precision = resolve_precision(precision, model)
+        self._embedding: ImageEmbedding | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._embedding is not None
+
+    @property
+    def original_size(self) -> tuple[int, int] | None:
+        return None if self._embedding is None else self._embedding.original_size
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        return None if self._embedding is None else self._embedding.input_size
+
+    # -- embeddings -------------------------------------------------------------------------
+
+    def embed(
+        self, image: np.ndarray, image_format: str = "RGB", channel_axis: int | None = None
+    ) -> ImageEmbedding:
+        """Compute an image's embedding without making it the current image.
+
+        Args:
+            image: (H, W) grayscale or (H, W, C) image of any numeric dtype; see
+                `samcore.preprocess.to_rgb_uint8` for the channel and intensity rules.
+            image_format: "RGB" or "BGR" channel order of a 3-channel image.
+            channel_axis: Axis holding channels, if not the last.
+
+        Returns:
+            The embedding, with features on the model's device.
+        """
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', not {image_format!r}.")
+        rgb = to_rgb_uint8(np.asarray(image), channel_axis=channel_axis)
+        if image_format == "BGR":
+            rgb = rgb[..., ::-1]
+        return self.embed_rgb(rgb)
+
+    def embed_rgb(self, rgb: np.ndarray) -> ImageEmbedding:
+        """Embedding of a (H, W, 3) uint8 RGB image."""
+        original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
+        input_size = resized_shape(*original_size, self.model.img_size)
+        resized = resize_uint8(rgb, input_size)
+        pixels = torch.from_numpy(np.ascontiguousarray(resized)).to(self.device)
+        pixels = pixels.permute(2, 0, 1)[None].float()
+        with torch.inference_mode(), autocast(self.precision, self.device):
+            features = self.model.image_encoder(self.model.preprocess(pixels))
+        return ImageEmbedding(features.float(), original_size, input_size)
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB", channel_axis: int | None = None) -> None:
+        """Compute and keep the embedding of `image` (see `embed`) for the following predictions."""
+        self._embedding = self.embed(image, image_format, channel_axis)
+
+    def set_embedding(self, embedding: ImageEmbedding) -> None:
+        """Use a precomputed embedding (e.g. from a cache) as the current image."""
+        expected = (self.model.prompt_encoder.embed_dim, *self.model.prompt_encoder.image_embedding_size)
+        if tuple(embedding.features.shape[1:]) != expected or embedding.features.shape[0] != 1:
+            raise ValueError(
+                f"This embedding has shape {tuple(embedding.features.shape)}, but the model makes "
+                f"(1, {', '.join(map(str, expected))}): it was computed with another model."
+            )
+        features = embedding.features.to(self.device, torch.float32)
+        self._embedding = ImageEmbedding(features, embedding.original_size, embedding.input_size)
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The current image's (1, 256, h, w) embedding."""
+        return self._current().features
+
+    def reset_image(self) -> None:
+        """Forget the current image."""
+        self._embedding = None
+
+    # -- prompts ----------------------------------------------------------------------------
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predict masks for one object on the current image.
+
+        Args:
+            point_coords: (N, 2) XY points in original-image pixels.
+            point_labels: (N,) labels, 1 foreground and 0 background.
+            box: (4,) XYXY box in original-image pixels.
+            mask_input: (1, 256, 256) low-resolution logits from a previous prediction.
+            multimask_output: Return 3 candidate masks (best for a single ambiguous click).
+            return_logits: Return logits instead of boolean masks.
+
+        Returns:
+            masks (C, H, W) bool (float32 logits with return_logits), scores (C,) predicted IoUs,
+            and low-resolution logits (C, 256, 256), with C = 3 or 1.
+        """
+        embedding = self._current()
+        coords, labels, boxes, masks = self._prompts_to_tensors(
+            embedding, point_coords, point_labels, box, mask_input
+        )
+        out_masks, scores, low_res = self.predict_torch(
+            coords, labels, boxes, masks, multimask_output=multimask_output, return_logits=return_logits
+        )
+        return out_masks[0].cpu().numpy(), scores[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
+
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Predict masks for a batch of B prompts, in model-input coordinates.
+
+        Args:
+            point_coords: (B, N, 2) XY points already mapped with `transform_coords`.
+            point_labels: (B, N) labels.
+            boxes: (B, 4) XYXY boxes already mapped with `transform_boxes`.
+            mask_input: (B, 1, 256, 256) low-resolution logits.
+            multimask_output: 3 masks per prompt instead of 1.
+            return_logits: Return logits instead of boolean masks.
+
+        Returns:
+            masks (B, C, H, W), scores (B, C), low-resolution logits (B, C, 256, 256).
+        """
+        embedding = self._current()
+        points = None if point_coords is None else (point_coords, point_labels)
+        with torch.inference_mode():
+            sparse, dense = self.model.prompt_encoder(points, boxes, mask_input)
+            low_res, scores = self.model.mask_decoder(
+                embedding.features,
+                self.model.prompt_encoder.get_dense_pe(),
+                sparse,
+                dense,
+                multimask_output,
+            )
+            masks = upscale_logits(low_res, self.model.img_size, embedding.input_size, embedding.original_size)
+            if not return_logits:
+                masks = masks > self.model.mask_threshold
+        return masks, scores, low_res
+
+    def transform_coords(self, coords: np.ndarray) -> np.ndarray:
+        """Map (..., 2) XY original-image pixels to model-input pixels."""
+        embedding = self._current()
+        (height, width), (new_h, new_w) = embedding.original_size, embedding.input_size
+        scaled = np.array(coords, dtype=np.float64, copy=True)
+        scaled[..., 0] *= new_w / width
+        scaled[..., 1] *= new_h / height
+        return scaled
+
+    def transform_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        """Map (..., 4) XYXY original-image boxes to model-input pixels."""
+        return self.transform_coords(np.asarray(boxes).reshape(-1, 2, 2)).reshape(-1, 4)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _current(self) -> ImageEmbedding:
+        if self._embedding is None:
+            raise RuntimeError("No image is set: call set_image(image) or set_embedding(...) first.")
+        return self._embedding
+
+    def _prompts_to_tensors(
+        self,
+        embedding: ImageEmbedding,
+        point_coords: np.ndarray | None,
+        point_labels: np.ndarray | None,
+        box: np.ndarray | None,
+        mask_input: np.ndarray | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        height, width = embedding.original_size
+        coords = labels = boxes = masks = None
+        if point_coords is not None:
+            points = _check_points(point_coords, point_labels, height, width)
+            coords = torch.as_tensor(self.transform_coords(points[0]), dtype=torch.float32, device=self.device)[None]
+            labels = torch.as_tensor(points[1], dtype=torch.int64, device=self.device)[None]
+        elif point_labels is not None:
+            raise ValueError("point_labels were given without point_coords.")
+        if box is not None:
+            checked = _check_box(box, height, width)
+            boxes = torch.as_tensor(self.transform_boxes(checked), dtype=torch.float32, device=self.device)
+        if mask_input is not None:
+            masks = self._check_mask_input(mask_input)
+        return coords, labels, boxes, masks
+
+    def _check_mask_input(self, mask_input: np.ndarray) -> torch.Tensor:
+        side = self.model.prompt_encoder.mask_input_size
+        array = np.asarray(mask_input, dtype=np.float32)
+        if array.ndim == 2:
+            array = array[None]
+        if array.shape != (1, *side):
+            raise ValueError(
+                f"mask_input must be the (1, {side[0]}, {side[1]}) low-resolution logits of a previous "
+                f"prediction, not an array of shape {array.shape}."
+            )
+        return torch.as_tensor(array, device=self.device)[None]
+
+
+def _check_points(
+    point_coords: np.ndarray, point_labels: np.ndarray | None, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    coords = np.asarray(point_coords, dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) == 0:
+        raise ValueError(f"point_coords must be an (N, 2) array of (x, y) points, not shape {coords.shape}.")
+    if point_labels is None:
+        raise ValueError("point_labels are needed with point_coords (1 = foreground, 0 = background).")
+    labels = np.asarray(point_labels)
+    if labels.shape != (len(coords),):
+        raise ValueError(f"point_labels must hold one label per point: {len(coords)} points, labels {labels.shape}.")
+    if not np.all(np.isfinite(coords)):
+        raise ValueError("point_coords contain NaN or infinite values.")
+    outside = (coords[:, 0] < 0) | (coords[:, 0] > width) | (coords[:, 1] < 0) | (coords[:, 1] > height)
+    if outside.any():
+        x, y = coords[np.argmax(outside)]
+        raise ValueError(f"The point (x={x:g}, y={y:g}) lies outside the {width}x{height} image.")
+    return coords, labels
+
+
+def _check_box(box: np.ndarray, height: int, width: int) -> np.ndarray:
+    array = np.asarray(box, dtype=np.float64).reshape(-1)
+    if array.shape != (4,) or not np.all(np.isfinite(array)):
+        raise ValueError(f"box must be 4 finite numbers (x0, y0, x1, y1), not {np.asarray(box)!r}.")
+    x0, y0, x1, y1 = array
+    if x1 < x0 or y1 < y0:
+        raise ValueError(f"The box {array.tolist()} is inverted: it needs x0 <= x1 and y0 <= y1.")
+    if x1 < 0 or y1 < 0 or x0 > width or y0 > height:
+        raise ValueError(f"The box {array.tolist()} lies outside the {width}x{height} image.")
+    return array[None]
+
+
+def resize_uint8(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear, antialiased resize of a (H, W, 3) uint8 image to (h, w), as PIL does it."""
+    from PIL import Image
+
+    if rgb.shape[:2] == tuple(size):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def upscale_logits(
+    low_res: torch.Tensor, img_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> torch.Tensor:
+    """Low-resolution logits (B, C, h, w) to (B, C, H, W) logits of the original image.
+
+    Goes straight from the part of the low-resolution grid that covers the image to the original
+    size in one bilinear step, rather than through the padded model-input size.
+    """
+    side = low_res.shape[-1]
+    crop_h = input_size[0] * side / img_size
+    crop_w = input_size[1] * side / img_size
+    if crop_h.is_integer() and crop_w.is_integer():
+        cropped = low_res[..., : int(crop_h), : int(crop_w)]
+        return F.interpolate(cropped.float(), original_size, mode="bilinear", align_corners=False)
+    masks = F.interpolate(low_res.float(), (img_size, img_size), mode="bilinear", align_corners=False)
+    masks = masks[..., : input_size[0], : input_size[1]]
+    return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)

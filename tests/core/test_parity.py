@@ -1,0 +1,136 @@
+"""Same masks and scores as the official segment-anything predictor, for every prompt type."""
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_
+
+from samcore import Predictor, build_sam
+from samcore.build import ViTConfig
+
+from segment_anything import SamPredictor
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+SMALL = ViTConfig(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=6, img_size=1024)
+
+
+def official_sam(config: ViTConfig) -> torch.nn.Module:
+    grid = config.img_size // 16
+    encoder = ImageEncoderViT(
+        depth=config.depth,
+        embed_dim=config.embed_dim,
+        img_size=config.img_size,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=config.num_heads,
+        patch_size=16,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=config.global_attn_indexes,
+        window_size=config.window_size,
+        out_chans=256,
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=256,
+        image_embedding_size=(grid, grid),
+        input_image_size=(config.img_size, config.img_size),
+        mask_in_chans=16,
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+        transformer_dim=256,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    return Sam(encoder, prompt_encoder, decoder, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]).eval()
+
+
+def prompts(height: int, width: int) -> dict[str, dict]:
+    center = np.array([[0.4 * width, 0.5 * height]])
+    box = np.array([0.2 * width, 0.3 * height, 0.6 * width, 0.7 * height])
+    return {
+        "point": {"point_coords": center, "point_labels": np.array([1])},
+        "multi-point": {
+            "point_coords": np.array([[0.4 * width, 0.5 * height], [0.6 * width, 0.3 * height], [0.2 * width, 0.8 * height]]),
+            "point_labels": np.array([1, 0, 1]),
+        },
+        "box": {"box": box},
+        "box+point": {"box": box, "point_coords": center, "point_labels": np.array([0])},
+    }
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def assert_same_prediction(official, ours, kwargs):
+    for multimask in (True, False):
+        o_masks, o_scores, o_low = official.predict(multimask_output=multimask, **kwargs)
+        masks, scores, low = ours.predict(multimask_output=multimask, **kwargs)
+        assert masks.shape == o_masks.shape and low.shape == o_low.shape
+        for o_mask, mask in zip(o_masks, masks):
+            assert 0.05 < o_mask.mean() < 0.95, "a degenerate mask would make the comparison meaningless"
+            assert iou(o_mask, mask) >= 0.99
+        np.testing.assert_allclose(scores, o_scores, atol=0.01)
+    # Feed the previous low-resolution logits back, as interactive refinement does.
+    o_masks, o_scores, _ = official.predict(mask_input=o_low[:1], multimask_output=False, **kwargs)
+    masks, scores, _ = ours.predict(mask_input=o_low[:1], multimask_output=False, **kwargs)
+    assert iou(o_masks[0], masks[0]) >= 0.99
+    np.testing.assert_allclose(scores, o_scores, atol=0.01)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    official = randomize_(official_sam(SMALL))
+    ours = build_sam(SMALL).eval()
+    ours.load_state_dict(official.state_dict(), strict=True)
+    return official, ours
+
+
+def test_state_dict_keys_match_official_vit_b():
+    from segment_anything import sam_model_registry
+
+    official = sam_model_registry["vit_b"]().state_dict()
+    ours = build_sam("vit_b").state_dict()
+    assert list(official) == list(ours)
+    assert all(official[k].shape == ours[k].shape for k in official)
+
+
+@pytest.mark.parametrize("image_name", ["real_rgb", "real_gray"])
+def test_predictions_match_official(pair, image_name, request):
+    image = request.getfixturevalue(image_name)
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    official_model, our_model = pair
+    official, ours = SamPredictor(official_model), Predictor(our_model, precision="fp32")
+    official.set_image(image)
+    ours.set_image(image)
+    torch.testing.assert_close(ours.get_image_embedding(), official.features, atol=1e-4, rtol=1e-4)
+    for kwargs in prompts(*image.shape[:2]).values():
+        assert_same_prediction(official, ours, kwargs)
+
+
+@pytest.mark.slow
+def test_full_size_vit_b_matches_official(real_rgb):
+    torch.manual_seed(1)
+    config = ViTConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11))
+    official_model = randomize_(official_sam(config), seed=1)
+    our_model = build_sam("vit_b").eval()
+    our_model.load_state_dict(official_model.state_dict(), strict=True)
+    official, ours = SamPredictor(official_model), Predictor(our_model, precision="fp32")
+    official.set_image(real_rgb)
+    ours.set_image(real_rgb)
+    torch.testing.assert_close(ours.get_image_embedding(), official.features, atol=1e-3, rtol=1e-3)
+    for kwargs in prompts(*real_rgb.shape[:2]).values():
+        assert_same_prediction(official, ours, kwargs)
