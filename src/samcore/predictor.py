@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .modeling import Sam
+from .modeling.fast_decoder import decode_masks
 from .precision import autocast, resolve_precision
 from .preprocess import to_rgb_uint8
 
@@ -186,7 +187,8 @@ class Predictor:
         points = None if point_coords is None else (point_coords, point_labels)
         with torch.inference_mode():
             sparse, dense = self.model.prompt_encoder(points, boxes, mask_input)
-            low_res, scores = self.model.mask_decoder(
+            low_res, scores = decode_masks(
+                self.model.mask_decoder,
                 embedding.features,
                 self.model.prompt_encoder.get_dense_pe(),
                 sparse,

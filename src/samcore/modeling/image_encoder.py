@@ -140,10 +140,61 @@ class Attention(nn.Module):
         tokens = height * width
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        bias = relative_position_bias(q, self.rel_pos_h, self.rel_pos_w, (height, width))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if tokens > CHUNKED_ATTENTION_TOKENS:
+            out = chunked_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (height, width))
+        else:
+            bias = relative_position_bias(q, self.rel_pos_h, self.rel_pos_w, (height, width))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
         return self.proj(out.reshape(batch, height, width, -1))
+
+
+# Above this many tokens, attention is computed a block of queries at a time, so that the
+# relative-position bias never exists as a whole (12 x 4096 x 4096 floats for ViT-B's global blocks).
+CHUNKED_ATTENTION_TOKENS = 1024
+QUERY_CHUNK = 256
+
+
+def chunked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: tuple[int, int],
+) -> torch.Tensor:
+    """Softmax attention with decomposed relative positions, one head and query block at a time.
+
+    Same result as `scaled_dot_product_attention` with `relative_position_bias` as mask, with a
+    working set that fits in the CPU cache instead of a bias tensor of heads x N x N.
+
+    Args:
+        q, k, v: (B, heads, N, head_dim) with N = H * W.
+        rel_pos_h, rel_pos_w: (L, head_dim) relative-position tables.
+        size: (H, W) of the token grid.
+
+    Returns:
+        (B, heads, N, head_dim).
+    """
+    height, width = size
+    batch, heads, tokens, head_dim = q.shape
+    table_h = relative_table(height, rel_pos_h).to(q.dtype)
+    table_w = relative_table(width, rel_pos_w).to(q.dtype)
+    grid_q = q.reshape(batch, heads, height, width, head_dim)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h).reshape(batch, heads, tokens, height)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w).reshape(batch, heads, tokens, width)
+    scale = head_dim**-0.5
+    out = torch.empty_like(q)
+    for b in range(batch):
+        for n in range(heads):
+            keys_t = k[b, n].transpose(0, 1)
+            for start in range(0, tokens, QUERY_CHUNK):
+                rows = slice(start, start + QUERY_CHUNK)
+                logits = torch.mm(q[b, n, rows], keys_t).mul_(scale).view(-1, height, width)
+                logits.add_(bias_h[b, n, rows, :, None]).add_(bias_w[b, n, rows, None, :])
+                weights = torch.softmax(logits.view(-1, tokens), dim=-1)
+                torch.mm(weights, v[b, n], out=out[b, n, rows])
+    return out
 
 
 def relative_position_bias(

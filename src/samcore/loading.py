@@ -1,0 +1,104 @@
+"""Load a ready-to-use SAM model by name, from a file, or the default one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import download, zoo
+from .build import ARCHITECTURES
+from .checkpoint import load_checkpoint
+from .device import select_device
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A downloadable model and whether it is already on this computer.
+
+    Attributes:
+        entry: The registry entry.
+        cached: True if the weight file is in the local cache folder.
+        path: Where the weight file is (or would be) stored.
+    """
+
+    entry: zoo.ModelEntry
+    cached: bool
+    path: Path
+
+
+def load_model(
+    name: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+) -> nn.Module:
+    """Load a SAM model in evaluation mode, ready for prediction.
+
+    * ``checkpoint`` given: the weights come from that file. ``name`` (an
+      architecture such as ``"vit_b"`` or a model name such as
+      ``"vit_b_lm"``) is checked against the file; without ``name`` the
+      architecture is detected from the file. Because you chose the file, a
+      training checkpoint that holds more than weights is also opened (which
+      can run code stored in it: only use files from sources you trust).
+    * only ``name``: the named model is taken from the local cache, or
+      downloaded and verified first.
+    * neither: the default model.
+
+    Args:
+        name: A model name (see ``list_models``) or an architecture name.
+        checkpoint: A weight file of your own.
+        device: ``"auto"`` (GPU if available), ``"cpu"``, ``"cuda"`` or ``"mps"``.
+
+    Returns:
+        The model, in eval mode, on the chosen device.
+
+    Raises:
+        ValueError: Unknown name or device, no GPU for a GPU request, or a file
+            that does not fit (``samcore.checkpoint.CheckpointError`` and
+            ``ArchitectureMismatchError`` are ValueErrors).
+        FileNotFoundError: ``checkpoint`` does not exist.
+        samcore.zoo.ModelNotIncludedError: The model named has no published
+            weights (the default model in this version).
+        samcore.download.WeightsUnavailableError: The weights are not cached and
+            cannot be downloaded.
+        samcore.download.HashMismatchError: The weights have the wrong hash.
+    """
+    target = select_device(device)
+    if checkpoint is not None:
+        model = load_checkpoint(checkpoint, _architecture_for(name), trusted=True, requested_as=name)
+    else:
+        entry = zoo.get_entry(name)
+        # The file matched its published hash, so it is the one its authors released.
+        model = load_checkpoint(download.fetch(entry), entry.architecture, trusted=True)
+    return model.to(target).eval()
+
+
+def list_models() -> list[ModelStatus]:
+    """List the models that can be loaded by name.
+
+    Returns:
+        One status per model, the default model first once it exists.
+    """
+    return [
+        ModelStatus(entry=entry, cached=download.is_cached(entry), path=download.cached_path(entry))
+        for entry in zoo.available_entries()
+    ]
+
+
+def _architecture_for(name: str | None) -> str | None:
+    """Return the architecture a name implies for a user file, or None to infer it."""
+    if name is None or (name == zoo.DEFAULT_MODEL_NAME and zoo.BUNDLED_MODEL is None):
+        return None
+    if not isinstance(name, str):
+        raise TypeError(f"The model name must be text, e.g. 'vit_b', not {type(name).__name__}.")
+    if name in ARCHITECTURES:
+        return name
+    if name in zoo.UNPUBLISHED:
+        return zoo.UNPUBLISHED[name]
+    if name == zoo.DEFAULT_MODEL_NAME or name in zoo.MODELS:
+        return zoo.get_entry(name).architecture
+    valid = ", ".join(list(ARCHITECTURES) + [n for n in zoo.model_names() if n not in ARCHITECTURES])
+    raise ValueError(f"Unknown model name {name!r}. Valid names: {valid}.")

@@ -1,0 +1,60 @@
+"""The `napari-sam` command line on files the tests write."""
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from samcore import build_sam
+from samcore.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    torch.manual_seed(0)
+    torch.save(build_sam("vit_test").state_dict(), path)
+    return path
+
+
+def test_segment_writes_labels_of_the_slice_shape(tmp_path, checkpoint, capsys):
+    stack = np.random.default_rng(0).integers(0, 4000, size=(3, 50, 70), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    out = tmp_path / "out" / "mask.tif"
+    code = main(["segment", str(tmp_path / "stack.tif"), "--slice", "1", "--point", "25", "30",
+                 "--box", "10", "10", "40", "60", "-o", str(out), "--checkpoint", str(checkpoint)])
+    assert code == 0, capsys.readouterr().err
+    labels = tifffile.imread(out)
+    assert labels.shape == (50, 70) and labels.dtype == np.uint16
+    assert set(np.unique(labels)) <= {0, 1}
+    assert "predicted IoU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--slice", "7", "--point", "5", "5"], "outside the stack"),
+        (["--slice", "1"], "at least one prompt"),
+        (["--slice", "1", "--point", "500", "5"], "outside"),
+    ],
+)
+def test_segment_errors_are_one_clear_line(tmp_path, checkpoint, capsys, extra, message):
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((3, 20, 20), dtype=np.uint8) + 7)
+    code = main(["segment", str(tmp_path / "stack.tif"), "-o", str(tmp_path / "o.tif"),
+                 "--checkpoint", str(checkpoint), *extra])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o.tif").exists()
+
+
+def test_missing_weights_name_the_bundled_model(tmp_path, capsys):
+    code = main(["segment", "--sample", "nuclei", "--point", "5", "5", "-o", str(tmp_path / "o.tif")])
+    assert code == 1
+    assert "not included" in capsys.readouterr().err
+
+
+def test_models_lists_every_name(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("vit_b", "vit_t", "vit_b_lm", "vit_t_em_organelles"):
+        assert name in out

@@ -1,0 +1,102 @@
+"""Predictor behaviour on microscopy input: dtypes, sizes, embeddings reused, bad prompts."""
+
+import numpy as np
+import pytest
+import torch
+
+from samcore import ImageEmbedding, Predictor, build_sam
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    torch.manual_seed(0)
+    return Predictor(build_sam("vit_test"), precision="fp32")
+
+
+def test_uint16_grayscale_is_embedded_like_its_rgb_conversion(predictor):
+    from samcore.preprocess import to_rgb_uint8
+
+    image = np.random.default_rng(0).integers(0, 236, size=(120, 90)).astype(np.uint16)
+    direct = predictor.embed(image)
+    via_rgb = predictor.embed(to_rgb_uint8(image))
+    torch.testing.assert_close(direct.features, via_rgb.features)
+    assert direct.original_size == (120, 90) and direct.input_size == (256, 192)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (40, 300), (1500, 2100), (64, 64, 2), (64, 64, 4)])
+def test_any_size_and_channel_count_gives_masks_of_the_image_shape(predictor, shape):
+    image = np.random.default_rng(1).random(shape).astype(np.float32)
+    predictor.set_image(image)
+    height, width = shape[:2]
+    masks, scores, low_res = predictor.predict(point_coords=np.array([[width / 2, height / 2]]), point_labels=np.array([1]))
+    assert masks.shape == (3, height, width) and masks.dtype == bool
+    assert scores.shape == (3,) and low_res.shape == (3, 64, 64)
+
+
+def test_nan_and_inf_do_not_poison_the_embedding(predictor):
+    image = np.random.default_rng(2).random((50, 60))
+    image[10:20, 10:20] = np.nan
+    image[0, 0] = np.inf
+    assert torch.isfinite(predictor.embed(image).features).all()
+
+
+def test_precomputed_embedding_gives_the_same_masks(predictor):
+    image = np.random.default_rng(3).integers(0, 255, size=(80, 100, 3), dtype=np.uint8)
+    prompt = {"box": np.array([10, 10, 60, 50])}
+    predictor.set_image(image)
+    expected = predictor.predict(**prompt)[0]
+    stored = ImageEmbedding(predictor.get_image_embedding().clone(), predictor.original_size, predictor.input_size)
+    predictor.reset_image()
+    predictor.set_embedding(stored)
+    np.testing.assert_array_equal(predictor.predict(**prompt)[0], expected)
+
+
+def test_embedding_from_another_model_is_refused(predictor):
+    foreign = ImageEmbedding(torch.zeros(1, 256, 64, 64), (512, 512), (1024, 1024))
+    with pytest.raises(ValueError, match="another model"):
+        predictor.set_embedding(foreign)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ({"point_coords": np.array([[500.0, 5.0]]), "point_labels": np.array([1])}, "outside"),
+        ({"point_coords": np.array([[5.0, 5.0]])}, "point_labels"),
+        ({"point_coords": np.array([5.0, 5.0]), "point_labels": np.array([1])}, r"\(N, 2\)"),
+        ({"point_coords": np.array([[5.0, 5.0]]), "point_labels": np.array([1, 0])}, "one label per point"),
+        ({"box": np.array([40, 40, 10, 10])}, "inverted"),
+        ({"box": np.array([400, 400, 500, 500])}, "outside"),
+        ({"box": np.array([1, 2, 3])}, "4 finite numbers"),
+        ({"mask_input": np.zeros((1, 10, 10))}, "low-resolution logits"),
+    ],
+)
+def test_bad_prompts_raise_clear_errors(predictor, prompt, message):
+    predictor.set_image(np.zeros((60, 80), dtype=np.uint8))
+    with pytest.raises(ValueError, match=message):
+        predictor.predict(**prompt)
+
+
+def test_predict_before_an_image_is_set_says_what_to_do():
+    with pytest.raises(RuntimeError, match="set_image"):
+        Predictor(build_sam("vit_test")).predict(box=np.array([0, 0, 5, 5]))
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 64, 3), (0, 10), (10, 64, 64)])
+def test_bad_image_shapes_are_refused(predictor, shape):
+    with pytest.raises(ValueError):
+        predictor.set_image(np.zeros(shape, dtype=np.uint8))
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="precision"):
+        Predictor(build_sam("vit_test"), precision="int4")
+
+
+def test_bf16_path_runs_and_stays_close_to_fp32():
+    torch.manual_seed(0)
+    model = build_sam("vit_test")
+    image = np.random.default_rng(4).integers(0, 255, size=(64, 64, 3), dtype=np.uint8)
+    fp32 = Predictor(model, precision="fp32").embed(image).features
+    bf16 = Predictor(model, precision="bf16").embed(image).features
+    assert bf16.dtype == torch.float32
+    assert ((bf16 - fp32).norm() / fp32.norm()) < 0.05
