@@ -294,7 +294,7 @@ def resize_uint8(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     if rgb.shape[:2] == tuple(size):
         return rgb
-    return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))
+    return np.array(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))
 
 
 def upscale_logits(
