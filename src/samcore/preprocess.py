@@ -76,6 +76,7 @@ def to_rgb_uint8(
     image: np.ndarray,
     channel_axis: int | None = None,
     percentiles: tuple[float, float] = (1.0, 99.8),
+    value_range: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Convert a 2D grayscale or ``(Y, X, C)`` image to SAM's uint8 RGB input.
 
@@ -92,6 +93,10 @@ def to_rgb_uint8(
         channel_axis: Axis holding channels in a 3D input, e.g. ``0`` for
             ``(C, Y, X)``. ``None`` means ``(Y, X)`` or ``(Y, X, C<=4)``.
         percentiles: ``(low, high)`` percentiles used for non-uint8 data.
+        value_range: ``(lo, hi)`` intensities mapped to 0 and 255 instead of
+            this image's own percentiles; pass the range of a whole stack
+            (from :func:`percentile_range`) so all its slices share one
+            contrast.
 
     Returns:
         C-contiguous ``(Y, X, 3)`` uint8 array in RGB order.
@@ -107,7 +112,7 @@ def to_rgb_uint8(
     _check_percentiles(percentiles)
     kept = _to_yxc(data, channel_axis)
     if kept.dtype != np.uint8:
-        kept = _scale_to_uint8(kept, percentiles)
+        kept = _scale_to_uint8(kept, percentiles, value_range)
     return _expand_to_rgb(kept)
 
 
@@ -175,10 +180,15 @@ def _expand_to_rgb(data: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(data)
 
 
-def _scale_to_uint8(rgb: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+def _scale_to_uint8(
+    rgb: np.ndarray, percentiles: tuple[float, float], value_range: tuple[float, float] | None
+) -> np.ndarray:
     """Stretch a non-uint8 ``(Y, X, C)`` array to uint8 with shared limits."""
-    lo, hi = percentile_range(rgb, percentiles)
-    if hi <= lo:
+    if value_range is not None:
+        lo, hi = (float(v) for v in value_range)
+    else:
+        lo, hi = percentile_range(rgb, percentiles)
+    if hi <= lo and value_range is None:
         finite = _finite_values(rgb)
         lo, hi = float(finite.min()), float(finite.max())
     if hi <= lo:

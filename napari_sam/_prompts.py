@@ -1,0 +1,85 @@
+"""Prompts read from napari layers, as SAM's XY coordinates of one slice of the image layer.
+
+napari's coordinates are (z, y, x) world coordinates; every prompt is mapped through world space
+into the image layer's pixel grid, so layer scale and translate are respected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+POSITIVE, NEGATIVE = 1, 0
+
+
+@dataclass(frozen=True)
+class SlicePrompts:
+    """Prompts of one slice in SAM's convention.
+
+    Attributes:
+        points: (N, 2) XY pixel coordinates.
+        labels: (N,) 1 for positive, 0 for negative clicks.
+        box: (4,) XYXY box, or None.
+    """
+
+    points: np.ndarray
+    labels: np.ndarray
+    box: np.ndarray | None
+
+    @property
+    def empty(self) -> bool:
+        return len(self.points) == 0 and self.box is None
+
+
+def to_image_pixels(layer, image_layer, coords: np.ndarray) -> np.ndarray:
+    """Map (N, D) data coordinates of `layer` to the image layer's (N, D) pixel coordinates."""
+    coords = np.atleast_2d(np.asarray(coords, dtype=float))
+    if len(coords) == 0:
+        return coords.reshape(0, image_layer.ndim)
+    world = np.array([layer.data_to_world(c) for c in coords])
+    return np.array([image_layer.world_to_data(w) for w in world])
+
+
+def slice_prompts(points_layer, shapes_layer, image_layer, z: int | None) -> SlicePrompts:
+    """The clicks and the last box of slice z (None for a 2D image).
+
+    Args:
+        points_layer: Points with a `label` feature (1 positive, 0 negative).
+        shapes_layer: Shapes; rectangles are boxes (the last one drawn on the slice counts).
+        image_layer: The image being segmented (2D, RGB or 3D).
+        z: The slice index for a stack.
+    """
+    points, labels = _points_on_slice(points_layer, image_layer, z)
+    return SlicePrompts(points, labels, _box_on_slice(shapes_layer, image_layer, z))
+
+
+def _on_slice(pixels: np.ndarray, z: int | None) -> np.ndarray:
+    if z is None:
+        return np.ones(len(pixels), dtype=bool)
+    return np.round(pixels[:, 0]).astype(int) == z
+
+
+def _points_on_slice(points_layer, image_layer, z: int | None) -> tuple[np.ndarray, np.ndarray]:
+    if points_layer is None or len(points_layer.data) == 0:
+        return np.zeros((0, 2)), np.zeros(0, dtype=int)
+    pixels = to_image_pixels(points_layer, image_layer, points_layer.data)
+    labels = np.asarray(points_layer.features["label"], dtype=int)
+    keep = _on_slice(pixels, z)
+    yx = pixels[keep][:, -2:]
+    return yx[:, ::-1].copy(), labels[keep]
+
+
+def _box_on_slice(shapes_layer, image_layer, z: int | None) -> np.ndarray | None:
+    if shapes_layer is None:
+        return None
+    box = None
+    for vertices, kind in zip(shapes_layer.data, shapes_layer.shape_type):
+        if kind != "rectangle":
+            continue
+        pixels = to_image_pixels(shapes_layer, image_layer, vertices)
+        if not _on_slice(pixels, z).all():
+            continue
+        ys, xs = pixels[:, -2], pixels[:, -1]
+        box = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+    return box

@@ -1,0 +1,443 @@
+"""The interactive SAM widget: click or draw a box, see the mask, commit it as a new object.
+
+Everything long (loading weights, computing embeddings) runs in a `thread_worker`; decoding a
+prompt takes milliseconds and runs on the main thread, so the preview follows every click.
+The same actions are methods (`load`, `segment`, `commit`, `next_candidate`, `undo`, `clear`)
+for napari's console and notebooks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton, create_widget
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error, show_info, show_warning
+
+from ._annotations import Commit, commit_mask, undo_commit
+from ._prompts import NEGATIVE, POSITIVE, slice_prompts
+
+if TYPE_CHECKING:
+    import napari
+
+CHECKPOINT_CHOICE = "checkpoint file…"
+POINT_COLORS = {POSITIVE: "lime", NEGATIVE: "red"}
+KEYS = {
+    "s": ("segment", "update the preview"),
+    "c": ("commit", "commit the preview as a new object"),
+    "t": ("toggle_polarity", "next clicks positive / negative"),
+    "n": ("next_candidate", "next of the 3 candidate masks"),
+    "Shift-C": ("clear", "clear the prompts"),
+    "u": ("undo", "undo the last commit"),
+}
+PREVIEW_ID = 1
+
+
+def model_choices() -> list[str]:
+    """Model names for the picker: the bundled default first, then the registry, then a file."""
+    from samcore.zoo import DEFAULT_MODEL_NAME, model_names
+
+    names = [name for name in model_names() if name != DEFAULT_MODEL_NAME]
+    return [DEFAULT_MODEL_NAME, *names, CHECKPOINT_CHOICE]
+
+
+class SamWidget(Container):
+    """Segment Anything on the selected image layer, slice by slice.
+
+    Args:
+        viewer: The napari viewer the widget works in.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._image = create_widget(annotation=Image, label="image")
+        self._model = ComboBox(label="model", choices=model_choices())
+        self._checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.pt *.pth *.ckpt", visible=False)
+        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"])
+        self._cache_dir = FileEdit(label="disk cache", mode="d", value="", tooltip="optional zarr folder for embeddings")
+        self._load_button = PushButton(text="Compute embeddings")
+        self._cancel_button = PushButton(text="Cancel", enabled=False)
+        self._output = create_widget(annotation=Labels | None, label="objects", options={"nullable": True})
+        self._overwrite = CheckBox(text="overwrite other objects", value=False)
+        self._candidate = Label(value="")
+        self._status = Label(value="Pick an image and a model, then compute embeddings.")
+        self._help = Label(value="\n".join(f"{key.upper():>8}  {action}" for key, (_, action) in KEYS.items()))
+        buttons = Container(layout="horizontal", labels=False)
+        for name in ("segment", "commit", "next_candidate", "undo", "clear"):
+            button = PushButton(text=name.replace("_", " "))
+            button.changed.connect(getattr(self, name))
+            buttons.append(button)
+        self.extend([
+            self._image, self._model, self._checkpoint, self._device, self._cache_dir,
+            self._load_button, self._cancel_button, self._output, self._overwrite,
+            buttons, self._candidate, self._status, self._help,
+        ])
+        self._model.changed.connect(self._on_model_choice)
+        self._image.changed.connect(self._on_image_change)
+        self._load_button.changed.connect(self.load)
+        self._cancel_button.changed.connect(self.cancel)
+        self._viewer.dims.events.current_step.connect(self._on_slice_change)
+
+        self._session = None  # samcore objects for the current (image, model): see _Session
+        self._worker = None
+        self._progress = None
+        self._points = self._boxes = self._preview = None
+        self._candidates: tuple[np.ndarray, np.ndarray] | None = None
+        self._candidate_index = 0
+        self._history: list[tuple[Labels, Commit]] = []
+        self._polarity = POSITIVE
+        self._bind_keys()
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _on_model_choice(self, choice: str) -> None:
+        self._checkpoint.visible = choice == CHECKPOINT_CHOICE
+
+    def _on_image_change(self, _=None) -> None:
+        self.cancel()
+        self._session = None
+        self._candidates = None
+        self._status.value = "Image changed: compute embeddings for it."
+
+    def image_layer(self) -> Image:
+        """The selected image layer; raises ValueError with a message for the user if unusable."""
+        layer = self._image.value
+        if layer is None:
+            raise ValueError("Open an image first, then pick it in the SAM widget.")
+        spatial = layer.ndim - (1 if layer.rgb else 0)
+        if spatial not in (2, 3):
+            raise ValueError(
+                f"'{layer.name}' has {layer.data.ndim} dimensions; SAM works on 2D images and 3D (Z, Y, X) "
+                "stacks. Split channels or time points into separate layers first."
+            )
+        return layer
+
+    def load(self, _=None, *, block: bool = False) -> None:
+        """Load the model and compute embeddings, displayed slice first, in the background.
+
+        Args:
+            block: Wait until every embedding is computed (for scripts and tests).
+        """
+        try:
+            layer = self.image_layer()
+            model_source = self._model_source()
+        except ValueError as error:
+            show_error(str(error))
+            return
+        self.cancel()
+        self._ensure_prompt_layers(layer)
+        self._start_worker(layer, model_source)
+        if block:
+            self.wait()
+
+    def _model_source(self) -> tuple[str | None, str | None]:
+        if self._model.value != CHECKPOINT_CHOICE:
+            return self._model.value, None
+        path = Path(self._checkpoint.value)
+        if not str(self._checkpoint.value) or not path.is_file():
+            raise ValueError("Choose a checkpoint file, or pick a model by name.")
+        return None, str(path)
+
+    def _start_worker(self, layer: Image, model_source: tuple[str | None, str | None]) -> None:
+        from napari.qt.threading import thread_worker
+        from napari.utils import progress
+
+        session = self._session
+        if session is not None and not session.matches(layer, model_source, self._device.value):
+            session = None
+        cache_dir = str(self._cache_dir.value) if str(self._cache_dir.value) not in ("", ".") else None
+        center = self._current_z(layer) or 0
+        # Errors go to _on_error (a notification), not back into the event loop.
+        worker = thread_worker(_compute, ignore_errors=True)(
+            session, layer, model_source, self._device.value, cache_dir, center
+        )
+        self._progress = progress(total=0, desc="SAM embeddings")
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_done)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._cancel_button.enabled = True
+        self._status.value = "Loading the model…" if session is None else "Computing embeddings…"
+        worker.start()
+
+    def cancel(self, _=None) -> None:
+        """Stop computing embeddings (those already computed are kept)."""
+        if self._worker is not None:
+            self._worker.quit()
+            self.wait()
+
+    def wait(self, timeout_ms: int = 600_000) -> None:
+        """Block until the background work has stopped, processing Qt events meanwhile."""
+        from qtpy.QtCore import QCoreApplication, QElapsedTimer
+
+        timer = QElapsedTimer()
+        timer.start()
+        while self._worker is not None and timer.elapsed() < timeout_ms:
+            QCoreApplication.processEvents()
+            self._worker_thread_sleep()
+
+    @staticmethod
+    def _worker_thread_sleep() -> None:
+        import time
+
+        time.sleep(0.005)
+
+    def _on_progress(self, event: tuple) -> None:
+        kind, payload = event
+        if kind == "session":
+            self._session = payload
+            self._progress.total = payload.view.n_slices
+            self._progress.n = len(payload.store)
+            self._progress.refresh()
+            self._status.value = f"Model {payload.model_name} on {payload.predictor.device}; computing embeddings…"
+        elif kind == "slice":
+            self._progress.update(1)
+            if payload == self._current_z(self._session.layer) or self._session.view.n_slices == 1:
+                self.segment()
+
+    def _on_done(self, session) -> None:
+        self._status.value = f"Embeddings ready ({len(session.store)}/{session.view.n_slices} slices)."
+
+    def _on_error(self, error: Exception) -> None:
+        show_error(f"SAM: {error}")
+        self._status.value = f"Error: {error}"
+
+    def _on_finished(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._worker = None
+        self._cancel_button.enabled = False
+        if self._session is not None and len(self._session.store) < self._session.view.n_slices:
+            self._status.value = (
+                f"Stopped: {len(self._session.store)}/{self._session.view.n_slices} slices have embeddings."
+            )
+
+    # -- prompts and preview ----------------------------------------------------------------
+
+    def _ensure_prompt_layers(self, image: Image) -> None:
+        """Create (or reuse) the points, boxes and preview layers, aligned with `image`."""
+        ndim = image.ndim - (1 if image.rgb else 0)
+        geometry = {"scale": image.scale[:ndim], "translate": image.translate[:ndim]}
+        shape = image.data.shape[:ndim]
+        if self._preview is None or self._preview not in self._viewer.layers or self._preview.data.shape != shape:
+            if self._preview is not None and self._preview in self._viewer.layers:
+                self._viewer.layers.remove(self._preview)
+            self._preview = self._viewer.add_labels(np.zeros(shape, np.uint8), name="SAM preview", opacity=0.5, **geometry)
+        if self._boxes is None or self._boxes not in self._viewer.layers:
+            self._boxes = self._viewer.add_shapes(
+                ndim=ndim, name="SAM boxes", edge_color="yellow", face_color="transparent", edge_width=2, **geometry
+            )
+            self._boxes.events.data.connect(self._on_prompts_changed)
+            self._bind_layer_keys(self._boxes)
+        if self._points is None or self._points not in self._viewer.layers:
+            self._points = self._viewer.add_points(
+                ndim=ndim, name="SAM points", size=8, features={"label": np.zeros(0, int)}, **geometry
+            )
+            self._points.feature_defaults["label"] = self._polarity
+            self._points.current_face_color = POINT_COLORS[self._polarity]
+            self._points.events.data.connect(self._on_prompts_changed)
+            self._bind_layer_keys(self._points)
+            self._points.mode = "add"
+
+    def _on_prompts_changed(self, event=None) -> None:
+        if getattr(event, "action", None) in ("adding", "removing", "changing"):
+            return  # the matching "added"/"removed"/"changed" event follows
+        self.segment()
+
+    def _on_slice_change(self, _=None) -> None:
+        if self._session is None:
+            return
+        self._candidates = None
+        self.segment()
+
+    def _current_z(self, layer: Image | None) -> int | None:
+        if layer is None or layer.ndim - (1 if layer.rgb else 0) == 2:
+            return None
+        world = self._viewer.dims.point
+        z = layer.world_to_data(world[-layer.ndim:])[0]
+        return int(np.clip(round(z), 0, layer.data.shape[0] - 1))
+
+    def toggle_polarity(self, _=None) -> None:
+        """Switch between placing positive and negative clicks."""
+        self._polarity = NEGATIVE if self._polarity == POSITIVE else POSITIVE
+        if self._points is not None:
+            self._points.feature_defaults["label"] = self._polarity
+            self._points.current_face_color = POINT_COLORS[self._polarity]
+        show_info("SAM: next clicks are " + ("positive" if self._polarity == POSITIVE else "negative"))
+
+    def segment(self, _=None) -> None:
+        """Predict the mask of the current prompts on the displayed slice into the preview layer."""
+        session = self._session
+        if session is None or self._preview is None:
+            return
+        z = self._current_z(session.layer)
+        prompts = slice_prompts(self._points, self._boxes, session.layer, z)
+        region = self._preview.data if z is None else self._preview.data[z]
+        if prompts.empty:
+            self._show_candidate(region, None)
+            return
+        embedding = session.store.get(z or 0)
+        if embedding is None:
+            self._status.value = f"Slice {z} has no embedding yet; it is being computed."
+            return
+        session.use(z or 0, embedding)
+        single_click = len(prompts.points) == 1 and prompts.box is None
+        try:
+            masks, scores, _ = session.predictor.predict(
+                point_coords=prompts.points if len(prompts.points) else None,
+                point_labels=prompts.labels if len(prompts.points) else None,
+                box=prompts.box,
+                multimask_output=single_click,
+            )
+        except ValueError as error:
+            show_warning(f"SAM: {error}")
+            return
+        self._candidates = (masks, scores)
+        self._candidate_index = int(np.argmax(scores))
+        self._show_candidate(region, z)
+
+    def _show_candidate(self, region: np.ndarray, z: int | None) -> None:
+        self._preview.data[...] = 0
+        if self._candidates is not None and z == self._current_z(self._session.layer if self._session else None):
+            masks, scores = self._candidates
+            region[masks[self._candidate_index]] = PREVIEW_ID
+            count = len(scores)
+            self._candidate.value = (
+                f"candidate {self._candidate_index + 1}/{count}, predicted IoU {scores[self._candidate_index]:.2f}"
+                if count > 1 else f"predicted IoU {scores[0]:.2f}"
+            )
+        else:
+            self._candidates = None
+            self._candidate.value = ""
+        self._preview.refresh()
+
+    def next_candidate(self, _=None) -> None:
+        """Show the next of the candidate masks of an ambiguous single click."""
+        if self._candidates is None or len(self._candidates[1]) < 2:
+            return
+        self._candidate_index = (self._candidate_index + 1) % len(self._candidates[1])
+        z = self._current_z(self._session.layer)
+        self._show_candidate(self._preview.data if z is None else self._preview.data[z], z)
+
+    # -- committing -------------------------------------------------------------------------
+
+    def output_layer(self) -> Labels:
+        """The labels layer objects are committed to: the chosen one, else a new one."""
+        layer = self._output.value
+        shape = self._preview.data.shape
+        if layer is not None and layer in self._viewer.layers:
+            if layer.data.shape != shape:
+                raise ValueError(f"The labels layer '{layer.name}' has shape {layer.data.shape}, the image {shape}.")
+            return layer
+        layer = self._viewer.add_labels(
+            np.zeros(shape, np.uint32), name="SAM objects", scale=self._preview.scale, translate=self._preview.translate
+        )
+        self._output.reset_choices()
+        self._output.value = layer
+        return layer
+
+    def commit(self, _=None) -> None:
+        """Make the preview a new object in the output labels layer, then clear the prompts."""
+        if self._candidates is None:
+            show_warning("SAM: nothing to commit; click on an object or draw a box first.")
+            return
+        z = self._current_z(self._session.layer)
+        try:
+            layer = self.output_layer()
+            mask = self._candidates[0][self._candidate_index]
+            done = commit_mask(layer.data, mask, () if z is None else (z,), self._overwrite.value)
+        except ValueError as error:
+            show_error(f"SAM: {error}")
+            return
+        if done is None:
+            show_warning("SAM: the preview only covers existing objects; tick 'overwrite' to replace them.")
+            return
+        self._history.append((layer, done))
+        layer.refresh()
+        self.clear()
+        self._status.value = f"Committed object {done.object_id}."
+
+    def undo(self, _=None) -> None:
+        """Remove the last committed object, restoring what it covered."""
+        if not self._history:
+            show_info("SAM: nothing to undo.")
+            return
+        layer, done = self._history.pop()
+        undo_commit(layer.data, done)
+        layer.refresh()
+        self._status.value = f"Removed object {done.object_id}."
+
+    def clear(self, _=None) -> None:
+        """Remove the prompts of the displayed slice and the preview."""
+        z = self._current_z(self._session.layer) if self._session else None
+        for layer in (self._points, self._boxes):
+            if layer is None or len(layer.data) == 0:
+                continue
+            keep = [i for i, item in enumerate(layer.data) if z is not None and round(np.asarray(item)[..., 0].min()) != z]
+            with layer.events.data.blocker():
+                if isinstance(layer.data, list):
+                    layer.data = [layer.data[i] for i in keep]
+                else:
+                    layer.data = layer.data[keep]
+        self._candidates = None
+        if self._preview is not None:
+            self._show_candidate(self._preview.data, z)
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def _bind_keys(self) -> None:
+        for key, (method, _) in KEYS.items():
+            self._viewer.bind_key(key, self._key_handler(method), overwrite=True)
+
+    def _bind_layer_keys(self, layer) -> None:
+        for key, (method, _) in KEYS.items():
+            layer.bind_key(key, self._key_handler(method), overwrite=True)
+
+    def _key_handler(self, method: str):
+        def handler(_viewer_or_layer) -> None:
+            getattr(self, method)()
+
+        handler.__name__ = f"sam_{method}"
+        return handler
+
+
+class _Session:
+    """What belongs to one image layer and one model: the predictor, stack view and embeddings."""
+
+    def __init__(self, layer, model_source, device, predictor, view, store, model_name) -> None:
+        self.layer, self.model_source, self.device = layer, model_source, device
+        self.predictor, self.view, self.store, self.model_name = predictor, view, store, model_name
+        self._current: int | None = None
+
+    def matches(self, layer, model_source, device) -> bool:
+        return (layer, model_source, device) == (self.layer, self.model_source, self.device)
+
+    def use(self, z: int, embedding) -> None:
+        if self._current != z:
+            self.predictor.set_embedding(embedding)
+            self._current = z
+
+
+def _compute(session, layer, model_source, device, cache_dir, center):
+    """Worker body: load the model (if needed) and embed every slice, nearest to `center` first."""
+    from samcore import Predictor, load_model
+    from samcore.embeddings import EmbeddingStore, StackView, embed_slices, model_key, nearest_first, stack_key
+
+    if session is None:
+        name, checkpoint = model_source
+        model = load_model(name, checkpoint, device)
+        view = StackView.of(layer.data, rgb=layer.rgb)
+        key = stack_key(view, model_key(model))
+        path = None if cache_dir is None else Path(cache_dir) / f"{layer.name}-{key[:12]}.zarr"
+        store = EmbeddingStore(key, view.n_slices, path)
+        label = name or Path(checkpoint).name
+        session = _Session(layer, model_source, device, Predictor(model), view, store, label)
+    yield ("session", session)
+    for z in embed_slices(session.predictor, session.view, session.store, nearest_first(center, session.view.n_slices)):
+        yield ("slice", z)
+    return session

@@ -1,0 +1,60 @@
+"""Per-slice embedding stores: memory, zarr on disk, keys that refuse foreign caches."""
+
+import numpy as np
+import pytest
+import torch
+
+from samcore import Predictor, build_sam
+from samcore.embeddings import EmbeddingStore, StackView, embed_slices, model_key, nearest_first, stack_key
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    torch.manual_seed(0)
+    return Predictor(build_sam("vit_test"), precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def view():
+    return StackView.of(np.random.default_rng(0).integers(0, 3000, size=(5, 40, 50)).astype(np.uint16))
+
+
+def test_nearest_first_starts_at_the_displayed_slice():
+    assert nearest_first(2, 5) == [2, 3, 1, 4, 0]
+    assert nearest_first(0, 3) == [0, 1, 2]
+
+
+def test_one_contrast_for_the_whole_stack():
+    stack = np.zeros((2, 8, 8), np.uint16)
+    stack[0] = 100
+    stack[1] = 1000
+    view = StackView.of(stack)
+    assert view.rgb_slice(0).max() < view.rgb_slice(1).max()  # a dim slice stays dim
+
+
+def test_4d_data_is_refused_with_the_number_of_dimensions():
+    with pytest.raises(ValueError, match="4 spatial dimensions"):
+        StackView.of(np.zeros((2, 3, 8, 8)))
+
+
+def test_disk_store_resumes_and_matches_memory(tmp_path, predictor, view):
+    key = stack_key(view, model_key(predictor.model))
+    store = EmbeddingStore(key, view.n_slices, tmp_path / "cache.zarr")
+    computed = list(embed_slices(predictor, view, store, [3, 1]))
+    assert computed == [3, 1]
+    reopened = EmbeddingStore(key, view.n_slices, tmp_path / "cache.zarr")
+    assert 3 in reopened and 1 in reopened and 0 not in reopened
+    torch.testing.assert_close(reopened.get(3).features, store.get(3).features)
+    assert reopened.get(3).original_size == (40, 50)
+    assert list(embed_slices(predictor, view, reopened, range(5))) == [0, 2, 4]  # nothing recomputed
+
+
+def test_cache_of_other_data_or_model_is_refused(tmp_path, predictor, view):
+    key = stack_key(view, model_key(predictor.model))
+    EmbeddingStore(key, view.n_slices, tmp_path / "cache.zarr")
+    other_view = StackView.of(view.data + 1)
+    with pytest.raises(ValueError, match="other data or another model"):
+        EmbeddingStore(stack_key(other_view, model_key(predictor.model)), view.n_slices, tmp_path / "cache.zarr")
+    other_model = build_sam("vit_test")
+    with pytest.raises(ValueError, match="other data or another model"):
+        EmbeddingStore(stack_key(view, model_key(other_model)), view.n_slices, tmp_path / "cache.zarr")

@@ -1,0 +1,47 @@
+"""Plugin test set-up: a tiny SAM checkpoint and a synthetic stack, written by the tests."""
+
+import numpy as np
+import pytest
+import torch
+
+from samcore import build_sam
+from samcore.synthetic import nuclei_stack
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    torch.manual_seed(0)
+    torch.save(build_sam("vit_test").state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stack():
+    return nuclei_stack((4, 96, 96), n_nuclei=4, seed=0)[0]
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    """Notifications the widget shows, by kind."""
+    import napari_sam._widget as widget_module
+
+    seen = {"error": [], "warning": [], "info": []}
+    for kind in seen:
+        monkeypatch.setattr(widget_module, f"show_{kind}", seen[kind].append)
+    return seen
+
+
+@pytest.fixture
+def sam(make_napari_viewer, tiny_checkpoint, stack):
+    """A viewer with the stack and the widget opened from the plugin menu, model chosen."""
+    viewer = make_napari_viewer()
+    viewer.add_image(stack, name="nuclei")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget._model.value = "checkpoint file…"
+    widget._checkpoint.value = str(tiny_checkpoint)
+    return viewer, widget
+
+
+def preview_mask(widget, z):
+    return np.asarray(widget._preview.data[z]) > 0

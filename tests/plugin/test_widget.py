@@ -1,0 +1,133 @@
+"""The widget in a real napari viewer (headless under Xvfb), driven as a user or a script would."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import preview_mask
+
+from napari_sam._widget import SamWidget
+
+
+def test_plugin_menu_opens_the_widget(sam):
+    _, widget = sam
+    assert isinstance(widget, SamWidget)
+    assert widget._image.value.name == "nuclei"
+
+
+def test_embeddings_cover_the_stack_and_follow_the_displayed_slice(sam):
+    viewer, widget = sam
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    store = widget._session.store
+    assert len(store) == 4
+    widget._points.add([2, 40, 40])
+    assert torch.equal(widget._session.predictor.get_image_embedding(), store.get(2).features)
+    viewer.dims.set_current_step(0, 1)
+    widget._points.add([1, 40, 40])
+    assert torch.equal(widget._session.predictor.get_image_embedding(), store.get(1).features)
+
+
+def test_click_previews_on_its_slice_only_and_negative_clicks_change_it(sam):
+    viewer, widget = sam
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget._points.add([2, 40, 40])
+    first = preview_mask(widget, 2).copy()
+    assert first.any()
+    assert not any(preview_mask(widget, z).any() for z in (0, 1, 3))
+    assert widget._candidate.value.startswith("candidate")
+    widget.toggle_polarity()
+    widget._points.add([2, 60, 60])
+    assert list(widget._points.features["label"]) == [1, 0]
+    assert widget._candidate.value.startswith("predicted IoU")  # two clicks: one mask
+
+
+def test_box_commit_undo_keep_other_objects(sam):
+    viewer, widget = sam
+    existing = np.zeros((4, 96, 96), np.uint32)
+    existing[2, 10:30, 10:30] = 7
+    objects = viewer.add_labels(existing.copy(), name="mine")
+    widget._output.reset_choices()
+    widget._output.value = objects
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget._boxes.add_rectangles(np.array([[2, 5, 5], [2, 5, 80], [2, 80, 80], [2, 80, 5]]))
+    preview = preview_mask(widget, 2).copy()
+    assert preview.any()
+    widget.commit()
+    new = objects.data == 8
+    assert new.any() and not new[[0, 1, 3]].any()
+    assert (objects.data == 7).sum() == (existing == 7).sum()  # the other object is untouched
+    np.testing.assert_array_equal(new[2], preview & (existing[2] == 0))
+    assert len(widget._boxes.data) == 0 and not preview_mask(widget, 2).any()
+    widget.undo()
+    np.testing.assert_array_equal(objects.data, existing)
+
+
+def test_next_candidate_cycles_the_three_masks(sam):
+    viewer, widget = sam
+    viewer.dims.set_current_step(0, 0)
+    widget.load(block=True)
+    widget._points.add([0, 50, 50])
+    seen = set()
+    for _ in range(3):
+        seen.add(widget._candidate_index)
+        widget.next_candidate()
+    assert seen == {0, 1, 2}
+
+
+def test_cancel_stops_the_worker_and_keeps_what_was_computed(make_napari_viewer, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((40, 64, 64)).astype(np.float32), name="big")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget._model.value = "checkpoint file…"
+    widget._checkpoint.value = str(tiny_checkpoint)
+    widget.load()
+    from qtpy.QtCore import QCoreApplication
+
+    while widget._session is None or len(widget._session.store) < 2:
+        QCoreApplication.processEvents()
+    widget.cancel()
+    assert widget._worker is None
+    done = len(widget._session.store)
+    assert 2 <= done < 40
+    assert "Stopped" in widget._status.value
+
+
+def test_4d_image_is_refused_with_a_message(make_napari_viewer, messages):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((2, 3, 32, 32), np.uint8), name="timelapse")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    names = [layer.name for layer in viewer.layers]
+    widget.load()
+    assert messages["error"] and "4 dimensions" in messages["error"][0]
+    assert [layer.name for layer in viewer.layers] == names
+
+
+def test_broken_checkpoint_is_reported_and_labels_stay(sam, tmp_path, messages):
+    viewer, widget = sam
+    objects = viewer.add_labels(np.full((4, 96, 96), 3, np.uint32), name="mine")
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    widget._checkpoint.value = str(broken)
+    widget.load(block=True)
+    assert messages["error"] and "broken.pth" in messages["error"][0]
+    assert (objects.data == 3).all()
+
+
+def test_click_outside_the_image_warns_and_keeps_the_preview(sam, messages):
+    viewer, widget = sam
+    viewer.dims.set_current_step(0, 0)
+    widget.load(block=True)
+    widget._points.add([0, 50, 50])
+    before = preview_mask(widget, 0).copy()
+    widget._points.add([0, 50, 500])
+    assert messages["warning"] and "outside" in messages["warning"][0]
+    np.testing.assert_array_equal(preview_mask(widget, 0), before)
+
+
+def test_commit_without_a_preview_says_what_to_do(sam, messages):
+    _, widget = sam
+    widget.load(block=True)
+    widget.commit()
+    assert messages["warning"] and "nothing to commit" in messages["warning"][0]
