@@ -87,6 +87,7 @@ class SamWidget(Container):
         self._points = self._boxes = self._preview = None
         self._candidates: tuple[np.ndarray, np.ndarray] | None = None
         self._candidate_index = 0
+        self._preview_slice: int | None = None  # the slice the preview was last drawn on
         self._history: list[tuple[Labels, Commit]] = []
         self._polarity = POSITIVE
         self._bind_keys()
@@ -95,12 +96,22 @@ class SamWidget(Container):
 
     def _on_model_choice(self, choice: str) -> None:
         self._checkpoint.visible = choice == CHECKPOINT_CHOICE
+        self._forget("Model changed: compute embeddings with it.")
 
     def _on_image_change(self, _=None) -> None:
+        self._forget("Image changed: compute embeddings for it.")
+
+    def _forget(self, status: str) -> None:
+        """Drop the current session (its embeddings belong to another image or model)."""
         self.cancel()
         self._session = None
         self._candidates = None
-        self._status.value = "Image changed: compute embeddings for it."
+        if self._preview is not None:
+            self._preview.data[...] = 0
+            self._preview.refresh()
+        self._preview_slice = None
+        self._candidate.value = ""
+        self._status.value = status
 
     def image_layer(self) -> Image:
         """The selected image layer; raises ValueError with a message for the user if unusable."""
@@ -220,29 +231,38 @@ class SamWidget(Container):
     # -- prompts and preview ----------------------------------------------------------------
 
     def _ensure_prompt_layers(self, image: Image) -> None:
-        """Create (or reuse) the points, boxes and preview layers, aligned with `image`."""
+        """Create the points, boxes and preview layers for `image`, or re-align the existing ones."""
         ndim = image.ndim - (1 if image.rgb else 0)
         geometry = {"scale": image.scale[:ndim], "translate": image.translate[:ndim]}
         shape = image.data.shape[:ndim]
-        if self._preview is None or self._preview not in self._viewer.layers or self._preview.data.shape != shape:
-            if self._preview is not None and self._preview in self._viewer.layers:
-                self._viewer.layers.remove(self._preview)
-            self._preview = self._viewer.add_labels(np.zeros(shape, np.uint8), name="SAM preview", opacity=0.5, **geometry)
-        if self._boxes is None or self._boxes not in self._viewer.layers:
+        if not self._usable(self._preview, ndim) or self._preview.data.shape != shape:
+            self._remove(self._preview)
+            self._preview = self._viewer.add_labels(np.zeros(shape, np.uint8), name="SAM preview", opacity=0.5)
+            self._preview_slice = None
+        if not self._usable(self._boxes, ndim):
+            self._remove(self._boxes)
             self._boxes = self._viewer.add_shapes(
-                ndim=ndim, name="SAM boxes", edge_color="yellow", face_color="transparent", edge_width=2, **geometry
+                ndim=ndim, name="SAM boxes", edge_color="yellow", face_color="transparent", edge_width=2
             )
             self._boxes.events.data.connect(self._on_prompts_changed)
             self._bind_layer_keys(self._boxes)
-        if self._points is None or self._points not in self._viewer.layers:
-            self._points = self._viewer.add_points(
-                ndim=ndim, name="SAM points", size=8, features={"label": np.zeros(0, int)}, **geometry
-            )
+        if not self._usable(self._points, ndim):
+            self._remove(self._points)
+            self._points = self._viewer.add_points(ndim=ndim, name="SAM points", size=8, features={"label": np.zeros(0, int)})
             self._points.feature_defaults["label"] = self._polarity
             self._points.current_face_color = POINT_COLORS[self._polarity]
             self._points.events.data.connect(self._on_prompts_changed)
             self._bind_layer_keys(self._points)
             self._points.mode = "add"
+        for layer in (self._preview, self._boxes, self._points):
+            layer.scale, layer.translate = geometry["scale"], geometry["translate"]
+
+    def _usable(self, layer, ndim: int) -> bool:
+        return layer is not None and layer in self._viewer.layers and layer.ndim == ndim
+
+    def _remove(self, layer) -> None:
+        if layer is not None and layer in self._viewer.layers:
+            self._viewer.layers.remove(layer)
 
     def _on_prompts_changed(self, event=None) -> None:
         if getattr(event, "action", None) in ("adding", "removing", "changing"):
@@ -250,9 +270,15 @@ class SamWidget(Container):
         self.segment()
 
     def _on_slice_change(self, _=None) -> None:
-        if self._session is None:
+        session = self._session
+        if session is None:
             return
         self._candidates = None
+        z = self._current_z(session.layer)
+        if z is not None and z not in session.store and self._worker is not None:
+            # Compute the slice the user is looking at next, then continue outwards from it.
+            self.cancel()
+            self._start_worker(session.layer, session.model_source)
         self.segment()
 
     def _current_z(self, layer: Image | None) -> int | None:
@@ -279,7 +305,8 @@ class SamWidget(Container):
         prompts = slice_prompts(self._points, self._boxes, session.layer, z)
         region = self._preview.data if z is None else self._preview.data[z]
         if prompts.empty:
-            self._show_candidate(region, None)
+            self._candidates = None
+            self._show_candidate(region, z)
             return
         embedding = session.store.get(z or 0)
         if embedding is None:
@@ -302,7 +329,10 @@ class SamWidget(Container):
         self._show_candidate(region, z)
 
     def _show_candidate(self, region: np.ndarray, z: int | None) -> None:
-        self._preview.data[...] = 0
+        # Only the slice drawn last can hold a preview: clear it rather than the whole stack.
+        drawn = self._preview_slice
+        (self._preview.data if drawn is None else self._preview.data[drawn])[...] = 0
+        self._preview_slice = z
         if self._candidates is not None and z == self._current_z(self._session.layer if self._session else None):
             masks, scores = self._candidates
             region[masks[self._candidate_index]] = PREVIEW_ID

@@ -131,3 +131,63 @@ def test_commit_without_a_preview_says_what_to_do(sam, messages):
     widget.load(block=True)
     widget.commit()
     assert messages["warning"] and "nothing to commit" in messages["warning"][0]
+
+
+def test_moving_to_a_slice_without_embedding_computes_it_next(make_napari_viewer, tiny_checkpoint):
+    from qtpy.QtCore import QCoreApplication
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(1).random((30, 64, 64)).astype(np.float32), name="stack")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget._model.value = "checkpoint file…"
+    widget._checkpoint.value = str(tiny_checkpoint)
+    viewer.dims.set_current_step(0, 0)
+    widget.load()
+    while widget._session is None or len(widget._session.store) < 1:
+        QCoreApplication.processEvents()
+    viewer.dims.set_current_step(0, 29)
+    while 29 not in widget._session.store:
+        QCoreApplication.processEvents()
+    assert len(widget._session.store) < 25  # the far slice came before the ones in between
+    widget.cancel()
+
+
+def test_changing_the_model_drops_the_embeddings(sam, tmp_path):
+    viewer, widget = sam
+    viewer.dims.set_current_step(0, 0)
+    widget.load(block=True)
+    widget._points.add([0, 50, 50])
+    assert preview_mask(widget, 0).any()
+    widget._model.value = "vit_b"
+    assert widget._session is None and not preview_mask(widget, 0).any()
+
+
+def test_disk_cache_is_reused_when_the_stack_is_opened_again(sam, tmp_path, monkeypatch):
+    from samcore.predictor import Predictor
+
+    viewer, widget = sam
+    widget._cache_dir.value = str(tmp_path)
+    widget.load(block=True)
+    first = widget._session.store.get(1).features
+    widget._forget("reopen")
+
+    calls = []
+    original = Predictor.embed_rgb
+    monkeypatch.setattr(Predictor, "embed_rgb", lambda self, rgb: calls.append(1) or original(self, rgb))
+    widget.load(block=True)
+    assert calls == []  # every slice came from the zarr folder
+    assert len(widget._session.store) == 4
+    torch.testing.assert_close(widget._session.store.get(1).features, first)
+    assert len(list(tmp_path.glob("*.zarr"))) == 1
+
+
+def test_switching_from_a_stack_to_a_2d_image_gives_2d_prompts(sam):
+    viewer, widget = sam
+    widget.load(block=True)
+    flat = viewer.add_image(np.random.default_rng(2).random((64, 80)).astype(np.float32), name="flat", scale=(0.5, 0.5))
+    widget._image.value = flat
+    widget.load(block=True)
+    assert widget._points.ndim == 2 and tuple(widget._points.scale) == (0.5, 0.5)
+    widget._points.add([10, 20])  # world coordinates: pixel (20, 40)
+    assert (np.asarray(widget._preview.data) > 0).any()
+    assert widget._preview.data.shape == (64, 80)

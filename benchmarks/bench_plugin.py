@@ -1,0 +1,106 @@
+"""Widget responsiveness while embeddings compute, and click-to-preview latency.
+
+Run under a display (e.g. `xvfb-run -a python benchmarks/bench_plugin.py`). Prints:
+  * the longest gap of a 10 ms Qt timer on the main thread while the widget embeds a stack in the
+    background (how long the viewer would freeze), for `--slices` slices of nuclei3d;
+  * click-to-preview time on the 512x512 DSB 2018 image with its embedding cached: from adding a
+    point to the Points layer until the preview layer holds the mask (median over clicks).
+
+Weights: random ViT-B (or --checkpoint FILE); timing does not depend on the values.
+Data: $NAPARI_SAM_DATA (default ../shared/data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("NAPARI_SAM_DATA", ROOT.parent / "shared" / "data"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="weights to use (default: random ViT-B written to a temp file)")
+    parser.add_argument("--slices", type=int, default=4, help="slices of nuclei3d to embed while watching the UI")
+    parser.add_argument("--clicks", type=int, default=30)
+    args = parser.parse_args()
+
+    import napari
+
+    checkpoint = args.checkpoint or random_checkpoint()
+    stack = tifffile.imread(DATA / "nuclei3d" / "image.tif")[: args.slices]
+    viewer = napari.Viewer()
+    viewer.add_image(stack, name="nuclei3d")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget._model.value = "checkpoint file…"
+    widget._checkpoint.value = checkpoint
+
+    started = time.perf_counter()
+    worst, gaps = watch_event_loop(widget)
+    elapsed = time.perf_counter() - started
+    print(f"embedding {args.slices} slices of {stack.shape[1]}x{stack.shape[2]} in the background: {elapsed:.1f} s")
+    print(f"  Qt event loop: worst stall {worst * 1000:.0f} ms, 99th percentile gap "
+          f"{np.percentile(gaps, 99) * 1000:.0f} ms over {len(gaps)} timer ticks (10 ms timer)")
+
+    image = tifffile.imread(DATA / "dsb2018" / "image.tif")
+    layer = viewer.add_image(image, name="dsb2018")
+    widget._image.value = layer
+    widget.load(block=True)
+    latencies = click_latencies(widget, image.shape, args.clicks)
+    print(f"click to preview on {image.shape[0]}x{image.shape[1]}, embedding cached: "
+          f"median {statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms "
+          f"({len(latencies)} clicks)")
+    viewer.close()
+
+
+def random_checkpoint() -> str:
+    from samcore import build_sam
+
+    path = Path(tempfile.mkdtemp()) / "vit_b_random.pth"
+    torch.manual_seed(0)
+    torch.save(build_sam("vit_b").state_dict(), path)
+    return str(path)
+
+
+def watch_event_loop(widget) -> tuple[float, list[float]]:
+    """Start embedding and record the gaps between ticks of a 10 ms timer until it finishes."""
+    from qtpy.QtCore import QCoreApplication, QTimer
+
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    widget.load()
+    while widget._worker is not None:
+        QCoreApplication.processEvents()
+        time.sleep(0.001)
+    timer.stop()
+    gaps = np.diff(ticks).tolist()
+    return max(gaps), gaps
+
+
+def click_latencies(widget, shape: tuple[int, int], clicks: int) -> list[float]:
+    rng = np.random.default_rng(0)
+    latencies = []
+    for _ in range(clicks):
+        widget.clear()
+        y, x = rng.uniform(20, shape[0] - 20), rng.uniform(20, shape[1] - 20)
+        start = time.perf_counter()
+        widget._points.add([y, x])
+        latencies.append(time.perf_counter() - start)
+        assert widget._candidates is not None
+    return latencies
+
+
+if __name__ == "__main__":
+    main()
