@@ -94,6 +94,39 @@ class SamWidget(Container):
 
     # -- set-up ---------------------------------------------------------------------------
 
+    # -- scripting ----------------------------------------------------------------------------
+
+    def set_model(self, name: str | None = None, checkpoint: str | Path | None = None, device: str | None = None) -> None:
+        """Choose the model by registry name or weight file (and optionally the device)."""
+        if checkpoint is not None:
+            self._model.value = CHECKPOINT_CHOICE
+            self._checkpoint.value = str(checkpoint)
+        elif name is not None:
+            if name not in self._model.choices:
+                raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(self._model.choices[:-1])}.")
+            self._model.value = name
+        if device is not None:
+            self._device.value = device
+
+    def add_point(self, position, positive: bool = True) -> None:
+        """Click at `position` ((z, y, x) or (y, x) in world coordinates), like a user would."""
+        self._ensure_prompt_layers(self.image_layer())
+        self._points.feature_defaults["label"] = POSITIVE if positive else NEGATIVE
+        self._points.current_face_color = POINT_COLORS[POSITIVE if positive else NEGATIVE]
+        self._points.add(np.asarray(position, dtype=float))
+        self._points.feature_defaults["label"] = self._polarity
+        self._points.current_face_color = POINT_COLORS[self._polarity]
+
+    def add_box(self, corner, opposite) -> None:
+        """Draw a box between two corners ((z, y, x) or (y, x) world coordinates, same z)."""
+        self._ensure_prompt_layers(self.image_layer())
+        corner, opposite = np.asarray(corner, float), np.asarray(opposite, float)
+        rectangle = np.array([corner, corner, opposite, opposite])
+        rectangle[1, -1], rectangle[3, -1] = opposite[-1], corner[-1]
+        self._boxes.add_rectangles(rectangle)
+
+    # -- set-up ---------------------------------------------------------------------------
+
     def _on_model_choice(self, choice: str) -> None:
         self._checkpoint.visible = choice == CHECKPOINT_CHOICE
         self._forget("Model changed: compute embeddings with it.")
