@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 EXAMPLES = """examples:
+  napari-sam demo --model vit_b_lm
   napari-sam models
   napari-sam segment cells.tif --box 40 60 120 150 -o cell.tif --model vit_b_lm
   napari-sam segment stack.tif --slice 12 --point 80 95 --negative 70 120 -o nucleus.tif
@@ -50,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models and whether their weights are on this computer")
     models.set_defaults(run=_run_models)
 
+    demo = commands.add_parser("demo", help="open napari on a sample stack with the SAM widget (needs napari)")
+    demo.add_argument("--sample", default="synthetic_nuclei_3d", choices=["synthetic_nuclei_3d", "synthetic_nuclei_2d"])
+    _model_options(demo, precision=False)
+    demo.set_defaults(run=_run_demo)
+
     segment = commands.add_parser(
         "segment",
         help="segment one object of a 2D image (or one slice of a stack) from points and a box",
@@ -71,11 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
+def _model_options(parser: argparse.ArgumentParser, precision: bool = True) -> None:
     parser.add_argument("--model", help="model name (see `napari-sam models`); default: the bundled model")
     parser.add_argument("--checkpoint", type=Path, help="a weight file of your own")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    if precision:
+        parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
 
 
 def _run_models(args: argparse.Namespace) -> int:
@@ -86,6 +93,17 @@ def _run_models(args: argparse.Namespace) -> int:
         entry = status.entry
         print(f"{entry.name:<22} {entry.architecture:<12} {'yes' if status.cached else 'no':<8} {entry.description}")
     return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import importlib
+
+    try:  # the plugin, by name: the engine itself never imports napari
+        demo = importlib.import_module("napari_sam._demo")
+    except ImportError as error:
+        raise RuntimeError(f"The demo needs napari and a Qt binding: pip install 'napari-sam[all]' ({error}).") from error
+    checkpoint = None if args.checkpoint is None else str(args.checkpoint)
+    return demo.main(args.model, checkpoint, args.device, args.sample)
 
 
 def _run_segment(args: argparse.Namespace) -> int:
