@@ -27,11 +27,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "reference"))  # torchvision stand-in for segment-anything
+sys.path.insert(0, str(ROOT / "tests"))
 
 from segment_anything import SamPredictor, sam_model_registry  # noqa: E402
 
 from samcore import Predictor, build_sam  # noqa: E402
 from samcore.preprocess import to_rgb_uint8  # noqa: E402
+from weights import randomize_  # noqa: E402
 
 
 def main() -> None:
@@ -89,15 +91,7 @@ def official_vit_b() -> tuple[torch.nn.Module, str]:
     checkpoint = os.environ.get("SAM_VIT_B_CHECKPOINT")
     if checkpoint:
         return sam_model_registry["vit_b"](checkpoint=checkpoint).eval(), f"official weights ({checkpoint})"
-    model = sam_model_registry["vit_b"]()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if "rel_pos" in name or "pos_embed" in name:
-                param.copy_(0.5 * noise)
-            elif param.numel() > 1 and bool((param == param.flatten()[0]).all()):
-                param.add_(0.1 * noise)
+    model = randomize_(sam_model_registry["vit_b"]())
     return model.eval(), "random weights (every parameter randomised; set SAM_VIT_B_CHECKPOINT for real ones)"
 
 

@@ -4,6 +4,9 @@ import pathlib
 import sys
 
 REFERENCE = pathlib.Path(__file__).parents[1] / "reference"
+sys.path.insert(0, str(REFERENCE.parent))  # tests/weights.py
+
+from weights import randomize_  # noqa: E402,F401  (re-exported for the tests)
 
 try:  # segment-anything imports torchvision, which has no CPU build here.
     import torchvision  # noqa: F401
@@ -13,20 +16,6 @@ except ImportError:
 import numpy as np
 import pytest
 import torch
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter a random value, including those initialised to constants
-    (zero relative-position tables and absolute positions, unit LayerNorm weights)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if "rel_pos" in name or "pos_embed" in name:
-                param.copy_(0.5 * noise)
-            elif param.numel() > 1 and bool((param == param.flatten()[0]).all()):
-                param.add_(0.1 * noise)
-    return model
 
 
 @pytest.fixture(scope="session")
