@@ -25,20 +25,7 @@ from samcore.zoo import ModelEntry
 PAYLOAD = b"pretend these are model weights " * 1000
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private cache folder; URLs other than local files are refused."""
-    folder = tmp_path / "cache"
-    monkeypatch.setenv(download.CACHE_ENV_VAR, str(folder))
-    real_open = download._open_url
-
-    def local_only(request: urllib.request.Request, *args: Any, **kwargs: Any) -> Any:
-        if not request.full_url.startswith("file:"):
-            raise urllib.error.URLError("network access is disabled in tests")
-        return real_open(request, *args, **kwargs)
-
-    monkeypatch.setattr(download, "_open_url", local_only)
-    return folder
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 def make_entry(

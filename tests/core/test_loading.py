@@ -12,9 +12,7 @@ import re
 import sys
 import types
 import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -26,18 +24,7 @@ from samcore.device import select_device
 from samcore.loading import list_models, load_model
 
 
-@pytest.fixture(autouse=True)
-def _offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Use a private cache folder, and refuse any URL that is not a local file."""
-    monkeypatch.setenv(download.CACHE_ENV_VAR, str(tmp_path / "cache"))
-    real_open = download._open_url
-
-    def local_only(request: urllib.request.Request, *args: Any, **kwargs: Any) -> Any:
-        if not request.full_url.startswith("file:"):
-            raise urllib.error.URLError("network access is disabled in tests")
-        return real_open(request, *args, **kwargs)
-
-    monkeypatch.setattr(download, "_open_url", local_only)
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 @pytest.fixture(scope="module")
