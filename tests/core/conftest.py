@@ -15,7 +15,6 @@ except ImportError:
 
 import numpy as np
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")

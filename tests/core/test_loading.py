@@ -11,7 +11,6 @@ import os
 import re
 import sys
 import types
-import urllib.error
 from pathlib import Path
 
 import pytest

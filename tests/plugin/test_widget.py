@@ -1,7 +1,6 @@
 """The widget in a real napari viewer (headless under Xvfb), driven as a user or a script would."""
 
 import numpy as np
-import pytest
 import torch
 from conftest import preview_mask
 
