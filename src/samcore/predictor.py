@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .modeling import Sam
-from .modeling.fast_decoder import decode_masks
+from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_masks, decode_prompts
 from .precision import autocast, resolve_precision
 from .preprocess import to_rgb_uint8
 
@@ -53,6 +53,10 @@ class Predictor:
         self.model = model.eval()
         self.precision = resolve_precision(precision, model)
         self._embedding: ImageEmbedding | None = None
+        # Decoder work that does not depend on the prompt, kept between prompts (see `_decoding`).
+        self._decoder_tensors: list[torch.Tensor] | None = None
+        self._constants: tuple[tuple, DecoderConstants] | None = None
+        self._context: tuple[torch.Tensor, tuple, ImageContext] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -106,7 +110,7 @@ class Predictor:
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB", channel_axis: int | None = None) -> None:
         """Compute and keep the embedding of `image` (see `embed`) for the following predictions."""
-        self._embedding = self.embed(image, image_format, channel_axis)
+        self._use(self.embed(image, image_format, channel_axis))
 
     def set_embedding(self, embedding: ImageEmbedding) -> None:
         """Use a precomputed embedding (e.g. from a cache) as the current image."""
@@ -117,7 +121,7 @@ class Predictor:
                 f"(1, {', '.join(map(str, expected))}): it was computed with another model."
             )
         features = embedding.features.to(self.device, torch.float32)
-        self._embedding = ImageEmbedding(features, embedding.original_size, embedding.input_size)
+        self._use(ImageEmbedding(features, embedding.original_size, embedding.input_size))
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current image's (1, 256, h, w) embedding."""
@@ -125,7 +129,7 @@ class Predictor:
 
     def reset_image(self) -> None:
         """Forget the current image."""
-        self._embedding = None
+        self._use(None)
 
     # -- prompts ----------------------------------------------------------------------------
 
@@ -187,14 +191,12 @@ class Predictor:
         points = None if point_coords is None else (point_coords, point_labels)
         with torch.inference_mode():
             sparse, dense = self.model.prompt_encoder(points, boxes, mask_input)
-            low_res, scores = decode_masks(
-                self.model.mask_decoder,
-                embedding.features,
-                self.model.prompt_encoder.get_dense_pe(),
-                sparse,
-                dense,
-                multimask_output,
-            )
+            constants, context = self._decoding(embedding)
+            if mask_input is None:
+                low_res, scores = decode_prompts(context, sparse, multimask_output)
+            else:  # a mask input changes the image tokens: no per-image context applies
+                decoder, features = self.model.mask_decoder, embedding.features
+                low_res, scores = decode_masks(decoder, features, None, sparse, dense, multimask_output, constants)
             masks = upscale_logits(low_res, self.model.img_size, embedding.input_size, embedding.original_size)
             if not return_logits:
                 masks = masks > self.model.mask_threshold
@@ -214,6 +216,34 @@ class Predictor:
         return self.transform_coords(np.asarray(boxes).reshape(-1, 2, 2)).reshape(-1, 4)
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _use(self, embedding: ImageEmbedding | None) -> None:
+        """Make `embedding` the current image; the decoder context of another image is dropped."""
+        if self._context is not None and (embedding is None or self._context[0] is not embedding.features):
+            self._context = None
+        self._embedding = embedding
+
+    def _decoding(self, embedding: ImageEmbedding) -> tuple[DecoderConstants, ImageContext]:
+        """The decoder's per-model constants and the image's context, made when first needed.
+
+        Both are checked against the storage and in-place version counters of the tensors they derive
+        from, so weights loaded or moved in place, or an embedding changed in place (outside inference
+        mode), are never decoded with stale values.
+        """
+        prompt_encoder, decoder = self.model.prompt_encoder, self.model.mask_decoder
+        if self._decoder_tensors is None:  # listing them walks the modules: slower than checking them
+            self._decoder_tensors = [*prompt_encoder.parameters(), *prompt_encoder.buffers(), *decoder.parameters()]
+        weights = _versions(self._decoder_tensors)
+        if self._constants is None or self._constants[0] != weights:
+            self._constants = (weights, DecoderConstants(decoder, prompt_encoder.get_dense_pe()))
+            self._context = None
+        constants = self._constants[1]
+        features = embedding.features
+        if self._context is None or self._context[0] is not features or self._context[1] != _versions([features]):
+            tokens = features[0].flatten(1).T + prompt_encoder.no_mask_embed.weight  # the no-mask dense prompt
+            # Holding `features` keeps its storage from being reused by another embedding.
+            self._context = (features, _versions([features]), ImageContext(constants, tokens))
+        return constants, self._context[2]
 
     def _current(self) -> ImageEmbedding:
         if self._embedding is None:
@@ -254,6 +284,15 @@ class Predictor:
                 f"prediction, not an array of shape {array.shape}."
             )
         return torch.as_tensor(array, device=self.device)[None]
+
+
+def _versions(tensors: list[torch.Tensor]) -> tuple[tuple[int, int], ...]:
+    """Where each tensor's data lives and how often it was modified in place.
+
+    Inference tensors (made under `torch.inference_mode`) keep no modification count: only their
+    location is compared.
+    """
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
 
 
 def _check_points(
@@ -310,7 +349,18 @@ def upscale_logits(
     crop_w = input_size[1] * side / img_size
     if crop_h.is_integer() and crop_w.is_integer():
         cropped = low_res[..., : int(crop_h), : int(crop_w)]
-        return F.interpolate(cropped.float(), original_size, mode="bilinear", align_corners=False)
-    masks = F.interpolate(low_res.float(), (img_size, img_size), mode="bilinear", align_corners=False)
+        return _bilinear(cropped.float(), original_size)
+    masks = _bilinear(low_res.float(), (img_size, img_size))
     masks = masks[..., : input_size[0], : input_size[1]]
-    return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+    return _bilinear(masks, original_size)
+
+
+def _bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) to (B, C, *size), one channel at a time.
+
+    Channels are folded into the batch: with several channels, `F.interpolate` on a CPU takes a
+    channels-last path with two extra copies of the output, twice as slow for three masks.
+    """
+    batch, channels = x.shape[:2]
+    resized = F.interpolate(x.reshape(batch * channels, 1, *x.shape[-2:]), size, mode="bilinear", align_corners=False)
+    return resized.view(batch, channels, *size)

@@ -1,132 +1,487 @@
 """A faster evaluation of SAM's mask decoder for interactive use, with the same parameters.
 
-Two exact rewrites make one prompt cost a fraction of the reference evaluation on a CPU:
+The rewrites are exact in exact arithmetic (results differ by float rounding only):
 
 * Attention between the few prompt tokens (T ~ 7) and the N = 4096 image tokens never projects the
-  image tokens. The projection weights are folded into the token side instead: for token-to-image
-  attention, q.(W_k x + b_k) = (W_k^T q).x + const, and the constant cancels in the softmax; the
-  weights sum to one, so A (W_v x + b_v) = W_v (A x) + b_v. Image-to-token attention folds W_q and
-  W_o in the same way. Each costs O(heads * T * N * C) instead of O(N * C * C).
-* The two stride-2, kernel-2 transposed convolutions are per-token matrix products whose outputs
-  stay in token order until the masks are formed, so no layout conversions happen in between.
+  image tokens anew. For token-to-image attention, q.(W_k x + b_k) = (W_k^T q).x + const, and the
+  constant cancels in the softmax; the weights sum to one, so A (W_v x + b_v) = W_v (A x) + b_v.
+  Image-to-token attention folds W_q and W_o in the same way. The positional encoding enters
+  through its own projections, made once per model, so no image-sized sum `keys + pos` is formed.
+* The first two-way block sees the same image tokens for every prompt without a mask input, so its
+  projections of the image tokens are made once per image (`ImageContext`).
+* The final attention only feeds the IoU token and the mask tokens that are returned, and tokens
+  attend to the image independently, so it runs for those tokens alone.
+* The first transposed convolution of the upscaling is linear, and the image tokens it sees are the
+  per-image tokens, rescaled and shifted per token by each block's LayerNorm, plus mixtures of h T
+  attention value rows per block. Unrolled, conv1(keys) = s * P + A' U' with P the per-image tokens
+  through the convolution (made once per image), s a per-token scale and A' (N, ~2 h T) U' a thin
+  product: about half the work of the convolution (see `_upscaling_input`).
+* The stride-2, kernel-2 transposed convolutions are per-token matrix products whose outputs stay in
+  token order until the masks are formed, then gathered once into image order.
+
+Large intermediates live in buffers reused from one prompt to the next: on a CPU, a fresh
+multi-megabyte tensor costs a page fault per 4 KiB on first touch.
 """
 
 from __future__ import annotations
+
+import math
+import threading
 
 import torch
 import torch.nn.functional as F
 
 from .mask_decoder import MaskDecoder
-from .transformer import Attention, TwoWayTransformer
+from .transformer import Attention, TwoWayAttentionBlock
+
+
+class DecoderConstants:
+    """What the decoder derives from its weights and the positional encoding alone: once per model.
+
+    Args:
+        decoder: The mask decoder.
+        image_pe: (1, C, H, W) positional encoding of the image-embedding grid.
+    """
+
+    def __init__(self, decoder: MaskDecoder, image_pe: torch.Tensor) -> None:
+        transformer = decoder.transformer
+        self.decoder = decoder
+        self.layers: list[TwoWayAttentionBlock] = list(transformer.layers)
+        self.grid: tuple[int, int] = tuple(image_pe.shape[-2:])
+        pos = image_pe[0].flatten(1)  # (C, N)
+        self.pos = pos.T  # (N, C)
+        t2i = [layer.cross_attn_token_to_image for layer in self.layers] + [transformer.final_attn_token_to_image]
+        i2t = [layer.cross_attn_image_to_token for layer in self.layers]
+        # Block 0 sees per-image projections (ImageContext); later ones add the positional part alone.
+        self.key_pos = [None] + [_project_t(attn.k_proj.weight, None, pos, attn.num_heads) for attn in t2i[1:]]
+        self.query_pos = [None] + [
+            _project_t(attn.q_proj.weight, attn.q_proj.bias, pos, attn.num_heads) for attn in i2t[1:]
+        ]
+        self.out_heads = [_out_heads(attn) for attn in i2t]
+        if len(self.layers) > 1:
+            self._prepare_second_block()
+        self._prepare_upscaling(decoder)
+        self._orders: dict[int, torch.Tensor] = {}
+        self.workspace = _Workspace(pos.device, pos.dtype)
+        self.lock = threading.Lock()  # the workspace serves one prompt at a time
+
+    def _prepare_second_block(self) -> None:
+        # Block 1 projects block 0's output keys_0 = r_0 (Y_0 - mu_0) g_0 + b_0 with a weight W as
+        # keys_0 W^T = r_0 (S + A_0 U) + b_0 W^T, with S = x_c diag(g_0) W^T made once per image
+        # (x_c: the per-image tokens centred per token) and U = V_c diag(g_0) W^T from the block-0
+        # values V centred per row: see `_second_block_logits`.
+        norm, second = self.layers[0].norm4, self.layers[1]
+        t2i, i2t = second.cross_attn_token_to_image, second.cross_attn_image_to_token
+        self.second_projections = [norm.weight[:, None] * w.T for w in (t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight)]
+        self.second_value_bias = t2i.v_proj(norm.bias)  # b_0 W_v^T + b_v: the pooled values' constant
+        # b_0 W_q^T does not cancel in a softmax over tokens: it joins the positional part.
+        pos_and_bias = (self.pos + norm.bias).T
+        self.query_pos[1] = _project_t(i2t.q_proj.weight, i2t.q_proj.bias, pos_and_bias, i2t.num_heads)
+
+    def _prepare_upscaling(self, decoder: MaskDecoder) -> None:
+        conv1, norm, _, conv2, _ = decoder.output_upscaling
+        self.upscale_norm = norm
+        self.conv2_matrix_t = _as_matrix(conv2.weight).T.contiguous()  # (C1, 4 * C2)
+        self.conv2_bias = conv2.bias.repeat(4)  # ordered (dy, dx, c) like the matrix
+        # The chain of `_upscaling_input`: M_L = diag(g_L) W^T and M_l = diag(g_l) M_(l+1), with W the
+        # conv1 matrix and g_l, b_l the weight and bias of block l's last LayerNorm.
+        conv1_t = _as_matrix(conv1.weight).T  # (C, 4 * C1)
+        chain = [self.layers[-1].norm4.weight[:, None] * conv1_t]
+        for layer in reversed(self.layers[:-1]):
+            chain.insert(0, layer.norm4.weight[:, None] * chain[0])
+        self.chain = chain  # M_l, (C, 4 * C1)
+        self.chain_sums = [matrix.sum(0) for matrix in chain]  # m_l = 1^T M_l
+        self.chain_biases = [None] + [prev.norm4.bias @ matrix for prev, matrix in zip(self.layers, chain[1:])]
+        self.chain_constant = self.layers[-1].norm4.bias @ conv1_t + conv1.bias.repeat(4)
+
+    def mask_order(self, masks: int) -> torch.Tensor:
+        """Indices taking (N * 16, M) token-ordered mask values to (M, 4H, 4W) image order."""
+        if masks not in self._orders:
+            height, width = self.grid
+            order = torch.arange(height * width * 16 * masks, device=self.pos.device)
+            order = order.view(height, width, 2, 2, 2, 2, masks)  # y, x, dy1, dx1, dy2, dx2, mask
+            self._orders[masks] = order.permute(6, 0, 2, 4, 1, 3, 5).flatten()  # mask, y, dy1, dy2, x, dx1, dx2
+        return self._orders[masks]
+
+
+class ImageContext:
+    """The prompt-independent part of decoding one image: its tokens as the first block sees them.
+
+    Valid for every prompt without a mask input (whose dense embedding is one constant vector); a
+    mask input changes the image tokens and needs its own context.
+
+    Args:
+        constants: The model's `DecoderConstants`.
+        image_tokens: (N, C) image embedding plus dense prompt embedding, one row per grid cell.
+    """
+
+    def __init__(self, constants: DecoderConstants, image_tokens: torch.Tensor) -> None:
+        self.constants = constants
+        layer = constants.layers[0]
+        t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        tokens_pos = (image_tokens + constants.pos).T  # (C, N)
+        self.keys = _project_t(t2i.k_proj.weight, None, tokens_pos, t2i.num_heads)  # (h, d, N)
+        values = F.linear(image_tokens, t2i.v_proj.weight, t2i.v_proj.bias)  # (N, h * d)
+        self.values = values.view(len(values), t2i.num_heads, -1).transpose(0, 1).contiguous()  # (h, N, d)
+        self.queries = _project_t(i2t.q_proj.weight, i2t.q_proj.bias, tokens_pos, i2t.num_heads)  # (h, d, N)
+        self.image_tokens = image_tokens.contiguous()
+        # Projections of the tokens centred per token (`_upscaling_input`, `_second_block_logits`):
+        # a common offset of the embedding would otherwise be added here and cancelled there,
+        # costing float32 precision.
+        centred = self.image_tokens - self.image_tokens.mean(1, keepdim=True)
+        self.projected = centred @ constants.chain[0]  # (N, 4 * C1): P
+        if len(constants.layers) > 1:
+            heads = constants.layers[1].cross_attn_token_to_image.num_heads
+            keys, values, queries = (_project_t(w.T, None, centred.T, heads) for w in constants.second_projections)
+            self.second_keys, self.second_queries = keys, queries  # (h, d, N)
+            self.second_values = values.transpose(1, 2).contiguous()  # (h, N, d)
+
+    def decode(self, tokens: torch.Tensor, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks and IoU predictions of one prompt.
+
+        Args:
+            tokens: (T, C) output tokens followed by the prompt's sparse embeddings.
+            multimask_output: The 3 multimask outputs instead of the single one.
+
+        Returns:
+            Low-resolution logits (M, 4H, 4W) and predicted IoUs (M,), M = 3 or 1.
+        """
+        with self.constants.lock:
+            return _decode_one(self, tokens, multimask_output)
 
 
 def decode_masks(
     decoder: MaskDecoder,
     image_embeddings: torch.Tensor,
-    image_pe: torch.Tensor,
+    image_pe: torch.Tensor | None,
     sparse_prompt_embeddings: torch.Tensor,
     dense_prompt_embeddings: torch.Tensor,
     multimask_output: bool,
+    constants: DecoderConstants | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same inputs and outputs as `MaskDecoder.forward`, evaluated with the rewrites above."""
-    batch = sparse_prompt_embeddings.shape[0]
-    _, channels, height, width = image_embeddings.shape
+    """Same inputs and outputs as `MaskDecoder.forward`, evaluated with the rewrites above.
+
+    Args:
+        decoder: The mask decoder.
+        image_embeddings: (1 or B, C, H, W); one embedding is shared by all B prompts.
+        image_pe: (1, C, H, W) positional encoding; may be None when `constants` are given.
+        sparse_prompt_embeddings: (B, T', C).
+        dense_prompt_embeddings: (B, C, H, W).
+        multimask_output: Return the 3 multimask outputs instead of the single one.
+        constants: The decoder's `DecoderConstants` for `image_pe`, if kept; made here otherwise.
+
+    Returns:
+        Low-resolution mask logits (B, M, 4H, 4W) and predicted IoUs (B, M), M = 3 or 1.
+    """
+    if constants is None:
+        constants = DecoderConstants(decoder, image_pe)
+    # An expanded dense embedding (no mask input) is one tensor for all prompts: one context serves.
+    shared = len(image_embeddings) == 1 and dense_prompt_embeddings.stride(0) == 0
+    masks, scores, context = [], [], None
+    for b, sparse in enumerate(sparse_prompt_embeddings):
+        if context is None or not shared:
+            image = image_embeddings[b if len(image_embeddings) > 1 else 0] + dense_prompt_embeddings[b]
+            context = ImageContext(constants, image.flatten(1).T)
+        mask, score = decode_prompts(context, sparse[None], multimask_output)
+        masks.append(mask[0])
+        scores.append(score[0])
+    return torch.stack(masks), torch.stack(scores)
+
+
+def decode_prompts(
+    context: ImageContext, sparse_prompt_embeddings: torch.Tensor, multimask_output: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`MaskDecoder.forward` for prompts without a mask input, on the image of `context`.
+
+    Args:
+        context: The image's `ImageContext`, made with the no-mask dense embedding.
+        sparse_prompt_embeddings: (B, T', C).
+        multimask_output: Return the 3 multimask outputs instead of the single one.
+
+    Returns:
+        Low-resolution mask logits (B, M, 4H, 4W) and predicted IoUs (B, M), M = 3 or 1.
+    """
+    decoder = context.constants.decoder
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat([output_tokens.expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
+    results = [
+        context.decode(torch.cat([output_tokens, sparse], dim=0), multimask_output)
+        for sparse in sparse_prompt_embeddings
+    ]
+    return torch.stack([masks for masks, _ in results]), torch.stack([scores for _, scores in results])
 
-    image = (image_embeddings + dense_prompt_embeddings).flatten(2).transpose(1, 2)  # (1 or B, N, C)
-    pos = image_pe.flatten(2).transpose(1, 2)  # (1, N, C)
-    hs, keys = _transformer(decoder.transformer, image, pos, tokens)
 
+# -- one prompt ---------------------------------------------------------------------------------
+
+
+def _decode_one(context: ImageContext, tokens: torch.Tensor, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    decoder = context.constants.decoder
     picked = slice(1, None) if multimask_output else slice(0, 1)
-    iou_pred = decoder.iou_prediction_head(hs[:, 0, :])[:, picked]
-    mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-    mlps = list(decoder.output_hypernetworks_mlps)[picked]
-    hyper_in = torch.stack([mlp(mask_tokens[:, i + picked.start, :]) for i, mlp in enumerate(mlps)], dim=1)
-    masks = _upscale_and_project(decoder, keys.expand(batch, -1, -1), hyper_in, (height, width))
-    return masks, iou_pred
+    masks = range(decoder.num_mask_tokens)[picked]
+    outputs, mixing = _transformer(context, tokens, [0, *(1 + m for m in masks)])
+    iou_pred = decoder.iou_prediction_head(outputs[0])[picked]
+    mlps = decoder.output_hypernetworks_mlps
+    hyper_in = torch.stack([mlps[m](outputs[1 + i]) for i, m in enumerate(masks)])  # (M, C2)
+    return _upscale_and_project(context, mixing, hyper_in), iou_pred
 
 
-def _transformer(
-    transformer: TwoWayTransformer, image: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    queries, keys, query_pe = tokens, image, tokens
-    for layer in transformer.layers:
+class _Mixing:
+    """How each block's image-to-token attention and LayerNorm changed the image tokens."""
+
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []  # (h T, N) attention weights per block
+        self.values: list[torch.Tensor] = []  # (h T, C) value rows per block, output bias folded in
+        self.means: list[torch.Tensor] = []  # (N,) LayerNorm means per block; block 0: see below
+        self.rstds: list[torch.Tensor] = []  # (N,) LayerNorm reciprocal standard deviations per block
+
+
+def _transformer(context: ImageContext, tokens: torch.Tensor, outputs: list[int]) -> tuple[torch.Tensor, _Mixing]:
+    """The two-way transformer on (T, C) tokens.
+
+    Returns the final tokens at indices `outputs` and the image-token mixing. Tokens attend to the
+    image independently in the final attention, so it runs for the requested tokens only.
+    """
+    constants = context.constants
+    transformer = constants.decoder.transformer
+    mixing = _Mixing()
+    queries, query_pe = tokens, tokens
+    keys = None  # (N, C) image tokens after the previous block; the context stands in before block 0
+    for i, layer in enumerate(constants.layers):
         if layer.skip_first_layer_pe:
-            queries = layer.self_attn(queries, queries, queries)
+            queries = layer.self_attn(queries[None], queries[None], queries[None])[0]
         else:
-            q = queries + query_pe
-            queries = queries + layer.self_attn(q, q, queries)
+            q = (queries + query_pe)[None]
+            queries = queries + layer.self_attn(q, q, queries[None])[0]
         queries = layer.norm1(queries)
-        keys_pos = keys + pos
-        attended = _tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, keys_pos, keys)
+        t2i = layer.cross_attn_token_to_image
+        if i == 0:
+            attended = _tokens_to_context(t2i, queries + query_pe, context)
+        elif i == 1:
+            attended = _tokens_to_first_output(t2i, queries + query_pe, context, mixing)
+        else:
+            attended = _tokens_to_image(t2i, queries + query_pe, keys, constants.key_pos[i], constants.workspace)
         queries = layer.norm2(queries + attended)
         queries = layer.norm3(queries + layer.mlp(queries))
-        attended = _image_to_tokens(layer.cross_attn_image_to_token, keys_pos, queries + query_pe, queries)
-        keys = layer.norm4(keys + attended)
-    attended = _tokens_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys + pos, keys)
-    return transformer.norm_final_attn(queries + attended), keys
+        keys = _image_to_tokens(i, queries + query_pe, queries, keys, context, mixing)
+    final = transformer.final_attn_token_to_image
+    queries, query_pe = queries[outputs], query_pe[outputs]
+    attended = _tokens_to_image(final, queries + query_pe, keys, constants.key_pos[-1], constants.workspace)
+    return transformer.norm_final_attn(queries + attended), mixing
 
 
-def _per_head(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """(heads * d, C) projection weight -> (heads, d, C)."""
+def _tokens_to_context(attn: Attention, q: torch.Tensor, context: ImageContext) -> torch.Tensor:
+    """Token-to-image attention of (T, C) tokens over the per-image projections of block 0."""
+    heads, tokens = attn.num_heads, len(q)
+    workspace = context.constants.workspace
+    q = _split_heads(attn.q_proj(q), heads)  # (h, T, d)
+    count = context.keys.shape[-1]
+    logits = torch.bmm(q * q.shape[-1] ** -0.5, context.keys, out=workspace.get("t2i logits", heads, tokens, count))
+    weights = torch.softmax(logits, dim=-1, out=workspace.get("t2i weights", heads, tokens, count))  # (h, T, N)
+    pooled = torch.bmm(weights, context.values)  # (h, T, d), value bias included
+    return attn.out_proj(pooled.transpose(0, 1).reshape(tokens, -1))
+
+
+def _tokens_to_first_output(attn: Attention, q: torch.Tensor, context: ImageContext, mixing: _Mixing) -> torch.Tensor:
+    """Token-to-image attention of (T, C) tokens in block 1, over block 0's output in low-rank form."""
+    constants = context.constants
+    heads, tokens, workspace = attn.num_heads, len(q), constants.workspace
+    first_weights, rstd = mixing.weights[0], mixing.rstds[0]
+    q = _split_heads(attn.q_proj(q), heads)  # (h, T, d)
+    q = q * q.shape[-1] ** -0.5
+    logits = workspace.get("t2i logits", heads * tokens, len(rstd))
+    # q.(W_k b_0) is one constant per token and head: it cancels in the softmax.
+    _second_block_logits(q, context.second_keys, constants.second_projections[0], mixing, logits)
+    logits.view(heads, tokens, -1).baddbmm_(q, constants.key_pos[1])  # positional part
+    weights = torch.softmax(logits, dim=-1, out=workspace.get("t2i weights", heads * tokens, len(rstd)))
+    # sum_n w_n (keys_0 W_v^T)_n = sum_n (w_n r_n)(S + A_0 U)_n + b_0 W_v^T, as the weights sum to one.
+    weights = weights.mul_(rstd)
+    pooled = torch.bmm(weights.view(heads, tokens, -1), context.second_values)  # (h, T, d)
+    mixed = (weights @ first_weights.T).view(heads, tokens, -1)  # (h, T, h T0)
+    update = _centred_rows(mixing.values[0]) @ constants.second_projections[1]  # U, (h T0, h d)
+    pooled += torch.bmm(mixed, update.view(len(update), heads, -1).transpose(0, 1))
+    values = pooled.transpose(0, 1).reshape(tokens, -1) + constants.second_value_bias
+    return attn.out_proj(values)
+
+
+def _second_block_logits(
+    q: torch.Tensor, projected: torch.Tensor, projection: torch.Tensor, mixing: _Mixing, out: torch.Tensor
+) -> torch.Tensor:
+    """(h T, N) products of (h, T, d) queries with block 0's output keys_0 projected by `projection`.
+
+    keys_0 W^T = r_0 (S + A_0 U) + b_0 W^T (see `DecoderConstants._prepare_second_block`); the
+    constant b_0 W^T part is left to the caller. `projected` is S as (h, d, N).
+    """
+    heads, tokens, width = q.shape
+    update = _centred_rows(mixing.values[0]) @ projection  # U, (h T0, h d)
+    per_row = torch.bmm(q, update.view(len(update), heads, width).permute(1, 2, 0))  # (h, T, h T0)
+    torch.mm(per_row.view(heads * tokens, -1), mixing.weights[0], out=out)  # A_0 U part, (h T, N)
+    out.view(heads, tokens, -1).baddbmm_(q, projected)  # S part
+    return out.mul_(mixing.rstds[0])
+
+
+def _centred_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of (R, C) `x` minus their means."""
+    return x - x.mean(1, keepdim=True)
+
+
+def _tokens_to_image(
+    attn: Attention, q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, workspace: _Workspace
+) -> torch.Tensor:
+    """Token-to-image attention of (T, C) tokens over (N, C) image tokens (plus positions)."""
+    heads, tokens = attn.num_heads, len(q)
+    q = _split_heads(attn.q_proj(q), heads)  # (h, T, d)
+    q = q * q.shape[-1] ** -0.5
+    q_in_image_space = torch.bmm(q, _split_rows(attn.k_proj.weight, heads))  # (h, T, C)
+    rows, count = heads * tokens, len(keys)
+    logits = torch.bmm(q, key_pos, out=workspace.get("t2i logits", heads, tokens, count))  # positional part
+    logits = logits.view(rows, count).addmm_(q_in_image_space.view(rows, -1), keys.T)
+    weights = torch.softmax(logits, dim=-1, out=workspace.get("t2i weights", rows, count))  # (h T, N)
+    pooled = (weights @ keys).view(heads, tokens, -1)  # (h, T, C)
+    values = torch.bmm(pooled, _split_rows(attn.v_proj.weight, heads).transpose(1, 2))  # (h, T, d)
+    return attn.out_proj(values.transpose(0, 1).reshape(tokens, -1) + attn.v_proj.bias)
+
+
+def _image_to_tokens(
+    index: int, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor | None, context: ImageContext, mixing: _Mixing
+) -> torch.Tensor:
+    """Image-to-token attention, residual and LayerNorm of block `index`; returns the new (N, C) keys.
+
+    `keys` is None for block 0, whose image tokens and their projections come from the context;
+    otherwise it is updated in place.
+    """
+    constants = context.constants
+    layer, workspace = constants.layers[index], constants.workspace
+    attn, norm = layer.cross_attn_image_to_token, layer.norm4
+    heads, tokens = attn.num_heads, len(k)
+    k = _split_heads(attn.k_proj(k), heads)  # (h, T, d)
+    k = k * k.shape[-1] ** -0.5
+    v = _split_heads(attn.v_proj(v), heads)  # (h, T, d)
+    logits = workspace.get("i2t logits", heads, tokens, len(constants.pos))
+    if index == 0:
+        torch.bmm(k, context.queries, out=logits)  # (h, T, N), query bias included
+    elif index == 1:  # block 0's output in low-rank form; b_0 W_q^T is in the positional part
+        _second_block_logits(k, context.second_queries, constants.second_projections[2], mixing, logits.view(heads * tokens, -1))
+        logits.baddbmm_(k, constants.query_pos[index])
+    else:
+        torch.bmm(k, constants.query_pos[index], out=logits)
+        keys_in_image_space = torch.bmm(k, _split_rows(attn.q_proj.weight, heads))  # (h, T, C)
+        logits.view(heads * tokens, -1).addmm_(keys_in_image_space.view(heads * tokens, -1), keys.T)
+    weights = workspace.get(f"i2t weights {index}", heads * tokens, len(constants.pos))  # kept for upscaling
+    torch.softmax(logits, dim=1, out=weights.view(heads, tokens, -1))  # over the T tokens of each head
+    # Each head's weights sum to one over the tokens, so out_bias / h on every value row adds out_bias.
+    values = torch.bmm(v, constants.out_heads[index]).view(heads * tokens, -1) + attn.out_proj.bias / heads
+    if keys is None:
+        keys = torch.addmm(context.image_tokens, weights.T, values, out=workspace.get("residual", *constants.pos.shape))
+    else:
+        keys.addmm_(weights.T, values)  # the previous keys are not needed any more
+    keys, mean, rstd = torch.native_layer_norm(keys, (keys.shape[-1],), norm.weight, norm.bias, norm.eps)
+    if index == 0:  # relative to the per-image tokens' own means, as the context's projection
+        mean = values.mean(1) @ weights
+    mixing.weights.append(weights)
+    mixing.values.append(values)
+    mixing.means.append(mean.view(-1))
+    mixing.rstds.append(rstd.view(-1))
+    return keys
+
+
+# -- upscaling ----------------------------------------------------------------------------------
+
+
+def _upscale_and_project(context: ImageContext, mixing: _Mixing, hyper_in: torch.Tensor) -> torch.Tensor:
+    """Upscale the image tokens 4x and take each mask token's dot product, as (M, 4H, 4W)."""
+    constants, workspace = context.constants, context.constants.workspace
+    norm = constants.upscale_norm
+    height, width = constants.grid
+    left, right, scale = _upscaling_input(context, mixing)
+    x = torch.mul(context.projected, scale[:, None], out=workspace.get("conv1", *context.projected.shape))
+    x.addmm_(left.T, right)  # conv1 of the final image tokens, (N, 4 * C1) ordered (dy, dx, c)
+    x = F.layer_norm(x.view(-1, norm.weight.shape[0]), norm.weight.shape, norm.weight, norm.bias, norm.eps)
+    x = torch._C._nn.gelu_(x)  # (4 N, C1)
+    y = torch.mm(x, constants.conv2_matrix_t, out=workspace.get("conv2", len(x), len(constants.conv2_bias)))
+    y = torch._C._nn.gelu_(y.add_(constants.conv2_bias))  # (4 N, 4 * C2)
+    masks = torch.mm(y.view(-1, hyper_in.shape[1]), hyper_in.T, out=workspace.get("masks", len(y) * 4, len(hyper_in)))
+    # One gather with precomputed indices: the 7-dimensional permuted copy is several times slower.
+    ordered = masks.view(-1).index_select(0, constants.mask_order(len(hyper_in)))
+    return ordered.view(-1, 4 * height, 4 * width)
+
+
+def _upscaling_input(context: ImageContext, mixing: _Mixing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Factors of conv1(keys_L) = s_0 * P + left^T right: left (K, N), right (K, 4 C1), s_0 (N,).
+
+    With block l's LayerNorm keys_l = r_l (Y_l - mu_l) g_l + b_l (r_l, mu_l per token) of the
+    residual sum Y_0 = x + A_0 V_0 and Y_l = keys_(l-1) + A_l V_l, unrolling keys_L W^T + c gives
+      s_0 (x M_0) + sum_l [(s_l A_l)(V_l M_l) - (s_l mu_l) m_l] + sum_(l>=1) s_l (b_(l-1) M_l)
+        + (b_L W^T + c),
+    where s_l = r_l r_(l+1) ... r_L scales per token and M_l, m_l are the chain of
+    `DecoderConstants`. P = x M_0 is made once per image from x minus its per-token means, which
+    the block-0 means therefore leave out (they are the means of A_0 V_0).
+    """
+    constants = context.constants
+    scales = [mixing.rstds[-1]]
+    for rstd in reversed(mixing.rstds[:-1]):
+        scales.insert(0, rstd * scales[0])
+    rows = sum(len(w) + 2 for w in mixing.weights)
+    left = constants.workspace.get("left", rows, len(constants.pos))
+    right = []
+    row = 0
+    for layer, (weights, values, mean, scale) in enumerate(zip(mixing.weights, mixing.values, mixing.means, scales)):
+        torch.mul(weights, scale, out=left[row : row + len(weights)])
+        right.append(values @ constants.chain[layer])
+        row += len(weights)
+        torch.mul(scale, mean, out=left[row]).neg_()
+        right.append(constants.chain_sums[layer][None])
+        row += 1
+        if layer > 0:
+            left[row].copy_(scale)
+            right.append(constants.chain_biases[layer][None])
+            row += 1
+    left[row].fill_(1.0)
+    right.append(constants.chain_constant[None])
+    return left[: row + 1], torch.cat(right), scales[0]
+
+
+# -- small helpers ------------------------------------------------------------------------------
+
+
+class _Workspace:
+    """Named buffers reused from one prompt to the next, grown when a prompt needs more room."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        self._device, self._dtype = device, dtype
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        """The buffer `name` as a tensor of `shape`; its content is left over from earlier use."""
+        view = self._views.get((name, shape))
+        if view is None:
+            numel = math.prod(shape)
+            buffer = self._buffers.get(name)
+            if buffer is None or buffer.numel() < numel:
+                buffer = self._buffers[name] = torch.empty(numel, device=self._device, dtype=self._dtype)
+                self._views = {key: view for key, view in self._views.items() if key[0] != name}
+            view = self._views[name, shape] = buffer[:numel].view(shape)
+        return view
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(T, h * d) -> (h, T, d)."""
+    return x.view(len(x), heads, -1).transpose(0, 1)
+
+
+def _split_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """(h * d, C) projection weight -> (h, d, C)."""
     return weight.view(heads, -1, weight.shape[-1])
 
 
-def _tokens_to_image(attn: Attention, q: torch.Tensor, k_image: torch.Tensor, v_image: torch.Tensor) -> torch.Tensor:
-    """Attention of (B, T, C) tokens over (1 or B, N, C) image tokens, without projecting the image."""
-    heads = attn.num_heads
-    batch, tokens, _ = q.shape
-    q = attn.q_proj(q).view(batch, tokens, heads, -1).transpose(1, 2)  # (B, h, T, d)
-    scale = q.shape[-1] ** -0.5
-    q_in_image_space = torch.einsum("bhtd,hdc->bhtc", q, _per_head(attn.k_proj.weight, heads))
-    logits = q_in_image_space.reshape(batch, heads * tokens, -1) @ k_image.transpose(1, 2)
-    weights = torch.softmax(logits * scale, dim=-1)  # (B, h*T, N)
-    pooled = (weights @ v_image).view(batch, heads, tokens, -1)  # (B, h, T, C)
-    values = torch.einsum("bhtc,hdc->bthd", pooled, _per_head(attn.v_proj.weight, heads))
-    values = values + attn.v_proj.bias.view(heads, -1)
-    return attn.out_proj(values.reshape(batch, tokens, -1))
+def _project_t(weight: torch.Tensor, bias: torch.Tensor | None, x_t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Projection of (C, N) image tokens, transposed and split into heads: (h, d, N)."""
+    projected = weight @ x_t if bias is None else torch.addmm(bias[:, None], weight, x_t)
+    return projected.view(heads, -1, x_t.shape[1])
 
 
-def _image_to_tokens(attn: Attention, q_image: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of (1 or B, N, C) image tokens over (B, T, C) tokens, without projecting the image."""
-    heads = attn.num_heads
-    batch, tokens, _ = k.shape
-    k = attn.k_proj(k).view(batch, tokens, heads, -1).transpose(1, 2)  # (B, h, T, d)
-    v = attn.v_proj(v).view(batch, tokens, heads, -1).transpose(1, 2)
-    scale = k.shape[-1] ** -0.5
-    keys_in_image_space = torch.einsum("hdc,bhtd->bcht", _per_head(attn.q_proj.weight, heads), k)
-    offsets = torch.einsum("hd,bhtd->bht", attn.q_proj.bias.view(heads, -1), k).reshape(batch, 1, -1)
-    logits = torch.baddbmm(offsets, q_image.expand(batch, -1, -1), keys_in_image_space.reshape(batch, -1, heads * tokens))
-    weights = _softmax_short(logits.mul_(scale).view(batch, -1, heads, tokens))
-    out_weight = attn.out_proj.weight.view(attn.out_proj.out_features, heads, -1)  # (C, h, d)
-    values_out = torch.einsum("bhtd,chd->bhtc", v, out_weight).reshape(batch, heads * tokens, -1)
-    bias = attn.out_proj.bias.expand(batch, 1, -1)
-    return torch.baddbmm(bias, weights.view(batch, -1, heads * tokens), values_out)
-
-
-def _softmax_short(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over a short last axis (a handful of tokens), in place on `x`; vectorises over rows."""
-    x = x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
-    return x.div_(x.sum(dim=-1, keepdim=True))
-
-
-def _upscale_and_project(
-    decoder: MaskDecoder, keys: torch.Tensor, hyper_in: torch.Tensor, size: tuple[int, int]
-) -> torch.Tensor:
-    """Upscale (B, N, C) image tokens 4x and take each mask token's dot product, as (B, M, 4H, 4W)."""
-    conv1, norm, _, conv2, _ = decoder.output_upscaling
-    batch, tokens, _ = keys.shape
-    height, width = size
-    x = F.linear(keys, _as_matrix(conv1.weight), conv1.bias.repeat(4))  # (B, N, 4 * C1): (dy, dx, c)
-    x = x.view(batch, tokens, 4, -1)
-    x = F.gelu(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
-    x = F.linear(x, _as_matrix(conv2.weight), conv2.bias.repeat(4))  # (B, N, 4, 4 * C2)
-    x = F.gelu(x.view(batch, tokens, 16, -1))
-    masks = x.flatten(1, 2) @ hyper_in.transpose(1, 2)  # (B, N * 16, M)
-    masks = masks.view(batch, height, width, 2, 2, 2, 2, -1)  # y, x, dy1, dx1, dy2, dx2, mask
-    masks = masks.permute(0, 7, 1, 3, 5, 2, 4, 6)  # mask, y, dy1, dy2, x, dx1, dx2
-    return masks.reshape(batch, -1, 4 * height, 4 * width)
+def _out_heads(attn: Attention) -> torch.Tensor:
+    """Output projection (C, h * d) as (h, d, C): the rows that head h's values multiply."""
+    return attn.out_proj.weight.T.reshape(attn.num_heads, -1, attn.out_proj.out_features)
 
 
 def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
