@@ -60,7 +60,44 @@ class TinyViTConfig:
         )
 
 
-EncoderConfig = ViTConfig | TinyViTConfig
+@dataclass(frozen=True)
+class MicroConfig:
+    """A small conv-stem + windowed-attention encoder for CPU use (see `modeling.micro_encoder`).
+
+    The weights do not record img_size (the encoder has no position table), so registered
+    MicroConfigs must differ in their widths or depth for `infer_architecture` to tell them apart.
+    """
+
+    embed_dim: int = 256
+    depth: int = 6
+    num_heads: int = 8
+    global_attn_indexes: tuple[int, ...] = (2, 5)
+    window_size: int = 8
+    stem_dims: tuple[int, int, int] = (32, 64, 128)
+    stem_blocks: tuple[int, int] = (1, 2)
+    img_size: int = 512
+
+    def build(self) -> nn.Module:
+        from .modeling.micro_encoder import MicroEncoder
+
+        return MicroEncoder(
+            img_size=self.img_size,
+            stem_dims=self.stem_dims,
+            stem_blocks=self.stem_blocks,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            window_size=self.window_size,
+            global_attn_indexes=self.global_attn_indexes,
+            out_chans=PROMPT_EMBED_DIM,
+        )
+
+    def signature(self) -> tuple[int, ...]:
+        """What the weights reveal: stem widths, stem block counts, width and depth."""
+        return (*self.stem_dims, *self.stem_blocks, self.embed_dim, self.depth)
+
+
+EncoderConfig = ViTConfig | TinyViTConfig | MicroConfig
 
 ARCHITECTURES: dict[str, EncoderConfig] = {
     "vit_b": ViTConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
@@ -69,6 +106,8 @@ ARCHITECTURES: dict[str, EncoderConfig] = {
     "vit_t": TinyViTConfig(),
     # A tiny encoder for tests and quick experiments: every code path, little compute.
     "vit_test": ViTConfig(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=6, img_size=256),
+    # The project's own small model for CPUs, trained on synthetic scenes (samcore.training).
+    "micro_v1": MicroConfig(),
 }
 
 
@@ -102,6 +141,8 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> str:
     Raises:
         ValueError: The weights match no registered architecture.
     """
+    if MICRO_STEM_KEY in state_dict:
+        return _infer_micro(state_dict)
     if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
         dims = tuple(
             int(state_dict[f"image_encoder.layers.{i}.blocks.0.conv1.c.weight"].shape[1])
@@ -129,8 +170,35 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> str:
     )
 
 
+MICRO_STEM_KEY = "image_encoder.stem.0.0.weight"
+
+
+def _infer_micro(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Name the registered MicroConfig whose stem, width and depth match these weights."""
+    signature = micro_signature(state_dict)
+    for name, config in ARCHITECTURES.items():
+        if isinstance(config, MicroConfig) and config.signature() == signature:
+            return name
+    raise ValueError(f"These micro-encoder weights (stem, width, depth {signature}) match no known model.")
+
+
+def micro_signature(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """(stem widths x3, stem blocks x2, embed_dim, depth) read from a micro-encoder state dict."""
+    stem = sorted({int(key.split(".")[2]) for key in state_dict if key.startswith("image_encoder.stem.")})
+    widths = [int(state_dict[f"image_encoder.stem.{i}.0.weight"].shape[0]) for i in stem
+              if f"image_encoder.stem.{i}.0.weight" in state_dict]
+    residual = [i for i in stem if f"image_encoder.stem.{i}.expand.0.weight" in state_dict]
+    convs = [i for i in stem if i not in residual]
+    if len(convs) != 4:
+        raise ValueError(f"These micro-encoder weights have {len(convs)} stem convolutions instead of 4.")
+    blocks = (sum(convs[1] < i < convs[2] for i in residual), sum(convs[2] < i < convs[3] for i in residual))
+    embed_dim = int(state_dict[f"image_encoder.stem.{convs[3]}.weight"].shape[0])
+    depth = len({key.split(".")[2] for key in state_dict if key.startswith("image_encoder.blocks.")})
+    return (*widths[:3], *blocks, embed_dim, depth)
+
+
 def _config(arch: str | EncoderConfig) -> EncoderConfig:
-    if isinstance(arch, (ViTConfig, TinyViTConfig)):
+    if isinstance(arch, (ViTConfig, TinyViTConfig, MicroConfig)):
         return arch
     if arch not in ARCHITECTURES:
         names = ", ".join(ARCHITECTURES)

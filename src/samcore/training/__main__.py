@@ -1,0 +1,7 @@
+"""``python -m samcore.training``: see `samcore.training.train`."""
+
+import sys
+
+from .train import main
+
+sys.exit(main())

@@ -1,0 +1,201 @@
+"""One training step's forward pass: embed the images once, then prompt interactively.
+
+Round 0 uses the initial prompt (a box, or one click with three candidate masks). Each later
+round adds one corrective click drawn from the error of the previous round's chosen mask
+(the candidate with the highest predicted IoU, as at inference) and feeds that mask's
+low-resolution logits back as `mask_input`. Rounds in between run without gradient; the
+first and the last round are trained (the loss is their mean), and no gradient flows
+through the fed-back masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..modeling import Sam
+from .batches import Batch
+from .losses import FOCAL_WEIGHT, FOCAL_WINDOW, LossParts, mask_iou, sam_loss
+from .prompts import box_prompts, corrective_clicks, point_prompts
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Prompts of N objects in model-input pixels.
+
+    Attributes:
+        coords: (N, P, 2) float32 (x, y) points, or None.
+        labels: (N, P) int64 point labels (1, 0 or -1), or None.
+        boxes: (N, 4) float32 (x0, y0, x1, y1), or None.
+        mask_input: (N, 1, 4h, 4w) low-resolution logits of a previous round, or None.
+    """
+
+    coords: torch.Tensor | None
+    labels: torch.Tensor | None
+    boxes: torch.Tensor | None
+    mask_input: torch.Tensor | None = None
+
+    def with_click(self, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor) -> Prompts:
+        """These prompts plus one (N, 1, 2) click each and a new mask input."""
+        if self.coords is None or self.labels is None:
+            return Prompts(coords, labels, self.boxes, mask_input)
+        coords = torch.cat([self.coords, coords], dim=1)
+        return Prompts(coords, torch.cat([self.labels, labels], dim=1), self.boxes, mask_input)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """The loss of a step and what it reports.
+
+    Attributes:
+        loss: Scalar with gradient.
+        first: Loss parts of round 0.
+        last: Loss parts of the last round.
+        rounds: Number of rounds run.
+    """
+
+    loss: torch.Tensor
+    first: LossParts
+    last: LossParts
+    rounds: int
+
+
+def initial_prompts(masks: torch.Tensor, use_box: bool, generator: torch.Generator) -> Prompts:
+    """A noisy box or one positive click per (N, H, W) ground-truth mask."""
+    if use_box:
+        return Prompts(None, None, box_prompts(masks, generator))
+    coords, labels = point_prompts(masks, generator)
+    return Prompts(coords, labels, None)
+
+
+def decode(
+    model: Sam, embeddings: torch.Tensor, prompts: Prompts, multimask: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the prompt encoder and the reference mask decoder.
+
+    Args:
+        model: The SAM model.
+        embeddings: (N, 256, h, w) image embedding of each prompt's image.
+        prompts: N prompts.
+        multimask: Return three candidate masks instead of one.
+
+    Returns:
+        Low-resolution logits (N, C, 4h, 4w) and predicted IoUs (N, C), C = 3 or 1.
+    """
+    points = None if prompts.coords is None else (prompts.coords, prompts.labels)
+    sparse, dense = model.prompt_encoder(points, prompts.boxes, prompts.mask_input)
+    return model.mask_decoder(embeddings, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
+
+
+def upscale(model: Sam, low_res: torch.Tensor, size: int, out: int | None = None) -> torch.Tensor:
+    """Low-resolution logits (N, C, 4h, 4w) to logits of the unpadded square scene.
+
+    Args:
+        model: The SAM model.
+        low_res: (N, C, 4h, 4w) logits of the padded model input.
+        size: Side of the scene in pixels (the top-left part of the model input).
+        out: Side of the result (default `size`); the model input must scale to it by an
+            integer ratio (img_size * out / size whole).
+
+    Returns:
+        (N, C, out, out) logits, as bilinear interpolation to the scene would give them.
+    """
+    out = size if out is None else out
+    full = model.img_size * out / size
+    if not full.is_integer():
+        raise ValueError(
+            f"Logits cannot be scaled to {out} px for a {size} px scene on a {model.img_size} px model."
+        )
+    logits = F.interpolate(low_res, (int(full), int(full)), mode="bilinear", align_corners=False)
+    return logits[..., :out, :out]
+
+
+def area_targets(masks: torch.Tensor, out: int) -> torch.Tensor:
+    """(N, H, W) bool masks to (N, 1, out, out) float covered fractions (area averaging)."""
+    targets = masks[:, None].float()
+    if masks.shape[-1] == out:
+        return targets
+    return F.interpolate(targets, (out, out), mode="area")
+
+
+def interactive_step(
+    model: Sam,
+    batch: Batch,
+    use_box: bool,
+    corrective: int,
+    generator: torch.Generator,
+    loss_size: int | None = None,
+    focal_window: float | None = FOCAL_WINDOW,
+    focal_weight: float = FOCAL_WEIGHT,
+) -> StepOutput:
+    """Forward pass of one training step with `corrective` corrective-click rounds.
+
+    Args:
+        model: The SAM model (train mode).
+        batch: Images and objects (square scenes).
+        use_box: Start from noisy boxes instead of single clicks.
+        corrective: Corrective rounds after the initial prompt (0 trains round 0 only).
+        generator: Random generator for the prompts (on the batch's device).
+        loss_size: Side at which logits meet the (area-averaged) ground truth, and where
+            corrective clicks are drawn; default the scene size. Half the scene size costs a
+            quarter of the loss computation.
+        focal_window: Normalisation of the focal loss (see `losses.focal_loss`).
+        focal_weight: Weight of the focal loss against dice (see `losses.focal_ramp`).
+
+    Returns:
+        The loss and its report.
+    """
+    size = batch.masks.shape[-1]
+    loss_size = size if loss_size is None else loss_size
+    features = model.image_encoder(model.preprocess(batch.images))
+    embeddings = features[batch.image_index]
+    targets = area_targets(batch.masks, loss_size)
+    truth = targets[:, 0] > 0.5
+    click_scale = size / loss_size
+    prompts = initial_prompts(batch.masks, use_box, generator)
+    trained: list[LossParts] = []
+    for round_index in range(corrective + 1):
+        with_grad = round_index in (0, corrective)
+        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+            low_res, iou_pred = decode(model, embeddings, prompts, multimask=round_index == 0 and not use_box)
+            logits = upscale(model, low_res, size, loss_size)
+            if with_grad:
+                trained.append(sam_loss(logits, iou_pred, targets, focal_window, focal_weight))
+        if round_index == corrective:
+            break
+        chosen = iou_pred.detach().argmax(dim=1)
+        rows = torch.arange(len(chosen), device=chosen.device)
+        predicted = logits.detach()[rows, chosen] > 0
+        coords, labels = corrective_clicks(predicted, truth, generator)
+        coords = coords * click_scale + (click_scale - 1) / 2  # centre of the coarse pixel
+        prompts = prompts.with_click(coords, labels, low_res.detach()[rows, chosen][:, None])
+    loss = torch.stack([parts.total for parts in trained]).mean()
+    return StepOutput(loss, trained[0], trained[-1], corrective + 1)
+
+
+@torch.no_grad()
+def evaluate_prompts(model: Sam, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """IoU per object from a noisy box and from one click (candidate with the best score).
+
+    Args:
+        model: The SAM model (put in eval mode by the caller).
+        batch: Images and objects.
+        generator: Random generator for the prompts.
+
+    Returns:
+        "box" and "point" (N,) IoUs, and "point_oracle" (N,), the best candidate's IoU.
+    """
+    size = batch.masks.shape[-1]
+    embeddings = model.image_encoder(model.preprocess(batch.images))[batch.image_index]
+    targets = batch.masks[:, None]
+    out = {}
+    for name, use_box in (("box", True), ("point", False)):
+        prompts = initial_prompts(batch.masks, use_box, generator)
+        low_res, iou_pred = decode(model, embeddings, prompts, multimask=not use_box)
+        ious = mask_iou(upscale(model, low_res, size), targets)
+        out[name] = ious[torch.arange(len(ious)), iou_pred.argmax(dim=1)]
+        if not use_box:
+            out["point_oracle"] = ious.max(dim=1).values
+    return out

@@ -1,0 +1,406 @@
+"""The training loop and its command line (``python -m samcore.training``).
+
+Every step generates `scenes` new images (nothing is precomputed), embeds them once, and runs
+the interactive prompting rounds of `interactive.interactive_step` on `objects` objects per
+image. AdamW with warm-up and cosine decay, gradient clipping. All randomness of a step derives
+from (seed, step), so a resumed run computes exactly what an uninterrupted one would have.
+
+Files in the output folder: ``last.pt`` (resumable state, rewritten every `save_every` steps and
+at the end), ``log.jsonl`` (one line per logged step and per validation) and, at the end,
+``<arch>.pt``: the weights as a plain float16 state dict for `samcore.load_model(checkpoint=...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..build import build_sam
+from ..device import select_device
+from ..modeling import Sam
+from .batches import Batch, make_batch, make_eval_batches
+from .checkpoints import STATE_NAME, export_weights, load_state, save_state, training_state
+from .interactive import evaluate_prompts, interactive_step
+from .losses import focal_ramp
+from .schedule import WarmupCosine
+from .settings import TrainSettings
+
+CALIBRATION_STEPS = 8  # a timed run fixes its schedule length after this many steps
+EXPORT_RESERVE_S = 30.0  # time kept free at the end of a timed run for validation and export
+
+
+@dataclass
+class TrainResult:
+    """What a call of `train` did.
+
+    Attributes:
+        step: Completed steps (including those of earlier sessions).
+        settings: The run's settings (total_steps fixed).
+        history: One dict per step of this session: step, loss, its parts, train IoUs, lr.
+        validation: Metrics of the last validation (empty if none ran).
+        export: The exported weight file, or None.
+    """
+
+    step: int
+    settings: TrainSettings
+    history: list[dict[str, float]] = field(default_factory=list)
+    validation: dict[str, float] = field(default_factory=dict)
+    export: Path | None = None
+
+
+def train(
+    settings: TrainSettings,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    minutes: float | None = None,
+    device: str = "auto",
+    workers: int = 0,
+    stop_at: int | None = None,
+    repeat_batches: int = 0,
+    export: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train (or continue training) a SAM on generated scenes.
+
+    Args:
+        settings: The run's settings; on resume those stored in the checkpoint are used.
+        out_dir: Folder for checkpoints, logs and the exported weights.
+        resume: Continue from ``out_dir/last.pt``.
+        minutes: Wall-clock budget of this session; with ``settings.total_steps == 0`` the
+            schedule length is fixed from the speed of the first steps.
+        device: "auto", "cpu", "cuda", ... (see `samcore.device.select_device`).
+        workers: Processes generating batches ahead (0: in the training process).
+        stop_at: Stop (saving a checkpoint, skipping the final validation) once this many steps
+            are complete, before the end of the schedule; for interrupting runs on purpose.
+        repeat_batches: 0 for a fresh batch every step; n > 0 cycles through the first n
+            batches (an overfitting check).
+        export: Write the float16 weight file at the end.
+        log: Receives the progress lines.
+
+    Returns:
+        What was done.
+    """
+    started = time.monotonic()
+    out = Path(out_dir)
+    state_path = out / STATE_NAME
+    if not resume and state_path.exists():
+        raise ValueError(f"{out} already holds a training run ({STATE_NAME}); use --resume or another --out.")
+    state = load_state(state_path) if resume else None
+    if state is not None:
+        settings = TrainSettings.from_dict(state["settings"])
+    if settings.total_steps == 0 and minutes is None:
+        raise ValueError("Give a number of steps or a time budget in minutes (or both).")
+    target = select_device(device)
+    torch.manual_seed(settings.seed)
+    model = build_sam(settings.arch).to(target).train()
+    if settings.size > model.img_size:
+        raise ValueError(
+            f"Scenes of {settings.size} px do not fit the {model.img_size} px input of {settings.arch}."
+        )
+    optimizer = make_optimizer(model, settings)
+    schedule = WarmupCosine(settings.warmup, max(settings.total_steps, 1), settings.lr_floor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+        log(f"Resuming {settings.arch} at step {step} of {settings.total_steps} from {state_path}.")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        log(f"Training {settings.arch} ({count_parameters(model) / 1e6:.2f} M parameters) on {target}; "
+            f"settings: {json.dumps(settings.to_dict())}")
+    deadline = None if minutes is None else started + 60.0 * minutes - EXPORT_RESERVE_S
+    loop = _Loop(model, optimizer, scheduler, schedule, settings, target, out, log)
+    result = loop.run(step, deadline, stop_at, repeat_batches, workers)
+    if stop_at is None:
+        result.validation = validate(model, result.settings, target)
+        loop.record({"validation_step": result.step, **result.validation})
+        log(f"validation at step {result.step}: {format_metrics(result.validation)}")
+    if export:
+        result.export = export_weights(model, out / f"{result.settings.arch}.pt")
+        log(f"Exported {result.export} ({result.export.stat().st_size / 1e6:.1f} MB, float16).")
+    return result
+
+
+class _Loop:
+    """The step loop of one session (kept apart from set-up and export)."""
+
+    def __init__(
+        self,
+        model: Sam,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
+        schedule: WarmupCosine,
+        settings: TrainSettings,
+        device: torch.device,
+        out: Path,
+        log: Callable[[str], None],
+    ) -> None:
+        self.model, self.optimizer, self.scheduler, self.schedule = model, optimizer, scheduler, schedule
+        self.settings, self.device, self.out, self.log = settings, device, out, log
+
+    def run(
+        self, step: int, deadline: float | None, stop_at: int | None, repeat: int, workers: int
+    ) -> TrainResult:
+        """Steps from `step` until the schedule ends, `stop_at`, or the deadline; then a checkpoint."""
+        history: list[dict[str, float]] = []
+        first_step, tic, window = step, time.monotonic(), []
+        calibrate_from = None
+        batches = batch_stream(self.settings, step, repeat, workers)
+        while self.settings.total_steps == 0 or step < self.settings.total_steps:
+            if stop_at is not None and step >= stop_at:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                self.log(f"Time budget reached after step {step}.")
+                break
+            entry = self.step(step, next(batches).to(self.device))
+            step += 1
+            history.append(entry)
+            window.append(entry)
+            if self.settings.total_steps == 0:
+                calibrate_from = self._calibrate(step, first_step, calibrate_from, deadline)
+            if step % self.settings.log_every == 0 or step == self.settings.total_steps:
+                self._report(step, window, (time.monotonic() - tic) / len(window))
+                tic, window = time.monotonic(), []
+            if step % self.settings.save_every == 0:
+                self.save(step)
+            due = self.settings.eval_every and step % self.settings.eval_every == 0
+            if due and step < self.settings.total_steps:
+                metrics = validate(self.model, self.settings, self.device)
+                self.record({"validation_step": step, **metrics})
+                self.log(f"validation at step {step}: {format_metrics(metrics)}")
+        self.save(step)
+        return TrainResult(step, self.settings, history)
+
+    def step(self, step: int, batch: Batch) -> dict[str, float]:
+        """One optimisation step; returns its log entry."""
+        seed = self.settings.seed
+        choices = np.random.default_rng([seed, step, 2])
+        use_box = bool(choices.random() < self.settings.box_fraction)
+        most = self.settings.max_corrective
+        corrective = int(choices.integers(1, most + 1)) if most else 0
+        generator = torch.Generator(device=self.device).manual_seed(prompt_seed(seed, step))
+        self.model.train()
+        loss_size = self.settings.loss_size or None
+        window = self.settings.focal_window or None
+        weight = focal_ramp(step, self.settings.focal_ramp)
+        output = interactive_step(
+            self.model, batch, use_box, corrective, generator, loss_size,
+            focal_window=window, focal_weight=weight,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        return {
+            "step": step + 1,
+            "loss": float(output.loss.detach()),
+            "focal": float(output.last.focal),
+            "dice": float(output.last.dice),
+            "iou_mse": float(output.last.iou_mse),
+            "iou_first": float(output.first.iou),
+            "iou_last": float(output.last.iou),
+            "grad_norm": float(grad_norm),
+            "focal_weight": weight,
+            "lr": lr,
+            "box": float(use_box),
+            "rounds": float(output.rounds),
+        }
+
+    def save(self, step: int) -> None:
+        settings = self.settings.to_dict()
+        state = training_state(self.model, self.optimizer, self.scheduler, step, settings)
+        save_state(self.out / STATE_NAME, state)
+
+    def record(self, entry: dict[str, Any]) -> None:
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(entry) + "\n")
+
+    def _calibrate(
+        self, step: int, first_step: int, since: float | None, deadline: float | None
+    ) -> float | None:
+        """Fix the schedule length of a timed run from the speed of its first steps."""
+        if step - first_step == 2:
+            return time.monotonic()  # the first steps are slower (allocation, warm-up)
+        if since is None or step - first_step < CALIBRATION_STEPS or deadline is None:
+            return since
+        per_step = (time.monotonic() - since) / (step - first_step - 2)
+        per_step *= 1.03  # checkpoints and validations
+        total = step + max(1, int((deadline - time.monotonic()) / per_step))
+        self.settings = self.settings.replace(total_steps=total)
+        self.schedule.set_total(total)
+        self.log(f"Speed {1 / per_step:.2f} steps/s: the schedule is fixed at {total} steps.")
+        return since
+
+    def _report(self, step: int, window: list[dict[str, float]], seconds_per_step: float) -> None:
+        mean = {key: float(np.mean([entry[key] for entry in window])) for key in window[0]}
+        mean["step"] = step
+        mean["steps_per_s"] = 1.0 / seconds_per_step
+        self.record(mean)
+        total = self.settings.total_steps or "?"
+        self.log(
+            f"step {step}/{total} | loss {mean['loss']:.4f} (focal {mean['focal']:.4f} "
+            f"dice {mean['dice']:.3f} iou-mse {mean['iou_mse']:.4f}) | train IoU first "
+            f"{mean['iou_first']:.3f} last {mean['iou_last']:.3f} | lr {mean['lr']:.2e} "
+            f"| {mean['steps_per_s']:.2f} steps/s"
+        )
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW; weight decay on weight matrices and kernels only (not norms, biases, tokens)."""
+    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
+    decay, plain = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 and id(param) not in embeddings else plain).append(param)
+    groups = [
+        {"params": decay, "weight_decay": settings.weight_decay},
+        {"params": plain, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999))
+
+
+def prompt_seed(seed: int, step: int) -> int:
+    """Seed of a step's prompt generator."""
+    return (seed * 1_000_003 + step * 7919 + 12345) % (2**63 - 1)
+
+
+def batch_stream(settings: TrainSettings, start: int, repeat: int, workers: int) -> Iterator[Batch]:
+    """Batches for steps start, start + 1, ... (cycling over `repeat` batches if > 0)."""
+
+    def data_step(step: int) -> int:
+        return step % repeat if repeat > 0 else step
+
+    if workers <= 0:
+        s = settings
+        return (make_batch(s.seed, data_step(i), s.scenes, s.objects, s.size, s.zoom_ramp) for i in range(start, 2**62))
+    steps = _StepBatches(settings, start, data_step)
+    loader = torch.utils.data.DataLoader(steps, batch_size=None, num_workers=workers, prefetch_factor=2)
+    return iter(loader)
+
+
+class _StepBatches(torch.utils.data.IterableDataset):
+    """Batches by step for worker processes; worker w makes every workers-th step."""
+
+    def __init__(self, settings: TrainSettings, start: int, data_step: Callable[[int], int]) -> None:
+        self.settings, self.start, self.data_step = settings, start, data_step
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        offset, stride = (0, 1) if info is None else (info.id, info.num_workers)
+        s = self.settings
+        for step in range(self.start + offset, 2**62, stride):
+            yield make_batch(s.seed, self.data_step(step), s.scenes, s.objects, s.size, s.zoom_ramp)
+
+
+def validate(model: Sam, settings: TrainSettings, device: torch.device) -> dict[str, float]:
+    """Mean IoUs on the fixed synthetic validation set: box, one click, and for nuclei only."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(2024)
+    results: dict[str, list[torch.Tensor]] = {}
+    for batch in make_eval_batches(settings.size, objects=settings.objects):
+        batch = batch.to(device)
+        ious = evaluate_prompts(model, batch, generator)
+        is_nuclei = [batch.families[i] == "nuclei" for i in batch.image_index.tolist()]
+        nuclei = torch.tensor(is_nuclei, device=device)
+        for name, values in ious.items():
+            results.setdefault(name, []).append(values)
+            results.setdefault(f"nuclei_{name}", []).append(values[nuclei])
+    model.train(was_training)
+    return {name: float(torch.cat(values).mean()) for name, values in results.items()}
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name} IoU {value:.3f}" for name, value in metrics.items())
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = TrainSettings()
+    parser = argparse.ArgumentParser(
+        prog="python -m samcore.training",
+        description="Train a small SAM on procedurally generated microscopy scenes.",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="folder for checkpoints, logs and weights")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--minutes", type=float, help="wall-clock budget of this session")
+    parser.add_argument("--steps", type=int, default=0, help="schedule length (default: fitted to --minutes)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--workers", type=int, default=0, help="processes generating scenes ahead (GPU runs)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--arch", default=defaults.arch)
+    parser.add_argument("--size", type=int, default=defaults.size, help="scene side in pixels")
+    parser.add_argument("--loss-size", type=int, default=defaults.loss_size, help="0: the scene size")
+    parser.add_argument("--focal-ramp", type=int, default=defaults.focal_ramp, help="steps to reach 20:1")
+    parser.add_argument("--zoom-ramp", type=int, default=defaults.zoom_ramp, help="size-curriculum steps")
+    parser.add_argument("--scenes", type=int, default=defaults.scenes, help="scenes per step")
+    parser.add_argument("--objects", type=int, default=defaults.objects, help="objects per scene")
+    parser.add_argument("--max-corrective", type=int, default=defaults.max_corrective)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--save-every", type=int, default=defaults.save_every)
+    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m samcore.training``; returns the exit code."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        settings = TrainSettings(
+            arch=args.arch, seed=args.seed, total_steps=args.steps, size=args.size, loss_size=args.loss_size,
+            focal_ramp=args.focal_ramp, zoom_ramp=args.zoom_ramp, scenes=args.scenes, objects=args.objects,
+            max_corrective=args.max_corrective, lr=args.lr, warmup=args.warmup,
+            save_every=args.save_every, log_every=args.log_every, eval_every=args.eval_every,
+        )
+        result = train(settings, args.out, resume=args.resume, minutes=args.minutes, device=args.device,
+                       workers=args.workers)
+        if result.export is not None:
+            check_export(result.export, print)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"samcore.training: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("samcore.training: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def check_export(path: Path, log: Callable[[str], None]) -> None:
+    """Load the exported file the way users will and report what was recognised."""
+    from ..loading import load_model
+
+    model = load_model(checkpoint=path, device="cpu")
+    log(f"{path} loads with samcore.load_model as {model.architecture or 'a SAM'} "
+        f"({count_parameters(model) / 1e6:.2f} M parameters, img_size {model.img_size}).")
+
+
+__all__ = ["TrainResult", "main", "train", "validate"]

@@ -1,0 +1,289 @@
+"""Training side: generated scenes, simulated prompts, losses, the loop, resume and export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import samcore
+from samcore.build import ARCHITECTURES, MicroConfig, build_sam, infer_architecture
+from samcore.preprocess import to_rgb_uint8
+from samcore.training import prompts as prompt_sim
+from samcore.training.checkpoints import export_weights
+from samcore.training.interactive import Prompts, decode
+from samcore.training.losses import dice_loss, focal_loss, mask_iou, sam_loss
+from samcore.training.scenes import FAMILIES, make_scene, relabel_consecutive
+from samcore.training.schedule import WarmupCosine
+from samcore.training.settings import TrainSettings
+from samcore.training.shapes import BlobSpec, RodSpec, blob_stamp, rod_stamp
+from samcore.training.train import main, train
+
+TINY = "micro_tiny_test"
+TINY_CONFIG = MicroConfig(
+    embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=2,
+    stem_dims=(8, 16, 24), stem_blocks=(1, 1), img_size=64,
+)
+
+
+@pytest.fixture
+def tiny_arch(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A registered micro encoder small enough for a few training steps in a test."""
+    monkeypatch.setitem(ARCHITECTURES, TINY, TINY_CONFIG)
+    return TINY
+
+
+def tiny_settings(**changes: object) -> TrainSettings:
+    base = TrainSettings(
+        arch=TINY, seed=3, total_steps=6, size=64, loss_size=32, scenes=1, objects=3,
+        max_corrective=2, lr=1e-3, warmup=3, save_every=3, log_every=100, eval_every=0,
+    )
+    return base.replace(**changes)
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+# -- scenes ---------------------------------------------------------------------------------------
+
+
+def test_scenes_are_deterministic_per_seed_and_index() -> None:
+    a, b = make_scene(7, 3, size=96), make_scene(7, 3, size=96)
+    assert a.family == b.family
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.raw, b.raw)
+    assert not np.array_equal(make_scene(7, 4, size=96).image, a.image)
+    assert not np.array_equal(make_scene(8, 3, size=96).image, a.image)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_renders_consistent_labels(family: str) -> None:
+    for index in range(3):
+        scene = make_scene(11, index, size=128, family=family)
+        assert scene.family == family
+        assert scene.image.shape == (128, 128, 3) and scene.image.dtype == np.uint8
+        assert scene.labels.shape == (128, 128) and scene.labels.dtype == np.int32
+        assert scene.raw.dtype in (np.uint8, np.uint16, np.float32)
+        ids = np.unique(scene.labels)
+        count = int(scene.labels.max())
+        assert count >= 1
+        np.testing.assert_array_equal(ids[ids > 0], np.arange(1, count + 1))  # consecutive, none empty
+        grey = to_rgb_uint8(scene.raw)[..., 0]
+        for channel in range(3):  # the model input is the raw array as inference converts it
+            plane = scene.image[..., channel]
+            assert np.array_equal(plane, grey) or not plane.any()
+
+
+def test_objects_stand_out_from_their_surroundings() -> None:
+    contrasts = []
+    for index in range(8):
+        scene = make_scene(5, index, size=128, family="nuclei")
+        grey = scene.image.max(axis=-1).astype(float)
+        inside = scene.labels > 0
+        contrasts.append(abs(grey[inside].mean() - grey[~inside].mean()) if (~inside).any() else 99)
+    assert np.median(contrasts) > 10
+
+
+def test_relabel_drops_small_labels_and_renumbers() -> None:
+    labels = np.zeros((10, 10), dtype=np.int32)
+    labels[0:3, 0:3] = 4  # 9 px
+    labels[5:6, 5:7] = 9  # 2 px, dropped
+    labels[7:10, 7:10] = 2  # 9 px
+    out = relabel_consecutive(labels, min_area=3)
+    assert set(np.unique(out)) == {0, 1, 2}
+    assert out[0, 0] == 2 and out[8, 8] == 1 and out[5, 5] == 0
+
+
+def test_shapes_have_the_expected_area() -> None:
+    disc = blob_stamp(BlobSpec(20.0, 20.0, 10.0, 1.0, 0.0, np.zeros((0, 3))))
+    assert disc.mask.sum() == pytest.approx(np.pi * 100, rel=0.05)
+    assert disc.radial[disc.mask].max() <= 1.0
+    rod = rod_stamp(RodSpec(30.0, 30.0, 20.0, 6.0, 0.7, 0.0))
+    assert rod.mask.sum() == pytest.approx(20 * 6 + np.pi * 9, rel=0.08)
+
+
+# -- prompts --------------------------------------------------------------------------------------
+
+
+def blobs(n: int = 6, size: int = 64) -> torch.Tensor:
+    masks = torch.zeros((n, size, size), dtype=torch.bool)
+    for i in range(n):
+        masks[i, 5 + 3 * i : 15 + 4 * i, 10 + 2 * i : 30 + i] = True
+    return masks
+
+
+def test_points_fall_inside_their_objects() -> None:
+    masks = blobs()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        coords, labels = prompt_sim.point_prompts(masks, generator)
+        x, y = coords[:, 0, 0].long(), coords[:, 0, 1].long()
+        assert masks[torch.arange(len(masks)), y, x].all()
+        assert (labels == 1).all()
+
+
+def test_boxes_are_jittered_bounding_boxes() -> None:
+    masks = blobs()
+    tight = prompt_sim.bounding_boxes(masks)
+    assert tight[0].tolist() == [10.0, 5.0, 29.0, 14.0]
+    generator = torch.Generator().manual_seed(1)
+    boxes = torch.stack([prompt_sim.box_prompts(masks, generator) for _ in range(50)])
+    assert (boxes[..., 2:] >= boxes[..., :2]).all()
+    assert (boxes >= 0).all() and (boxes <= 63).all()
+    shift = (boxes - tight).abs()
+    assert shift.max() <= prompt_sim.BOX_NOISE_MAX + 1e-4
+    assert shift.mean() > 0.3  # jittered, not exact
+
+
+def test_corrective_clicks_sample_the_error_with_the_right_label() -> None:
+    target = blobs(3)
+    missed = target.clone()
+    missed[0, 5:10] = False  # false negatives only
+    extra = target.clone()
+    extra[1, 40:50, 40:50] = True  # false positives only
+    predicted = torch.stack([missed[0], extra[1], target[2]])  # the third is perfect
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        coords, labels = prompt_sim.corrective_clicks(predicted, target, generator)
+        x, y = coords[:, 0, 0].long(), coords[:, 0, 1].long()
+        assert labels[:, 0].tolist() == [1, 0, prompt_sim.PAD_LABEL]
+        error = predicted ^ target
+        assert error[0, y[0], x[0]] and error[1, y[1], x[1]]
+
+
+def test_mixed_errors_get_the_polarity_of_the_clicked_pixel() -> None:
+    target = blobs(1)
+    predicted = torch.zeros_like(target)
+    predicted[0, 0:12, 0:20] = True  # partly object, partly background
+    generator = torch.Generator().manual_seed(3)
+    seen = set()
+    for _ in range(40):
+        coords, labels = prompt_sim.corrective_clicks(predicted, target, generator)
+        x, y = int(coords[0, 0, 0]), int(coords[0, 0, 1])
+        assert bool(predicted[0, y, x] ^ target[0, y, x])
+        assert labels[0, 0] == int(target[0, y, x])
+        seen.add(int(labels[0, 0]))
+    assert seen == {0, 1}
+
+
+# -- losses ---------------------------------------------------------------------------------------
+
+
+def test_perfect_prediction_has_lower_loss_than_a_bad_one() -> None:
+    targets = blobs(4)[:, None].float()
+    perfect = (targets * 2 - 1) * 12
+    bad = -perfect
+    assert (focal_loss(perfect, targets) < focal_loss(bad, targets)).all()
+    assert (dice_loss(perfect, targets) < dice_loss(bad, targets)).all()
+    assert mask_iou(perfect, targets).min() == 1.0 and mask_iou(bad, targets).max() == 0.0
+    good = sam_loss(perfect, torch.ones(4, 1), targets)
+    worse = sam_loss(bad, torch.ones(4, 1), targets)
+    assert good.total < 0.05 < worse.total
+    assert good.iou == 1.0
+
+
+def test_multimask_loss_trains_only_the_best_candidate() -> None:
+    targets = blobs(2)[:, None].float()
+    perfect = (targets * 2 - 1) * 12
+    wrong = torch.full_like(perfect, -12.0)
+    candidates = torch.cat([wrong, perfect, wrong * -1], dim=1).requires_grad_(True)
+    scores = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    parts = sam_loss(candidates, scores, targets)
+    single = sam_loss(perfect, torch.ones(2, 1), targets)
+    assert parts.iou == 1.0
+    assert parts.focal.item() == pytest.approx(single.focal.item(), abs=1e-7)
+    assert parts.dice.item() == pytest.approx(single.dice.item(), abs=1e-7)
+    parts.total.backward()
+    grad = candidates.grad.flatten(2).abs().sum(dim=2)  # the IoU target carries no gradient
+    assert (grad[:, 0] == 0).all() and (grad[:, 2] == 0).all() and (grad[:, 1] > 0).all()
+
+
+def test_schedule_warms_up_then_decays() -> None:
+    schedule = WarmupCosine(warmup=10, total=110, floor=0.1)
+    assert schedule(0) == pytest.approx(0.1)
+    assert schedule(9) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.55)
+    assert schedule(110) == pytest.approx(0.1) and schedule(500) == pytest.approx(0.1)
+
+
+# -- architecture ---------------------------------------------------------------------------------
+
+
+def test_micro_v1_is_recognised_small_and_fast_enough_to_build(tmp_path) -> None:
+    model = build_sam("micro_v1")
+    assert model.img_size == 512
+    assert infer_architecture(model.state_dict()) == "micro_v1"
+    path = export_weights(model, tmp_path / "micro_v1.pt")
+    assert path.stat().st_size <= 25e6
+    loaded = samcore.load_model(checkpoint=path)
+    assert loaded.architecture == "micro_v1"
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == model.state_dict()[key].dtype
+        torch.testing.assert_close(value, model.state_dict()[key].half().to(value.dtype))
+
+
+def test_micro_encoder_serves_the_predictor_on_any_image_shape(tiny_arch: str) -> None:
+    model = build_sam(tiny_arch)
+    predictor = samcore.Predictor(model)
+    predictor.set_image(np.random.default_rng(0).integers(0, 255, (40, 70), dtype=np.uint8))
+    embedding = predictor.get_image_embedding()
+    assert tuple(embedding.shape) == (1, 256, 4, 4)
+    prompts = Prompts(torch.tensor([[[20.0, 10.0]]]), torch.tensor([[1]]), None)
+    with torch.no_grad():
+        low_res, scores = decode(model, embedding, prompts, multimask=True)
+    assert low_res.shape == (1, 3, 16, 16) and scores.shape == (1, 3)
+
+
+# -- loop -----------------------------------------------------------------------------------------
+
+
+def test_loss_decreases_when_overfitting_a_fixed_batch(tiny_arch: str, tmp_path) -> None:
+    settings = tiny_settings(total_steps=40, lr=2e-3, warmup=4, save_every=1000)
+    result = train(settings, tmp_path, repeat_batches=1, export=False, log=quiet)
+    losses = [entry["loss"] for entry in result.history]
+    assert len(losses) == 40 and result.step == 40
+    assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[:8])
+    ious = [entry["iou_last"] for entry in result.history]
+    assert np.mean(ious[-8:]) > np.mean(ious[:8])
+
+
+def test_resume_continues_at_the_same_step_with_the_same_loss(tiny_arch: str, tmp_path) -> None:
+    settings = tiny_settings()
+    straight = train(settings, tmp_path / "straight", export=False, log=quiet)
+    first = train(settings, tmp_path / "split", stop_at=3, export=False, log=quiet)
+    assert first.step == 3 and len(first.history) == 3
+    resumed = train(TrainSettings(), tmp_path / "split", resume=True, export=False, log=quiet)
+    assert resumed.settings == settings  # the stored settings win over the ones passed
+    assert resumed.history[0]["step"] == 4
+    for a, b in zip(straight.history[3:], resumed.history):
+        assert a["step"] == b["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_a_new_run_refuses_to_overwrite_an_old_one(tiny_arch: str, tmp_path) -> None:
+    train(tiny_settings(total_steps=1), tmp_path, export=False, log=quiet)
+    with pytest.raises(ValueError, match="--resume"):
+        train(tiny_settings(total_steps=1), tmp_path, export=False, log=quiet)
+    with pytest.raises(FileNotFoundError):
+        train(tiny_settings(), tmp_path / "empty", resume=True, log=quiet)
+
+
+def test_command_line_trains_exports_and_the_export_loads(tiny_arch: str, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    code = main([
+        "--out", str(out), "--arch", tiny_arch, "--steps", "2", "--size", "64", "--loss-size", "32",
+        "--scenes", "1", "--objects", "2", "--warmup", "1", "--log-every", "1", "--eval-every", "0",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "step 2/2" in printed and "steps/s" in printed and "train IoU" in printed
+    exported = out / f"{tiny_arch}.pt"
+    state = torch.load(exported, weights_only=True)
+    assert all(key.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.")) for key in state)
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+    assert infer_architecture(state) == tiny_arch
+    model = samcore.load_model(checkpoint=exported)
+    assert model.architecture == tiny_arch and next(model.parameters()).dtype == torch.float32
+    assert (out / "last.pt").exists() and (out / "log.jsonl").exists()
