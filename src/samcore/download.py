@@ -100,9 +100,16 @@ def cached_path(entry: ModelEntry) -> Path:
         entry: A model registry entry.
 
     Returns:
-        The path inside the cache folder.
+        The path inside the cache folder, or inside the package for packaged weights.
     """
+    if entry.packaged:
+        return packaged_path(entry.filename)
     return cache_dir() / entry.filename
+
+
+def packaged_path(filename: str) -> Path:
+    """Return the path of a weight file shipped in the package folder ``samcore/weights``."""
+    return Path(__file__).resolve().parent / "weights" / filename
 
 
 def is_cached(entry: ModelEntry) -> bool:
@@ -160,6 +167,9 @@ def fetch(entry: ModelEntry, progress: bool = True) -> Path:
             (download), so it is not used again.
     """
     destination = cached_path(entry)
+    if entry.packaged:
+        _verify_packaged(destination, entry)
+        return destination
     if destination.is_file():
         _verify_cached(destination, entry)
         return destination
@@ -190,6 +200,27 @@ def _new_hasher(algorithm: str) -> Any:
         return hashlib.new(name)
     except ValueError as error:
         raise ValueError(f"Unknown hash algorithm {algorithm!r}.") from error
+
+
+def _verify_packaged(path: Path, entry: ModelEntry) -> None:
+    """Check a weight file that came with the package; a damaged installation is named as such."""
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"The weights of {entry.name!r} should have been installed with napari-sam at {path}, "
+            "but the file is missing. Reinstall napari-sam (pip install --force-reinstall napari-sam).",
+            url=entry.url,
+            destination=path,
+        )
+    actual = file_hash(path, entry.hash_algorithm)
+    if actual != entry.hash_digest:
+        raise HashMismatchError(
+            f"The weights of {entry.name!r} installed with napari-sam at {path} are damaged or were "
+            f"replaced: expected {entry.hash}, found {entry.hash_algorithm}:{actual}. "
+            "Reinstall napari-sam (pip install --force-reinstall napari-sam).",
+            path=path,
+            expected=entry.hash,
+            actual=f"{entry.hash_algorithm}:{actual}",
+        )
 
 
 def _verify_cached(path: Path, entry: ModelEntry) -> None:

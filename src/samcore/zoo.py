@@ -43,6 +43,8 @@ class ModelEntry:
         description: One sentence on what the model is good for.
         source: Who publishes the weights (and where).
         licence: The licence of the weights.
+        packaged: The file ships inside the package (folder ``samcore/weights``) instead of
+            being downloaded; ``url`` is then empty.
     """
 
     name: str
@@ -53,6 +55,7 @@ class ModelEntry:
     description: str
     source: str
     licence: str
+    packaged: bool = False
 
     @property
     def hash_algorithm(self) -> str:

@@ -208,3 +208,37 @@ def test_load_model_by_name_downloads_and_loads(tmp_path: Path, monkeypatch: pyt
         zoo, "BUNDLED_MODEL", ModelEntry(**{**entry.__dict__, "name": zoo.DEFAULT_MODEL_NAME})
     )
     assert load_model(device="cpu").architecture == "vit_test"
+
+
+def packaged_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[ModelEntry, Path]:
+    folder = tmp_path / "site-packages" / "samcore" / "weights"
+    folder.mkdir(parents=True)
+    (folder / "shipped.pt").write_bytes(PAYLOAD)
+    monkeypatch.setattr(download, "packaged_path", lambda filename: folder / filename)
+    entry = ModelEntry(
+        name="shipped", architecture="vit_test", url="", hash=f"sha256:{hashlib.sha256(PAYLOAD).hexdigest()}",
+        filename="shipped.pt", description="test weights", source="tests", licence="none", packaged=True,
+    )
+    return entry, folder / "shipped.pt"
+
+
+def test_packaged_weights_are_checked_and_used_in_place(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry, shipped = packaged_entry(tmp_path, monkeypatch)
+    assert download.is_cached(entry)
+    assert fetch(entry) == shipped
+    assert not cache.exists() or not any(cache.iterdir())  # nothing copied or downloaded
+
+
+def test_damaged_packaged_weights_ask_for_a_reinstall_and_stay_put(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry, shipped = packaged_entry(tmp_path, monkeypatch)
+    shipped.write_bytes(PAYLOAD[:-10])
+    with pytest.raises(HashMismatchError, match="Reinstall napari-sam"):
+        fetch(entry)
+    assert shipped.is_file()
+    shipped.unlink()
+    with pytest.raises(WeightsUnavailableError, match="missing"):
+        fetch(entry)
