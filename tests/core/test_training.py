@@ -11,8 +11,9 @@ from samcore.build import ARCHITECTURES, MicroConfig, build_sam, infer_architect
 from samcore.preprocess import to_rgb_uint8
 from samcore.training import prompts as prompt_sim
 from samcore.training.checkpoints import export_weights
-from samcore.training.interactive import Prompts, decode
-from samcore.training.losses import dice_loss, focal_loss, mask_iou, sam_loss
+from samcore.training.interactive import Prompts, decode, encode, upscale
+from samcore.training.batches import scene_zoom
+from samcore.training.losses import FOCAL_WEIGHT, dice_loss, focal_loss, focal_ramp, mask_iou, sam_loss
 from samcore.training.scenes import FAMILIES, make_scene, relabel_consecutive
 from samcore.training.schedule import WarmupCosine
 from samcore.training.settings import TrainSettings
@@ -36,7 +37,7 @@ def tiny_arch(monkeypatch: pytest.MonkeyPatch) -> str:
 def tiny_settings(**changes: object) -> TrainSettings:
     base = TrainSettings(
         arch=TINY, seed=3, total_steps=6, size=64, loss_size=32, scenes=1, objects=3,
-        max_corrective=2, lr=1e-3, warmup=3, save_every=3, log_every=100, eval_every=0,
+        max_corrective=2, corrective_from=2, lr=1e-3, warmup=3, save_every=3, log_every=100, eval_every=0,
     )
     return base.replace(**changes)
 
@@ -84,6 +85,24 @@ def test_objects_stand_out_from_their_surroundings() -> None:
         inside = scene.labels > 0
         contrasts.append(abs(grey[inside].mean() - grey[~inside].mean()) if (~inside).any() else 99)
     assert np.median(contrasts) > 10
+
+
+def test_zoomed_scenes_enlarge_objects_and_labels_together() -> None:
+    scene = make_scene(2, 1, size=128, family="nuclei", zoom=2)
+    assert scene.image.shape == (128, 128, 3) and scene.labels.shape == (128, 128)
+    assert scene.raw.shape == (64, 64)
+    np.testing.assert_array_equal(scene.labels[::2, ::2], scene.labels[1::2, 1::2])  # nearest, 2x2 blocks
+    with pytest.raises(ValueError, match="zoom"):
+        make_scene(2, 1, size=100, zoom=3)
+
+
+def test_size_curriculum_enlarges_early_scenes_only() -> None:
+    rng = np.random.default_rng(0)
+    early = [scene_zoom(rng, 0, 1000, 512) for _ in range(200)]
+    late = [scene_zoom(rng, 5000, 1000, 512) for _ in range(400)]
+    assert set(early) <= {2, 4} and set(late) <= {1, 2, 4}
+    assert 0.05 < np.mean(np.asarray(late) > 1) < 0.3
+    assert scene_zoom(rng, 0, 0, 512) == 1 and scene_zoom(rng, 0, 1000, 96) == 1
 
 
 def test_relabel_drops_small_labels_and_renumbers() -> None:
@@ -200,6 +219,24 @@ def test_multimask_loss_trains_only_the_best_candidate() -> None:
     assert (grad[:, 0] == 0).all() and (grad[:, 2] == 0).all() and (grad[:, 1] > 0).all()
 
 
+def test_focal_weight_ramps_up_to_sams_ratio() -> None:
+    assert focal_ramp(0, 100) == 0.0
+    assert focal_ramp(50, 100) == pytest.approx(FOCAL_WEIGHT / 2)
+    assert focal_ramp(100, 100) == focal_ramp(10**6, 100) == FOCAL_WEIGHT == 20.0
+    assert focal_ramp(0, 0) == FOCAL_WEIGHT
+
+
+def test_per_object_focal_normalisation_weighs_small_objects_up() -> None:
+    targets = torch.zeros((1, 1, 64, 64))
+    targets[..., 30:33, 30:33] = 1.0  # 9 pixels
+    logits = torch.zeros((1, 1, 64, 64))
+    per_image = focal_loss(logits, targets)
+    per_object = focal_loss(logits, targets, window=16.0)
+    assert per_object.item() == pytest.approx(per_image.item() * 64 * 64 / (9 * 16), rel=1e-5)
+    large = torch.ones((1, 1, 64, 64))
+    assert focal_loss(logits, large, window=16.0).item() == pytest.approx(focal_loss(logits, large).item())
+
+
 def test_schedule_warms_up_then_decays() -> None:
     schedule = WarmupCosine(warmup=10, total=110, floor=0.1)
     assert schedule(0) == pytest.approx(0.1)
@@ -234,6 +271,22 @@ def test_micro_encoder_serves_the_predictor_on_any_image_shape(tiny_arch: str) -
     with torch.no_grad():
         low_res, scores = decode(model, embedding, prompts, multimask=True)
     assert low_res.shape == (1, 3, 16, 16) and scores.shape == (1, 3)
+
+
+def test_scenes_smaller_than_the_model_input_are_encoded_without_padding(tiny_arch: str) -> None:
+    model = build_sam(tiny_arch).eval()
+    scenes = torch.rand((2, 3, 32, 32)) * 255
+    with torch.no_grad():
+        corner = encode(model, scenes)
+        padded = model.image_encoder(model.preprocess(scenes))
+        assert corner.shape == (2, 256, 2, 2) and padded.shape == (2, 256, 4, 4)
+        prompts = Prompts(None, None, torch.tensor([[4.0, 4.0, 20.0, 24.0], [0.0, 0.0, 31.0, 31.0]]))
+        low_res, scores = decode(model, corner, prompts, multimask=False)
+    assert low_res.shape == (2, 1, 8, 8) and scores.shape == (2, 1)
+    assert upscale(model, low_res, 32).shape == (2, 1, 32, 32)
+    assert upscale(model, low_res, 32, out=16).shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match="do not fit"):
+        encode(model, torch.rand((1, 3, 40, 40)))
 
 
 # -- loop -----------------------------------------------------------------------------------------

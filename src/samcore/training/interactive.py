@@ -6,6 +6,12 @@ round adds one corrective click drawn from the error of the previous round's cho
 low-resolution logits back as `mask_input`. Rounds in between run without gradient; the
 first and the last round are trained (the loss is their mean), and no gradient flows
 through the fed-back masks.
+
+Scenes smaller than the model input are encoded without padding (`encode`): the embedding
+then covers only the top-left corner of the model input, and the decoder sees the matching
+corner of the positional encoding. It computes what the padded input would give for that
+corner, up to the global attention not seeing the padding, at a fraction of the cost: a
+512 px model trains on 256 px scenes four times faster.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch.nn.functional as F
 
 from ..modeling import Sam
 from .batches import Batch
-from .losses import FOCAL_WEIGHT, FOCAL_WINDOW, LossParts, mask_iou, sam_loss
+from .losses import FOCAL_WEIGHT, LossParts, mask_iou, sam_loss
 from .prompts import box_prompts, corrective_clicks, point_prompts
 
 
@@ -86,7 +92,22 @@ def decode(
     """
     points = None if prompts.coords is None else (prompts.coords, prompts.labels)
     sparse, dense = model.prompt_encoder(points, prompts.boxes, prompts.mask_input)
-    return model.mask_decoder(embeddings, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
+    height, width = embeddings.shape[-2:]
+    image_pe = model.prompt_encoder.get_dense_pe()[..., :height, :width]
+    return model.mask_decoder(embeddings, image_pe, sparse, dense[..., :height, :width], multimask)
+
+
+def encode(model: Sam, images: torch.Tensor) -> torch.Tensor:
+    """Embed (B, 3, s, s) 0-255 scenes placed top-left in the model input, without padding.
+
+    Returns:
+        (B, 256, h, w): the corner of the model's embedding grid the scenes cover.
+    """
+    size = images.shape[-1]
+    stride = model.img_size // model.prompt_encoder.image_embedding_size[0]
+    if size > model.img_size or size % stride:
+        raise ValueError(f"Scenes of {size} px do not fit a {model.img_size} px model in steps of {stride} px.")
+    return model.image_encoder((images - model.pixel_mean) / model.pixel_std)
 
 
 def upscale(model: Sam, low_res: torch.Tensor, size: int, out: int | None = None) -> torch.Tensor:
@@ -94,16 +115,18 @@ def upscale(model: Sam, low_res: torch.Tensor, size: int, out: int | None = None
 
     Args:
         model: The SAM model.
-        low_res: (N, C, 4h, 4w) logits of the padded model input.
+        low_res: (N, C, 4h, 4w) logits of the top-left corner of the model input that the
+            embedding covered (the whole input, or the scene when encoded unpadded).
         size: Side of the scene in pixels (the top-left part of the model input).
-        out: Side of the result (default `size`); the model input must scale to it by an
-            integer ratio (img_size * out / size whole).
+        out: Side of the result (default `size`); the covered input must scale to it by an
+            integer ratio (covered * out / size whole).
 
     Returns:
         (N, C, out, out) logits, as bilinear interpolation to the scene would give them.
     """
     out = size if out is None else out
-    full = model.img_size * out / size
+    per_pixel = model.img_size / (4 * model.prompt_encoder.image_embedding_size[0])
+    full = low_res.shape[-1] * per_pixel * out / size
     if not full.is_integer():
         raise ValueError(
             f"Logits cannot be scaled to {out} px for a {size} px scene on a {model.img_size} px model."
@@ -127,7 +150,7 @@ def interactive_step(
     corrective: int,
     generator: torch.Generator,
     loss_size: int | None = None,
-    focal_window: float | None = FOCAL_WINDOW,
+    focal_window: float | None = None,
     focal_weight: float = FOCAL_WEIGHT,
 ) -> StepOutput:
     """Forward pass of one training step with `corrective` corrective-click rounds.
@@ -149,7 +172,7 @@ def interactive_step(
     """
     size = batch.masks.shape[-1]
     loss_size = size if loss_size is None else loss_size
-    features = model.image_encoder(model.preprocess(batch.images))
+    features = encode(model, batch.images)
     embeddings = features[batch.image_index]
     targets = area_targets(batch.masks, loss_size)
     truth = targets[:, 0] > 0.5
@@ -188,7 +211,7 @@ def evaluate_prompts(model: Sam, batch: Batch, generator: torch.Generator) -> di
         "box" and "point" (N,) IoUs, and "point_oracle" (N,), the best candidate's IoU.
     """
     size = batch.masks.shape[-1]
-    embeddings = model.image_encoder(model.preprocess(batch.images))[batch.image_index]
+    embeddings = encode(model, batch.images)[batch.image_index]
     targets = batch.masks[:, None]
     out = {}
     for name, use_box in (("box", True), ("point", False)):

@@ -1,12 +1,13 @@
 """SAM's training losses: focal + dice on masks (20:1), MSE on the predicted IoU.
 
-Two changes for training from scratch on microscopy:
+Two options for training from scratch on microscopy:
 
-* the focal loss is normalised per object instead of per image (see `focal_loss`), as nuclei
-  may cover 0.05 % of a scene where SAM's objects cover percents;
-* its weight can be ramped up from 0 (see `focal_ramp`): a randomly initialised model first
-  learns to predict nothing anywhere under a focal-dominated loss and stays there for hundreds
-  of steps, while the dice loss alone gets it to segment within tens of steps.
+* the focal weight can be ramped up from 0 (see `focal_ramp`): a randomly initialised model
+  first learns to predict nothing anywhere under a focal-dominated loss and stays there for
+  hundreds of steps, while the dice loss alone gets it to segment within tens of steps;
+* the focal loss can be normalised per object instead of per image (`focal_loss(window=...)`),
+  as nuclei may cover 0.05 % of a scene where SAM's objects cover percents. Off by default:
+  it makes the focal term dominate again for small objects.
 
 With multimask output (an ambiguous single click), only the best of the candidate masks (the
 one with the lowest mask loss) is trained to match the object, so the candidates can specialise
@@ -24,7 +25,6 @@ import torch.nn.functional as F
 FOCAL_WEIGHT = 20.0
 DICE_WEIGHT = 1.0
 IOU_WEIGHT = 1.0
-FOCAL_WINDOW = 16.0  # focal loss normalised over 16x the object's area (see focal_loss)
 
 
 @dataclass(frozen=True)
@@ -58,15 +58,14 @@ def focal_loss(
     targets: torch.Tensor,
     alpha: float = 0.25,
     gamma: float = 2.0,
-    window: float | None = FOCAL_WINDOW,
+    window: float | None = None,
 ) -> torch.Tensor:
-    """Sigmoid focal loss, summed over pixels and normalised per object.
+    """Sigmoid focal loss, averaged over the image (SAM) or normalised per object.
 
-    SAM averages over the whole image, which suits objects covering a good part of it. Here
-    the sum is divided by `window` times the object's area (at most the image size), i.e. the
-    average over a window around the object `window` times its size: the same as SAM's for
-    large objects, while a 10-pixel nucleus is not drowned by 65 000 background pixels. False
-    positives anywhere in the image still count.
+    With `window`, the pixel sum is divided by `window` times the object's area (at most the
+    image size): the average over a window around the object `window` times its size. That
+    equals SAM's average for large objects, while a 10-pixel nucleus is not drowned by 65 000
+    background pixels; false positives anywhere in the image still count.
 
     Args:
         logits: (N, C, H, W) mask logits.
@@ -134,7 +133,7 @@ def sam_loss(
     logits: torch.Tensor,
     iou_pred: torch.Tensor,
     targets: torch.Tensor,
-    focal_window: float | None = FOCAL_WINDOW,
+    focal_window: float | None = None,
     focal_weight: float = FOCAL_WEIGHT,
 ) -> LossParts:
     """Loss of one prompting round.

@@ -21,6 +21,8 @@ class TrainSettings:
             0 for the scene size.
         focal_window: The focal loss is normalised over this many times each object's area
             (0: over the whole image, as SAM does).
+        corrective_from: First step with corrective-click rounds; before it only the initial
+            prompt is trained (fed-back masks of an untrained model teach it to copy them).
         zoom_ramp: Steps of the object-size curriculum (`batches.scene_zoom`); 0 for none.
         focal_ramp: Steps over which the focal weight rises from 0 to SAM's 20 (0: 20 at once).
         scenes: Scenes per step.
@@ -42,9 +44,10 @@ class TrainSettings:
     total_steps: int = 0
     size: int = 512
     loss_size: int = 256
-    focal_window: float = 16.0
+    focal_window: float = 0.0
     focal_ramp: int = 1000
     zoom_ramp: int = 1500
+    corrective_from: int = 500
     scenes: int = 2
     objects: int = 8
     max_corrective: int = 3

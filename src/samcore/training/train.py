@@ -191,7 +191,7 @@ class _Loop:
         seed = self.settings.seed
         choices = np.random.default_rng([seed, step, 2])
         use_box = bool(choices.random() < self.settings.box_fraction)
-        most = self.settings.max_corrective
+        most = self.settings.max_corrective if step >= self.settings.corrective_from else 0
         corrective = int(choices.integers(1, most + 1)) if most else 0
         generator = torch.Generator(device=self.device).manual_seed(prompt_seed(seed, step))
         self.model.train()
@@ -361,6 +361,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scenes", type=int, default=defaults.scenes, help="scenes per step")
     parser.add_argument("--objects", type=int, default=defaults.objects, help="objects per scene")
     parser.add_argument("--max-corrective", type=int, default=defaults.max_corrective)
+    parser.add_argument("--corrective-from", type=int, default=defaults.corrective_from)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--save-every", type=int, default=defaults.save_every)
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = TrainSettings(
             arch=args.arch, seed=args.seed, total_steps=args.steps, size=args.size, loss_size=args.loss_size,
             focal_ramp=args.focal_ramp, zoom_ramp=args.zoom_ramp, scenes=args.scenes, objects=args.objects,
-            max_corrective=args.max_corrective, lr=args.lr, warmup=args.warmup,
+            max_corrective=args.max_corrective, corrective_from=args.corrective_from, lr=args.lr, warmup=args.warmup,
             save_every=args.save_every, log_every=args.log_every, eval_every=args.eval_every,
         )
         result = train(settings, args.out, resume=args.resume, minutes=args.minutes, device=args.device,
