@@ -1,4 +1,4 @@
-"""The `napari-sam` command line: list models and segment images without napari.
+"""The `napari-sam` command line: list models, precompute embeddings and segment images without napari.
 
 Coordinates on the command line follow napari and the files it writes: rows before columns,
 i.e. `--point Y X` and `--box Y0 X0 Y1 X1`, with `--slice Z` picking a slice of a (Z, Y, X) stack.
@@ -19,6 +19,18 @@ EXAMPLES = """examples:
   napari-sam segment cells.tif --box 40 60 120 150 -o cell.tif --model vit_b_lm
   napari-sam segment stack.tif --slice 12 --point 80 95 --negative 70 120 -o nucleus.tif
   napari-sam segment --sample nuclei --box 40 40 120 120 -o nucleus.tif --model vit_b
+  napari-sam segment stack.tif --prompts nuclei.json --propagate -o labels.tif
+  napari-sam embed stack.tif --cache-dir embeddings/
+  napari-sam auto stack.tif -o stack_labels.tif --cache-dir embeddings/
+"""
+
+BATCH_EXAMPLES = """examples:
+  napari-sam embed stack.tif --cache-dir emb/         # the widget finds them with the same cache folder
+  napari-sam embed stacks/ --cache-dir emb/           # every .tif/.tiff of a folder
+  napari-sam auto cells.tif -o cells_labels.tif
+  napari-sam auto stacks/ -o labels/ --cache-dir emb/ # resumes where an interrupted run stopped
+  napari-sam auto stack.tif --store stack.zarr --points-per-side 16 --min-area 50
+  napari-sam auto stacks/ -o labels/ --cache-dir /shared/emb --scheduler tcp://10.0.0.5:8786
 """
 
 
@@ -58,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
     segment = commands.add_parser(
         "segment",
-        help="segment one object of a 2D image (or one slice of a stack) from points and a box",
+        help="segment an object of an image or slice from points and a box, or many from a prompts file",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -71,9 +83,54 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("--negative", nargs=2, type=float, action="append", default=[], metavar=("Y", "X"),
                          help="a click on background to exclude (repeatable)")
     segment.add_argument("--box", nargs=4, type=float, metavar=("Y0", "X0", "Y1", "X1"), help="a box around the object")
-    segment.add_argument("-o", "--output", type=Path, required=True, help="labels TIFF to write (same YX shape)")
+    segment.add_argument("--prompts", type=Path, metavar="PROMPTS.json",
+                         help='objects to segment, as JSON: {"objects": [{"id": 1, "points": [[z, y, x]], '
+                              '"negative": [[z, y, x]], "boxes": [[[z, y0, x0], [z, y1, x1]]]}]}; '
+                              "writes labels of the image's shape")
+    segment.add_argument("--propagate", action="store_true",
+                         help="with --prompts: extend each object up and down the stack from its prompted slices")
+    segment.add_argument("--mode", help="with --propagate: how each slice is prompted: box+mask, box or points")
+    segment.add_argument("--z-range", nargs=2, type=int, metavar=("FIRST", "LAST"),
+                         help="with --propagate: the slices it may fill (inclusive)")
+    segment.add_argument("-o", "--output", type=Path, required=True,
+                         help="labels TIFF to write (the image's shape; the slice's with --slice)")
     _model_options(segment)
     segment.set_defaults(run=_run_segment)
+
+    embed = _batch_parser(commands, "embed", "precompute the embeddings of TIFF stacks into zarr stores")
+    embed.set_defaults(run=_run_embed)
+
+    auto = _batch_parser(commands, "auto", "segment every object of TIFF images or stacks, without prompts")
+    option = auto.add_argument
+    option("-o", "--output", type=Path,
+           help="labels TIFF for one input, or a folder; default: NAME_labels.tif beside each input")
+    option("--overwrite", action="store_true", help="redo inputs whose labels file exists")
+    option("--points-per-side", type=int, help="point grid along each side (default 32)")
+    option("--points-per-batch", type=int, help="points decoded at once (default 64)")
+    option("--min-iou", type=float, dest="min_predicted_iou", help="least predicted IoU (default 0.88)")
+    option("--min-stability", type=float, help="least stability score (default 0.95)")
+    option("--min-area", type=int, help="smaller holes and islands are removed (default 25 pixels)")
+    option("--crop-layers", type=int, help="extra layers of 2x2, 4x4... crops for small objects (default 0)")
+    option("--link-overlap", type=float, default=0.5,
+           help="3D: least overlap, as a fraction of the smaller object, to link objects of adjacent slices "
+                "(default 0.5)")
+    auto.set_defaults(run=_run_auto)
+    return parser
+
+
+def _batch_parser(commands, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand on one TIFF file or a folder of them, with store, cluster and model options."""
+    parser = commands.add_parser(
+        name, help=summary, description=summary + ".", epilog=BATCH_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", type=Path, help="a TIFF file (YX, YXC, ZYX) or a folder of them")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="folder of embedding stores, one per input, named as the widget names them")
+    parser.add_argument("--store", type=Path, help="the zarr folder of one input's embeddings")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="Dask scheduler to spread slices over its workers (stores on a shared disk)")
+    _model_options(parser)
     return parser
 
 
@@ -112,6 +169,10 @@ def _run_segment(args: argparse.Namespace) -> int:
     from .loading import load_model
     from .predictor import Predictor
 
+    if args.prompts is not None:
+        return _run_prompts(args)
+    if args.propagate or args.mode or args.z_range:
+        raise ValueError("--propagate, --mode and --z-range work on the objects of a --prompts file.")
     image = _read_slice(args)
     if not (args.point or args.negative or args.box):
         raise ValueError("Give at least one prompt: --point Y X, --negative Y X or --box Y0 X0 Y1 X1.")
@@ -141,6 +202,109 @@ def _run_segment(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _run_prompts(args: argparse.Namespace) -> int:
+    import tifffile
+
+    from .embeddings import StackView
+    from .key_slices import segment_key_slices
+    from .loading import load_model
+    from .predictor import Predictor
+    from .progress import run
+    from .prompts_file import read_prompts
+    from .propagation import PropagationSettings, check_z_range, propagate_iter
+    from .slice_decoder import StackDecoder
+
+    if args.slice is not None or args.point or args.negative or args.box:
+        raise ValueError("--prompts replaces --slice, --point, --negative and --box: put every prompt in the file.")
+    image = _read_slice(args)
+    rgb = image.ndim == 4 or (image.ndim == 3 and image.shape[-1] in (3, 4))
+    view = StackView.of(image, rgb=rgb)
+    objects = read_prompts(args.prompts, image.shape[:-1] if rgb else image.shape)
+    z_range = None if args.z_range is None else check_z_range(args.z_range, view.n_slices)
+    settings = PropagationSettings(**({"mode": args.mode} if args.mode else {}), z_range=z_range)
+    predictor = Predictor(load_model(args.model, args.checkpoint, args.device), precision=args.precision)
+    decoder = StackDecoder(predictor, view)
+    labels = segment_key_slices(decoder, objects)
+    found = [o.object_id for o in objects if (labels == o.object_id).any()]
+    for object_id in sorted({o.object_id for o in objects} - set(found)):
+        print(f"napari-sam: object {object_id}: its prompts gave an empty mask; it is left out.", file=sys.stderr)
+    if args.propagate and found:
+        labels = run(propagate_iter(decoder, labels, found, settings)).labels
+    labels = labels.reshape(image.shape[:-1] if rgb else image.shape)  # a 2D image stays 2D
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(args.output, labels, compression="zlib")
+    for object_id in found:
+        slices = np.flatnonzero((labels.reshape(view.data.shape[:3]) == object_id).any(axis=(1, 2)))
+        print(f"object {object_id}: slices {slices[0]} to {slices[-1]}", file=sys.stderr)
+    print(f"wrote {args.output}: {len(found)} objects, shape {labels.shape}", file=sys.stderr)
+    return 0
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from . import batch
+
+    if args.cache_dir is None and args.store is None:
+        raise ValueError("Say where embeddings go: --cache-dir DIR or --store FOLDER.zarr.")
+    files, predictor, model_id, client = _batch_setup(args)
+    try:
+        for path in files:
+            job = batch.embed_file(path, predictor, model_id, args.cache_dir, args.store, client)
+            folder, computed = batch.with_progress_bar(job, path.name)
+            print(f"{folder}: {computed} slices computed", file=sys.stderr)
+    finally:
+        if client is not None:
+            client.close()
+    return 0
+
+
+def _run_auto(args: argparse.Namespace) -> int:
+    from . import batch
+    from .automatic import AutoSettings
+
+    names = ("points_per_side", "points_per_batch", "min_predicted_iou", "min_stability", "min_area")
+    given = {name: getattr(args, name) for name in (*names, "crop_layers") if getattr(args, name) is not None}
+    settings = AutoSettings(**given)
+    files, predictor, model_id, client = _batch_setup(args)
+    try:
+        for path in files:
+            output = batch.labels_path(path, args.output, len(files) > 1 or args.input.is_dir())
+            if output.exists() and not args.overwrite:
+                print(f"{output} exists: skipped (--overwrite to redo it)", file=sys.stderr)
+                continue
+            job = batch.auto_file(path, output, predictor, model_id, settings, args.link_overlap,
+                                  args.cache_dir, args.store, client)
+            count = batch.with_progress_bar(job, path.name)
+            print(f"wrote {output}: {count} objects", file=sys.stderr)
+    finally:
+        if client is not None:
+            client.close()
+    return 0
+
+
+def _batch_setup(args: argparse.Namespace) -> tuple[list[Path], object, str, object]:
+    """The input files, a predictor, its model's key and a Dask client (None without --scheduler)."""
+    from .batch import input_files
+    from .embeddings import model_key
+    from .loading import load_model
+    from .predictor import Predictor
+
+    files = input_files(args.input)
+    if args.store is not None and args.cache_dir is not None:
+        raise ValueError("Give --store (one input's store) or --cache-dir (a folder of stores), not both.")
+    if args.store is not None and args.input.is_dir():
+        raise ValueError("--store names the store of one input file; for a folder of inputs use --cache-dir.")
+    model = load_model(args.model, args.checkpoint, args.device)
+    predictor = Predictor(model, precision=args.precision)
+    print(f"model {model.architecture or 'custom'} on {predictor.device} ({predictor.precision})",
+          file=sys.stderr)
+    client = None
+    if args.scheduler:
+        from .distributed import connect
+
+        client = connect(args.scheduler)
+    return files, predictor, model_key(model), client
 
 
 def _read_slice(args: argparse.Namespace) -> np.ndarray:

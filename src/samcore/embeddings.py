@@ -3,11 +3,19 @@
 A store belongs to one stack, one model and one preprocessing. Its key (`stack_key`) is a hash of
 all three, so an embedding made for other data or by another model is never used: opening a disk
 store with another key raises an error instead.
+
+Embeddings are kept in float16 by default, on disk and in memory alike, so that an embedding read
+back from disk is the one that was used when it was computed (masks from float16 and float32
+embeddings agree to within a few boundary pixels: tests/core/test_embeddings.py and
+benchmarks/bench_automatic.py measure it). A disk store can hold only the last few slices in memory
+(`cache_slices`), so a whole stack of embeddings is never in RAM.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .predictor import ImageEmbedding, Predictor
-from .preprocess import percentile_range, to_rgb_uint8
+from .predictor import ImageEmbedding, Predictor, resized_shape
+from .preprocess import MAX_PERCENTILE_PIXELS, percentile_range, to_rgb_uint8
 
 FORMAT_VERSION = 1
+STORE_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,7 @@ class StackView:
                 f"The image has {spatial} spatial dimensions (shape {data.shape}); SAM works on 2D images "
                 "and 3D (Z, Y, X) stacks. Select a single time point or channel first."
             )
-        value_range = None if data.dtype == np.uint8 else percentile_range(data)
+        value_range = None if data.dtype == np.uint8 else percentile_range(contrast_sample(data))
         return cls(data, rgb, value_range)
 
     @property
@@ -59,6 +68,18 @@ class StackView:
     def rgb_slice(self, z: int) -> np.ndarray:
         """Slice z as SAM's (Y, X, 3) uint8 input."""
         return to_rgb_uint8(np.asarray(self.data[z]), value_range=self.value_range)
+
+
+def contrast_sample(stack: np.ndarray) -> np.ndarray:
+    """The (Z, Y, X[, C]) stack, or a regular grid of at most `MAX_PERCENTILE_PIXELS` of its voxels.
+
+    The grid takes every n-th slice, row and column (the smallest n that is enough), so the intensity
+    range of a long stack is found without a float64 copy of it (8 bytes per voxel).
+    """
+    step = 1
+    while math.prod(math.ceil(n / step) for n in stack.shape[:3]) > MAX_PERCENTILE_PIXELS:
+        step += 1
+    return stack if step == 1 else np.asarray(stack[::step, ::step, ::step])
 
 
 def model_key(model: torch.nn.Module) -> str:
@@ -79,6 +100,22 @@ def stack_key(view: StackView, model_id: str) -> str:
     return digest.hexdigest()
 
 
+def as_stored(embedding: ImageEmbedding, dtype: str = "float16") -> ImageEmbedding:
+    """The embedding as a store of `dtype` keeps it: values rounded to `dtype`, held in float32."""
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"Embeddings are stored as {' or '.join(STORE_DTYPES)}, not {dtype!r}.")
+    features = embedding.features.detach()
+    if dtype == "float16":
+        features = features.to(torch.float16)
+    return ImageEmbedding(features.float(), embedding.original_size, embedding.input_size)
+
+
+def store_path(folder: str | Path, name: str, key: str) -> Path:
+    """The store of the stack `name` (a layer's name, a file's stem) in `folder`, as the widget and
+    `napari-sam embed` name it."""
+    return Path(folder) / f"{name}-{key[:12]}.zarr"
+
+
 class EmbeddingStore:
     """Embeddings of the slices of one stack by one model, in memory and optionally in a zarr folder.
 
@@ -87,13 +124,35 @@ class EmbeddingStore:
         n_slices: Number of slices Z.
         path: A zarr folder to keep the embeddings in across sessions; created if missing, reused
             if it was made for the same key, refused otherwise.
+        dtype: "float16" (default) or "float32": the precision embeddings are kept in. An existing
+            folder keeps the precision it was made with.
+        cache_slices: With a folder, how many slices to keep in memory as well (the most recently
+            used); None keeps every slice.
+        create: Create the folder if it is missing; False raises FileNotFoundError instead (a Dask
+            worker that does not see the client's folder must not start a store of its own).
     """
 
-    def __init__(self, key: str, n_slices: int, path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        key: str,
+        n_slices: int,
+        path: str | Path | None = None,
+        dtype: str = "float16",
+        cache_slices: int | None = None,
+        create: bool = True,
+    ) -> None:
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"Embeddings are stored as {' or '.join(STORE_DTYPES)}, not {dtype!r}.")
+        if cache_slices is not None and (path is None or cache_slices < 0):
+            raise ValueError("cache_slices bounds the memory of a store with a folder: give a path and 0 or more.")
         self.key = key
         self.n_slices = n_slices
-        self._memory: dict[int, ImageEmbedding] = {}
-        self._group = None if path is None else self._open(Path(path))
+        self.path = None if path is None else Path(path)
+        self.cache_slices = cache_slices
+        self._memory: OrderedDict[int, ImageEmbedding] = OrderedDict()
+        self._group = None if path is None else self._open(Path(path), create)
+        on_disk = self._group is not None and "features" in self._group
+        self.dtype = str(self._group["features"].dtype) if on_disk else dtype
 
     def __contains__(self, z: int) -> bool:
         if z in self._memory:
@@ -101,41 +160,86 @@ class EmbeddingStore:
         return self._group is not None and bool(self._group["done"][z])
 
     def __len__(self) -> int:
-        return sum(z in self for z in range(self.n_slices))
+        if self._group is None:
+            return len(self._memory)
+        return int(np.count_nonzero(self._group["done"][:]))
 
     def get(self, z: int) -> ImageEmbedding | None:
         """The embedding of slice z, or None if it has not been computed."""
         self._check_index(z)
         if z in self._memory:
+            self._memory.move_to_end(z)
             return self._memory[z]
         if self._group is None or not self._group["done"][z]:
             return None
         attrs = self._group.attrs
         features = torch.from_numpy(np.asarray(self._group["features"][z])).float()[None]
         embedding = ImageEmbedding(features, tuple(attrs["original_size"]), tuple(attrs["input_size"]))
-        self._memory[z] = embedding
-        return embedding
+        return self._remember(z, embedding)
 
-    def put(self, z: int, embedding: ImageEmbedding) -> None:
-        """Keep the embedding of slice z (and write it to disk if the store has a folder)."""
+    def put(self, z: int, embedding: ImageEmbedding, done: bool = True) -> ImageEmbedding:
+        """Keep the embedding of slice z (and write it to disk if the store has a folder).
+
+        Args:
+            z: Slice index.
+            embedding: The embedding, of any precision.
+            done: Mark the slice complete on disk. Dask workers write features only (done=False)
+                and the client marks them (`mark_done`), so that one writer owns the flags.
+
+        Returns:
+            The embedding as stored (see `as_stored`).
+        """
         self._check_index(z)
-        self._memory[z] = embedding
+        stored = as_stored(embedding, self.dtype)
         if self._group is not None:
-            self._write(z, embedding)
+            self._write(z, stored, done)
+        return self._remember(z, stored)
+
+    def mark_done(self, z: int) -> None:
+        """Record that slice z's features on disk are complete."""
+        self._check_index(z)
+        if self._group is not None:
+            self._group["done"][z] = True
+
+    def allocate(
+        self, features_shape: tuple[int, ...], original_size: tuple[int, int], input_size: tuple[int, int]
+    ) -> None:
+        """Create the on-disk features array (done once, before several writers share the folder)."""
+        if self._group is None or "features" in self._group:
+            return
+        self._group.attrs.update({"original_size": list(original_size), "input_size": list(input_size)})
+        self._group.create_array(
+            "features", shape=(self.n_slices, *features_shape), chunks=(1, *features_shape), dtype=self.dtype
+        )
 
     def missing(self, order: Iterable[int]) -> list[int]:
         """The slices of `order` that have no embedding yet, in that order."""
-        return [z for z in order if z not in self]
+        done = None if self._group is None else self._group["done"][:]
+        return [z for z in order if z not in self._memory and (done is None or not done[z])]
+
+    def _remember(self, z: int, embedding: ImageEmbedding) -> ImageEmbedding:
+        self._memory[z] = embedding
+        self._memory.move_to_end(z)
+        while self.cache_slices is not None and len(self._memory) > self.cache_slices:
+            self._memory.popitem(last=False)
+        return embedding
 
     def _check_index(self, z: int) -> None:
         if not 0 <= z < self.n_slices:
             raise IndexError(f"Slice {z} is outside the stack's {self.n_slices} slices.")
 
-    def _open(self, path: Path):
+    def _open(self, path: Path, create: bool):
         import zarr
 
+        if not path.exists() and not create:
+            raise FileNotFoundError(
+                f"The embedding store {path} is not here: on a cluster, put it on a disk every worker shares."
+            )
         if path.exists():
-            group = zarr.open_group(str(path), mode="a")
+            try:
+                group = zarr.open_group(str(path), mode="r+")
+            except (ValueError, OSError) as error:  # nothing is written into a folder that is no store
+                raise ValueError(f"{path} is not an embedding store; choose another folder.") from error
             found = group.attrs.get("key")
             if found != self.key:
                 raise ValueError(
@@ -148,17 +252,20 @@ class EmbeddingStore:
         group.create_array("done", shape=(self.n_slices,), chunks=(self.n_slices,), dtype="bool", fill_value=False)
         return group
 
-    def _write(self, z: int, embedding: ImageEmbedding) -> None:
-        features = embedding.features[0].detach().float().cpu().numpy()
-        if "features" not in self._group:
-            self._group.attrs.update(
-                {"original_size": list(embedding.original_size), "input_size": list(embedding.input_size)}
-            )
-            self._group.create_array(
-                "features", shape=(self.n_slices, *features.shape), chunks=(1, *features.shape), dtype="float32"
-            )
-        self._group["features"][z] = features
-        self._group["done"][z] = True  # written after the features: an interrupted write is recomputed
+    def _write(self, z: int, embedding: ImageEmbedding, done: bool) -> None:
+        features = embedding.features[0].detach().cpu().numpy()
+        self.allocate(features.shape, embedding.original_size, embedding.input_size)
+        self._group["features"][z] = features.astype(self.dtype)
+        if done:  # written after the features: an interrupted write is recomputed
+            self._group["done"][z] = True
+
+
+def embedding_geometry(
+    model: torch.nn.Module, original_size: tuple[int, int]
+) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """The (C, h, w) features shape and the model-input (h', w') of an image of `original_size` (H, W)."""
+    features = (model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size)
+    return features, resized_shape(*original_size, model.img_size)
 
 
 def nearest_first(center: int, n_slices: int) -> list[int]:

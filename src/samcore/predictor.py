@@ -188,19 +188,37 @@ class Predictor:
             masks (B, C, H, W), scores (B, C), low-resolution logits (B, C, 256, 256).
         """
         embedding = self._current()
+        low_res, scores = self.predict_low_res(point_coords, point_labels, boxes, mask_input, multimask_output)
+        with torch.inference_mode():
+            masks = upscale_logits(low_res, self.model.img_size, embedding.input_size, embedding.original_size)
+            if not return_logits:
+                masks = masks > self.model.mask_threshold
+        return masks, scores, low_res
+
+    def predict_low_res(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `predict_torch`, without upscaling: for callers that keep only a few of many masks.
+
+        Returns:
+            low-resolution logits (B, C, 256, 256) and scores (B, C); `upscale_logits` maps kept
+            logits to the original image.
+        """
+        embedding = self._current()
         points = None if point_coords is None else (point_coords, point_labels)
         with torch.inference_mode():
             sparse, dense = self.model.prompt_encoder(points, boxes, mask_input)
             constants, context = self._decoding(embedding)
             if mask_input is None:
-                low_res, scores = decode_prompts(context, sparse, multimask_output)
-            else:  # a mask input changes the image tokens: no per-image context applies
-                decoder, features = self.model.mask_decoder, embedding.features
-                low_res, scores = decode_masks(decoder, features, None, sparse, dense, multimask_output, constants)
-            masks = upscale_logits(low_res, self.model.img_size, embedding.input_size, embedding.original_size)
-            if not return_logits:
-                masks = masks > self.model.mask_threshold
-        return masks, scores, low_res
+                return decode_prompts(context, sparse, multimask_output)
+            # A mask input changes the image tokens: no per-image context applies.
+            decoder, features = self.model.mask_decoder, embedding.features
+            return decode_masks(decoder, features, None, sparse, dense, multimask_output, constants)
 
     def transform_coords(self, coords: np.ndarray) -> np.ndarray:
         """Map (..., 2) XY original-image pixels to model-input pixels."""

@@ -58,3 +58,16 @@ def test_cache_of_other_data_or_model_is_refused(tmp_path, predictor, view):
     other_model = build_sam("vit_test")
     with pytest.raises(ValueError, match="other data or another model"):
         EmbeddingStore(stack_key(view, model_key(other_model)), view.n_slices, tmp_path / "cache.zarr")
+
+
+def test_contrast_of_a_long_stack_comes_from_a_bounded_sample():
+    from samcore.embeddings import contrast_sample
+    from samcore.preprocess import MAX_PERCENTILE_PIXELS
+
+    stack = np.random.default_rng(1).gamma(2.0, 300.0, size=(40, 300, 400)).astype(np.uint16)
+    sample = contrast_sample(stack)
+    assert sample.size <= MAX_PERCENTILE_PIXELS < stack.size
+    exact = np.percentile(stack, (1.0, 99.8))
+    np.testing.assert_allclose(StackView.of(stack).value_range, exact, rtol=0.02)
+    small = stack[:2]
+    assert contrast_sample(small) is small  # small stacks: every voxel, as before

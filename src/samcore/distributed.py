@@ -1,0 +1,173 @@
+"""Spread per-slice work over a Dask distributed cluster.
+
+The client sends the model to every worker once, then one task per slice with that slice's image
+(never the whole stack), a few tasks per worker thread at a time. Workers write embeddings into the
+shared zarr store; the client alone marks slices done, so no two processes write the same file.
+Each task runs the same function as the single-machine run (`samcore.jobs.slice_labels`), so the
+labels are identical to it when workers use the same device and precision as the client.
+
+Workers need samcore installed and, when a store is used, the store's folder at the same path (a
+shared file system). Point the command line at a cluster with `--scheduler ADDRESS`, or pass a
+`dask.distributed.Client` to the Python API.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .automatic import AutoSettings
+from .embeddings import EmbeddingStore, StackView, embedding_geometry
+from .predictor import Predictor
+from .progress import Job, Progress, run
+
+if TYPE_CHECKING:
+    from distributed import Client, Future
+
+StoreSpec = tuple[str, int, str, str]  # key, slices, folder, dtype: what a worker needs to open a store
+
+
+def connect(address: str) -> Client:
+    """A Dask client of the scheduler at `address` (e.g. "tcp://10.0.0.5:8786")."""
+    try:
+        from distributed import Client
+    except ImportError as error:
+        raise RuntimeError("Running on a cluster needs Dask: pip install 'napari-sam[cluster]'.") from error
+    return Client(address)
+
+
+def embed_on_cluster(
+    client: Client, predictor: Predictor, view: StackView, store: EmbeddingStore, slices: list[int]
+) -> Job[int]:
+    """Embed `slices` of the stack on the cluster's workers into the store's folder.
+
+    Returns:
+        The number of slices embedded.
+    """
+    _check_shared(store)
+    _prepare(store, predictor.model, view)
+    model = client.scatter(predictor.model, broadcast=True, hash=False)
+    args = (predictor.precision, _store_spec(store))
+
+    def submit(z: int) -> Future:
+        return client.submit(_embed_task, model, view.rgb_slice(z), z, *args, pure=False)
+
+    results = _stream(client, submit, slices)
+    try:
+        for done, (z, _) in enumerate(results, start=1):
+            store.mark_done(z)
+            yield Progress("embedding", done, len(slices), z)
+    finally:
+        results.close()  # cancels the tasks still queued when the caller stops
+    return len(slices)
+
+
+def segment_on_cluster(
+    client: Client,
+    predictor: Predictor,
+    view: StackView,
+    store: EmbeddingStore | None,
+    settings: AutoSettings,
+    labels: np.ndarray,
+) -> Job[None]:
+    """Automatic segmentation of every slice on the cluster's workers, into `labels` (Z, Y, X)."""
+    if store is not None:
+        _check_shared(store)
+        _prepare(store, predictor.model, view)
+    model = client.scatter(predictor.model, broadcast=True, hash=False)
+    spec = None if store is None else _store_spec(store)
+
+    def submit(z: int) -> Future:
+        return client.submit(
+            _segment_task, model, view.rgb_slice(z), z, predictor.precision, spec, settings, pure=False
+        )
+
+    results = _stream(client, submit, range(view.n_slices))
+    try:
+        for done, (z, (found, computed)) in enumerate(results, start=1):
+            labels[z] = found
+            if computed and store is not None:
+                store.mark_done(z)
+            yield Progress("slices", done, view.n_slices, z)
+    finally:
+        results.close()
+
+
+def _stream(
+    client: Client, submit: Callable[[int], Future], items: Iterable[int], per_thread: int = 2
+) -> Iterator[tuple[int, Any]]:
+    """Results of `submit(item)` as they complete, at most `per_thread` tasks per worker thread at a time.
+
+    Tasks still queued are cancelled when the caller stops early.
+    """
+    from distributed import as_completed
+
+    pending = iter(items)
+    running: dict[Future, int] = {}
+    queue = as_completed()
+
+    def start(item: int) -> None:
+        future = submit(item)
+        running[future] = item
+        queue.add(future)
+
+    try:
+        for item in itertools.islice(pending, max(1, per_thread * sum(client.nthreads().values()))):
+            start(item)
+        for future in queue:
+            item = running.pop(future)
+            result = future.result()
+            following = next(pending, None)
+            if following is not None:
+                start(following)
+            yield item, result
+    finally:
+        if running:
+            client.cancel(list(running))
+
+
+def _store_spec(store: EmbeddingStore) -> StoreSpec:
+    return store.key, store.n_slices, str(store.path), store.dtype
+
+
+def _open_spec(spec: StoreSpec | None) -> EmbeddingStore | None:
+    if spec is None:
+        return None
+    key, n_slices, path, dtype = spec
+    return EmbeddingStore(key, n_slices, path, dtype=dtype, cache_slices=0, create=False)
+
+
+def _check_shared(store: EmbeddingStore) -> None:
+    if store.path is None:
+        raise ValueError("Workers share embeddings through a folder: give the store a path on a shared disk.")
+
+
+def _prepare(store: EmbeddingStore, model: torch.nn.Module, view: StackView) -> None:
+    """Create the store's arrays before workers write into them."""
+    features_shape, input_size = embedding_geometry(model, tuple(view.data.shape[1:3]))
+    store.allocate(features_shape, tuple(view.data.shape[1:3]), input_size)
+
+
+def _embed_task(model: torch.nn.Module, rgb: np.ndarray, z: int, precision: str, spec: StoreSpec) -> int:
+    """Worker: embed one slice into the shared store, without marking it done."""
+    _open_spec(spec).put(z, Predictor(model, precision=precision).embed_rgb(rgb), done=False)
+    return z
+
+
+def _segment_task(
+    model: torch.nn.Module,
+    rgb: np.ndarray,
+    z: int,
+    precision: str,
+    spec: StoreSpec | None,
+    settings: AutoSettings,
+) -> tuple[np.ndarray, bool]:
+    """Worker: the labels of one slice, and whether its embedding was computed (not read from the store)."""
+    from .jobs import slice_labels
+
+    predictor = Predictor(model, precision=precision)
+    return run(slice_labels(predictor, rgb, z, _open_spec(spec), settings, done=False))

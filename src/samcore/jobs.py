@@ -1,0 +1,177 @@
+"""Whole-stack jobs: embed every slice into a store; segment every slice automatically and link them.
+
+Each is a job (`samcore.progress`): the napari plugin runs it in a thread with a progress bar and a
+cancel button, and `samcore.progress.run` drives it in scripts. With a Dask `client`, slices are
+spread over the cluster's workers (`samcore.distributed`), with the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .automatic import AutoSettings, segment_embedding
+from .embeddings import EmbeddingStore, StackView, as_stored, embed_slices, model_key, stack_key
+from .linking import link_slices
+from .predictor import ImageEmbedding, Predictor
+from .progress import Job, Progress, T, run
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+
+def embed_stack(
+    predictor: Predictor,
+    view: StackView,
+    store: EmbeddingStore,
+    order: Iterable[int] | None = None,
+    client: Client | None = None,
+) -> Job[int]:
+    """Compute the embeddings the store lacks, one step per slice.
+
+    Args:
+        predictor: Holds the model and precision.
+        view: The stack.
+        store: Where embeddings go; slices already there are not recomputed.
+        order: Slices to embed, in this order (default: all, first to last).
+        client: A `dask.distributed.Client` to embed on its workers (the store needs a shared folder).
+
+    Returns:
+        The number of slices computed.
+    """
+    missing = store.missing(range(view.n_slices) if order is None else order)
+    if client is not None:
+        from .distributed import embed_on_cluster
+
+        return (yield from embed_on_cluster(client, predictor, view, store, missing))
+    for done, z in enumerate(embed_slices(predictor, view, store, missing), start=1):
+        yield Progress("embedding", done, len(missing), z)
+    return len(missing)
+
+
+def slice_embedding(
+    predictor: Predictor, rgb: np.ndarray, z: int, store: EmbeddingStore | None = None, done: bool = True
+) -> tuple[ImageEmbedding, bool]:
+    """Slice z's embedding from the store, or computed (and stored) if missing.
+
+    Returns:
+        The embedding as stored (float16 values by default, with or without a store), and whether
+        it was computed.
+    """
+    embedding = None if store is None else store.get(z)
+    if embedding is not None:
+        return embedding, False
+    computed = predictor.embed_rgb(rgb)
+    return (as_stored(computed) if store is None else store.put(z, computed, done=done)), True
+
+
+def slice_labels(
+    predictor: Predictor,
+    rgb: np.ndarray,
+    z: int,
+    store: EmbeddingStore | None,
+    settings: AutoSettings,
+    done: bool = True,
+) -> Job[tuple[np.ndarray, bool]]:
+    """Automatic segmentation of slice z (its (Y, X, 3) uint8 image `rgb`), embedding it if needed.
+
+    Returns:
+        (Y, X) int32 labels and whether the embedding was computed.
+    """
+    embedding, computed = slice_embedding(predictor, rgb, z, store, done)
+    job = segment_embedding(predictor.model, embedding, rgb, settings, predictor.precision)
+    labels = yield from _at_slice(job, z)
+    return labels, computed
+
+
+def segment_stack(
+    predictor: Predictor,
+    view: StackView,
+    store: EmbeddingStore | None = None,
+    settings: AutoSettings | None = None,
+    link_overlap: float = 0.5,
+    client: Client | None = None,
+) -> Job[np.ndarray]:
+    """Automatic segmentation of every slice, linked into 3D objects (`samcore.linking`).
+
+    Args:
+        predictor: Holds the model and precision.
+        view: The stack.
+        store: Embeddings already computed are used, missing ones are computed and kept there.
+        settings: Automatic segmentation parameters.
+        link_overlap: Least fraction of the smaller of two objects on adjacent slices that their
+            overlap must cover for them to be one 3D object (see `samcore.linking`).
+        client: A `dask.distributed.Client` to segment slices on its workers.
+
+    Returns:
+        (Z, Y, X) int32 instance labels.
+    """
+    settings = settings or AutoSettings()
+    labels = np.zeros(view.data.shape[:3], np.int32)
+    if client is not None:
+        from .distributed import segment_on_cluster
+
+        yield from segment_on_cluster(client, predictor, view, store, settings, labels)
+    else:
+        for z in range(view.n_slices):
+            labels[z], _ = yield from slice_labels(predictor, view.rgb_slice(z), z, store, settings)
+            yield Progress("slices", z + 1, view.n_slices, z)
+    if view.n_slices == 1:
+        return labels
+    yield Progress("linking", 0, 1)
+    linked = link_slices(labels, link_overlap)
+    yield Progress("linking", 1, 1)
+    return linked
+
+
+def segment_everything(
+    image: np.ndarray,
+    model: torch.nn.Module,
+    rgb: bool = False,
+    settings: AutoSettings | None = None,
+    store: str | Path | None = None,
+    client: Client | None = None,
+    precision: str = "auto",
+    link_overlap: float = 0.5,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> np.ndarray:
+    """Automatic segmentation of a 2D image or a 3D stack, start to end.
+
+    Args:
+        image: (Y, X), (Y, X, C) RGB, (Z, Y, X) or (Z, Y, X, C) RGB; any numeric dtype.
+        model: A SAM model.
+        rgb: The last axis holds RGB channels.
+        settings: Automatic segmentation parameters.
+        store: A zarr folder for the embeddings: an interrupted run resumes from it, a store of
+            other data or another model is refused.
+        client: A `dask.distributed.Client` to work on its workers (with a store on a shared disk).
+        precision: Encoder precision.
+        link_overlap: Least fraction of the smaller of two objects on adjacent slices that their
+            overlap must cover for them to be one 3D object (see `samcore.linking`).
+        on_progress: Called with each `Progress` step.
+
+    Returns:
+        Instance labels with the image's spatial shape ((Y, X) or (Z, Y, X)), int32.
+    """
+    view = StackView.of(image, rgb=rgb)
+    predictor = Predictor(model, precision=precision)
+    disk = None
+    if store is not None:
+        disk = EmbeddingStore(stack_key(view, model_key(model)), view.n_slices, store, cache_slices=2)
+    labels = run(segment_stack(predictor, view, disk, settings, link_overlap, client), on_progress)
+    return labels[0] if np.ndim(image) - int(rgb) == 2 else labels
+
+
+def _at_slice(job: Job[T], z: int) -> Job[T]:
+    """The job's steps, marked as steps of slice z."""
+    while True:
+        try:
+            step = next(job)
+        except StopIteration as finished:
+            return finished.value
+        yield dataclasses.replace(step, z=z)

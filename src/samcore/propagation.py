@@ -1,0 +1,248 @@
+"""Propagate objects through a (Z, Y, X) stack, slice after slice, from their annotated slices.
+
+An object's *key slices* are the slices where it already has pixels in the labels (a committed
+object, a preview, or several annotations of the same object). From them the object is extended:
+
+* beyond its lowest and highest key slice, down and up, each slice prompted from the previous
+  slice's result (see `samcore.mask_prompts` for the prompting modes), until the object ends or
+  the z range does;
+* between two key slices a < b, from both ends in the same steps: the run from a fills the
+  lower half of the slices in between (the middle one too when their number is odd), the run
+  from b the upper half, and the two halves join in the middle. A run that stops early leaves
+  its remaining slices to the other run, which then goes on past the middle.
+
+The object ends (its run stops, and the slice where it stops stays empty) when the new mask is
+empty or smaller than `min_area` pixels, when the model's predicted IoU is below `min_score`, or
+when its IoU with the previous slice's mask is below `min_iou`.
+
+Overlaps: a propagated mask only fills pixels that are background when its slice is decided, so
+existing objects, and pixels an earlier step of the run gave to another object, are never
+overwritten. Objects decided in the same step on the same slice (one batch of the decoder) share
+contested pixels by the higher mask logit.
+
+Long work is the generator `propagate_iter`, which yields a `PropagationProgress` after every
+embedding computed and every slice decided (with the pixels it wrote, so a viewer can show them as
+they come) and honours a cancel event between steps; closing the generator stops it too.
+`propagate` runs it to the end.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+
+from .embeddings import EmbeddingStore, StackView
+from .predictor import Predictor
+from .progress import Progress, run
+from .propagation_runs import Chain, PropagationSettings, Run, Stop, decide_slice, iou, plan_runs, start_chains
+from .slice_decoder import SliceDecoder, StackDecoder
+
+__all__ = [
+    "PropagationProgress", "PropagationResult", "PropagationSettings", "Run", "Stop",
+    "check_z_range", "iou", "plan_runs", "propagate", "propagate_iter",
+]
+
+
+@dataclass(frozen=True)
+class PropagationProgress(Progress):
+    """One step of a propagation: stage "embedding" (slice z's embedding was computed) or
+    "propagation" (slice z was decided); `done` counts the object-slices decided so far, `total`
+    adds those the running runs may still fill.
+
+    Attributes:
+        written: Object id -> (Y, X) bool pixels of slice z newly given to that object.
+        stops: Runs that ended at this step.
+    """
+
+    written: Mapping[int, np.ndarray] = field(default_factory=dict)
+    stops: tuple[Stop, ...] = ()
+
+
+@dataclass(frozen=True)
+class PropagationResult:
+    """The outcome of a propagation.
+
+    Attributes:
+        labels: (Z, Y, X) the input labels plus every propagated pixel (a new array).
+        filled: Object id -> the slices this run filled, sorted.
+        stops: Where runs ended before their limit.
+        cancelled: The run was cancelled; what was filled until then is kept.
+    """
+
+    labels: np.ndarray
+    filled: Mapping[int, tuple[int, ...]]
+    stops: tuple[Stop, ...]
+    cancelled: bool
+
+
+def propagate_iter(
+    decoder: SliceDecoder,
+    labels: np.ndarray,
+    object_ids: Iterable[int] | None = None,
+    settings: PropagationSettings | None = None,
+    cancel: threading.Event | None = None,
+) -> Generator[PropagationProgress, None, PropagationResult]:
+    """Propagate objects through the stack, one step at a time.
+
+    Args:
+        decoder: The model on the stack (a `StackDecoder`, or any `SliceDecoder`).
+        labels: (Z, Y, X) integer labels of the stack; every slice where an object has pixels is one
+            of its key slices. Not modified.
+        object_ids: The objects to propagate; default every object in `labels`.
+        settings: Mode and stop rules; default `PropagationSettings()`.
+        cancel: Set it to stop after the current step; the result keeps what was filled.
+
+    Yields:
+        A `PropagationProgress` after each embedding computed and each slice decided.
+
+    Returns:
+        The `PropagationResult` (the generator's return value; `samcore.progress.run` drives the
+        generator to its end and returns it).
+
+    Raises:
+        ValueError, TypeError: Labels, object ids or settings that do not fit the stack; raised by
+            this call, before any step.
+    """
+    settings = settings or PropagationSettings()
+    labels = _check_labels(labels, decoder.shape)
+    z_range = check_z_range(settings.z_range, labels.shape[0])
+    ids = _object_ids(labels, object_ids)
+    chains = start_chains(decoder, labels, _slices_of(labels, ids), z_range, settings)
+    return _steps(decoder, labels.copy(), ids, chains, settings, cancel)
+
+
+def _steps(
+    decoder: SliceDecoder,
+    out: np.ndarray,
+    ids: list[int],
+    chains: list[Chain],
+    settings: PropagationSettings,
+    cancel: threading.Event | None,
+) -> Generator[PropagationProgress, None, PropagationResult]:
+    """Advance every running chain one slice per round, batching the chains that reach the same slice."""
+    filled: dict[int, list[int]] = {object_id: [] for object_id in ids}
+    stops: list[Stop] = []
+    done = 0
+    while any(chain.running for chain in chains):
+        groups: dict[int, list[Chain]] = {}
+        for chain in chains:
+            if chain.running:
+                groups.setdefault(chain.next_z, []).append(chain)
+        for z, group in sorted(groups.items()):
+            if cancel is not None and cancel.is_set():
+                return _result(out, filled, stops, cancelled=True)
+            if not decoder.has_embedding(z):
+                decoder.embed(z)
+                yield PropagationProgress("embedding", done, done + _remaining(chains), z)
+                if cancel is not None and cancel.is_set():
+                    return _result(out, filled, stops, cancelled=True)
+            outputs = decoder.decode(z, [chain.prompt(settings) for chain in group])
+            written, new_stops = decide_slice(out, z, group, outputs, settings)
+            for object_id in written:
+                filled[object_id].append(z)
+            done += len(written)
+            stops += new_stops
+            total = done + _remaining(chains)
+            yield PropagationProgress("propagation", done, total, z, written, tuple(new_stops))
+    return _result(out, filled, stops, cancelled=False)
+
+
+def propagate(
+    predictor: Predictor,
+    image: np.ndarray | StackView,
+    labels: np.ndarray,
+    object_ids: Iterable[int] | None = None,
+    *,
+    settings: PropagationSettings | None = None,
+    store: EmbeddingStore | None = None,
+    cancel: threading.Event | None = None,
+    **options: Any,
+) -> PropagationResult:
+    """Propagate objects through a stack and return the filled labels (see `propagate_iter`).
+
+    Args:
+        predictor: The predictor of the model to use.
+        image: (Z, Y, X) stack, or a `StackView` of it.
+        labels: (Z, Y, X) integer labels with the objects on their key slices.
+        object_ids: The objects to propagate; default every object in `labels`.
+        settings: Mode and stop rules; `options` (e.g. ``mode="points"``) replace some of its fields.
+        store: Embeddings of the stack already computed (missing ones are computed and kept there).
+        cancel: Set it from another thread to stop early.
+
+    Returns:
+        The `PropagationResult`.
+    """
+    known = {f.name for f in fields(PropagationSettings)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"Unknown propagation options {unknown}; known: {sorted(known)}.")
+    settings = replace(settings or PropagationSettings(), **options)
+    decoder = StackDecoder(predictor, image, store)
+    return run(propagate_iter(decoder, labels, object_ids, settings, cancel))
+
+
+def _remaining(chains: list[Chain]) -> int:
+    return sum(abs(chain.limit - chain.z) for chain in chains if chain.running)
+
+
+def _result(
+    out: np.ndarray, filled: dict[int, list[int]], stops: list[Stop], cancelled: bool
+) -> PropagationResult:
+    return PropagationResult(out, {k: tuple(sorted(v)) for k, v in filled.items()}, tuple(stops), cancelled)
+
+
+# -- input checks ----------------------------------------------------------------------------------
+
+
+def _check_labels(labels: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"Labels must be integers (0 for background), not {labels.dtype}.")
+    if labels.shape != tuple(shape):
+        raise ValueError(
+            f"The labels have shape {labels.shape}, but the stack has shape {tuple(shape)} (Z, Y, X)."
+        )
+    return labels
+
+
+def check_z_range(z_range: tuple[int, int] | None, depth: int) -> tuple[int, int]:
+    """(first, last) slices of a stack of `depth` slices that a propagation may fill (None: all)."""
+    if z_range is None:
+        return 0, depth - 1
+    first, last = int(z_range[0]), int(z_range[1])
+    if first > last:
+        raise ValueError(f"The z range {first}-{last} is empty: give the first slice, then the last.")
+    if first < 0 or last >= depth:
+        raise ValueError(f"The z range {first}-{last} is outside the stack's {depth} slices (0 to {depth - 1}).")
+    return first, last
+
+
+def _object_ids(labels: np.ndarray, object_ids: Iterable[int] | None) -> list[int]:
+    present = np.unique(labels)
+    present = [int(i) for i in present if i != 0]
+    if object_ids is None:
+        if not present:
+            raise ValueError("The labels hold no object to propagate: annotate one on a slice first.")
+        return present
+    ids = []
+    for object_id in object_ids:
+        if int(object_id) != object_id or object_id <= 0:
+            raise ValueError(f"Object ids are positive integers, not {object_id!r}.")
+        if int(object_id) not in present:
+            raise ValueError(f"Object {object_id} is not in the labels: annotate it on a slice first.")
+        if int(object_id) not in ids:
+            ids.append(int(object_id))
+    return ids
+
+
+def _slices_of(labels: np.ndarray, object_ids: list[int]) -> dict[int, list[int]]:
+    wanted = np.asarray(object_ids)
+    slices: dict[int, list[int]] = {object_id: [] for object_id in object_ids}
+    for z in range(labels.shape[0]):
+        for object_id in np.intersect1d(np.unique(labels[z]), wanted):
+            slices[int(object_id)].append(z)
+    return slices

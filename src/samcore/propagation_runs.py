@@ -1,0 +1,252 @@
+"""The runs of a propagation: their plan from an object's key slices, their state, and the rules
+that decide each slice (when an object ends, who gets contested pixels).
+
+See `samcore.propagation` for the behaviour these rules make up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .mask_prompts import DEFAULT_MODE, MODES, prompt_from_mask
+from .slice_decoder import SliceDecoder, SliceOutput, SlicePrompt
+
+
+@dataclass(frozen=True)
+class PropagationSettings:
+    """How objects are propagated and when they end.
+
+    Attributes:
+        mode: How each slice is prompted from the previous one: one of `samcore.mask_prompts.MODES`.
+        min_iou: Stop when the new mask's IoU with the previous slice's mask is lower (0: never).
+        min_score: Stop when the model's predicted IoU of the new mask is lower (0: never).
+        min_area: Stop when the new mask has fewer pixels (an empty mask always stops).
+        z_range: (first, last) slices the propagation may fill, inclusive; None for the whole stack.
+        box_margin: Widening of the previous mask's bounding box on each side, as a fraction of its size.
+        positive_points: Most points inside the previous mask ("points" mode).
+        negative_points: Most points around the previous mask ("points" mode).
+    """
+
+    mode: str = DEFAULT_MODE
+    min_iou: float = 0.5
+    min_score: float = 0.5
+    min_area: int = 16
+    z_range: tuple[int, int] | None = None
+    box_margin: float = 0.1
+    positive_points: int = 3
+    negative_points: int = 4
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"Unknown propagation mode {self.mode!r}; choose one of {', '.join(MODES)}.")
+        for name in ("min_iou", "min_score"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is an IoU between 0 and 1, not {getattr(self, name)}.")
+        if self.min_area < 0 or self.box_margin < 0 or self.positive_points < 1 or self.negative_points < 0:
+            raise ValueError(
+                "min_area, box_margin and negative_points cannot be negative; positive_points is at least 1."
+            )
+        if self.z_range is not None and (len(self.z_range) != 2 or self.z_range[0] > self.z_range[1]):
+            raise ValueError(f"z_range must be (first, last) slices with first <= last, not {self.z_range}.")
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Where and why an object's run ended before its limit.
+
+    Attributes:
+        object_id: The object.
+        direction: +1 for a run going up in z, -1 going down.
+        z: The slice where the object was found to end (left empty).
+        reason: "empty", "small" (below min_area), "score" (below min_score) or "iou" (below min_iou).
+        value: The measured pixels, predicted IoU or IoU.
+    """
+
+    object_id: int
+    direction: int
+    z: int
+    reason: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Run:
+    """A planned run: from a key slice `start` one slice at a time in `direction`, up to `limit`.
+
+    Attributes:
+        start: The key slice it starts from.
+        direction: +1 or -1.
+        limit: The last slice it may fill (inclusive); equal to `start` for a run with nothing to fill.
+        partner: Index (in the plan) of the run filling the same gap from the other end, if any.
+    """
+
+    start: int
+    direction: int
+    limit: int
+    partner: int | None = None
+
+
+def plan_runs(key_slices: Iterable[int], z_range: tuple[int, int]) -> list[Run]:
+    """The runs that extend an object from its key slices within `z_range` (inclusive).
+
+    Key slices outside the range are ignored. Between two key slices a < b, the run from a fills
+    a+1 .. a + (b-a)//2 and the run from b the rest; each is the other's partner.
+    """
+    low, high = z_range
+    keys = sorted({int(k) for k in key_slices if low <= k <= high})
+    if not keys:
+        return []
+    runs = [Run(keys[0], -1, low)] if keys[0] > low else []
+    for a, b in zip(keys, keys[1:]):
+        if b - a > 1:
+            middle = a + (b - a) // 2  # the run from a fills a+1 .. middle, the one from b the rest
+            runs += [Run(a, +1, middle, len(runs) + 1), Run(b, -1, middle + 1, len(runs))]
+    if keys[-1] < high:
+        runs.append(Run(keys[-1], +1, high))
+    return runs
+
+
+class Chain:
+    """A run in progress: the object's mask (and low-resolution logits) on the last slice it reached."""
+
+    def __init__(self, object_id: int, run: Run, mask: np.ndarray, low_res: np.ndarray | None) -> None:
+        self.object_id, self.direction, self.limit = object_id, run.direction, run.limit
+        self.z, self.mask, self.low_res = run.start, mask, low_res
+        self.partner: Chain | None = None
+        self.stopped = False
+
+    @property
+    def running(self) -> bool:
+        return not self.stopped and self.z != self.limit
+
+    @property
+    def next_z(self) -> int:
+        return self.z + self.direction
+
+    def prompt(self, settings: PropagationSettings) -> SlicePrompt:
+        return prompt_from_mask(
+            settings.mode, self.mask, self.low_res, settings.box_margin,
+            settings.positive_points, settings.negative_points,
+        )
+
+    def advance(self, mask: np.ndarray, output: SliceOutput) -> None:
+        self.z, self.mask, self.low_res = self.next_z, mask, output.low_res
+
+    def stop(self) -> None:
+        """End here; the partner run (same gap, other end) may now fill up to this slice."""
+        self.stopped = True
+        partner = self.partner
+        if partner is not None and not partner.stopped:
+            partner.limit = self.next_z
+            partner.partner = None
+
+
+def start_chains(
+    decoder: SliceDecoder,
+    labels: np.ndarray,
+    key_slices: dict[int, list[int]],
+    z_range: tuple[int, int],
+    settings: PropagationSettings,
+) -> list[Chain]:
+    """The chains of every object's planned runs, started from its masks on its key slices.
+
+    Args:
+        decoder: Makes the mask inputs of the key slices ("box+mask" mode).
+        labels: (Z, Y, X) labels holding the objects' key slices.
+        key_slices: Object id -> the slices where it has pixels.
+        z_range: (first, last) slices that may be filled.
+        settings: The mode and its parameters.
+    """
+    chains: list[Chain] = []
+    for object_id, present in key_slices.items():
+        plan = plan_runs(present, z_range)
+        if not plan and not any(z_range[0] <= z <= z_range[1] for z in present):
+            raise ValueError(
+                f"Object {object_id} is not on any slice between {z_range[0]} and {z_range[1]}: "
+                "annotate it on a slice inside the range to propagate it."
+            )
+        started = []
+        for run in plan:
+            mask = labels[run.start] == object_id
+            low_res = decoder.logits_from_mask(mask) if settings.mode == "box+mask" else None
+            started.append(Chain(object_id, run, mask, low_res))
+        for chain, run in zip(started, plan):
+            chain.partner = None if run.partner is None else started[run.partner]
+        chains += started
+    return chains
+
+
+def decide_slice(
+    out: np.ndarray, z: int, group: list[Chain], outputs: list[SliceOutput], settings: PropagationSettings
+) -> tuple[dict[int, np.ndarray], list[Stop]]:
+    """Apply the overlap rule and the stop rules to one batch on slice z; write the masks that pass.
+
+    The stop rules see each mask restricted to background pixels; those that pass share contested
+    pixels by the higher logit, and the rules are checked again on what each one keeps.
+    """
+    free = out[z] == 0
+    stops: list[Stop] = []
+    candidates = [(chain, output, (output.logits > 0) & free) for chain, output in zip(group, outputs)]
+    survivors = _apply_stop_rules(candidates, z, settings, stops)
+    if len(survivors) > 1:
+        kept = share_by_logit([mask for _, _, mask in survivors], [output.logits for _, output, _ in survivors])
+        shared = [(chain, output, mask) for (chain, output, _), mask in zip(survivors, kept)]
+        survivors = _apply_stop_rules(shared, z, settings, stops)
+    written = {}
+    for chain, output, mask in survivors:
+        out[z][mask] = chain.object_id
+        written[chain.object_id] = mask
+        chain.advance(mask, output)
+    return written, stops
+
+
+def share_by_logit(masks: list[np.ndarray], logits: list[np.ndarray]) -> list[np.ndarray]:
+    """Masks of one slice made disjoint: a pixel claimed by several goes to the highest logit there.
+
+    Args:
+        masks: (Y, X) bool masks.
+        logits: (Y, X) float logits, one per mask.
+    """
+    if len(masks) < 2:
+        return list(masks)
+    contest = np.stack([np.where(mask, logit, -np.inf) for mask, logit in zip(masks, logits)])
+    winner = np.argmax(contest, axis=0)
+    return [mask & (winner == i) for i, mask in enumerate(masks)]
+
+
+def _apply_stop_rules(candidates: list, z: int, settings: PropagationSettings, stops: list[Stop]) -> list:
+    """The (chain, output, mask) candidates that go on; the others are stopped and listed in `stops`."""
+    survivors = []
+    for chain, output, mask in candidates:
+        stop = _stop_rule(chain, mask, output.score, z, settings)
+        if stop is None:
+            survivors.append((chain, output, mask))
+        else:
+            stops.append(stop)
+            chain.stop()
+    return survivors
+
+
+def _stop_rule(
+    chain: Chain, mask: np.ndarray, score: float, z: int, settings: PropagationSettings
+) -> Stop | None:
+    area = int(mask.sum())
+    if area == 0:
+        return Stop(chain.object_id, chain.direction, z, "empty", 0.0)
+    if area < settings.min_area:
+        return Stop(chain.object_id, chain.direction, z, "small", float(area))
+    if settings.min_score > 0 and score < settings.min_score:
+        return Stop(chain.object_id, chain.direction, z, "score", float(score))
+    overlap = iou(mask, chain.mask)
+    if overlap < settings.min_iou:
+        return Stop(chain.object_id, chain.direction, z, "iou", overlap)
+    return None
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks (1.0 for two empty masks)."""
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)

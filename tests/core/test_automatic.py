@@ -1,0 +1,207 @@
+"""Automatic segmentation: its pure pieces on hand-made inputs, and the whole pipeline on a decoder
+that answers each point with the true object under it."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from samcore.automatic import (
+    AutoSettings,
+    crop_boxes,
+    cut_by_crop,
+    filter_candidates,
+    generate_masks,
+    point_grid,
+)
+from samcore.maskops import (
+    Masks,
+    box_iou,
+    box_nms,
+    clean_masks,
+    mask_boxes,
+    mask_nms,
+    paint_labels,
+    remove_small_regions,
+    stability_score,
+)
+from samcore.progress import Progress, run
+from samcore.synthetic import nuclei_image
+
+
+class TruthDecoder:
+    """Answers each point with 3 candidates, as SAM does, built from true labels:
+
+    0. the object under the point, with sharp logits and a predicted IoU of 0.95 (background: 0.3);
+    1. the same object with blurred logits (unstable) and a predicted IoU of 0.93;
+    2. the object merged with everything in its bounding box grown by 10 px, predicted IoU 0.6.
+    """
+
+    def __init__(self, truth: np.ndarray) -> None:
+        self.truth = truth
+        self.size = truth.shape
+        self.calls = 0
+
+    def decode(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        logits, scores = [], []
+        for x, y in points:
+            label = self.truth[int(y), int(x)]
+            mask = self.truth == label
+            distance = ndimage.distance_transform_edt(mask) - ndimage.distance_transform_edt(~mask)
+            rows, cols = np.nonzero(mask)
+            grown = np.zeros_like(mask)
+            grown[max(rows.min() - 10, 0) : rows.max() + 11, max(cols.min() - 10, 0) : cols.max() + 11] = True
+            merged = grown & (self.truth > 0) | mask
+            logits.append([np.where(mask, 8.0, -8.0), 0.2 * distance, np.where(merged, 8.0, -8.0)])
+            scores.append([0.95 if label else 0.3, 0.93, 0.6])
+        return torch.tensor(np.array(logits), dtype=torch.float32), torch.tensor(scores)
+
+    def upscale(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
+@pytest.fixture(scope="module")
+def truth() -> np.ndarray:
+    return nuclei_image((96, 112), n_nuclei=7, radius=(6.0, 12.0), seed=3)[1]
+
+
+def test_point_grid_holds_cell_centres_row_by_row():
+    np.testing.assert_allclose(point_grid(2), [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
+
+
+def test_crops_tile_the_image_with_overlap():
+    boxes = crop_boxes(100, 120, layers=1, overlap=0.25)
+    assert boxes[0] == (0, 0, 120, 100) and len(boxes) == 5
+    covered = np.zeros((100, 120), int)
+    for x0, y0, x1, y1 in boxes[1:]:
+        covered[y0:y1, x0:x1] += 1
+    assert covered.min() == 1  # every pixel in some crop
+    (ax0, _, ax1, _), (bx0, _, bx1, _) = boxes[1], boxes[2]
+    assert ax1 - bx0 == pytest.approx(0.25 * (ax1 - ax0), abs=1)  # neighbours share a quarter
+    assert len(crop_boxes(64, 64, layers=2, overlap=0.1)) == 1 + 4 + 16
+
+
+def test_masks_cut_by_an_inner_crop_edge_are_flagged():
+    crop = (50, 0, 100, 60)  # the right half of a 100x60 image
+    boxes = np.array([[0, 10, 20, 30], [10, 10, 20, 30], [30, 0, 50, 20]])
+    # touches the inner left edge / inside / touches the image's top and right edges only
+    assert cut_by_crop(boxes, crop, (60, 100)).tolist() == [True, False, False]
+
+
+def test_stability_is_the_area_ratio_of_the_shifted_thresholds():
+    logits = torch.tensor([[[3.0, 3.0, 0.5, -0.5, -3.0]], [[-5.0, -5.0, -5.0, -5.0, -5.0]]])
+    np.testing.assert_allclose(stability_score(logits, 0.0, 1.0).numpy(), [0.5, 0.0])
+
+
+def test_mask_boxes_are_pixel_edges():
+    masks = torch.zeros(2, 6, 8, dtype=torch.bool)
+    masks[0, 2:5, 3:8] = True
+    assert mask_boxes(masks).tolist() == [[3, 2, 8, 5], [0, 0, 0, 0]]
+
+
+def test_box_iou_and_nms_keep_the_best_of_overlapping_boxes():
+    boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30]])
+    assert box_iou(boxes[:1], boxes[1:]) == pytest.approx(np.array([[90 / 110, 0.0]]))
+    assert box_nms(boxes, np.array([0.8, 0.9, 0.5]), 0.7).tolist() == [1, 2]
+    assert box_nms(boxes, np.array([0.8, 0.9, 0.5]), 0.95).tolist() == [1, 0, 2]
+
+
+def test_mask_nms_keeps_different_masks_that_share_a_box():
+    left = np.zeros((10, 10), bool)
+    left[:, :5] = True
+    left[0, :] = left[-1, :] = True  # same bounding box as its complement's ...
+    right = ~left
+    right[0, 0] = right[-1, -1] = True  # ... which spans the box too
+    masks = Masks((left, right, left.copy()), np.array([[0, 0, 10, 10]] * 3), np.array([0.9, 0.8, 0.7]))
+    assert box_nms(masks.boxes, masks.scores, 0.7).tolist() == [0]
+    assert mask_nms(masks, 0.7).tolist() == [0, 1]  # the exact duplicate goes, the other half stays
+
+
+def test_small_holes_filled_small_islands_dropped_edges_kept():
+    mask = np.zeros((12, 12), bool)
+    mask[2:9, 2:9] = True
+    mask[4:6, 4:5] = False  # a 2-pixel hole
+    mask[10, 10] = True  # a 1-pixel island
+    cleaned = remove_small_regions(mask, min_area=5)
+    expected = np.zeros((12, 12), bool)
+    expected[2:9, 2:9] = True
+    np.testing.assert_array_equal(cleaned, expected)
+    assert not remove_small_regions(mask, 5)[0, 0]  # background at the array's edge is never a hole
+    assert remove_small_regions(mask, 0) is mask
+
+
+def test_cleaned_masks_get_tight_boxes():
+    crop = np.zeros((6, 6), bool)
+    crop[1:4, 1:4] = True
+    crop[5, 5] = True
+    masks = clean_masks(Masks((crop,), np.array([[10, 20, 16, 26]]), np.array([0.9])), min_area=3)
+    assert masks.boxes.tolist() == [[11, 21, 14, 24]] and masks.crops[0].all()
+
+
+def test_paint_keeps_small_objects_on_top_and_drops_clumps():
+    shape = (20, 20)
+    clump = np.zeros(shape, bool)
+    clump[2:10, 2:18] = True  # two nuclei and a thin bridge
+    a, b = np.zeros(shape, bool), np.zeros(shape, bool)
+    a[2:10, 2:9] = True
+    b[2:10, 11:18] = True
+    cell = np.zeros(shape, bool)
+    cell[11:20, 0:20] = True
+    spot = np.zeros(shape, bool)
+    spot[14:16, 5:7] = True  # small object on a large one
+    masks = Masks.from_dense(torch.tensor(np.array([clump, a, b, cell, spot])), torch.full((5,), 0.9))
+    labels = paint_labels(masks, shape, min_visible=0.5)
+    assert len(np.unique(labels)) == 5  # background, a, b, cell, spot: the clump is gone
+    assert labels[5, 9] == 0 and labels[5, 4] != labels[5, 14]
+    assert labels[15, 6] != labels[12, 0] != 0
+
+
+def test_filters_drop_background_unstable_and_merged_candidates(truth):
+    decoder = TruthDecoder(truth)
+    ys, xs = np.nonzero(truth == 1)
+    points = np.array([[0.5, 0.5], [xs[0] + 0.5, ys[0] + 0.5]])  # background, then object 1
+    masks = filter_candidates(decoder, points, AutoSettings())
+    assert len(masks) == 1
+    np.testing.assert_array_equal(masks.dense(0, truth.shape), truth == 1)
+
+
+def run_truth(truth, settings):
+    steps = []
+
+    def decoder_for(crop):
+        x0, y0, x1, y1 = crop
+        return TruthDecoder(truth[y0:y1, x0:x1])
+
+    masks = run(generate_masks(decoder_for, truth.shape, settings), steps.append)
+    return paint_labels(masks, truth.shape, settings.min_visible), steps
+
+
+def assert_same_objects(labels, truth):
+    """Each true object is one label with exactly its pixels, and nothing else is labelled."""
+    assert len(np.unique(labels)) == len(np.unique(truth))
+    for label in np.unique(truth)[1:]:
+        found = np.unique(labels[truth == label])
+        assert len(found) == 1 and found[0] != 0
+        np.testing.assert_array_equal(labels == found[0], truth == label)
+
+
+def test_every_object_is_found_once_with_its_pixels(truth):
+    settings = AutoSettings(points_per_side=16, points_per_batch=40, min_area=10)
+    labels, steps = run_truth(truth, settings)
+    assert_same_objects(labels, truth)
+    assert steps[-1] == Progress("masks", 7, 7)  # 256 points in batches of 40
+
+
+def test_crops_find_the_same_objects(truth):
+    settings = AutoSettings(points_per_side=8, crop_layers=1, min_area=10)
+    labels, steps = run_truth(truth, settings)
+    assert_same_objects(labels, truth)
+    assert steps[-1].total == 5
+
+
+def test_settings_are_checked_with_a_readable_message():
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        AutoSettings(min_predicted_iou=88)
+    with pytest.raises(ValueError, match="at least 1"):
+        AutoSettings(points_per_side=0)

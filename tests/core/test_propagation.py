@@ -1,0 +1,385 @@
+"""Propagation through a stack: its rules on a stand-in model that knows the true objects, and its
+mechanics through the real predictor with a tiny random-weight model."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from samcore import Predictor, build_sam
+from samcore.build import MicroConfig
+from samcore.embeddings import EmbeddingStore, StackView, model_key, stack_key
+from samcore.mask_prompts import MODES
+from samcore.propagation import (
+    PropagationSettings,
+    Run,
+    iou,
+    plan_runs,
+    propagate,
+    propagate_iter,
+)
+from samcore.progress import run
+from samcore.slice_decoder import SliceOutput, StackDecoder
+
+SHAPE = (24, 48, 48)
+
+
+def ellipsoid(center, radii, shape=SHAPE):
+    grids = np.indices(shape)
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, center, radii)) <= 1
+
+
+class Oracle:
+    """Stands in for the model: a prompt on slice z gets the true object under it.
+
+    A box (with a mask input, the part of the box the mask covers) selects the object with the most
+    pixels in it; points select the object under most positive points. The mask logits are 1 plus
+    the depth inside the object, -1 outside; with `leak`, the mask reaches `leak` pixels beyond the
+    object and its logits fall with the distance from it.
+    """
+
+    def __init__(self, truth, score=0.95, low_score_slices=(), leak=0):
+        self.truth, self.shape = truth, truth.shape
+        self.score, self.low_score_slices, self.leak = score, set(low_score_slices), leak
+        self.embedded, self.calls = set(), []
+
+    def has_embedding(self, z):
+        return z in self.embedded
+
+    def embed(self, z):
+        self.embedded.add(z)
+
+    def logits_from_mask(self, mask):
+        return np.where(mask, 1.0, -1.0)[None].astype(np.float32)
+
+    def decode(self, z, prompts):
+        self.calls.append((z, len(prompts)))
+        return [self._answer(z, prompt) for prompt in prompts]
+
+    def _answer(self, z, prompt):
+        plane = self.truth[z]
+        if prompt.box is not None:
+            x0, y0, x1, y1 = np.round(prompt.box).astype(int)
+            votes = np.zeros_like(plane)
+            votes[y0 : y1 + 1, x0 : x1 + 1] = plane[y0 : y1 + 1, x0 : x1 + 1]
+            if prompt.mask_input is not None:
+                votes[prompt.mask_input[0] <= 0] = 0
+            votes = votes[votes > 0]
+        else:
+            positive = prompt.points[prompt.labels == 1]
+            votes = np.array([plane[int(round(y)), int(round(x))] for x, y in positive])
+            votes = votes[votes > 0]
+        chosen = np.bincount(votes).argmax() if len(votes) else 0
+        mask = (plane == chosen) if chosen else np.zeros(plane.shape, bool)
+        if mask.any():
+            inside = ndimage.distance_transform_edt(mask)
+            outside = ndimage.distance_transform_edt(~mask)
+            spill = np.where(outside <= self.leak, 0.5 * (self.leak + 1 - outside), -1.0)
+            logits = np.where(mask, 1.0 + inside, spill)
+        else:
+            logits = -np.ones(plane.shape)
+        score = 0.1 if z in self.low_score_slices else self.score
+        return SliceOutput(logits.astype(np.float32), score, (logits > 0)[None].astype(np.float32))
+
+
+def seeded(truth, keys):
+    """Labels holding the true objects on their key slices only: {object id: [slices]}."""
+    labels = np.zeros_like(truth)
+    for object_id, slices in keys.items():
+        for z in slices:
+            labels[z][truth[z] == object_id] = object_id
+    return labels
+
+
+@pytest.fixture
+def two_nuclei():
+    truth = np.zeros(SHAPE, np.uint16)
+    truth[ellipsoid((8, 14, 14), (6, 9, 8))] = 1
+    truth[ellipsoid((14, 33, 32), (8, 10, 11))] = 2
+    return truth
+
+
+# -- the rules, on the stand-in model ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_objects_are_recovered_from_one_slice_each(two_nuclei, mode):
+    labels = seeded(two_nuclei, {1: [8], 2: [14]})
+    result = run(propagate_iter(Oracle(two_nuclei), labels, settings=PropagationSettings(mode=mode)))
+    for object_id in (1, 2):
+        assert iou(result.labels == object_id, two_nuclei == object_id) > 0.9
+    # Nothing beyond the objects' ends, and each run ended at an end of its object.
+    assert not (result.labels.astype(bool) & ~two_nuclei.astype(bool)).any()
+    assert {(stop.object_id, stop.direction) for stop in result.stops} == {(1, -1), (1, 1), (2, -1), (2, 1)}
+    for stop in result.stops:
+        extent = np.flatnonzero((two_nuclei == stop.object_id).any(axis=(1, 2)))
+        assert extent[0] - 1 <= stop.z <= extent[0] + 2 or extent[-1] - 2 <= stop.z <= extent[-1] + 1
+
+
+def test_stops_where_another_object_continues_the_column():
+    truth = np.zeros(SHAPE, np.uint16)
+    column = ellipsoid((0, 24, 24), (1e6, 10, 10))  # a cylinder through the whole stack
+    truth[column & (np.arange(24) < 12)[:, None, None]] = 1
+    truth[ellipsoid((0, 24, 30), (1e6, 6, 6)) & (np.arange(24) >= 12)[:, None, None]] = 2
+    labels = seeded(truth, {1: [5]})
+    result = run(propagate_iter(Oracle(truth), labels))
+    assert result.filled[1] == (*range(0, 5), *range(6, 12))
+    (stop,) = result.stops
+    assert (stop.direction, stop.z, stop.reason) == (1, 12, "iou") and stop.value < 0.5
+    assert not (result.labels == 2).any()
+
+
+def test_a_low_predicted_iou_ends_the_object(two_nuclei):
+    labels = seeded(two_nuclei, {1: [8]})
+    result = run(propagate_iter(Oracle(two_nuclei, low_score_slices=[11]), labels))
+    assert max(result.filled[1]) == 10
+    assert any(stop.reason == "score" and stop.z == 11 for stop in result.stops)
+    relaxed = PropagationSettings(min_score=0.0)
+    result = run(propagate_iter(Oracle(two_nuclei, low_score_slices=[11]), labels, settings=relaxed))
+    assert 11 in result.filled[1]
+
+
+def test_tiny_masks_end_the_object(two_nuclei):
+    labels = seeded(two_nuclei, {1: [8]})
+    result = run(propagate_iter(Oracle(two_nuclei), labels, settings=PropagationSettings(min_area=100)))
+    areas = (result.labels == 1).sum(axis=(1, 2))
+    assert areas[areas > 0].min() >= 100
+    assert any(stop.reason == "small" for stop in result.stops)
+
+
+def test_the_z_range_limits_the_propagation(two_nuclei):
+    labels = seeded(two_nuclei, {1: [8], 2: [14]})
+    settings = PropagationSettings(z_range=(6, 15))
+    result = run(propagate_iter(Oracle(two_nuclei), labels, settings=settings))
+    touched = np.flatnonzero(result.labels.any(axis=(1, 2)))
+    assert touched.min() == 6 and touched.max() == 15
+    assert all(stop.reason != "range" for stop in result.stops)
+    with pytest.raises(ValueError, match="not on any slice between 15 and 20"):
+        propagate_iter(Oracle(two_nuclei), labels, [1], PropagationSettings(z_range=(15, 20)))
+    with pytest.raises(ValueError, match="outside the stack's 24 slices"):
+        propagate_iter(Oracle(two_nuclei), labels, settings=PropagationSettings(z_range=(0, 30)))
+
+
+def test_plan_splits_each_gap_between_its_two_key_slices():
+    assert plan_runs([9, 3, 8, 15], (0, 19)) == [
+        Run(3, -1, 0),
+        Run(3, +1, 5, 2), Run(8, -1, 6, 1),  # 4 slices between: 2 from each end
+        Run(9, +1, 12, 4), Run(15, -1, 13, 3),  # 5 slices: the middle one from below
+        Run(15, +1, 19),
+    ]
+    assert plan_runs([4, 6], (0, 10))[1:3] == [Run(4, +1, 5, 2), Run(6, -1, 6, 1)]  # nothing left for 6
+    assert plan_runs([2, 30], (5, 10)) == []  # no key slice in the range
+
+
+def two_part_column():
+    """One column changing shape at z = 10: a user's object seen as part A below, part B above."""
+    truth = np.zeros(SHAPE, np.uint16)
+    lower = (np.arange(24) < 10)[:, None, None]
+    truth[ellipsoid((0, 24, 24), (1e6, 10, 10)) & lower] = 1
+    truth[ellipsoid((0, 24, 26), (1e6, 9, 11)) & ~lower] = 2
+    return truth
+
+
+def test_key_slices_are_filled_from_both_ends_and_joined():
+    truth = two_part_column()
+    labels = np.zeros_like(truth)
+    labels[4][truth[4] > 0] = 7  # the user's annotations of one object on slices 4 and 14
+    labels[14][truth[14] > 0] = 7
+    oracle = Oracle(truth)
+    result = run(propagate_iter(oracle, labels))
+    assert result.filled[7] == tuple(z for z in range(24) if z not in (4, 14))
+    for z in range(5, 10):  # from slice 4: part A
+        np.testing.assert_array_equal(result.labels[z] == 7, truth[z] == 1)
+    for z in range(10, 14):  # from slice 14: part B
+        np.testing.assert_array_equal(result.labels[z] == 7, truth[z] == 2)
+    # Both ends advance in the same steps: slices 5 and 13 are decided before 6 and 12.
+    order = [z for z, _ in oracle.calls]
+    assert order.index(5) < order.index(6) and order.index(13) < order.index(6)
+    assert order.index(6) < order.index(7) and order.index(12) < order.index(7)
+    assert result.stops == ()
+
+
+def test_a_run_that_stops_between_key_slices_leaves_the_rest_to_the_other():
+    truth = two_part_column()
+    labels = np.zeros_like(truth)
+    labels[4][truth[4] > 0] = 7
+    labels[14][truth[14] > 0] = 7
+    result = run(propagate_iter(Oracle(truth, low_score_slices=[6]), labels))
+    # The run from 4 stops at 6; the run from 14 goes on past the middle down to 7 (6 stops it too).
+    assert result.filled[7] == (0, 1, 2, 3, 5, 7, 8, 9, 10, 11, 12, 13, *range(15, 24))
+    assert sorted((s.direction, s.z) for s in result.stops) == [(-1, 6), (1, 6)]
+    for z in (7, 8, 9):
+        np.testing.assert_array_equal(result.labels[z] == 7, truth[z] == 1)
+
+
+def test_several_objects_in_one_run_never_overwrite_others():
+    truth = np.zeros(SHAPE, np.uint16)
+    truth[ellipsoid((12, 24, 13), (8, 10, 9))] = 1
+    truth[ellipsoid((12, 24, 33), (8, 10, 9))] = 2  # touching object 1 in x
+    truth[ellipsoid((12, 6, 24), (9, 4, 9))] = 3  # touching both from above in y
+    labels = seeded(truth, {1: [12], 2: [12]})
+    labels[truth == 3] = 3  # a committed object on every slice, not propagated
+    oracle = Oracle(truth, leak=3)  # masks spill 3 pixels beyond their object
+    result = run(propagate_iter(oracle, labels, object_ids=[1, 2]))
+    np.testing.assert_array_equal(result.labels == 3, truth == 3)
+    # Pixels two leaky masks both claim go to the higher logit: the true owner.
+    for object_id in (1, 2):
+        assert len(result.filled[object_id]) >= 12
+        for z in result.filled[object_id]:
+            assert ((truth[z] == object_id) <= (result.labels[z] == object_id)).all()
+    # Both objects start on slice 12: each slice they reach together is one batch of two prompts.
+    assert all(count == 2 for _, count in oracle.calls)
+    assert len(oracle.calls) == len(set(result.filled[1]) | set(result.filled[2])) + 2  # the stop slices
+
+
+def test_progress_reports_each_step_and_what_it_wrote(two_nuclei):
+    labels = seeded(two_nuclei, {1: [8], 2: [14]})
+    steps = propagate_iter(Oracle(two_nuclei), labels)
+    events = []
+    while True:
+        try:
+            events.append(next(steps))
+        except StopIteration as end:
+            result = end.value
+            break
+    painted = labels.copy()
+    for event in events:
+        assert 0 <= event.done <= event.total
+        for object_id, mask in event.written.items():
+            painted[event.z][mask] = object_id
+    np.testing.assert_array_equal(painted, result.labels)
+    assert events[-1].done == events[-1].total == sum(len(v) for v in result.filled.values())
+    assert sum(len(e.stops) for e in events) == len(result.stops)
+
+
+def test_missing_embeddings_are_computed_on_the_way(two_nuclei):
+    labels = seeded(two_nuclei, {1: [8]})
+    oracle = Oracle(two_nuclei)
+    oracle.embedded = {8, 9}
+    events = list_events(propagate_iter(oracle, labels))
+    embedded = [event.z for event in events if event.stage == "embedding"]
+    assert 9 not in embedded and 7 in embedded
+    assert {z for z, _ in oracle.calls} <= oracle.embedded
+
+
+def test_cancel_stops_after_the_current_step_and_keeps_what_was_filled(two_nuclei):
+    labels = seeded(two_nuclei, {1: [8], 2: [14]})
+    cancel = threading.Event()
+    steps = propagate_iter(Oracle(two_nuclei), labels, cancel=cancel)
+    first = next(steps)
+    cancel.set()
+    with pytest.raises(StopIteration) as end:
+        next(steps)
+    result = end.value.value
+    assert result.cancelled
+    assert sum(len(v) for v in result.filled.values()) == first.done
+    full = run(propagate_iter(Oracle(two_nuclei), labels))
+    assert not full.cancelled and sum(len(v) for v in full.filled.values()) > first.done
+    closed = propagate_iter(Oracle(two_nuclei), labels)  # a worker may also just close the generator
+    next(closed)
+    closed.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"labels": np.zeros((3, 4, 4), np.uint16)}, ValueError, "shape"),
+        ({"labels": np.zeros(SHAPE, np.float32)}, TypeError, "integers"),
+        ({"labels": np.zeros(SHAPE, np.uint16)}, ValueError, "no object"),
+        ({"object_ids": [5]}, ValueError, "Object 5 is not in the labels"),
+    ],
+)
+def test_bad_inputs_are_explained(two_nuclei, kwargs, error, message):
+    args = {"labels": seeded(two_nuclei, {1: [8]}), "object_ids": None, **kwargs}
+    with pytest.raises(error, match=message):  # when called, not at the first step
+        propagate_iter(Oracle(two_nuclei), args["labels"], args["object_ids"])
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="Unknown propagation mode 'boxes'"):
+        PropagationSettings(mode="boxes")
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        PropagationSettings(min_iou=1.5)
+    with pytest.raises(ValueError, match="first <= last"):
+        PropagationSettings(z_range=(5, 2))
+
+
+# -- the mechanics, through the real predictor -------------------------------------------------------
+
+TINY = MicroConfig(
+    embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=2,
+    stem_dims=(8, 16, 24), stem_blocks=(1, 1), img_size=64,
+)
+EVERYTHING = {"min_iou": 0.0, "min_score": 0.0, "min_area": 0}  # random weights: keep every nonempty mask
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor():
+    torch.manual_seed(0)
+    return Predictor(build_sam(TINY).eval(), precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def stack():
+    from samcore.synthetic import nuclei_stack
+
+    return nuclei_stack((10, 40, 48), n_nuclei=3, radius=(6, 9), seed=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_real_predictor_fills_labels_without_touching_other_objects(tiny_predictor, stack, mode):
+    image, truth = stack
+    labels = np.zeros_like(truth)
+    labels[5] = truth[5]
+    labels[:, :3, :3] = 9  # a committed object in a corner, on every slice
+    ids = [int(i) for i in np.unique(truth[5]) if i]
+    result = propagate(tiny_predictor, image, labels, ids, mode=mode, **EVERYTHING)
+    assert result.labels.shape == labels.shape and result.labels.dtype == labels.dtype
+    assert set(np.unique(result.labels)) <= {0, 9, *ids}
+    np.testing.assert_array_equal(result.labels[5], labels[5])  # key slices stay as drawn
+    np.testing.assert_array_equal(result.labels == 9, labels == 9)
+    assert any(len(slices) >= 2 for slices in result.filled.values())  # it did propagate
+    for object_id, slices in result.filled.items():
+        assert 5 not in slices and all((result.labels[z] == object_id).any() for z in slices)
+
+
+def test_embeddings_reached_are_cached_and_reused(tiny_predictor, stack):
+    image, truth = stack
+    labels = np.zeros_like(truth)
+    labels[5] = truth[5]
+    view = StackView.of(image)
+    store = EmbeddingStore(stack_key(view, model_key(tiny_predictor.model)), view.n_slices)
+    decoder = StackDecoder(tiny_predictor, view, store)
+    events = list_events(propagate_iter(decoder, labels, settings=PropagationSettings(**EVERYTHING)))
+    embedded = {event.z for event in events if event.stage == "embedding"}
+    decided = {event.z for event in events if event.stage == "propagation"}
+    assert decided and decided <= embedded and 5 not in embedded
+    assert len(store) == len(embedded)
+    again = list_events(propagate_iter(decoder, labels, settings=PropagationSettings(**EVERYTHING)))
+    assert not any(event.stage == "embedding" for event in again)
+
+
+def test_batched_decoding_matches_one_prompt_at_a_time(tiny_predictor, stack):
+    image, truth = stack
+    decoder = StackDecoder(tiny_predictor, image)
+    from samcore.mask_prompts import prompt_from_mask
+
+    masks = [truth[5] == i for i in np.unique(truth[5]) if i]
+    prompts = [prompt_from_mask("box+mask", m, decoder.logits_from_mask(m)) for m in masks]
+    prompts += [prompt_from_mask("points", m) for m in masks]
+    together = decoder.decode(6, prompts)
+    for prompt, output in zip(prompts, together):
+        (alone,) = decoder.decode(6, [prompt])
+        np.testing.assert_allclose(output.logits, alone.logits, atol=1e-4)
+        assert output.logits.shape == (40, 48) and output.low_res.shape == (1, 16, 16)
+
+
+def list_events(steps):
+    events = []
+    while True:
+        try:
+            events.append(next(steps))
+        except StopIteration:
+            return events

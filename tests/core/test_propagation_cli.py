@@ -1,0 +1,120 @@
+"""`napari-sam segment --prompts PROMPTS.json [--propagate]` on files the tests write."""
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+import samcore.propagation
+from samcore import build_sam
+from samcore.cli import main
+from samcore.synthetic import nuclei_stack
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    torch.manual_seed(0)
+    torch.save(build_sam("vit_test").state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack_file(tmp_path_factory):
+    image, truth = nuclei_stack((6, 40, 50), n_nuclei=2, radius=(7, 10), seed=2)
+    path = tmp_path_factory.mktemp("data") / "stack.tif"
+    tifffile.imwrite(path, image)
+    return path, truth
+
+
+def box_of(mask, z):
+    rows, cols = np.nonzero(mask)
+    return [[z, int(rows.min()), int(cols.min())], [z, int(rows.max()), int(cols.max())]]
+
+
+def write_prompts(folder, objects):
+    path = folder / "prompts.json"
+    path.write_text(json.dumps({"objects": objects}))
+    return path
+
+
+def segment(*args):
+    return main(["segment", *map(str, args)])
+
+
+def test_round_trip_writes_labels_of_the_stack_shape(tmp_path, stack_file, checkpoint, capsys, monkeypatch):
+    stack, truth = stack_file
+    z = 3
+    ids = [int(i) for i in np.unique(truth[z]) if i]
+    objects = [{"id": 10 * object_id, "boxes": [box_of(truth[z] == object_id, z)]} for object_id in ids]
+    objects.append({"id": 99, "points": [[1, 20, 25]], "negative": [[1, 2, 2]]})
+    prompts = write_prompts(tmp_path, objects)
+
+    once = tmp_path / "prompted.tif"
+    code = segment(stack, "--prompts", prompts, "-o", once, "--checkpoint", checkpoint)
+    assert code == 0, capsys.readouterr().err
+    labels = tifffile.imread(once)
+    assert labels.shape == truth.shape and labels.dtype == np.uint16
+    assert set(np.unique(labels)) <= {0, 99, *(10 * i for i in ids)}
+    assert not labels[[0, 2, 4, 5]].any()  # without --propagate, only the prompted slices
+
+    spread = tmp_path / "propagated.tif"
+    relaxed = functools.partial(samcore.propagation.PropagationSettings, min_score=0, min_iou=0, min_area=0)
+    monkeypatch.setattr(samcore.propagation, "PropagationSettings", relaxed)  # random weights: keep every mask
+    code = segment(stack, "--prompts", prompts, "--propagate", "--mode", "box", "--z-range", 1, 5,
+                   "-o", spread, "--checkpoint", checkpoint)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    propagated = tifffile.imread(spread)
+    assert propagated.shape == truth.shape
+    kept = labels > 0
+    np.testing.assert_array_equal(propagated[kept], labels[kept])  # prompted masks are never overwritten
+    assert not propagated[0].any()  # outside the z range
+    assert propagated[[2, 4, 5]].any()  # filled by propagation
+    assert set(np.unique(propagated)) <= {0, 99, *(10 * i for i in ids)}
+    assert f"wrote {spread}" in err
+
+
+def test_a_2d_image_gives_2d_labels(tmp_path, stack_file, checkpoint, capsys):
+    stack, _ = stack_file
+    image = tmp_path / "plane.tif"
+    tifffile.imwrite(image, tifffile.imread(stack)[2])
+    prompts = write_prompts(tmp_path, [{"id": 300, "points": [[20, 25]], "boxes": [[[5, 5], [30, 40]]]}])
+    out = tmp_path / "plane_labels.tif"
+    assert segment(image, "--prompts", prompts, "--propagate", "-o", out, "--checkpoint", checkpoint) == 0
+    labels = tifffile.imread(out)
+    assert labels.shape == (40, 50) and set(np.unique(labels)) <= {0, 300}
+
+
+@pytest.mark.parametrize(
+    ("objects", "extra", "message"),
+    [
+        ([{"id": 1, "points": [[12, 5, 5]]}], [], "the point [12, 5, 5] is on slice 12, but the stack has 6"),
+        ([{"id": 1, "boxes": [[[2, 5, 5], [2, 35, 60]]]}], [], "x = 60, but the image has 50 columns"),
+        ([{"id": 1, "negative": [[2, 5, 5]]}], [], "only negative points on slice 2"),
+        ([{"id": 1, "points": [[2, 5, 5]]}], ["--z-range", "3", "9"], "outside the stack's 6 slices"),
+        ([{"id": 1, "points": [[2, 5, 5]]}], ["--mode", "boxes"], "Unknown propagation mode 'boxes'"),
+        ([{"id": 1, "points": [[2, 5, 5]]}], ["--point", "3", "3"], "--prompts replaces"),
+    ],
+)
+def test_bad_prompts_are_one_clear_line(tmp_path, stack_file, checkpoint, capsys, objects, extra, message):
+    stack, _ = stack_file
+    prompts = write_prompts(tmp_path, objects)
+    out = tmp_path / "labels.tif"
+    code = segment(stack, "--prompts", prompts, *extra, "-o", out, "--checkpoint", checkpoint)
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_malformed_json_and_propagate_without_prompts(tmp_path, stack_file, checkpoint, capsys):
+    stack, _ = stack_file
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"objects": [')
+    assert segment(stack, "--prompts", broken, "-o", tmp_path / "a.tif", "--checkpoint", checkpoint) == 1
+    assert "broken.json is not a valid JSON file" in capsys.readouterr().err
+    assert segment(stack, "--slice", 1, "--point", 3, 3, "--propagate", "-o", tmp_path / "b.tif") == 1
+    assert "work on the objects of a --prompts file" in capsys.readouterr().err
