@@ -15,11 +15,13 @@ class Commit:
         object_id: The id given to the new object.
         index: Flat indices into the labels array that were written.
         previous: Their values before the commit.
+        note: What the step was, for the status line, if not one new object.
     """
 
     object_id: int
     index: np.ndarray
     previous: np.ndarray
+    note: str = ""
 
 
 def commit_mask(labels: np.ndarray, mask: np.ndarray, where: tuple, overwrite: bool = False) -> Commit | None:

@@ -17,9 +17,12 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._annotations import Commit, commit_mask, undo_commit
+from ._propagate import Propagation
 from ._prompts import NEGATIVE, POSITIVE, slice_prompts
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import napari
 
 CHECKPOINT_CHOICE = "checkpoint file…"
@@ -31,6 +34,7 @@ KEYS = {
     "n": ("next_candidate", "next of the 3 candidate masks"),
     "Shift-C": ("clear", "clear the prompts"),
     "u": ("undo", "undo the last commit"),
+    "p": ("propagate", "propagate the objects of this slice through the stack"),
 }
 PREVIEW_ID = 1
 
@@ -66,7 +70,7 @@ class SamWidget(Container):
         self._status = Label(value="Pick an image and a model, then compute embeddings.")
         self._help = Label(value="\n".join(f"{key.upper():>8}  {action}" for key, (_, action) in KEYS.items()))
         buttons = Container(layout="horizontal", labels=False)
-        for name in ("segment", "commit", "next_candidate", "undo", "clear"):
+        for name in ("segment", "commit", "next_candidate", "undo", "clear", "propagate"):
             button = PushButton(text=name.replace("_", " "))
             button.changed.connect(getattr(self, name))
             buttons.append(button)
@@ -90,6 +94,8 @@ class SamWidget(Container):
         self._preview_slice: int | None = None  # the slice the preview was last drawn on
         self._history: list[tuple[Labels, Commit]] = []
         self._polarity = POSITIVE
+        self._propagation = Propagation(self)
+        self.propagation_settings = None  # a samcore PropagationSettings; None for its defaults
         self._bind_keys()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -209,10 +215,11 @@ class SamWidget(Container):
         worker.start()
 
     def cancel(self, _=None) -> None:
-        """Stop computing embeddings (those already computed are kept)."""
+        """Stop computing embeddings or propagating (what is done is kept)."""
+        self._propagation.cancel()
         if self._worker is not None:
             self._worker.quit()
-            self.wait()
+        self.wait()
 
     def wait(self, timeout_ms: int = 600_000) -> None:
         """Block until the background work has stopped, processing Qt events meanwhile."""
@@ -220,7 +227,7 @@ class SamWidget(Container):
 
         timer = QElapsedTimer()
         timer.start()
-        while self._worker is not None and timer.elapsed() < timeout_ms:
+        while (self._worker is not None or self._propagation.running) and timer.elapsed() < timeout_ms:
             QCoreApplication.processEvents()
             self._worker_thread_sleep()
 
@@ -433,7 +440,24 @@ class SamWidget(Container):
         layer, done = self._history.pop()
         undo_commit(layer.data, done)
         layer.refresh()
-        self._status.value = f"Removed object {done.object_id}."
+        self._status.value = f"Undid the {done.note}." if done.note else f"Removed object {done.object_id}."
+
+    def propagate(self, object_ids: Iterable[int] | None = None, *, block: bool = False) -> None:
+        """Propagate objects of the objects layer through the stack, in the background.
+
+        Args:
+            object_ids: The objects to propagate; default those on the displayed slice.
+            block: Wait until the propagation has finished (for scripts and tests).
+        """
+        if isinstance(object_ids, bool):
+            object_ids = None  # the button's click
+        if self._propagation.running:
+            show_info("SAM: a propagation is already running.")
+            return
+        if self._worker is not None:
+            self.cancel()  # the propagation computes the embeddings it needs itself
+        if self._propagation.start(object_ids, self.propagation_settings) and block:
+            self.wait()
 
     def clear(self, _=None) -> None:
         """Remove the prompts of the displayed slice and the preview."""

@@ -1,0 +1,156 @@
+"""Propagating the objects of the displayed slice through a (Z, Y, X) stack, from the SAM widget.
+
+The engine's `propagate_iter` runs in a `thread_worker` with a `Predictor` of its own on the
+widget's model (decoding changes a predictor's current image, and the widget keeps decoding
+clicks meanwhile) and the widget's embeddings, computing the missing ones on the way. Each slice
+it decides is painted into the objects layer on the main thread as it arrives, only into pixels
+that are still background then, so edits made meanwhile are kept. The whole run is one undo step.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ._annotations import Commit
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from napari.layers import Labels
+    from samcore.propagation import PropagationSettings
+
+    from ._widget import SamWidget
+
+
+def objects_on_slice(labels: np.ndarray, z: int) -> list[int]:
+    """The object ids (not 0) with pixels on slice z of (Z, Y, X) labels, sorted."""
+    return [int(i) for i in np.unique(np.asarray(labels[z])) if i != 0]
+
+
+def paint(labels: np.ndarray, z: int, written: dict[int, np.ndarray]) -> np.ndarray:
+    """Write each object's (Y, X) bool pixels into slice z of (Z, Y, X) labels, where still 0.
+
+    Returns:
+        The flat indices into `labels` that were written.
+    """
+    region = labels[z]
+    offset = z * region.size
+    index = []
+    for object_id, mask in written.items():
+        take = np.asarray(mask, bool) & (region == 0)
+        region[take] = object_id
+        index.append(offset + np.flatnonzero(take))
+    return np.concatenate(index) if index else np.zeros(0, np.intp)
+
+
+class Propagation:
+    """One widget's propagation: its worker, cancel event, progress bar and painted pixels.
+
+    Args:
+        widget: The SAM widget it reports to (status label, cancel button, undo history).
+    """
+
+    def __init__(self, widget: SamWidget) -> None:
+        self._widget = widget
+        self._worker = None
+        self._cancel = threading.Event()
+        self._progress = None
+        self._layer: Labels | None = None
+        self._painted: list[np.ndarray] = []
+        self._ids: list[int] = []
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def start(self, object_ids: Iterable[int] | None = None, settings: PropagationSettings | None = None) -> bool:
+        """Check the widget's state, then start propagating; False (after a notification) if it cannot."""
+        from napari.qt.threading import thread_worker
+        from napari.utils import progress
+        from samcore import Predictor
+        from samcore.propagation import propagate_iter
+        from samcore.slice_decoder import StackDecoder
+
+        from ._widget import show_error, show_warning  # the widget's notifications (tests replace them)
+
+        widget = self._widget
+        try:
+            image = widget.image_layer()
+        except ValueError as error:
+            show_error(str(error))
+            return False
+        if image.ndim - (1 if image.rgb else 0) != 3:
+            show_warning(f"SAM: propagation needs a 3D (Z, Y, X) stack; '{image.name}' is a 2D image.")
+            return False
+        session = widget._session
+        if session is None or session.layer is not image:
+            show_warning("SAM: compute embeddings first (this loads the model), then propagate.")
+            return False
+        layer, z = widget._output.value, widget._current_z(image)
+        if layer is None or layer not in widget._viewer.layers or layer.data.shape != session.view.data.shape[:3]:
+            show_warning("SAM: no objects to propagate; commit an object on this slice first.")
+            return False
+        labels = np.array(layer.data)  # a snapshot: the user may edit the layer meanwhile
+        ids = objects_on_slice(labels, z) if object_ids is None else [int(i) for i in object_ids]
+        if not ids:
+            show_warning(f"SAM: slice {z} of '{layer.name}' holds no object; commit one on it first.")
+            return False
+        decoder = StackDecoder(Predictor(session.predictor.model), session.view, session.store)
+        try:
+            job = propagate_iter(decoder, labels, ids, settings, self._cancel)
+        except (ValueError, TypeError) as error:
+            show_error(f"SAM: {error}")
+            return False
+
+        self._cancel.clear()
+        self._layer, self._painted, self._ids = layer, [], ids
+        worker = thread_worker(_drive, ignore_errors=True)(job)
+        self._progress = progress(total=0, desc="SAM propagation")
+        worker.yielded.connect(self._on_step)
+        worker.returned.connect(self._on_done)
+        worker.errored.connect(widget._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        widget._cancel_button.enabled = True
+        widget._status.value = f"Propagating object{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}…"
+        worker.start()
+        return True
+
+    def cancel(self) -> None:
+        """Stop after the current step; what was painted is kept."""
+        if self._worker is not None:
+            self._cancel.set()  # the engine stops between steps and returns what it filled
+
+    def _on_step(self, step) -> None:
+        self._progress.total = step.total
+        self._progress.n = step.done
+        self._progress.refresh()
+        if step.written and self._layer is not None:
+            self._painted.append(paint(self._layer.data, step.z, step.written))
+            self._layer.refresh()
+        self._widget._status.value = f"Propagating: slice {step.z}, {step.done}/{step.total} object-slices."
+
+    def _on_done(self, result) -> None:
+        filled = sum(len(slices) for slices in result.filled.values())
+        word = "Cancelled" if result.cancelled else "Propagated"
+        self._widget._status.value = f"{word}: {filled} object-slices filled for {len(self._ids)} object(s)."
+
+    def _on_finished(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        index = np.concatenate(self._painted) if self._painted else np.zeros(0, np.intp)
+        if index.size:
+            note = f"propagation of object{'s' if len(self._ids) > 1 else ''} {', '.join(map(str, self._ids))}"
+            commit = Commit(self._ids[0], index, np.zeros(index.size, self._layer.data.dtype), note)
+            self._widget._history.append((self._layer, commit))
+        self._worker, self._layer, self._painted = None, None, []
+        self._widget._cancel_button.enabled = self._widget._worker is not None
+
+
+def _drive(job):
+    """Worker body: run the propagation generator, passing its steps on."""
+    return (yield from job)

@@ -1,0 +1,76 @@
+"""Propagation from the widget: objects of the displayed slice spread through the stack."""
+
+import numpy as np
+from samcore.propagation import PropagationSettings
+
+# Random weights predict nothing meaningful: stop only on empty masks, to test the mechanics.
+ANY_MASK = PropagationSettings(min_iou=0.0, min_score=0.0, min_area=0)
+
+
+def _objects(viewer, widget, existing):
+    layer = viewer.add_labels(existing.copy(), name="mine")
+    widget._output.reset_choices()
+    widget._output.value = layer
+    widget.propagation_settings = ANY_MASK
+    return layer
+
+
+def test_propagation_fills_background_only_and_is_one_undo_step(sam):
+    viewer, widget = sam
+    existing = np.zeros((4, 96, 96), np.uint32)
+    existing[2, 30:60, 30:60] = 5  # on the displayed slice: propagated
+    existing[0, 0:20, 0:20] = 9  # elsewhere: kept, not propagated
+    existing[3, 40:50, :] = 7
+    objects = _objects(viewer, widget, existing)
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget.propagate(block=True)
+    assert not widget._propagation.running and widget._worker is None
+    labels = np.asarray(objects.data)
+    np.testing.assert_array_equal(labels[2], existing[2])  # the key slice is untouched
+    taken = existing != 0
+    np.testing.assert_array_equal(labels[taken], existing[taken])  # other objects are untouched
+    assert set(np.unique(labels[~taken])) <= {0, 5}
+    assert (labels[[0, 1, 3]] == 5).any()
+    assert widget._status.value.startswith("Propagated")
+    widget.undo()
+    np.testing.assert_array_equal(objects.data, existing)
+    assert "propagation of object 5" in widget._status.value
+
+
+def test_cancel_stops_the_propagation_and_keeps_what_was_filled(make_napari_viewer, tiny_checkpoint, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((30, 64, 64)).astype(np.float32), name="big")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget._model.value = "checkpoint file…"
+    widget._checkpoint.value = str(tiny_checkpoint)
+    existing = np.zeros((30, 64, 64), np.uint32)
+    existing[15, 16:48, 16:48] = 1
+    objects = _objects(viewer, widget, existing)
+    viewer.dims.set_current_step(0, 15)
+    widget.load()
+    qtbot.waitUntil(lambda: widget._session is not None and 15 in widget._session.store, timeout=60_000)
+    widget.propagate()  # stops the embeddings; the propagation computes those it needs
+    assert widget._propagation.running and widget._cancel_button.enabled
+    qtbot.waitUntil(lambda: "Propagating:" in widget._status.value, timeout=60_000)
+    widget.cancel()
+    assert not widget._propagation.running and not widget._cancel_button.enabled
+    assert widget._status.value.startswith("Cancelled")
+    filled = [z for z in range(30) if (np.asarray(objects.data[z]) == 1).any()]
+    assert 15 in filled and len(filled) < 30
+
+
+def test_2d_image_and_empty_slice_are_refused_with_a_message(sam, make_napari_viewer, messages):
+    viewer, widget = sam
+    _objects(viewer, widget, np.zeros((4, 96, 96), np.uint32))
+    viewer.dims.set_current_step(0, 1)
+    widget.load(block=True)
+    widget.propagate()
+    assert not widget._propagation.running
+    assert messages["warning"] and "holds no object" in messages["warning"][-1]
+
+    flat = viewer.add_image(np.zeros((32, 32), np.float32), name="flat")
+    widget._image.value = flat
+    widget.propagate()
+    assert not widget._propagation.running
+    assert "3D (Z, Y, X)" in messages["warning"][-1]
