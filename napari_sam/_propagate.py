@@ -148,7 +148,7 @@ class Propagation:
             commit = Commit(self._ids[0], index, np.zeros(index.size, self._layer.data.dtype), note)
             self._widget._history.append((self._layer, commit))
         self._worker, self._layer, self._painted = None, None, []
-        self._widget._cancel_button.enabled = self._widget._worker is not None
+        self._widget._cancel_button.enabled = self._widget._busy()
 
 
 def _drive(job):

@@ -2,8 +2,8 @@
 
 Everything long (loading weights, computing embeddings) runs in a `thread_worker`; decoding a
 prompt takes milliseconds and runs on the main thread, so the preview follows every click.
-The same actions are methods (`load`, `segment`, `commit`, `next_candidate`, `undo`, `clear`)
-for napari's console and notebooks.
+The same actions are methods (`load`, `segment`, `commit`, `next_candidate`, `undo`, `clear`,
+`propagate`, `segment_all`) for napari's console and notebooks.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from ._annotations import Commit, commit_mask, undo_commit
 from ._propagate import Propagation
 from ._prompts import NEGATIVE, POSITIVE, slice_prompts
+from ._segment_all import SCOPES, AutoSegmentation
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -74,10 +75,15 @@ class SamWidget(Container):
             button = PushButton(text=name.replace("_", " "))
             button.changed.connect(getattr(self, name))
             buttons.append(button)
+        self._scope = ComboBox(choices=[(text, scope) for scope, text in SCOPES.items()])
+        segment_all = PushButton(text="segment all", tooltip="find every object automatically")
+        segment_all.changed.connect(self.segment_all)
+        automatic = Container(layout="horizontal", labels=False, label="automatic")
+        automatic.extend([segment_all, self._scope])
         self.extend([
             self._image, self._model, self._checkpoint, self._device, self._cache_dir,
             self._load_button, self._cancel_button, self._output, self._overwrite,
-            buttons, self._candidate, self._status, self._help,
+            buttons, automatic, self._candidate, self._status, self._help,
         ])
         self._model.changed.connect(self._on_model_choice)
         self._image.changed.connect(self._on_image_change)
@@ -96,6 +102,8 @@ class SamWidget(Container):
         self._polarity = POSITIVE
         self._propagation = Propagation(self)
         self.propagation_settings = None  # a samcore PropagationSettings; None for its defaults
+        self._automatic = AutoSegmentation(self)
+        self.auto_settings = None  # a samcore AutoSettings for segment all; None for its defaults
         self._bind_keys()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -215,11 +223,16 @@ class SamWidget(Container):
         worker.start()
 
     def cancel(self, _=None) -> None:
-        """Stop computing embeddings or propagating (what is done is kept)."""
+        """Stop computing embeddings, propagating or segmenting all (what is done is kept)."""
         self._propagation.cancel()
+        self._automatic.cancel()
         if self._worker is not None:
             self._worker.quit()
         self.wait()
+
+    def _busy(self) -> bool:
+        """Whether any background work is running."""
+        return self._worker is not None or self._propagation.running or self._automatic.running
 
     def wait(self, timeout_ms: int = 600_000) -> None:
         """Block until the background work has stopped, processing Qt events meanwhile."""
@@ -227,7 +240,7 @@ class SamWidget(Container):
 
         timer = QElapsedTimer()
         timer.start()
-        while (self._worker is not None or self._propagation.running) and timer.elapsed() < timeout_ms:
+        while self._busy() and timer.elapsed() < timeout_ms:
             QCoreApplication.processEvents()
             self._worker_thread_sleep()
 
@@ -262,7 +275,7 @@ class SamWidget(Container):
             self._progress.close()
             self._progress = None
         self._worker = None
-        self._cancel_button.enabled = False
+        self._cancel_button.enabled = self._busy()
         if self._session is not None and len(self._session.store) < self._session.view.n_slices:
             self._status.value = (
                 f"Stopped: {len(self._session.store)}/{self._session.view.n_slices} slices have embeddings."
@@ -454,9 +467,37 @@ class SamWidget(Container):
         if self._propagation.running:
             show_info("SAM: a propagation is already running.")
             return
+        if self._automatic.running:
+            show_info("SAM: segment all is running; wait for it or cancel it first.")
+            return
         if self._worker is not None:
             self.cancel()  # the propagation computes the embeddings it needs itself
         if self._propagation.start(object_ids, self.propagation_settings) and block:
+            self.wait()
+
+    def segment_all(self, scope: str | None = None, *, block: bool = False) -> None:
+        """Find every object automatically and add them as new objects, in the background.
+
+        New objects get ids above the largest of the objects layer and fill only background pixels,
+        so existing objects are kept; through a stack, the objects of adjacent slices are linked into
+        3D objects. One undo removes them all.
+
+        Args:
+            scope: "slice" (the displayed slice; a 2D image is one slice) or "stack" (every slice);
+                default the widget's choice.
+            block: Wait until it has finished (for scripts and tests).
+        """
+        if scope is None or isinstance(scope, bool):
+            scope = self._scope.value  # the button's click
+        if scope not in SCOPES:
+            raise ValueError(f"Segment all works on the displayed 'slice' or on the 'stack', not {scope!r}.")
+        if self._automatic.running:
+            show_info("SAM: segment all is already running.")
+            return
+        if self._propagation.running:
+            show_info("SAM: a propagation is running; wait for it or cancel it first.")
+            return
+        if self._automatic.start(scope, self.auto_settings) and block:
             self.wait()
 
     def clear(self, _=None) -> None:

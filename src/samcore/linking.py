@@ -53,6 +53,53 @@ def _areas(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return counts[ids]
 
 
+class SliceLinker:
+    """Links the slices of a stack into 3D objects one slice at a time, from the first slice on.
+
+    The rule is the module's, so `link_slices` of a stack equals this fed with its slices in order;
+    a viewer can show each slice's 3D objects as soon as the slice is segmented.
+
+    Args:
+        min_overlap: Least fraction of the smaller of two objects on adjacent slices that their
+            overlap must cover for them to be one 3D object.
+    """
+
+    def __init__(self, min_overlap: float = 0.5) -> None:
+        if not 0.0 < min_overlap <= 1.0:
+            raise ValueError(f"min_overlap is a fraction above 0 and at most 1, not {min_overlap}.")
+        self.min_overlap = min_overlap
+        self.next_id = 1  # the id the next new 3D object gets
+        self._previous: np.ndarray | None = None  # the last slice's own labels
+        self._lookup = np.zeros(1, np.int32)  # its labels -> 3D ids
+
+    def add(self, labels: np.ndarray) -> np.ndarray:
+        """The 3D ids of the next slice's objects.
+
+        Args:
+            labels: (Y, X) non-negative integer labels of the slice, numbered on their own.
+
+        Returns:
+            (Y, X) int32 labels: objects continuing from the previous slice keep its 3D ids, the others
+            get new ones (`next_id` on), in the order of their labels.
+        """
+        labels = np.asarray(labels)
+        if labels.ndim != 2 or (self._previous is not None and labels.shape != self._previous.shape):
+            expected = "(Y, X)" if self._previous is None else str(self._previous.shape)
+            raise ValueError(f"Each slice's labels must have shape {expected}, not {labels.shape}.")
+        ids = np.unique(labels)
+        ids = ids[ids > 0]
+        lookup = np.zeros(int(ids.max()) + 1 if ids.size else 1, np.int32)
+        matches = {} if self._previous is None else overlap_matches(self._previous, labels, self.min_overlap)
+        for label in ids:
+            if int(label) in matches:
+                lookup[label] = self._lookup[matches[int(label)]]
+            else:
+                lookup[label] = self.next_id
+                self.next_id += 1
+        self._previous, self._lookup = labels, lookup
+        return lookup[labels]
+
+
 def link_slices(labels: np.ndarray, min_overlap: float = 0.5) -> np.ndarray:
     """3D instance labels from per-slice 2D instance labels (see the module's rule).
 
@@ -67,21 +114,8 @@ def link_slices(labels: np.ndarray, min_overlap: float = 0.5) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise ValueError(f"Linking needs a (Z, Y, X) stack of labels, not shape {labels.shape}.")
-    if not 0.0 < min_overlap <= 1.0:
-        raise ValueError(f"min_overlap is a fraction above 0 and at most 1, not {min_overlap}.")
+    linker = SliceLinker(min_overlap)
     linked = np.zeros(labels.shape, np.int32)
-    next_id = 1
     for z in range(labels.shape[0]):
-        ids = np.unique(labels[z])
-        ids = ids[ids > 0]
-        lookup = np.zeros(int(ids.max()) + 1 if ids.size else 1, np.int32)
-        matches = overlap_matches(labels[z - 1], labels[z], min_overlap) if z else {}
-        for label in ids:
-            if int(label) in matches:
-                lookup[label] = previous_lookup[matches[int(label)]]
-            else:
-                lookup[label] = next_id
-                next_id += 1
-        linked[z] = lookup[labels[z]]
-        previous_lookup = lookup
+        linked[z] = linker.add(labels[z])
     return linked

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from samcore.linking import link_slices, overlap_matches
+from samcore.linking import SliceLinker, link_slices, overlap_matches
 from samcore.synthetic import nuclei_stack
 
 
@@ -77,3 +77,14 @@ def test_matches_are_one_to_one_best_first():
 def test_linking_refuses_a_2d_image():
     with pytest.raises(ValueError, match=r"\(Z, Y, X\)"):
         link_slices(np.zeros((5, 5)))
+
+
+def test_linking_slice_by_slice_gives_the_stack_result():
+    _, truth = nuclei_stack((10, 64, 64), n_nuclei=6, radius=(5.0, 10.0), seed=3)
+    stack = per_slice_numbering(truth, seed=4)
+    linker = SliceLinker(0.5)
+    linked = np.stack([linker.add(plane) for plane in stack])
+    np.testing.assert_array_equal(linked, link_slices(stack, 0.5))
+    assert linker.next_id == linked.max() + 1
+    with pytest.raises(ValueError, match="shape"):
+        linker.add(np.zeros((32, 32), np.int32))
