@@ -11,7 +11,7 @@ from samcore.build import ARCHITECTURES, MicroConfig, build_sam, infer_architect
 from samcore.preprocess import to_rgb_uint8
 from samcore.training import prompts as prompt_sim
 from samcore.training.checkpoints import export_weights
-from samcore.training.interactive import Prompts, decode, encode, upscale
+from samcore.training.interactive import Prompts, decode, encode, random_offset, upscale
 from samcore.training.batches import scene_zoom
 from samcore.training.losses import FOCAL_WEIGHT, dice_loss, focal_loss, focal_ramp, mask_iou, sam_loss
 from samcore.training.scenes import FAMILIES, make_scene, relabel_consecutive
@@ -287,6 +287,30 @@ def test_scenes_smaller_than_the_model_input_are_encoded_without_padding(tiny_ar
     assert upscale(model, low_res, 32, out=16).shape == (2, 1, 16, 16)
     with pytest.raises(ValueError, match="do not fit"):
         encode(model, torch.rand((1, 3, 40, 40)))
+
+
+
+def test_an_unpadded_embedding_can_stand_anywhere_in_the_positional_grid(tiny_arch: str) -> None:
+    model = build_sam(tiny_arch).eval()
+    corner = torch.randn((1, 256, 2, 2))
+    prompts = Prompts(torch.tensor([[[5.0, 9.0]]]), torch.tensor([[1]]), torch.tensor([[2.0, 3.0, 12.0, 14.0]]))
+    stride = model.img_size // model.prompt_encoder.image_embedding_size[0]
+    with torch.no_grad():
+        shifted, shifted_scores = decode(model, corner, prompts, multimask=True, offset=(1, 2))
+        # The same decoding spelt out: prompts moved by (2, 1) tokens in (x, y), the grid's (1, 2) window.
+        shift = torch.tensor([2.0 * stride, 1.0 * stride])
+        sparse, dense = model.prompt_encoder((prompts.coords + shift, prompts.labels), prompts.boxes + shift.repeat(2), None)
+        image_pe = model.prompt_encoder.get_dense_pe()[..., 1:3, 2:4]
+        expected, expected_scores = model.mask_decoder(corner, image_pe, sparse, dense[..., :2, :2], True)
+        at_corner, _ = decode(model, corner, prompts, multimask=True)
+    torch.testing.assert_close(shifted, expected)
+    torch.testing.assert_close(shifted_scores, expected_scores)
+    assert not torch.allclose(shifted, at_corner)
+    with pytest.raises(ValueError, match="does not fit"):
+        decode(model, corner, prompts, multimask=True, offset=(3, 0))
+    generator = torch.Generator().manual_seed(0)
+    drawn = {random_offset(model, corner, generator) for _ in range(200)}
+    assert drawn == {(row, column) for row in range(3) for column in range(3)}
 
 
 # -- loop -----------------------------------------------------------------------------------------

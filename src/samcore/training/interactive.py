@@ -11,7 +11,10 @@ Scenes smaller than the model input are encoded without padding (`encode`): the 
 then covers only the top-left corner of the model input, and the decoder sees the matching
 corner of the positional encoding. It computes what the padded input would give for that
 corner, up to the global attention not seeing the padding, at a fraction of the cost: a
-512 px model trains on 256 px scenes four times faster.
+512 px model trains on 256 px scenes four times faster. The image encoder has no absolute
+positions, so the same embedding may stand anywhere in the grid: each step places it at a
+random whole-token `offset` (prompts shifted to match), so that the decoder learns every part
+of the positional encoding, not only the corner, and serves whole model-size images.
 """
 
 from __future__ import annotations
@@ -77,24 +80,41 @@ def initial_prompts(masks: torch.Tensor, use_box: bool, generator: torch.Generat
 
 
 def decode(
-    model: Sam, embeddings: torch.Tensor, prompts: Prompts, multimask: bool
+    model: Sam, embeddings: torch.Tensor, prompts: Prompts, multimask: bool, offset: tuple[int, int] = (0, 0)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the prompt encoder and the reference mask decoder.
 
     Args:
         model: The SAM model.
         embeddings: (N, 256, h, w) image embedding of each prompt's image.
-        prompts: N prompts.
+        prompts: N prompts, in pixels of the embedded scene.
         multimask: Return three candidate masks instead of one.
+        offset: (row, column) of the embedding's first token in the model's embedding grid.
 
     Returns:
         Low-resolution logits (N, C, 4h, 4w) and predicted IoUs (N, C), C = 3 or 1.
     """
-    points = None if prompts.coords is None else (prompts.coords, prompts.labels)
-    sparse, dense = model.prompt_encoder(points, prompts.boxes, prompts.mask_input)
     height, width = embeddings.shape[-2:]
-    image_pe = model.prompt_encoder.get_dense_pe()[..., :height, :width]
+    grid_h, grid_w = model.prompt_encoder.image_embedding_size
+    row, column = offset
+    if not (0 <= row <= grid_h - height and 0 <= column <= grid_w - width):
+        raise ValueError(f"An embedding of {height}x{width} tokens does not fit the grid at offset {offset}.")
+    stride = model.img_size / grid_w
+    shift = torch.tensor([column * stride, row * stride], device=embeddings.device)
+    points = None if prompts.coords is None else (prompts.coords + shift, prompts.labels)
+    boxes = None if prompts.boxes is None else prompts.boxes + shift.repeat(2)
+    sparse, dense = model.prompt_encoder(points, boxes, prompts.mask_input)
+    image_pe = model.prompt_encoder.get_dense_pe()[..., row : row + height, column : column + width]
     return model.mask_decoder(embeddings, image_pe, sparse, dense[..., :height, :width], multimask)
+
+
+def random_offset(model: Sam, embeddings: torch.Tensor, generator: torch.Generator) -> tuple[int, int]:
+    """A uniformly drawn whole-token position of the embedding in the model's grid."""
+    height, width = embeddings.shape[-2:]
+    grid_h, grid_w = model.prompt_encoder.image_embedding_size
+    draw = torch.randint(0, (grid_h - height + 1) * (grid_w - width + 1), (1,), generator=generator,
+                         device=generator.device)
+    return divmod(int(draw), grid_w - width + 1)
 
 
 def encode(model: Sam, images: torch.Tensor) -> torch.Tensor:
@@ -178,11 +198,12 @@ def interactive_step(
     truth = targets[:, 0] > 0.5
     click_scale = size / loss_size
     prompts = initial_prompts(batch.masks, use_box, generator)
+    offset = random_offset(model, embeddings, generator)
     trained: list[LossParts] = []
     for round_index in range(corrective + 1):
         with_grad = round_index in (0, corrective)
         with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
-            low_res, iou_pred = decode(model, embeddings, prompts, multimask=round_index == 0 and not use_box)
+            low_res, iou_pred = decode(model, embeddings, prompts, round_index == 0 and not use_box, offset)
             logits = upscale(model, low_res, size, loss_size)
             if with_grad:
                 trained.append(sam_loss(logits, iou_pred, targets, focal_window, focal_weight))
