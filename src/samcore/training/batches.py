@@ -90,7 +90,7 @@ def collate(picked: list[tuple[Scene, np.ndarray]]) -> Batch:
     """A batch from scenes and the label ids chosen in each."""
     images, masks, index = [], [], []
     for j, (scene, chosen) in enumerate(picked):
-        images.append(torch.from_numpy(scene.image).permute(2, 0, 1).float())
+        images.append(torch.from_numpy(scene.image.astype(np.float32)).permute(2, 0, 1))
         labels = torch.from_numpy(scene.labels)
         masks.extend(labels == int(label) for label in chosen)
         index.extend([j] * len(chosen))

@@ -158,5 +158,5 @@ def sam_loss(
     iou = mask_iou(logits, targets)
     iou_mse = F.mse_loss(iou_pred.float(), iou)
     total = per_mask[rows, best].mean() + IOU_WEIGHT * iou_mse
-    trained = (focal[rows, best].mean(), dice[rows, best].mean())
-    return LossParts(total, *trained, iou_mse, iou[rows, best].mean())
+    trained = (focal[rows, best].mean().detach(), dice[rows, best].mean().detach())
+    return LossParts(total, *trained, iou_mse.detach(), iou[rows, best].mean())
