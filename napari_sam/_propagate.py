@@ -149,6 +149,7 @@ class Propagation:
             self._widget._history.append((self._layer, commit))
         self._worker, self._layer, self._painted = None, None, []
         self._widget._cancel_button.enabled = self._widget._busy()
+        self._widget._resume_embeddings(cancelled=self._cancel.is_set())
 
 
 def _drive(job):

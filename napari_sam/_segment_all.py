@@ -123,8 +123,7 @@ class AutoSegmentation:
             return False
         z = widget._current_z(image)
         slices = list(range(session.view.n_slices)) if scope == "stack" and z is not None else [z or 0]
-        if widget._worker is not None:
-            widget.cancel()  # this run computes the embeddings it needs itself
+        widget._pause_embeddings()  # this run computes the embeddings it needs itself
 
         settings = settings or AutoSettings()
         self._cancel.clear()
@@ -217,6 +216,7 @@ class AutoSegmentation:
             )
         self._worker, self._layer, self._painted = None, None, []
         self._widget._cancel_button.enabled = self._widget._busy()
+        self._widget._resume_embeddings(cancelled=self._cancel.is_set())
 
 
 def _segment(predictor, view, store, slices, settings, link_overlap, cancel):

@@ -103,6 +103,7 @@ class SamWidget(Container):
         self._propagation = Propagation(self)
         self.propagation_settings = None  # a samcore PropagationSettings; None for its defaults
         self._automatic = AutoSegmentation(self)
+        self._embeddings_paused = False  # stopped for a propagation or segment all; resumed after it
         self.auto_settings = None  # a samcore AutoSettings for segment all; None for its defaults
         self._bind_keys()
 
@@ -229,6 +230,24 @@ class SamWidget(Container):
         if self._worker is not None:
             self._worker.quit()
         self.wait()
+
+    def _pause_embeddings(self) -> None:
+        """Stop the embedding job for a job that computes the embeddings it needs itself.
+
+        The embeddings resume once that job ends, unless the user cancelled it (`_resume_embeddings`).
+        """
+        if self._worker is not None:
+            self.cancel()
+            self._embeddings_paused = True
+
+    def _resume_embeddings(self, cancelled: bool) -> None:
+        """After a job that paused the embeddings: continue computing the missing ones."""
+        paused, self._embeddings_paused = self._embeddings_paused, False
+        session = self._session
+        if not paused or cancelled or self._busy() or session is None:
+            return
+        if len(session.store) < session.view.n_slices:
+            self._start_worker(session.layer, session.model_source)
 
     def _busy(self) -> bool:
         """Whether any background work is running."""
@@ -470,8 +489,7 @@ class SamWidget(Container):
         if self._automatic.running:
             show_info("SAM: segment all is running; wait for it or cancel it first.")
             return
-        if self._worker is not None:
-            self.cancel()  # the propagation computes the embeddings it needs itself
+        self._pause_embeddings()  # the propagation computes the embeddings it needs itself
         if self._propagation.start(object_ids, self.propagation_settings) and block:
             self.wait()
 

@@ -74,3 +74,26 @@ def test_2d_image_and_empty_slice_are_refused_with_a_message(sam, make_napari_vi
     widget.propagate()
     assert not widget._propagation.running
     assert "3D (Z, Y, X)" in messages["warning"][-1]
+
+
+def test_embeddings_paused_for_a_propagation_resume_after_it(make_napari_viewer, tiny_checkpoint, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(1).random((12, 64, 64)).astype(np.float32), name="stack")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget._model.value = "checkpoint file…"
+    widget._checkpoint.value = str(tiny_checkpoint)
+    existing = np.zeros((12, 64, 64), np.uint32)
+    existing[6, 20:40, 20:40] = 3
+    widget.propagation_settings = PropagationSettings(min_iou=0.0, min_score=0.0, min_area=0, z_range=(5, 7))
+    objects = viewer.add_labels(existing.copy(), name="mine")
+    widget._output.reset_choices()
+    widget._output.value = objects
+    viewer.dims.set_current_step(0, 6)
+    widget.load()
+    qtbot.waitUntil(lambda: widget._session is not None and 6 in widget._session.store, timeout=60_000)
+    assert len(widget._session.store) < 12
+    widget.propagate()
+    assert widget._propagation.running and widget._worker is None  # the embeddings wait meanwhile
+    qtbot.waitUntil(lambda: not widget._propagation.running, timeout=60_000)
+    # ... and continue afterwards: the propagation alone embeds only slices 5 to 7.
+    qtbot.waitUntil(lambda: len(widget._session.store) == 12, timeout=60_000)
