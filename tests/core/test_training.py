@@ -12,7 +12,7 @@ from samcore.preprocess import to_rgb_uint8
 from samcore.training import prompts as prompt_sim
 from samcore.training.checkpoints import export_weights
 from samcore.training.interactive import Prompts, decode, encode, random_offset, upscale
-from samcore.training.batches import scene_zoom
+from samcore.training.batches import pick_objects, scene_zoom
 from samcore.training.losses import FOCAL_WEIGHT, dice_loss, focal_loss, focal_ramp, mask_iou, sam_loss
 from samcore.training.scenes import FAMILIES, make_scene, relabel_consecutive
 from samcore.training.schedule import WarmupCosine
@@ -103,6 +103,22 @@ def test_size_curriculum_enlarges_early_scenes_only() -> None:
     assert set(early) <= {2, 4} and set(late) <= {1, 2, 4}
     assert 0.05 < np.mean(np.asarray(late) > 1) < 0.3
     assert scene_zoom(rng, 0, 0, 512) == 1 and scene_zoom(rng, 0, 1000, 96) == 1
+
+
+
+def test_prompted_objects_favour_larger_ones_and_skip_specks() -> None:
+    labels = np.zeros((64, 64), np.int32)
+    labels[0:2, 0:2] = 1  # 4 px: a speck, never prompted while larger objects exist
+    labels[10:20, 10:20] = 2  # 100 px
+    labels[30:50, 30:50] = 3  # 400 px
+    picks = np.concatenate([pick_objects(np.random.default_rng(i), labels, 1) for i in range(2000)])
+    counts = np.bincount(picks, minlength=4)
+    assert counts[1] == 0
+    assert 1.6 < counts[3] / counts[2] < 2.4  # sqrt(400 / 100) = 2
+    assert set(pick_objects(np.random.default_rng(0), labels, 2)) == {2, 3}  # distinct when possible
+    only_specks = np.zeros((8, 8), np.int32)
+    only_specks[0, 0] = 1
+    assert pick_objects(np.random.default_rng(0), only_specks, 3).tolist() == [1, 1, 1]
 
 
 def test_relabel_drops_small_labels_and_renumbers() -> None:
