@@ -1,0 +1,192 @@
+"""Zero-shot accuracy and speed of a model on real nuclei, side by side with a classical baseline.
+
+For every labelled object of at least 30 pixels:
+  * box prompt: the object's bounding box;
+  * point prompt: one positive click at its most interior pixel (maximum of its distance transform);
+the predicted mask (single output for a box; for a click, the candidate with the best predicted IoU)
+is compared with the label. The baseline on the same prompts: Otsu's threshold inside the box, or
+in a window around the click (side four times the median object diameter of the image), keeping
+the connected component under the prompt (the box's largest one).
+
+Data: `$NAPARI_SAM_DATA` (default ../shared/data): `dsb2018` (one 512x512 image) and every slice
+of `nuclei3d` (60x256x256), with their instance labels. Measurement only: nothing is tuned on it.
+
+Also printed: embedding seconds per 512x512 slice, decode milliseconds per prompt, the weight
+file's size and, for the bundled model, its training time.
+
+Run:  python benchmarks/bench_bundled.py [--model default | --checkpoint FILE] [--slices-every 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+from samcore import Predictor, load_model
+from samcore import download, zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+MIN_AREA = 30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=zoo.DEFAULT_MODEL_NAME, help="model name (default: the bundled model)")
+    parser.add_argument("--checkpoint", type=Path, help="a weight file instead of a named model")
+    parser.add_argument("--slices-every", type=int, default=1, help="use every n-th slice of nuclei3d")
+    args = parser.parse_args()
+
+    data = Path(os.environ.get("NAPARI_SAM_DATA", ROOT.parent / "shared" / "data"))
+    model = load_model(None if args.checkpoint else args.model, checkpoint=args.checkpoint, device="cpu")
+    predictor = Predictor(model)
+    print(f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    describe_weights(args)
+
+    dsb_image, dsb_labels = read_pair(data / "dsb2018")
+    stack, stack_labels = read_pair(data / "nuclei3d")
+    sets = {
+        "dsb2018": [(dsb_image, dsb_labels)],
+        "nuclei3d": [(stack[z], stack_labels[z]) for z in range(0, len(stack), args.slices_every)],
+    }
+    print(f"\nMean IoU against the labels (objects >= {MIN_AREA} px):")
+    print(f"  {'data':10} {'objects':>7}  {'model box':>9} {'Otsu box':>9}  {'model point':>11} {'Otsu point':>10}")
+    for name, slices in sets.items():
+        scores = evaluate(predictor, slices)
+        print(f"  {name:10} {scores['objects']:7d}  {scores['model box']:9.3f} {scores['Otsu box']:9.3f}  "
+              f"{scores['model point']:11.3f} {scores['Otsu point']:10.3f}")
+
+    print_speed(predictor, dsb_image, dsb_labels)
+
+
+def read_pair(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its instance labels from `folder/image.tif` and `folder/labels.tif`."""
+    return tifffile.imread(folder / "image.tif"), tifffile.imread(folder / "labels.tif")
+
+
+def describe_weights(args: argparse.Namespace) -> None:
+    if args.checkpoint:
+        path = args.checkpoint
+    else:
+        path = download.cached_path(zoo.get_entry(args.model))
+    print(f"Weights: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True).get("training", {})
+    except Exception:  # noqa: BLE001 - a file without training notes is fine
+        meta = {}
+    if meta:
+        print(f"Training: {meta.get('minutes', float('nan')):.0f} min, {meta.get('steps', '?')} steps "
+              f"on {meta.get('device', '?')}")
+
+
+def objects(labels: np.ndarray) -> Iterator[tuple[np.ndarray, tuple[slice, slice]]]:
+    """(mask, bounding slices) of every object of at least MIN_AREA pixels."""
+    for index, found in enumerate(ndimage.find_objects(labels), start=1):
+        if found is None:
+            continue
+        mask = labels == index
+        if mask.sum() >= MIN_AREA:
+            yield mask, found
+
+
+def evaluate(predictor: Predictor, slices: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    ious: dict[str, list[float]] = {"model box": [], "Otsu box": [], "model point": [], "Otsu point": []}
+    for image, labels in slices:
+        found = list(objects(labels))
+        if not found:
+            continue
+        predictor.set_image(image)
+        diameters = [max(s.stop - s.start for s in box) for _, box in found]
+        window = 4 * int(np.median(diameters))
+        for mask, (rows, cols) in found:
+            box = np.array([cols.start, rows.start, cols.stop - 1, rows.stop - 1])
+            point = interior_point(mask)
+            masks, _, _ = predictor.predict(box=box, multimask_output=False)
+            ious["model box"].append(iou(masks[0], mask))
+            masks, scores, _ = predictor.predict(point_coords=point[None], point_labels=np.array([1]))
+            ious["model point"].append(iou(masks[int(np.argmax(scores))], mask))
+            ious["Otsu box"].append(iou(otsu_in_box(image, box), mask))
+            ious["Otsu point"].append(iou(otsu_at_point(image, point, window), mask))
+    result = {name: float(np.mean(values)) for name, values in ious.items()}
+    result["objects"] = len(ious["model box"])
+    return result
+
+
+def interior_point(mask: np.ndarray) -> np.ndarray:
+    """(x, y) of the object's pixel farthest from its border."""
+    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(distance)), mask.shape)
+    return np.array([x, y], dtype=np.float64)
+
+
+def otsu_in_box(image: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Otsu foreground inside an XYXY box, its largest connected component."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    crop = image[y0 : y1 + 1, x0 : x1 + 1].astype(np.float64)
+    out = np.zeros(image.shape, dtype=bool)
+    if crop.size == 0 or crop.min() == crop.max():
+        return out
+    components, count = ndimage.label(crop > threshold_otsu(crop))
+    if count:
+        sizes = np.bincount(components.ravel())[1:]
+        out[y0 : y1 + 1, x0 : x1 + 1] = components == int(np.argmax(sizes)) + 1
+    return out
+
+
+def otsu_at_point(image: np.ndarray, point: np.ndarray, window: int) -> np.ndarray:
+    """Otsu foreground in a window around an (x, y) click, the component under the click."""
+    x, y = int(point[0]), int(point[1])
+    half = max(window // 2, 4)
+    y0, x0 = max(y - half, 0), max(x - half, 0)
+    crop = image[y0 : y + half + 1, x0 : x + half + 1].astype(np.float64)
+    out = np.zeros(image.shape, dtype=bool)
+    if crop.min() == crop.max():
+        return out
+    components, _ = ndimage.label(crop > threshold_otsu(crop))
+    under = components[y - y0, x - x0]
+    if under:
+        out[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] = components == under
+    return out
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def print_speed(predictor: Predictor, image: np.ndarray, labels: np.ndarray) -> None:
+    embed = median_seconds(lambda: predictor.set_image(image), repeats=5)
+    boxes = [np.array([c.start, r.start, c.stop - 1, r.stop - 1]) for _, (r, c) in objects(labels)][:40]
+    predictor.predict(box=boxes[0], multimask_output=False)  # warm-up
+    decode = statistics.median(
+        timed(lambda box=box: predictor.predict(box=box, multimask_output=False)) for box in boxes
+    )
+    print(f"\nSpeed on the {image.shape[0]}x{image.shape[1]} DSB image:")
+    print(f"  embedding       {embed:.3f} s per slice (median of 5)")
+    print(f"  box -> mask     {decode * 1000:.1f} ms per prompt (median of {len(boxes)})")
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()
+    return statistics.median(timed(run) for _ in range(repeats))
+
+
+def timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()
