@@ -9,17 +9,15 @@ that are still background then, so edits made meanwhile are kept. The whole run 
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._annotations import Commit
+from ._background import BackgroundJob
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from napari.layers import Labels
     from samcore.propagation import PropagationSettings
 
     from ._widget import SamWidget
@@ -46,30 +44,21 @@ def paint(labels: np.ndarray, z: int, written: dict[int, np.ndarray]) -> np.ndar
     return np.concatenate(index) if index else np.zeros(0, np.intp)
 
 
-class Propagation:
-    """One widget's propagation: its worker, cancel event, progress bar and painted pixels.
+class Propagation(BackgroundJob):
+    """One widget's propagation of objects through the stack (see `BackgroundJob`).
 
     Args:
         widget: The SAM widget it reports to (status label, cancel button, undo history).
     """
 
-    def __init__(self, widget: SamWidget) -> None:
-        self._widget = widget
-        self._worker = None
-        self._cancel = threading.Event()
-        self._progress = None
-        self._layer: Labels | None = None
-        self._painted: list[np.ndarray] = []
-        self._ids: list[int] = []
+    progress_label = "SAM propagation"
 
-    @property
-    def running(self) -> bool:
-        return self._worker is not None
+    def __init__(self, widget: SamWidget) -> None:
+        super().__init__(widget)
+        self._ids: list[int] = []
 
     def start(self, object_ids: Iterable[int] | None = None, settings: PropagationSettings | None = None) -> bool:
         """Check the widget's state, then start propagating; False (after a notification) if it cannot."""
-        from napari.qt.threading import thread_worker
-        from napari.utils import progress
         from samcore import Predictor
         from samcore.propagation import propagate_iter
         from samcore.slice_decoder import StackDecoder
@@ -105,24 +94,10 @@ class Propagation:
             show_error(f"SAM: {error}")
             return False
 
-        self._cancel.clear()
         self._layer, self._painted, self._ids = layer, [], ids
-        worker = thread_worker(_drive, ignore_errors=True)(job)
-        self._progress = progress(total=0, desc="SAM propagation")
-        worker.yielded.connect(self._on_step)
-        worker.returned.connect(self._on_done)
-        worker.errored.connect(widget._on_error)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        widget._cancel_button.enabled = True
-        widget._status.value = f"Propagating object{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}…"
-        worker.start()
+        plural = "s" if len(ids) > 1 else ""
+        self._launch(_drive, job, status=f"Propagating object{plural} {', '.join(map(str, ids))}…")
         return True
-
-    def cancel(self) -> None:
-        """Stop after the current step; what was painted is kept."""
-        if self._worker is not None:
-            self._cancel.set()  # the engine stops between steps and returns what it filled
 
     def _on_step(self, step) -> None:
         self._progress.total = step.total
@@ -138,18 +113,9 @@ class Propagation:
         word = "Cancelled" if result.cancelled else "Propagated"
         self._widget._status.value = f"{word}: {filled} object-slices filled for {len(self._ids)} object(s)."
 
-    def _on_finished(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        index = np.concatenate(self._painted) if self._painted else np.zeros(0, np.intp)
-        if index.size:
-            note = f"propagation of object{'s' if len(self._ids) > 1 else ''} {', '.join(map(str, self._ids))}"
-            commit = Commit(self._ids[0], index, np.zeros(index.size, self._layer.data.dtype), note)
-            self._widget._history.append((self._layer, commit))
-        self._worker, self._layer, self._painted = None, None, []
-        self._widget._cancel_button.enabled = self._widget._busy()
-        self._widget._resume_embeddings(cancelled=self._cancel.is_set())
+    def _undo_entry(self) -> tuple[int, str]:
+        plural = "s" if len(self._ids) > 1 else ""
+        return self._ids[0], f"propagation of object{plural} {', '.join(map(str, self._ids))}"
 
 
 def _drive(job):

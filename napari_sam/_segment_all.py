@@ -11,15 +11,13 @@ and edits made meanwhile are kept. The whole run is one undo step.
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._annotations import Commit
+from ._background import BackgroundJob
 
 if TYPE_CHECKING:
-    from napari.layers import Labels
     from samcore.automatic import AutoSettings
 
     from ._widget import SamWidget
@@ -64,19 +62,17 @@ def paint_new_objects(
     return np.flatnonzero(take), next_id, full
 
 
-class AutoSegmentation:
-    """One widget's automatic segmentation: its worker, cancel event, progress bar and painted pixels.
+class AutoSegmentation(BackgroundJob):
+    """One widget's automatic segmentation (see `BackgroundJob`).
 
     Args:
         widget: The SAM widget it reports to (status label, cancel button, undo history).
     """
 
+    progress_label = "SAM segment all"
+
     def __init__(self, widget: SamWidget) -> None:
-        self._widget = widget
-        self._worker = None
-        self._cancel = threading.Event()
-        self._progress = None
-        self._layer: Labels | None = None
+        super().__init__(widget)
         self._slices: list[int] = []
         self._flat = False  # a 2D image, not a stack
         self._min_visible = 0.5
@@ -84,11 +80,6 @@ class AutoSegmentation:
         self._next_id = 1
         self._found = 0
         self._full = 0
-        self._painted: list[np.ndarray] = []
-
-    @property
-    def running(self) -> bool:
-        return self._worker is not None
 
     def start(self, scope: str, settings: AutoSettings | None = None, link_overlap: float = 0.5) -> bool:
         """Check the widget's state, then start segmenting; False (after a notification) if it cannot.
@@ -99,8 +90,6 @@ class AutoSegmentation:
             link_overlap: Least fraction of the smaller of two objects on adjacent slices that their
                 overlap must cover for them to be one 3D object (see `samcore.linking`).
         """
-        from napari.qt.threading import thread_worker
-        from napari.utils import progress
         from samcore import Predictor
         from samcore.automatic import AutoSettings
 
@@ -126,29 +115,15 @@ class AutoSegmentation:
         widget._pause_embeddings()  # this run computes the embeddings it needs itself
 
         settings = settings or AutoSettings()
-        self._cancel.clear()
         self._layer, self._slices, self._flat = layer, slices, z is None
         self._min_visible, self._known, self._next_id = settings.min_visible, {}, 1
         self._found, self._full, self._painted = 0, 0, []
         predictor = Predictor(session.predictor.model)
-        worker = thread_worker(_segment, ignore_errors=True)(
-            predictor, session.view, session.store, slices, settings, link_overlap, self._cancel
+        self._launch(
+            _segment, predictor, session.view, session.store, slices, settings, link_overlap, self._cancel,
+            status=f"Segmenting all objects {self._where()}…",
         )
-        self._progress = progress(total=0, desc="SAM segment all")
-        worker.yielded.connect(self._on_step)
-        worker.returned.connect(self._on_done)
-        worker.errored.connect(widget._on_error)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        widget._cancel_button.enabled = True
-        widget._status.value = f"Segmenting all objects {self._where()}…"
-        worker.start()
         return True
-
-    def cancel(self) -> None:
-        """Stop after the current step; the slices painted are kept."""
-        if self._worker is not None:
-            self._cancel.set()
 
     def _where(self, finished: int | None = None) -> str:
         """Where the run segments, for messages: 'on slice 3', 'in 4/30 slices'…"""
@@ -196,27 +171,18 @@ class AutoSegmentation:
                 f"'{self._layer.name}'; none was added."
             )
 
-    def _on_finished(self) -> None:
+    def _undo_entry(self) -> tuple[int, str]:
+        new = len(self._known)
+        return min(self._known.values()), f"automatic segmentation ({new} object{'s' if new > 1 else ''})"
+
+    def _before_reset(self) -> None:
         from ._widget import show_warning
 
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        index = np.concatenate(self._painted) if self._painted else np.zeros(0, np.intp)
-        if index.size:
-            new = len(self._known)
-            note = f"automatic segmentation ({new} object{'s' if new > 1 else ''})"
-            previous = np.zeros(index.size, self._layer.data.dtype)  # only background was painted
-            commit = Commit(min(self._known.values()), index, previous, note)
-            self._widget._history.append((self._layer, commit))
         if self._full:
             show_warning(
                 f"SAM: the labels layer '{self._layer.name}' ({self._layer.data.dtype}) holds no larger "
                 f"object id; {self._full} object(s) were left out."
             )
-        self._worker, self._layer, self._painted = None, None, []
-        self._widget._cancel_button.enabled = self._widget._busy()
-        self._widget._resume_embeddings(cancelled=self._cancel.is_set())
 
 
 def _segment(predictor, view, store, slices, settings, link_overlap, cancel):

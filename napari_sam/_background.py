@@ -1,0 +1,92 @@
+"""The widget's long jobs on labels (propagation, segment all): shared running, cancelling and undo.
+
+A job runs its engine generator in a `thread_worker` with a napari progress bar; the widget's Cancel
+sets its event, and the engine stops between steps. Subclasses paint into `_layer` as steps arrive
+and record the flat indices they wrote in `_painted`; when the worker ends, those pixels (background
+before the job) become one undo step, and embeddings the job paused resume unless it was cancelled.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ._annotations import Commit
+
+if TYPE_CHECKING:
+    from napari.layers import Labels
+
+    from ._widget import SamWidget
+
+
+class BackgroundJob:
+    """One widget's job: its worker, cancel event, progress bar and painted pixels.
+
+    Args:
+        widget: The SAM widget it reports to (status label, cancel button, undo history).
+    """
+
+    progress_label = ""
+
+    def __init__(self, widget: SamWidget) -> None:
+        self._widget = widget
+        self._worker = None
+        self._cancel = threading.Event()
+        self._progress = None
+        self._layer: Labels | None = None
+        self._painted: list[np.ndarray] = []
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def cancel(self) -> None:
+        """Stop after the current step; what was painted is kept."""
+        if self._worker is not None:
+            self._cancel.set()
+
+    def _launch(self, body, *args, status: str) -> None:
+        """Run `body(*args)` in a worker; its yields go to `_on_step`, its return value to `_on_done`."""
+        from napari.qt.threading import thread_worker
+        from napari.utils import progress
+
+        self._cancel.clear()
+        worker = thread_worker(body, ignore_errors=True)(*args)
+        self._progress = progress(total=0, desc=self.progress_label)
+        worker.yielded.connect(self._on_step)
+        worker.returned.connect(self._on_done)
+        worker.errored.connect(self._widget._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._widget._cancel_button.enabled = True
+        self._widget._status.value = status
+        worker.start()
+
+    def _on_step(self, step) -> None:
+        raise NotImplementedError
+
+    def _on_done(self, result) -> None:
+        raise NotImplementedError
+
+    def _undo_entry(self) -> tuple[int, str]:
+        """The object id and the note of the undo step recording this run."""
+        raise NotImplementedError
+
+    def _before_reset(self) -> None:
+        """Last reports of a finished run, while its layer and counts are still set."""
+
+    def _on_finished(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        index = np.concatenate(self._painted) if self._painted else np.zeros(0, np.intp)
+        if index.size:
+            object_id, note = self._undo_entry()
+            previous = np.zeros(index.size, self._layer.data.dtype)  # only background was painted
+            self._widget._history.append((self._layer, Commit(object_id, index, previous, note)))
+        self._before_reset()
+        self._worker, self._layer, self._painted = None, None, []
+        self._widget._cancel_button.enabled = self._widget._busy()
+        self._widget._resume_embeddings(cancelled=self._cancel.is_set())
