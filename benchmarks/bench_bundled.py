@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +34,8 @@ from skimage.filters import threshold_otsu
 
 from samcore import Predictor, load_model
 from samcore import download, zoo
+
+from machine import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_AREA = 30
@@ -50,8 +51,7 @@ def main() -> None:
     data = Path(os.environ.get("NAPARI_SAM_DATA", ROOT.parent / "shared" / "data"))
     model = load_model(None if args.checkpoint else args.model, checkpoint=args.checkpoint, device="cpu")
     predictor = Predictor(model)
-    print(f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    print(machine_line())
     describe_weights(args)
 
     dsb_image, dsb_labels = read_pair(data / "dsb2018")

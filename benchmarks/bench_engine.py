@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from segment_anything import SamPredictor, sam_model_registry  # noqa: E402
 
 from samcore import Predictor, build_sam  # noqa: E402
 from samcore.preprocess import to_rgb_uint8  # noqa: E402
+from machine import machine_line  # noqa: E402
 from weights import randomize_  # noqa: E402
 
 
@@ -136,15 +136,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def print_machine(weights: str, image: np.ndarray) -> None:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(machine_line())
     print(f"weights: {weights}")
     print(f"image: dsb2018 {image.shape} uint8 RGB (converted once from uint16, same input for both)")
 

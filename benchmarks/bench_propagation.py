@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,8 @@ from samcore.mask_prompts import DEFAULT_MODE, MODES
 from samcore.prompts_file import ObjectPrompts, PromptedSlice
 from samcore.propagation import PropagationSettings, iou, propagate_iter
 from samcore.slice_decoder import StackDecoder
+
+from machine import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,15 +142,7 @@ def baseline(seeds: np.ndarray, extents: dict[int, tuple[int, int]]) -> np.ndarr
 
 
 def print_machine(model: torch.nn.Module, predictor: Predictor, image: np.ndarray) -> None:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(machine_line())
     name = getattr(model, "architecture", "") or "custom"
     print(f"model: {name} on {predictor.device} ({predictor.precision})")
     print(f"stack: nuclei3d {image.shape} {image.dtype}")

@@ -51,3 +51,15 @@ def cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(download, "_open_url", local_only)
     return folder
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A weight file of the tiny `vit_test` SAM with seeded random weights (a module may override it)."""
+    import torch
+    from samcore import build_sam
+
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    torch.manual_seed(0)
+    torch.save(build_sam("vit_test").state_dict(), path)
+    return path

@@ -3,18 +3,8 @@
 import numpy as np
 import pytest
 import tifffile
-import torch
 
-from samcore import build_sam
 from samcore.cli import main
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    torch.manual_seed(0)
-    torch.save(build_sam("vit_test").state_dict(), path)
-    return path
 
 
 def test_segment_writes_labels_of_the_slice_shape(tmp_path, checkpoint, capsys):

@@ -6,20 +6,10 @@ import json
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 import samcore.propagation
-from samcore import build_sam
 from samcore.cli import main
 from samcore.synthetic import nuclei_stack
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    torch.manual_seed(0)
-    torch.save(build_sam("vit_test").state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
