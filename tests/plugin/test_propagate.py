@@ -97,3 +97,4 @@ def test_embeddings_paused_for_a_propagation_resume_after_it(make_napari_viewer,
     qtbot.waitUntil(lambda: not widget._propagation.running, timeout=60_000)
     # ... and continue afterwards: the propagation alone embeds only slices 5 to 7.
     qtbot.waitUntil(lambda: len(widget._session.store) == 12, timeout=60_000)
+    widget.wait()  # the resumed worker ends before the viewer closes
