@@ -24,6 +24,7 @@ class ViTConfig:
     global_attn_indexes: tuple[int, ...]
     window_size: int = 14
     img_size: int = 1024
+    stride = PATCH_SIZE
 
     def build(self) -> nn.Module:
         return ImageEncoderViT(
@@ -47,6 +48,7 @@ class TinyViTConfig:
     num_heads: tuple[int, ...] = (2, 4, 5, 10)
     window_sizes: tuple[int, ...] = (7, 7, 14, 7)
     img_size: int = 1024
+    stride = 16
 
     def build(self) -> nn.Module:
         from .modeling.tiny_vit import TinyViT
@@ -64,7 +66,7 @@ class TinyViTConfig:
 class MicroConfig:
     """A small conv-stem + windowed-attention encoder for CPU use (see `modeling.micro_encoder`).
 
-    The weights do not record img_size (the encoder has no position table), so registered
+    The weights record neither img_size (the encoder has no position table) nor the stride, so registered
     MicroConfigs must differ in their widths or depth for `infer_architecture` to tell them apart.
     """
 
@@ -76,12 +78,14 @@ class MicroConfig:
     stem_dims: tuple[int, int, int] = (32, 64, 128)
     stem_blocks: tuple[int, int] = (1, 2)
     img_size: int = 512
+    stride: int = 16
 
     def build(self) -> nn.Module:
         from .modeling.micro_encoder import MicroEncoder
 
         return MicroEncoder(
             img_size=self.img_size,
+            stride=self.stride,
             stem_dims=self.stem_dims,
             stem_blocks=self.stem_blocks,
             embed_dim=self.embed_dim,
@@ -107,7 +111,9 @@ ARCHITECTURES: dict[str, EncoderConfig] = {
     # A tiny encoder for tests and quick experiments: every code path, little compute.
     "vit_test": ViTConfig(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=6, img_size=256),
     # The project's own small model for CPUs, trained on synthetic scenes (samcore.training).
-    "micro_v1": MicroConfig(),
+    # Tokens at stride 8 on a 512 px input: the 64x64 grid of the official models, on which
+    # nuclei of 20-30 px span several tokens; windowed attention only, for speed.
+    "micro_v1": MicroConfig(embed_dim=128, depth=4, num_heads=4, global_attn_indexes=(), stride=8),
 }
 
 
@@ -121,7 +127,7 @@ def build_sam(arch: str | EncoderConfig) -> Sam:
         The model (train mode, CPU, float32).
     """
     config = _config(arch)
-    grid = config.img_size // PATCH_SIZE
+    grid = config.img_size // config.stride
     prompt_encoder = PromptEncoder(
         embed_dim=PROMPT_EMBED_DIM,
         image_embedding_size=(grid, grid),

@@ -11,8 +11,8 @@ from samcore.build import ARCHITECTURES, MicroConfig, build_sam, infer_architect
 from samcore.preprocess import to_rgb_uint8
 from samcore.training import prompts as prompt_sim
 from samcore.training.checkpoints import export_weights
-from samcore.training.interactive import Prompts, decode, encode, random_offset, upscale
-from samcore.training.batches import pick_objects, scene_zoom
+from samcore.training.interactive import DenseHead, Prompts, decode, encode, interactive_step, random_offset, upscale
+from samcore.training.batches import make_batch, pick_objects, region_maps, scene_zoom
 from samcore.training.losses import FOCAL_WEIGHT, dice_loss, focal_loss, focal_ramp, mask_iou, sam_loss
 from samcore.training.scenes import FAMILIES, make_scene, relabel_consecutive
 from samcore.training.schedule import WarmupCosine
@@ -119,6 +119,17 @@ def test_prompted_objects_favour_larger_ones_and_skip_specks() -> None:
     only_specks = np.zeros((8, 8), np.int32)
     only_specks[0, 0] = 1
     assert pick_objects(np.random.default_rng(0), only_specks, 3).tolist() == [1, 1, 1]
+
+
+def test_region_maps_mark_edges_between_touching_objects() -> None:
+    labels = np.zeros((6, 8), dtype=np.int32)
+    labels[1:5, 1:4] = 1
+    labels[1:5, 4:7] = 2  # touches object 1 along a column
+    foreground, edge = region_maps(labels)
+    assert np.array_equal(foreground, labels > 0)
+    assert not edge[labels == 0].any()
+    assert edge[2:4, 3].all() and edge[2:4, 4].all()  # the shared border, on both sides
+    assert not edge[2:4, 2].any() and not edge[2:4, 5].any()  # interiors stay unmarked
 
 
 def test_relabel_drops_small_labels_and_renumbers() -> None:
@@ -287,6 +298,37 @@ def test_micro_encoder_serves_the_predictor_on_any_image_shape(tiny_arch: str) -
     with torch.no_grad():
         low_res, scores = decode(model, embedding, prompts, multimask=True)
     assert low_res.shape == (1, 3, 16, 16) and scores.shape == (1, 3)
+
+
+def test_a_stride_8_micro_encoder_gives_a_finer_grid_the_predictor_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = MicroConfig(**{**TINY_CONFIG.__dict__, "stride": 8})
+    monkeypatch.setitem(ARCHITECTURES, "micro_stride8_test", config)
+    model = build_sam("micro_stride8_test").eval()
+    assert model.prompt_encoder.image_embedding_size == (8, 8)
+    predictor = samcore.Predictor(model)
+    predictor.set_image(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    assert tuple(predictor.get_image_embedding().shape) == (1, 256, 8, 8)
+    masks, scores, low_res = predictor.predict(box=np.array([10, 12, 40, 44]), multimask_output=False)
+    assert masks.shape == (1, 64, 64) and low_res.shape == (1, 32, 32)
+    with pytest.raises(ValueError, match="stride"):
+        MicroConfig(stride=4).build()
+
+
+def test_the_dense_head_adds_a_loss_that_trains_the_encoder(tiny_arch: str) -> None:
+    model = build_sam(tiny_arch).train()
+    head = DenseHead(model)
+    assert [name for name, _ in head.named_parameters()] == ["project.weight", "project.bias"]
+    batch = make_batch(0, 0, scenes=1, objects=2, size=64)
+    assert batch.regions.shape == (1, 2, 64, 64) and batch.regions[:, 0].any()
+    generator = torch.Generator().manual_seed(0)
+    plain = interactive_step(model, batch, True, 0, generator, 32)
+    generator = torch.Generator().manual_seed(0)
+    dense = interactive_step(model, batch, True, 0, generator, 32, dense_head=head, dense_weight=2.0)
+    assert float(plain.regions) == 0.0 and float(dense.regions) > 0.0
+    assert float(dense.loss) == pytest.approx(float(plain.loss) + 2.0 * float(dense.regions), rel=1e-5)
+    dense.loss.backward()
+    assert head.project.weight.grad is not None and head.project.weight.grad.abs().sum() > 0
+    assert model.mask_decoder.output_upscaling[0].weight.grad is not None
 
 
 def test_scenes_smaller_than_the_model_input_are_encoded_without_padding(tiny_arch: str) -> None:

@@ -1,10 +1,12 @@
-"""A small hybrid image encoder for CPU use: a convolutional stem, then attention at stride 16.
+"""A small hybrid image encoder for CPU use: a convolutional stem, then attention at stride 8 or 16.
 
 Layout, for an (B, 3, S, S) normalised image:
 
-* stem: four stride-2 3x3 convolutions (S -> S/16), each followed by GroupNorm and GELU, with
-  inverted-residual blocks at stride 4 and 8 that keep fine detail (thin membranes, small nuclei);
-* blocks: pre-norm transformer blocks on the (S/16, S/16) token grid, channels last; every block
+* stem: three stride-2 3x3 convolutions, each followed by GroupNorm and GELU, with
+  inverted-residual blocks at stride 4 and 8 that keep fine detail (thin membranes, small nuclei),
+  then a 3x3 convolution to the token width, of stride 2 (tokens at stride 16, as SAM's) or 1
+  (tokens at stride 8: a finer grid, for objects only a few tokens wide at stride 16);
+* blocks: pre-norm transformer blocks on the token grid, channels last; every block
   first adds a depthwise 3x3 convolution of its input (a position signal that needs no table, so
   the encoder works at any input size), then attends within windows, or over the whole grid in
   the global blocks;
@@ -23,7 +25,7 @@ from torch import nn
 
 from .common import LayerNorm2d, MLPBlock
 
-STEM_STRIDES = 4  # four stride-2 convolutions: the embedding grid is img_size / 16
+STRIDES = (8, 16)  # token strides the stem can produce
 
 
 class MicroEncoder(nn.Module):
@@ -31,9 +33,10 @@ class MicroEncoder(nn.Module):
 
     Args:
         img_size: Side of the square model input in pixels (a multiple of 16).
+        stride: Pixels per token, 8 or 16.
         stem_dims: Channels after the stride-2, -4 and -8 convolutions.
         stem_blocks: Inverted-residual blocks at stride 4 and at stride 8.
-        embed_dim: Width of the transformer blocks at stride 16.
+        embed_dim: Width of the transformer blocks.
         depth: Number of transformer blocks.
         num_heads: Attention heads per block.
         window_size: Side of the attention windows of non-global blocks, in tokens.
@@ -45,6 +48,7 @@ class MicroEncoder(nn.Module):
     def __init__(
         self,
         img_size: int = 512,
+        stride: int = 16,
         stem_dims: Sequence[int] = (32, 64, 128),
         stem_blocks: Sequence[int] = (1, 2),
         embed_dim: int = 192,
@@ -58,10 +62,13 @@ class MicroEncoder(nn.Module):
         super().__init__()
         if img_size % 16:
             raise ValueError(f"img_size must be a multiple of 16, not {img_size}.")
+        if stride not in STRIDES:
+            raise ValueError(f"The token stride must be one of {STRIDES}, not {stride}.")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}).")
         self.img_size = img_size
-        self.stem = ConvStem(3, tuple(stem_dims), tuple(stem_blocks), embed_dim)
+        self.stride = stride
+        self.stem = ConvStem(3, tuple(stem_dims), tuple(stem_blocks), embed_dim, last_stride=stride // 8)
         self.blocks = nn.ModuleList(
             HybridBlock(embed_dim, num_heads, mlp_ratio, 0 if i in global_attn_indexes else window_size)
             for i in range(depth)
@@ -77,10 +84,10 @@ class MicroEncoder(nn.Module):
         """Embed images.
 
         Args:
-            x: (B, 3, H, W) normalised float images, H and W multiples of 16 (img_size in use).
+            x: (B, 3, H, W) normalised float images, H and W multiples of the stride (img_size in use).
 
         Returns:
-            (B, out_chans, H / 16, W / 16) embeddings.
+            (B, out_chans, H / stride, W / stride) embeddings.
         """
         x = self.stem(x).permute(0, 2, 3, 1)  # (B, h, w, C)
         for block in self.blocks:
@@ -89,17 +96,23 @@ class MicroEncoder(nn.Module):
 
 
 class ConvStem(nn.Sequential):
-    """Stride-16 convolutional stem: (B, in_chans, H, W) -> (B, out_dim, H/16, W/16).
+    """Convolutional stem: (B, in_chans, H, W) -> (B, out_dim, H / s, W / s), s = 8 * last_stride.
 
     Args:
         in_chans: Input channels.
         dims: Channels at stride 2, 4 and 8.
         blocks: Inverted-residual blocks after the stride-4 and stride-8 convolutions.
-        out_dim: Channels at stride 16.
+        out_dim: Channels of the tokens.
+        last_stride: Stride of the final convolution, 2 (tokens at stride 16) or 1 (stride 8).
     """
 
     def __init__(
-        self, in_chans: int, dims: tuple[int, int, int], blocks: tuple[int, int], out_dim: int
+        self,
+        in_chans: int,
+        dims: tuple[int, int, int],
+        blocks: tuple[int, int],
+        out_dim: int,
+        last_stride: int = 2,
     ) -> None:
         if len(dims) != 3 or len(blocks) != 2:
             raise ValueError(f"The stem needs 3 widths and 2 block counts, not {dims} and {blocks}.")
@@ -108,7 +121,7 @@ class ConvStem(nn.Sequential):
         layers.extend(InvertedResidual(dims[1]) for _ in range(blocks[0]))
         layers.append(ConvNormAct(dims[1], dims[2], stride=2))
         layers.extend(InvertedResidual(dims[2]) for _ in range(blocks[1]))
-        layers.append(nn.Conv2d(dims[2], out_dim, kernel_size=3, stride=2, padding=1))
+        layers.append(nn.Conv2d(dims[2], out_dim, kernel_size=3, stride=last_stride, padding=1))
         super().__init__(*layers)
 
 

@@ -23,17 +23,20 @@ class Batch:
         masks: (N, H, W) bool ground truth of the N prompted objects.
         image_index: (N,) int64, the image each object lies in.
         families: The scene family of each image.
+        regions: (S, 2, H, W) bool maps of every object of each image: foreground, and object
+            pixels on an object's edge (next to background or to another object).
     """
 
     images: torch.Tensor
     masks: torch.Tensor
     image_index: torch.Tensor
     families: tuple[str, ...]
+    regions: torch.Tensor
 
     def to(self, device: torch.device) -> Batch:
         """The same batch on another device."""
         moved = (self.images.to(device), self.masks.to(device), self.image_index.to(device))
-        return Batch(*moved, self.families)
+        return Batch(*moved, self.families, self.regions.to(device))
 
 
 def make_batch(seed: int, step: int, scenes: int, objects: int, size: int, zoom_ramp: int = 0) -> Batch:
@@ -96,7 +99,25 @@ def collate(picked: list[tuple[Scene, np.ndarray]]) -> Batch:
         masks.extend(labels == int(label) for label in chosen)
         index.extend([j] * len(chosen))
     families = tuple(scene.family for scene, _ in picked)
-    return Batch(torch.stack(images), torch.stack(masks), torch.tensor(index, dtype=torch.int64), families)
+    regions = torch.stack([torch.from_numpy(region_maps(scene.labels)) for scene, _ in picked])
+    return Batch(
+        torch.stack(images), torch.stack(masks), torch.tensor(index, dtype=torch.int64), families, regions
+    )
+
+
+def region_maps(labels: np.ndarray) -> np.ndarray:
+    """(2, H, W) bool foreground and edge maps of an (H, W) instance label image.
+
+    An edge pixel belongs to an object and has a 4-neighbour with another label (background or
+    a touching object), so the edge map separates touching objects where the foreground does not.
+    """
+    padded = np.pad(labels, 1, mode="edge")
+    centre = padded[1:-1, 1:-1]
+    edge = np.zeros(labels.shape, dtype=bool)
+    for neighbour in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
+        edge |= neighbour != centre
+    foreground = labels > 0
+    return np.stack([foreground, edge & foreground])
 
 
 def pick_objects(rng: np.random.Generator, labels: np.ndarray, count: int) -> np.ndarray:

@@ -7,6 +7,11 @@ low-resolution logits back as `mask_input`. Rounds in between run without gradie
 first and the last round are trained (the loss is their mean), and no gradient flows
 through the fed-back masks.
 
+Optionally, a small head (`DenseHead`) reads every object's foreground and edges off the image
+embedding, through the mask decoder's own upscaling layers. It is not part of the model and
+is not exported: its loss gives the encoder and the upscaling a dense signal at every pixel
+from the first step, while the prompt-driven decoder is still learning where to look.
+
 Scenes smaller than the model input are encoded without padding (`encode`): the embedding
 then covers only the top-left corner of the model input, and the decoder sees the matching
 corner of the positional encoding. It computes what the padded input would give for that
@@ -24,9 +29,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 from ..modeling import Sam
 from .batches import Batch
-from .losses import FOCAL_WEIGHT, LossParts, mask_iou, sam_loss
+from .losses import FOCAL_WEIGHT, LossParts, mask_iou, region_loss, sam_loss
 from .prompts import box_prompts, corrective_clicks, point_prompts
 
 
@@ -63,12 +70,32 @@ class StepOutput:
         first: Loss parts of round 0.
         last: Loss parts of the last round.
         rounds: Number of rounds run.
+        regions: Loss of the dense head (no gradient; 0 without one).
     """
 
     loss: torch.Tensor
     first: LossParts
     last: LossParts
     rounds: int
+    regions: torch.Tensor
+
+
+class DenseHead(nn.Module):
+    """Foreground and edge logits from an image embedding, through the decoder's upscaling.
+
+    Args:
+        model: The SAM whose `mask_decoder.output_upscaling` is shared (not copied).
+    """
+
+    def __init__(self, model: Sam) -> None:
+        super().__init__()
+        channels = model.mask_decoder.transformer_dim // 8
+        self.project = nn.Conv2d(channels, 2, kernel_size=1)
+        self._upscaling = [model.mask_decoder.output_upscaling]  # a list: not registered twice
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(S, 256, h, w) embeddings -> (S, 2, 4h, 4w) logits."""
+        return self.project(self._upscaling[0](features))
 
 
 def initial_prompts(masks: torch.Tensor, use_box: bool, generator: torch.Generator) -> Prompts:
@@ -172,6 +199,8 @@ def interactive_step(
     loss_size: int | None = None,
     focal_window: float | None = None,
     focal_weight: float = FOCAL_WEIGHT,
+    dense_head: DenseHead | None = None,
+    dense_weight: float = 1.0,
 ) -> StepOutput:
     """Forward pass of one training step with `corrective` corrective-click rounds.
 
@@ -186,6 +215,8 @@ def interactive_step(
             quarter of the loss computation.
         focal_window: Normalisation of the focal loss (see `losses.focal_loss`).
         focal_weight: Weight of the focal loss against dice (see `losses.focal_ramp`).
+        dense_head: Head reading the batch's `regions` off the embeddings, or None.
+        dense_weight: Weight of the dense head's loss.
 
     Returns:
         The loss and its report.
@@ -216,7 +247,12 @@ def interactive_step(
         coords = coords * click_scale + (click_scale - 1) / 2  # centre of the coarse pixel
         prompts = prompts.with_click(coords, labels, low_res.detach()[rows, chosen][:, None])
     loss = torch.stack([parts.total for parts in trained]).mean()
-    return StepOutput(loss, trained[0], trained[-1], corrective + 1)
+    regions = torch.zeros((), device=loss.device)
+    if dense_head is not None:
+        dense = upscale(model, dense_head(features), size, loss_size)
+        regions = region_loss(dense, F.interpolate(batch.regions.float(), (loss_size, loss_size), mode="area"))
+        loss = loss + dense_weight * regions
+    return StepOutput(loss, trained[0], trained[-1], corrective + 1, regions.detach())
 
 
 @torch.no_grad()

@@ -129,6 +129,11 @@ def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return torch.where(union > 0, intersection / union.clamp(min=1e-6), torch.ones_like(union))
 
 
+def region_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of dense (S, K, H, W) logits against soft targets in [0, 1]."""
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
 def sam_loss(
     logits: torch.Tensor,
     iou_pred: torch.Tensor,

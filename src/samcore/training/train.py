@@ -30,7 +30,7 @@ from ..device import select_device
 from ..modeling import Sam
 from .batches import Batch, make_batch, make_eval_batches
 from .checkpoints import STATE_NAME, export_weights, load_state, save_state, training_state
-from .interactive import evaluate_prompts, interactive_step
+from .interactive import DenseHead, evaluate_prompts, interactive_step
 from .losses import focal_ramp
 from .schedule import WarmupCosine
 from .settings import TrainSettings
@@ -108,12 +108,16 @@ def train(
         raise ValueError(
             f"Scenes of {settings.size} px do not fit the {model.img_size} px input of {settings.arch}."
         )
-    optimizer = make_optimizer(model, settings)
+    dense_head = DenseHead(model).to(target) if settings.dense_weight > 0 else None
+    trained = nn.ModuleList([model] if dense_head is None else [model, dense_head])
+    optimizer = make_optimizer(trained, settings)
     schedule = WarmupCosine(settings.warmup, max(settings.total_steps, 1), settings.lr_floor)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])
+        if dense_head is not None:
+            dense_head.load_state_dict(state["dense_head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -124,7 +128,7 @@ def train(
         log(f"Training {settings.arch} ({count_parameters(model) / 1e6:.2f} M parameters) on {target}; "
             f"settings: {json.dumps(settings.to_dict())}")
     deadline = None if minutes is None else started + 60.0 * minutes - EXPORT_RESERVE_S
-    loop = _Loop(model, optimizer, scheduler, schedule, settings, target, out, log)
+    loop = _Loop(model, dense_head, optimizer, scheduler, schedule, settings, target, out, log)
     result = loop.run(step, deadline, stop_at, repeat_batches, workers)
     if stop_at is None:
         result.validation = validate(model, result.settings, target)
@@ -142,6 +146,7 @@ class _Loop:
     def __init__(
         self,
         model: Sam,
+        dense_head: DenseHead | None,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LambdaLR,
         schedule: WarmupCosine,
@@ -150,7 +155,8 @@ class _Loop:
         out: Path,
         log: Callable[[str], None],
     ) -> None:
-        self.model, self.optimizer, self.scheduler, self.schedule = model, optimizer, scheduler, schedule
+        self.model, self.dense_head = model, dense_head
+        self.optimizer, self.scheduler, self.schedule = optimizer, scheduler, schedule
         self.settings, self.device, self.out, self.log = settings, device, out, log
 
     def run(
@@ -200,11 +206,13 @@ class _Loop:
         weight = focal_ramp(step, self.settings.focal_ramp)
         output = interactive_step(
             self.model, batch, use_box, corrective, generator, loss_size,
-            focal_window=window, focal_weight=weight,
+            focal_window=window, focal_weight=weight, dense_head=self.dense_head,
+            dense_weight=self.settings.dense_weight,
         )
         self.optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -214,6 +222,7 @@ class _Loop:
             "focal": float(output.last.focal),
             "dice": float(output.last.dice),
             "iou_mse": float(output.last.iou_mse),
+            "regions": float(output.regions),
             "iou_first": float(output.first.iou),
             "iou_last": float(output.last.iou),
             "grad_norm": float(grad_norm),
@@ -226,6 +235,8 @@ class _Loop:
     def save(self, step: int) -> None:
         settings = self.settings.to_dict()
         state = training_state(self.model, self.optimizer, self.scheduler, step, settings)
+        if self.dense_head is not None:
+            state["dense_head"] = {key: value.detach().cpu() for key, value in self.dense_head.state_dict().items()}
         save_state(self.out / STATE_NAME, state)
 
     def record(self, entry: dict[str, Any]) -> None:
@@ -256,7 +267,7 @@ class _Loop:
         total = self.settings.total_steps or "?"
         self.log(
             f"step {step}/{total} | loss {mean['loss']:.4f} (focal {mean['focal']:.4f} "
-            f"dice {mean['dice']:.3f} iou-mse {mean['iou_mse']:.4f}) | train IoU first "
+            f"dice {mean['dice']:.3f} iou-mse {mean['iou_mse']:.4f} regions {mean['regions']:.3f}) | train IoU first "
             f"{mean['iou_first']:.3f} last {mean['iou_last']:.3f} | lr {mean['lr']:.2e} "
             f"| {mean['steps_per_s']:.2f} steps/s"
         )
@@ -362,6 +373,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--objects", type=int, default=defaults.objects, help="objects per scene")
     parser.add_argument("--max-corrective", type=int, default=defaults.max_corrective)
     parser.add_argument("--corrective-from", type=int, default=defaults.corrective_from)
+    parser.add_argument("--dense-weight", type=float, default=defaults.dense_weight,
+                        help="weight of the foreground/edge head's loss (0: no head)")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--save-every", type=int, default=defaults.save_every)
@@ -379,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = TrainSettings(
             arch=args.arch, seed=args.seed, total_steps=args.steps, size=args.size, loss_size=args.loss_size,
             focal_ramp=args.focal_ramp, zoom_ramp=args.zoom_ramp, scenes=args.scenes, objects=args.objects,
-            max_corrective=args.max_corrective, corrective_from=args.corrective_from, lr=args.lr, warmup=args.warmup,
+            max_corrective=args.max_corrective, corrective_from=args.corrective_from,
+            dense_weight=args.dense_weight, lr=args.lr, warmup=args.warmup,
             save_every=args.save_every, log_every=args.log_every, eval_every=args.eval_every,
         )
         result = train(settings, args.out, resume=args.resume, minutes=args.minutes, device=args.device,
