@@ -11,6 +11,8 @@ from samcore.build import ARCHITECTURES, MicroConfig, build_sam, infer_architect
 from samcore.preprocess import to_rgb_uint8
 from samcore.training import prompts as prompt_sim
 from samcore.training.checkpoints import export_weights
+from samcore.training.geometry import ellipses, geometry_prompts, pretrain_decoder
+from samcore.training.prompts import BOX_NOISE_MAX
 from samcore.training.interactive import DenseHead, Prompts, decode, encode, interactive_step, random_offset, upscale
 from samcore.training.batches import make_batch, pick_objects, region_maps, scene_zoom
 from samcore.training.losses import FOCAL_WEIGHT, dice_loss, focal_loss, focal_ramp, mask_iou, sam_loss
@@ -422,3 +424,52 @@ def test_command_line_trains_exports_and_the_export_loads(tiny_arch: str, tmp_pa
     model = samcore.load_model(checkpoint=exported)
     assert model.architecture == tiny_arch and next(model.parameters()).dtype == torch.float32
     assert (out / "last.pt").exists() and (out / "log.jsonl").exists()
+
+
+# -- geometry warm-up -----------------------------------------------------------------------------
+
+
+def test_warm_up_ellipses_match_their_parameters_and_prompts() -> None:
+    generator = torch.Generator().manual_seed(0)
+    masks, params, extent = ellipses(64, 16, 8, generator)
+    assert masks.shape == (64, 64, 64) and masks.flatten(1).any(dim=1).all()
+    cell_area = (128 / 64) ** 2
+    expected = np.pi * params[:, 2] * params[:, 3] / cell_area
+    large = expected > 50
+    assert large.sum() > 10
+    ratio = masks.flatten(1).sum(dim=1)[large].float() / expected[large]
+    assert ((ratio > 0.85) & (ratio < 1.15)).all()
+    clicks = geometry_prompts(params, extent, use_box=False, generator=generator).coords[:, 0]
+    cells = (clicks / 2).long().clamp(0, 63)
+    assert masks[torch.arange(64), cells[:, 1], cells[:, 0]].float().mean() > 0.95
+    boxes = geometry_prompts(params, extent, use_box=True, generator=generator).boxes
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    assert (centres - params[:, :2]).abs().max() < BOX_NOISE_MAX
+    assert torch.allclose(boxes[:, 2:] - boxes[:, :2], 2 * extent, atol=2 * BOX_NOISE_MAX)
+
+
+def test_geometry_warm_up_trains_only_the_prompt_side(tiny_arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_sam(tiny_arch)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    history = pretrain_decoder(model, steps=4, seed=0, count=4, log=quiet)
+    assert len(history) == 4
+    changed = {key for key, value in model.state_dict().items() if not torch.equal(value, before[key])}
+    assert changed and all(key.startswith(("mask_decoder.", "prompt_encoder.")) for key in changed)
+
+
+def test_geometry_warm_up_learns_to_follow_the_prompt(tiny_arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_sam(tiny_arch)
+    history = pretrain_decoder(model, steps=220, seed=0, count=16, log=quiet)
+    assert np.mean(history[-20:]) > np.mean(history[:20]) + 0.1
+
+
+def test_a_run_warms_the_decoder_up_once_not_again_on_resume(tiny_arch: str, tmp_path) -> None:
+    lines: list[str] = []
+    settings = tiny_settings(total_steps=4, geometry_steps=3)
+    train(settings, tmp_path, stop_at=2, export=False, log=lines.append)
+    assert any("geometry" in line for line in lines)
+    lines.clear()
+    resumed = train(settings, tmp_path, resume=True, export=False, log=lines.append)
+    assert resumed.step == 4 and not any("geometry" in line for line in lines)

@@ -25,6 +25,8 @@ class TrainSettings:
             prompt is trained (fed-back masks of an untrained model teach it to copy them).
         zoom_ramp: Steps of the object-size curriculum (`batches.scene_zoom`); 0 for none.
         focal_ramp: Steps over which the focal weight rises from 0 to SAM's 20 (0: 20 at once).
+        geometry_steps: Steps of the decoder's warm-up on prompt geometry before the first
+            scene (`geometry.pretrain_decoder`); 0 for none.
         dense_weight: Weight of the loss of the dense foreground/edge head on the embeddings
             (`interactive.DenseHead`); 0 trains without the head.
         scenes: Scenes per step.
@@ -50,6 +52,7 @@ class TrainSettings:
     focal_ramp: int = 1000
     zoom_ramp: int = 1500
     corrective_from: int = 500
+    geometry_steps: int = 0
     dense_weight: float = 1.0
     scenes: int = 2
     objects: int = 8
@@ -71,6 +74,8 @@ class TrainSettings:
             raise ValueError(f"max_corrective must be 0 or more, not {self.max_corrective}.")
         if not 0.0 <= self.box_fraction <= 1.0:
             raise ValueError(f"box_fraction must lie in [0, 1], not {self.box_fraction}.")
+        if self.geometry_steps < 0:
+            raise ValueError(f"geometry_steps must be 0 or more, not {self.geometry_steps}.")
         if self.dense_weight < 0:
             raise ValueError(f"dense_weight must be 0 or more, not {self.dense_weight}.")
         if self.lr <= 0 or self.grad_clip <= 0:

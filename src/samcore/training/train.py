@@ -30,6 +30,7 @@ from ..device import select_device
 from ..modeling import Sam
 from .batches import Batch, make_batch, make_eval_batches
 from .checkpoints import STATE_NAME, export_weights, load_state, save_state, training_state
+from .geometry import pretrain_decoder
 from .interactive import DenseHead, evaluate_prompts, interactive_step
 from .losses import focal_ramp
 from .schedule import WarmupCosine
@@ -108,6 +109,9 @@ def train(
         raise ValueError(
             f"Scenes of {settings.size} px do not fit the {model.img_size} px input of {settings.arch}."
         )
+    if state is None and settings.geometry_steps:
+        log(f"Warming up the decoder on prompt geometry for {settings.geometry_steps} steps.")
+        pretrain_decoder(model, settings.geometry_steps, settings.seed, log=log)
     dense_head = DenseHead(model).to(target) if settings.dense_weight > 0 else None
     trained = nn.ModuleList([model] if dense_head is None else [model, dense_head])
     optimizer = make_optimizer(trained, settings)
@@ -373,6 +377,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--objects", type=int, default=defaults.objects, help="objects per scene")
     parser.add_argument("--max-corrective", type=int, default=defaults.max_corrective)
     parser.add_argument("--corrective-from", type=int, default=defaults.corrective_from)
+    parser.add_argument("--geometry-steps", type=int, default=defaults.geometry_steps,
+                        help="decoder warm-up steps on prompt geometry before the scenes")
     parser.add_argument("--dense-weight", type=float, default=defaults.dense_weight,
                         help="weight of the foreground/edge head's loss (0: no head)")
     parser.add_argument("--lr", type=float, default=defaults.lr)
@@ -393,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             arch=args.arch, seed=args.seed, total_steps=args.steps, size=args.size, loss_size=args.loss_size,
             focal_ramp=args.focal_ramp, zoom_ramp=args.zoom_ramp, scenes=args.scenes, objects=args.objects,
             max_corrective=args.max_corrective, corrective_from=args.corrective_from,
-            dense_weight=args.dense_weight, lr=args.lr, warmup=args.warmup,
+            geometry_steps=args.geometry_steps, dense_weight=args.dense_weight, lr=args.lr, warmup=args.warmup,
             save_every=args.save_every, log_every=args.log_every, eval_every=args.eval_every,
         )
         result = train(settings, args.out, resume=args.resume, minutes=args.minutes, device=args.device,
