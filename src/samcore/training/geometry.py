@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from ..modeling import Sam
-from .interactive import Prompts, decode, random_offset
+from .interactive import Prompts
 from .losses import dice_loss, mask_iou
 from .prompts import BOX_NOISE, BOX_NOISE_MAX
 
+COARSE_STRIDE = 16  # model-input pixels per token of the warm-up grid
 CANVAS_TOKENS = 16
-RADIUS_RANGE = (3.0, 50.0)  # semi-major axes, in model-input pixels (log-uniform)
+RADIUS_RANGE = (3.0, 70.0)  # semi-major axes, in model-input pixels (log-uniform)
 CLICK_DEPTH = 0.7  # clicks fall within this fraction of the ellipse's radii
 
 
@@ -72,8 +73,8 @@ def geometry_prompts(
     centre = params[:, :2]
     if use_box:
         boxes = torch.cat([centre - extent, centre + extent], dim=1)
-        noise = torch.randn(count, 4, generator=generator, device=device) * BOX_NOISE * (2 * extent).repeat(1, 2)
-        return Prompts(None, None, boxes + noise.clamp(-BOX_NOISE_MAX, BOX_NOISE_MAX))
+        spread = (BOX_NOISE * extent).clamp(max=BOX_NOISE_MAX).repeat(1, 2)
+        return Prompts(None, None, boxes + torch.randn(count, 4, generator=generator, device=device) * spread)
     turn = torch.rand(count, generator=generator, device=device) * 2 * math.pi
     depth = torch.sqrt(torch.rand(count, generator=generator, device=device)) * CLICK_DEPTH
     u, v = depth * params[:, 2] * torch.cos(turn), depth * params[:, 3] * torch.sin(turn)
@@ -88,14 +89,18 @@ def geometry_step(model: Sam, count: int, use_box: bool, generator: torch.Genera
     Returns:
         The loss (with gradient) and the mean IoU of the highest-scored masks.
     """
-    grid = model.prompt_encoder.image_embedding_size[0]
-    tokens = min(CANVAS_TOKENS, grid)
-    masks, params, extent = ellipses(count, tokens, model.img_size // grid, generator)
+    coarse = max(1, model.img_size // COARSE_STRIDE)
+    tokens = min(CANVAS_TOKENS, coarse)
+    masks, params, extent = ellipses(count, tokens, model.img_size // coarse, generator)
     shape = (count, model.mask_decoder.transformer_dim, tokens, tokens)
     embeddings = torch.randn(shape, generator=generator, device=generator.device)
     prompts = geometry_prompts(params, extent, use_box, generator)
-    offset = random_offset(model, embeddings, generator)
-    logits, scores = decode(model, embeddings, prompts, multimask=not use_box, offset=offset)
+    points = None if prompts.coords is None else (prompts.coords, prompts.labels)
+    sparse, dense = model.prompt_encoder(points, prompts.boxes, None)
+    image_pe = model.prompt_encoder.pe_layer((coarse, coarse))[None, :, :tokens, :tokens]
+    logits, scores = model.mask_decoder(
+        embeddings, image_pe, sparse, dense[..., :1, :1].expand(-1, -1, tokens, tokens), not use_box
+    )
     targets = masks[:, None].float()
     per_mask = dice_loss(logits, targets) + F.binary_cross_entropy_with_logits(
         logits, targets.expand_as(logits), reduction="none"
