@@ -20,6 +20,7 @@ Run:  python benchmarks/bench_bundled.py [--model default | --checkpoint FILE] [
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -81,13 +82,10 @@ def describe_weights(args: argparse.Namespace) -> None:
     else:
         path = download.cached_path(zoo.get_entry(args.model))
     print(f"Weights: {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    try:
-        meta = torch.load(path, map_location="cpu", weights_only=True).get("training", {})
-    except Exception:  # noqa: BLE001 - a file without training notes is fine
-        meta = {}
-    if meta:
-        print(f"Training: {meta.get('minutes', float('nan')):.0f} min, {meta.get('steps', '?')} steps "
-              f"on {meta.get('device', '?')}")
+    notes = path.with_suffix(".json")  # written next to the weights by samcore.training
+    if notes.is_file():
+        meta = json.loads(notes.read_text(encoding="utf-8"))
+        print(f"Training: {meta['train_seconds'] / 60:.0f} min, {meta['steps']} steps on {meta['device']}")
 
 
 def objects(labels: np.ndarray) -> Iterator[tuple[np.ndarray, tuple[slice, slice]]]:

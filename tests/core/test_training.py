@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -423,6 +425,8 @@ def test_command_line_trains_exports_and_the_export_loads(tiny_arch: str, tmp_pa
     model = samcore.load_model(checkpoint=exported)
     assert model.architecture == tiny_arch and next(model.parameters()).dtype == torch.float32
     assert (out / "last.pt").exists() and (out / "log.jsonl").exists()
+    notes = json.loads(exported.with_suffix(".json").read_text(encoding="utf-8"))
+    assert notes["steps"] == 2 and notes["architecture"] == tiny_arch and notes["train_seconds"] > 0
 
 
 # -- geometry warm-up -----------------------------------------------------------------------------

@@ -7,7 +7,8 @@ from (seed, step), so a resumed run computes exactly what an uninterrupted one w
 
 Files in the output folder: ``last.pt`` (resumable state, rewritten every `save_every` steps and
 at the end), ``log.jsonl`` (one line per logged step and per validation) and, at the end,
-``<arch>.pt``: the weights as a plain float16 state dict for `samcore.load_model(checkpoint=...)`.
+``<arch>.pt``: the weights as a plain float16 state dict for `samcore.load_model(checkpoint=...)`,
+with ``<arch>.json`` beside it: steps, training time (all sessions) and settings.
 """
 
 from __future__ import annotations
@@ -132,7 +133,9 @@ def train(
         log(f"Training {settings.arch} ({count_parameters(model) / 1e6:.2f} M parameters) on {target}; "
             f"settings: {json.dumps(settings.to_dict())}")
     deadline = None if minutes is None else started + 60.0 * minutes - EXPORT_RESERVE_S
+    earlier = float(state.get("seconds", 0.0)) if state is not None else 0.0
     loop = _Loop(model, dense_head, optimizer, scheduler, schedule, settings, target, out, log)
+    loop.clock = (earlier, started)
     result = loop.run(step, deadline, stop_at, repeat_batches, workers)
     if stop_at is None:
         result.validation = validate(model, result.settings, target)
@@ -140,6 +143,14 @@ def train(
         log(f"validation at step {result.step}: {format_metrics(result.validation)}")
     if export:
         result.export = export_weights(model, out / f"{result.settings.arch}.pt")
+        notes = {
+            "architecture": result.settings.arch,
+            "steps": result.step,
+            "train_seconds": round(loop.seconds(), 1),
+            "device": str(target),
+            "settings": result.settings.to_dict(),
+        }
+        result.export.with_suffix(".json").write_text(json.dumps(notes, indent=1) + "\n", encoding="utf-8")
         log(f"Exported {result.export} ({result.export.stat().st_size / 1e6:.1f} MB, float16).")
     return result
 
@@ -162,6 +173,12 @@ class _Loop:
         self.model, self.dense_head = model, dense_head
         self.optimizer, self.scheduler, self.schedule = optimizer, scheduler, schedule
         self.settings, self.device, self.out, self.log = settings, device, out, log
+        self.clock = (0.0, time.monotonic())  # seconds of earlier sessions, start of this one
+
+    def seconds(self) -> float:
+        """Training time of the run so far, earlier sessions included."""
+        earlier, since = self.clock
+        return earlier + time.monotonic() - since
 
     def run(
         self, step: int, deadline: float | None, stop_at: int | None, repeat: int, workers: int
@@ -239,6 +256,7 @@ class _Loop:
     def save(self, step: int) -> None:
         settings = self.settings.to_dict()
         state = training_state(self.model, self.optimizer, self.scheduler, step, settings)
+        state["seconds"] = self.seconds()
         if self.dense_head is not None:
             state["dense_head"] = {key: value.detach().cpu() for key, value in self.dense_head.state_dict().items()}
         save_state(self.out / STATE_NAME, state)
