@@ -126,11 +126,19 @@ class SamWidget(Container):
     def add_point(self, position, positive: bool = True) -> None:
         """Click at `position` ((z, y, x) or (y, x) in world coordinates), like a user would."""
         self._ensure_prompt_layers(self.image_layer())
-        self._points.feature_defaults["label"] = POSITIVE if positive else NEGATIVE
-        self._points.current_face_color = POINT_COLORS[POSITIVE if positive else NEGATIVE]
+        self._style_new_points(POSITIVE if positive else NEGATIVE)
         self._points.add(np.asarray(position, dtype=float))
-        self._points.feature_defaults["label"] = self._polarity
-        self._points.current_face_color = POINT_COLORS[self._polarity]
+        self._style_new_points(self._polarity)
+
+    def _style_new_points(self, polarity: int) -> None:
+        """Label and colour of the next points, without recolouring the selected ones.
+
+        napari applies a new current colour to the selected points too; a selected positive
+        click would then look negative while staying positive. The selection is dropped first.
+        """
+        self._points.selected_data = set()
+        self._points.feature_defaults["label"] = polarity
+        self._points.current_face_color = POINT_COLORS[polarity]
 
     def add_box(self, corner, opposite) -> None:
         """Draw a box between two corners ((z, y, x) or (y, x) world coordinates, same z)."""
@@ -321,8 +329,7 @@ class SamWidget(Container):
         if not self._usable(self._points, ndim):
             self._remove(self._points)
             self._points = self._viewer.add_points(ndim=ndim, name="SAM points", size=8, features={"label": np.zeros(0, int)})
-            self._points.feature_defaults["label"] = self._polarity
-            self._points.current_face_color = POINT_COLORS[self._polarity]
+            self._style_new_points(self._polarity)
             self._points.events.data.connect(self._on_prompts_changed)
             self._bind_layer_keys(self._points)
             self._points.mode = "add"
@@ -364,8 +371,7 @@ class SamWidget(Container):
         """Switch between placing positive and negative clicks."""
         self._polarity = NEGATIVE if self._polarity == POSITIVE else POSITIVE
         if self._points is not None:
-            self._points.feature_defaults["label"] = self._polarity
-            self._points.current_face_color = POINT_COLORS[self._polarity]
+            self._style_new_points(self._polarity)
         show_info("SAM: next clicks are " + ("positive" if self._polarity == POSITIVE else "negative"))
 
     def segment(self, _=None) -> None:
@@ -525,6 +531,7 @@ class SamWidget(Container):
             if layer is None or len(layer.data) == 0:
                 continue
             keep = [i for i, item in enumerate(layer.data) if z is not None and round(np.asarray(item)[..., 0].min()) != z]
+            layer.selected_data = set()  # indices into the old data
             with layer.events.data.blocker():
                 if isinstance(layer.data, list):
                     layer.data = [layer.data[i] for i in keep]

@@ -41,6 +41,28 @@ def test_click_previews_on_its_slice_only_and_negative_clicks_change_it(sam):
     assert widget._candidate.value.startswith("predicted IoU")  # two clicks: one mask
 
 
+def test_clicks_after_a_commit_on_a_2d_image_and_selected_points_keep_their_colour(make_napari_viewer, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(1).random((96, 96)).astype(np.float32), name="plane")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    widget.load(block=True)
+    for y, x in ((30, 30), (60, 60)):  # the second click came after the first was committed and cleared
+        widget.add_point((y, x))
+        assert len(widget._points.data) == 1
+        widget.commit()
+    assert len(np.unique(widget.output_layer().data)) == 3
+    widget.add_point((20, 70))
+    positive = widget._points.face_color[0].copy()
+    widget._points.selected_data = {0}
+    widget.toggle_polarity()  # the next clicks are negative; the selected positive one stays as it was
+    np.testing.assert_array_equal(widget._points.face_color[0], positive)
+    assert list(widget._points.features["label"]) == [1]
+    widget._points.add([70, 20])  # a click in the viewer
+    assert list(widget._points.features["label"]) == [1, 0]
+    assert not np.array_equal(widget._points.face_color[1], positive)
+
+
 def test_box_commit_undo_keep_other_objects(sam):
     viewer, widget = sam
     existing = np.zeros((4, 96, 96), np.uint32)
