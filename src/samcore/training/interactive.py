@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from torch import nn
 
 from ..modeling import Sam
