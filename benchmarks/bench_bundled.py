@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-import torch
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 

@@ -77,7 +77,7 @@ def test_crops_tile_the_image_with_overlap():
     for x0, y0, x1, y1 in boxes[1:]:
         covered[y0:y1, x0:x1] += 1
     assert covered.min() == 1  # every pixel in some crop
-    (ax0, _, ax1, _), (bx0, _, bx1, _) = boxes[1], boxes[2]
+    (ax0, _, ax1, _), (bx0, _, _, _) = boxes[1], boxes[2]
     assert ax1 - bx0 == pytest.approx(0.25 * (ax1 - ax0), abs=1)  # neighbours share a quarter
     assert len(crop_boxes(64, 64, layers=2, overlap=0.1)) == 1 + 4 + 16
 
