@@ -39,7 +39,7 @@ def tiny_arch(monkeypatch: pytest.MonkeyPatch) -> str:
 
 def tiny_settings(**changes: object) -> TrainSettings:
     base = TrainSettings(
-        arch=TINY, seed=3, total_steps=6, size=64, loss_size=32, scenes=1, objects=3,
+        arch=TINY, seed=3, total_steps=6, size=64, loss_size=32, geometry_steps=0, scenes=1, objects=3,
         max_corrective=2, corrective_from=2, lr=1e-3, warmup=3, save_every=3, log_every=100, eval_every=0,
     )
     return base.replace(**changes)
@@ -413,6 +413,7 @@ def test_command_line_trains_exports_and_the_export_loads(tiny_arch: str, tmp_pa
     code = main([
         "--out", str(out), "--arch", tiny_arch, "--steps", "2", "--size", "64", "--loss-size", "32",
         "--scenes", "1", "--objects", "2", "--warmup", "1", "--log-every", "1", "--eval-every", "0",
+        "--geometry-steps", "0",
     ])
     assert code == 0
     printed = capsys.readouterr().out

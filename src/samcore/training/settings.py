@@ -46,13 +46,13 @@ class TrainSettings:
     arch: str = "micro_v1"
     seed: int = 0
     total_steps: int = 0
-    size: int = 512
-    loss_size: int = 256
+    size: int = 256
+    loss_size: int = 128
     focal_window: float = 0.0
     focal_ramp: int = 1000
     zoom_ramp: int = 1500
     corrective_from: int = 500
-    geometry_steps: int = 0
+    geometry_steps: int = 3000
     dense_weight: float = 1.0
     scenes: int = 2
     objects: int = 8
