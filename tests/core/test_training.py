@@ -482,3 +482,13 @@ def test_a_run_warms_the_decoder_up_once_not_again_on_resume(tiny_arch: str, tmp
     lines.clear()
     resumed = train(settings, tmp_path, resume=True, export=False, log=lines.append)
     assert resumed.step == 4 and not any("geometry" in line for line in lines)
+
+
+def test_export_only_writes_the_weights_of_an_unfinished_run(tiny_arch: str, tmp_path, capsys) -> None:
+    train(tiny_settings(), tmp_path, stop_at=3, export=False, log=quiet)
+    assert main(["--out", str(tmp_path), "--export-only"]) == 0
+    assert "loads with samcore.load_model" in capsys.readouterr().out
+    notes = json.loads((tmp_path / f"{tiny_arch}.json").read_text(encoding="utf-8"))
+    assert notes["steps"] == 3 and notes["device"] == "cpu" and notes["train_seconds"] > 0
+    assert samcore.load_model(checkpoint=tmp_path / f"{tiny_arch}.pt").architecture == tiny_arch
+    assert main(["--out", str(tmp_path / "nothing"), "--export-only"]) == 1

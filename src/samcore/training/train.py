@@ -142,15 +142,7 @@ def train(
         loop.record({"validation_step": result.step, **result.validation})
         log(f"validation at step {result.step}: {format_metrics(result.validation)}")
     if export:
-        result.export = export_weights(model, out / f"{result.settings.arch}.pt")
-        notes = {
-            "architecture": result.settings.arch,
-            "steps": result.step,
-            "train_seconds": round(loop.seconds(), 1),
-            "device": str(target),
-            "settings": result.settings.to_dict(),
-        }
-        result.export.with_suffix(".json").write_text(json.dumps(notes, indent=1) + "\n", encoding="utf-8")
+        result.export = export_with_notes(model, out, result.settings, result.step, loop.seconds(), str(target))
         log(f"Exported {result.export} ({result.export.stat().st_size / 1e6:.1f} MB, float16).")
     return result
 
@@ -257,6 +249,7 @@ class _Loop:
         settings = self.settings.to_dict()
         state = training_state(self.model, self.optimizer, self.scheduler, step, settings)
         state["seconds"] = self.seconds()
+        state["device"] = str(self.device)
         if self.dense_head is not None:
             state["dense_head"] = {key: value.detach().cpu() for key, value in self.dense_head.state_dict().items()}
         save_state(self.out / STATE_NAME, state)
@@ -383,6 +376,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, help="wall-clock budget of this session")
     parser.add_argument("--steps", type=int, default=0, help="schedule length (default: fitted to --minutes)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--export-only", action="store_true",
+                        help="export the weights of the run's last checkpoint and stop")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--workers", type=int, default=0, help="processes generating scenes ahead (GPU runs)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -413,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.export_only:
+            path = export_run(args.out)
+            print(f"Exported {path} from {args.out / STATE_NAME}.")
+            check_export(path, print)
+            return 0
         settings = TrainSettings(
             arch=args.arch, seed=args.seed, total_steps=args.steps, size=args.size, loss_size=args.loss_size,
             focal_ramp=args.focal_ramp, zoom_ramp=args.zoom_ramp, scenes=args.scenes, objects=args.objects,
@@ -431,6 +431,34 @@ def main(argv: list[str] | None = None) -> int:
         print("samcore.training: interrupted; continue with --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def export_with_notes(
+    model: Sam, out: Path, settings: TrainSettings, step: int, seconds: float, device: str
+) -> Path:
+    """Write ``<arch>.pt`` (float16 weights) and ``<arch>.json`` (steps, time, settings) into `out`."""
+    path = export_weights(model, out / f"{settings.arch}.pt")
+    notes = {
+        "architecture": settings.arch,
+        "steps": step,
+        "train_seconds": round(seconds, 1),
+        "device": device,
+        "settings": settings.to_dict(),
+    }
+    path.with_suffix(".json").write_text(json.dumps(notes, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def export_run(out_dir: str | Path) -> Path:
+    """Export the weights of a run's last checkpoint, for a look at a run that is not finished."""
+    out = Path(out_dir)
+    state = load_state(out / STATE_NAME)
+    settings = TrainSettings.from_dict(state["settings"])
+    model = build_sam(settings.arch)
+    model.load_state_dict(state["model"])
+    seconds = float(state.get("seconds", 0.0))
+    device = str(state.get("device", "unknown device"))
+    return export_with_notes(model, out, settings, int(state["step"]), seconds, device)
 
 
 def check_export(path: Path, log: Callable[[str], None]) -> None:
