@@ -328,7 +328,8 @@ def test_the_dense_head_adds_a_loss_that_trains_the_encoder(tiny_arch: str) -> N
     generator = torch.Generator().manual_seed(0)
     dense = interactive_step(model, batch, True, 0, generator, 32, dense_head=head, dense_weight=2.0)
     assert float(plain.regions) == 0.0 and float(dense.regions) > 0.0
-    assert float(dense.loss) == pytest.approx(float(plain.loss) + 2.0 * float(dense.regions), rel=1e-5)
+    expected = float(plain.loss.detach()) + 2.0 * float(dense.regions)
+    assert float(dense.loss.detach()) == pytest.approx(expected, rel=1e-5)
     dense.loss.backward()
     assert head.project.weight.grad is not None and head.project.weight.grad.abs().sum() > 0
     assert model.mask_decoder.output_upscaling[0].weight.grad is not None
