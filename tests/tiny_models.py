@@ -1,4 +1,7 @@
-"""A micro-encoder SAM small enough for tests of whole pipelines: 64 px input, random weights."""
+"""A micro-encoder SAM small enough for tests of whole pipelines: 64 px input, random weights;
+and a weight file of the tiny `vit_test` ViT SAM."""
+
+from pathlib import Path
 
 import torch
 
@@ -16,6 +19,13 @@ def tiny_sam(seed: int = 0) -> torch.nn.Module:
     """The tiny model in eval mode, every parameter random (the same for the same seed)."""
     torch.manual_seed(seed)
     return randomize_(build_sam(TINY_MICRO).eval(), seed=seed)
+
+
+def save_tiny_vit(path: Path) -> Path:
+    """Write the weights of the tiny `vit_test` SAM, seeded random initialisation (seed 0), to `path`."""
+    torch.manual_seed(0)
+    torch.save(build_sam("vit_test").state_dict(), path)
+    return path
 
 
 def permissive_settings():

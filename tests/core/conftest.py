@@ -56,10 +56,6 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """A weight file of the tiny `vit_test` SAM with seeded random weights (a module may override it)."""
-    import torch
-    from samcore import build_sam
+    from tiny_models import save_tiny_vit
 
-    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    torch.manual_seed(0)
-    torch.save(build_sam("vit_test").state_dict(), path)
-    return path
+    return save_tiny_vit(tmp_path_factory.mktemp("weights") / "tiny.pth")

@@ -14,7 +14,9 @@ from samcore.preprocess import to_rgb_uint8
 from samcore.training import prompts as prompt_sim
 from samcore.training.checkpoints import export_weights
 from samcore.training.geometry import ellipses, geometry_prompts, pretrain_decoder
-from samcore.training.interactive import DenseHead, Prompts, decode, encode, interactive_step, random_offset, upscale
+from samcore.training.interactive import (
+    DenseHead, Prompts, decode, encode, interactive_step, random_offset, upscale,
+)
 from samcore.training.batches import make_batch, pick_objects, region_maps, scene_zoom
 from samcore.training.losses import FOCAL_WEIGHT, dice_loss, focal_loss, focal_ramp, mask_iou, sam_loss
 from samcore.training.scenes import FAMILIES, make_scene, relabel_consecutive
@@ -22,18 +24,15 @@ from samcore.training.schedule import WarmupCosine
 from samcore.training.settings import TrainSettings
 from samcore.training.shapes import BlobSpec, RodSpec, blob_stamp, rod_stamp
 from samcore.training.train import main, train
+from tiny_models import TINY_MICRO
 
 TINY = "micro_tiny_test"
-TINY_CONFIG = MicroConfig(
-    embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=2,
-    stem_dims=(8, 16, 24), stem_blocks=(1, 1), img_size=64,
-)
 
 
 @pytest.fixture
 def tiny_arch(monkeypatch: pytest.MonkeyPatch) -> str:
     """A registered micro encoder small enough for a few training steps in a test."""
-    monkeypatch.setitem(ARCHITECTURES, TINY, TINY_CONFIG)
+    monkeypatch.setitem(ARCHITECTURES, TINY, TINY_MICRO)
     return TINY
 
 
@@ -304,7 +303,7 @@ def test_micro_encoder_serves_the_predictor_on_any_image_shape(tiny_arch: str) -
 
 
 def test_a_stride_8_micro_encoder_gives_a_finer_grid_the_predictor_uses(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = MicroConfig(**{**TINY_CONFIG.__dict__, "stride": 8})
+    config = MicroConfig(**{**TINY_MICRO.__dict__, "stride": 8})
     monkeypatch.setitem(ARCHITECTURES, "micro_stride8_test", config)
     model = build_sam("micro_stride8_test").eval()
     assert model.prompt_encoder.image_embedding_size == (8, 8)

@@ -1,19 +1,20 @@
 """Plugin test set-up: a tiny SAM checkpoint and a synthetic stack, written by the tests."""
 
+import pathlib
+import sys
+
 import numpy as np
 import pytest
-import torch
 
-from samcore import build_sam
 from samcore.synthetic import nuclei_stack
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))  # tests/tiny_models.py
+from tiny_models import save_tiny_vit  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    torch.manual_seed(0)
-    torch.save(build_sam("vit_test").state_dict(), path)
-    return path
+    return save_tiny_vit(tmp_path_factory.mktemp("weights") / "tiny.pth")
 
 
 @pytest.fixture(scope="session")

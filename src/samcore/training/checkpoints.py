@@ -53,6 +53,11 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict as detached CPU tensors."""
+    return {key: value.detach().cpu() for key, value in module.state_dict().items()}
+
+
 def training_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -73,7 +78,7 @@ def training_state(
         A dict of CPU tensors and plain values.
     """
     return {
-        "model": {key: value.detach().cpu() for key, value in model.state_dict().items()},
+        "model": cpu_state_dict(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "step": int(step),

@@ -7,9 +7,13 @@ like), and the target is an ellipse of random size and orientation, prompted by 
 bounding box or by a click inside it. Only the prompt encoder and the mask decoder train; no
 image is rendered or encoded, so a step costs a fraction of a scene step.
 
-The canvas is `CANVAS_TOKENS` square tokens (fewer if the model's grid is smaller), placed at a random whole-token offset in the
-model's grid (as scenes are, see `interactive.random_offset`), so every part of the positional
-encoding is used.
+The warm-up works at a coarse scale whatever the model's token stride: its canvas is the top-left
+`CANVAS_TOKENS` x `CANVAS_TOKENS` tokens (fewer on a smaller model) of a grid of `COARSE_STRIDE` px
+tokens, half the side of a 512 px input, with the positional encoding evaluated at those tokens'
+centres. The decoder's positional encoding is a continuous function of the normalised position,
+so what it learns there holds on the model's own grid; finer detail and the rest of the image
+come with the scenes. (A 16-token canvas at stride 8, at random offsets, learnt nothing in 700
+steps: it covers a quarter of the image side, and every offset has to be learnt.)
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def ellipses(
     minor = major * torch.empty(count, device=device).uniform_(0.5, 1.0, generator=generator)
     angle = torch.rand(count, generator=generator, device=device) * math.pi
     margin = major.clamp(max=side / 2 - 1)
-    centre = torch.rand(count, 2, generator=generator, device=device) * (side - 2 * margin[:, None]) + margin[:, None]
+    free = side - 2 * margin[:, None]
+    centre = torch.rand(count, 2, generator=generator, device=device) * free + margin[:, None]
     cells = 4 * tokens
     pixel = (torch.arange(cells, device=device) + 0.5) * (side / cells)
     dx = pixel[None, None, :] - centre[:, 0, None, None]
@@ -83,7 +88,9 @@ def geometry_prompts(
     return Prompts(click[:, None], torch.ones(count, 1, dtype=torch.int64, device=device), None)
 
 
-def geometry_step(model: Sam, count: int, use_box: bool, generator: torch.Generator) -> tuple[torch.Tensor, float]:
+def geometry_step(
+    model: Sam, count: int, use_box: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, float]:
     """Loss of one warm-up batch (dice + BCE on the best candidate, MSE on the IoU scores).
 
     Returns:
@@ -143,9 +150,11 @@ def pretrain_decoder(
         optimizer.step()
         history.append(iou)
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            first = max(0, step + 1 - log_every)
-            boxes, clicks = history[first + first % 2 :: 2], history[first + 1 - first % 2 :: 2]
-            log(f"geometry step {step + 1}/{steps} | box IoU {_mean(boxes):.3f} click IoU {_mean(clicks):.3f}")
+            recent = range(max(0, step + 1 - log_every), step + 1)
+            boxes = [history[i] for i in recent if i % 2 == 0]
+            clicks = [history[i] for i in recent if i % 2 == 1]
+            log(f"geometry step {step + 1}/{steps} | box IoU {_mean(boxes):.3f} "
+                f"click IoU {_mean(clicks):.3f}")
     model.train(was_training)
     return history
 

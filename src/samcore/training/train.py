@@ -30,7 +30,7 @@ from ..build import build_sam
 from ..device import select_device
 from ..modeling import Sam
 from .batches import Batch, make_batch, make_eval_batches
-from .checkpoints import STATE_NAME, export_weights, load_state, save_state, training_state
+from .checkpoints import STATE_NAME, cpu_state_dict, export_weights, load_state, save_state, training_state
 from .geometry import pretrain_decoder
 from .interactive import DenseHead, evaluate_prompts, interactive_step
 from .losses import focal_ramp
@@ -134,15 +134,16 @@ def train(
             f"settings: {json.dumps(settings.to_dict())}")
     deadline = None if minutes is None else started + 60.0 * minutes - EXPORT_RESERVE_S
     earlier = float(state.get("seconds", 0.0)) if state is not None else 0.0
-    loop = _Loop(model, dense_head, optimizer, scheduler, schedule, settings, target, out, log)
-    loop.clock = (earlier, started)
+    clock = (earlier, started)
+    loop = _Loop(model, dense_head, optimizer, scheduler, schedule, settings, target, out, log, clock)
     result = loop.run(step, deadline, stop_at, repeat_batches, workers)
     if stop_at is None:
         result.validation = validate(model, result.settings, target)
         loop.record({"validation_step": result.step, **result.validation})
         log(f"validation at step {result.step}: {format_metrics(result.validation)}")
     if export:
-        result.export = export_with_notes(model, out, result.settings, result.step, loop.seconds(), str(target))
+        seconds = loop.seconds()
+        result.export = export_with_notes(model, out, result.settings, result.step, seconds, str(target))
         log(f"Exported {result.export} ({result.export.stat().st_size / 1e6:.1f} MB, float16).")
     return result
 
@@ -161,11 +162,12 @@ class _Loop:
         device: torch.device,
         out: Path,
         log: Callable[[str], None],
+        clock: tuple[float, float],
     ) -> None:
         self.model, self.dense_head = model, dense_head
         self.optimizer, self.scheduler, self.schedule = optimizer, scheduler, schedule
         self.settings, self.device, self.out, self.log = settings, device, out, log
-        self.clock = (0.0, time.monotonic())  # seconds of earlier sessions, start of this one
+        self.clock = clock  # seconds of earlier sessions, start of this one (time.monotonic)
 
     def seconds(self) -> float:
         """Training time of the run so far, earlier sessions included."""
@@ -251,7 +253,7 @@ class _Loop:
         state["seconds"] = self.seconds()
         state["device"] = str(self.device)
         if self.dense_head is not None:
-            state["dense_head"] = {key: value.detach().cpu() for key, value in self.dense_head.state_dict().items()}
+            state["dense_head"] = cpu_state_dict(self.dense_head)
         save_state(self.out / STATE_NAME, state)
 
     def record(self, entry: dict[str, Any]) -> None:
@@ -282,8 +284,8 @@ class _Loop:
         total = self.settings.total_steps or "?"
         self.log(
             f"step {step}/{total} | loss {mean['loss']:.4f} (focal {mean['focal']:.4f} "
-            f"dice {mean['dice']:.3f} iou-mse {mean['iou_mse']:.4f} regions {mean['regions']:.3f}) | train IoU first "
-            f"{mean['iou_first']:.3f} last {mean['iou_last']:.3f} | lr {mean['lr']:.2e} "
+            f"dice {mean['dice']:.3f} iou-mse {mean['iou_mse']:.4f} regions {mean['regions']:.3f}) "
+            f"| train IoU first {mean['iou_first']:.3f} last {mean['iou_last']:.3f} | lr {mean['lr']:.2e} "
             f"| {mean['steps_per_s']:.2f} steps/s"
         )
 
@@ -417,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             arch=args.arch, seed=args.seed, total_steps=args.steps, size=args.size, loss_size=args.loss_size,
             focal_ramp=args.focal_ramp, zoom_ramp=args.zoom_ramp, scenes=args.scenes, objects=args.objects,
             max_corrective=args.max_corrective, corrective_from=args.corrective_from,
-            geometry_steps=args.geometry_steps, dense_weight=args.dense_weight, lr=args.lr, warmup=args.warmup,
+            geometry_steps=args.geometry_steps, dense_weight=args.dense_weight, lr=args.lr,
+            warmup=args.warmup,
             save_every=args.save_every, log_every=args.log_every, eval_every=args.eval_every,
         )
         result = train(settings, args.out, resume=args.resume, minutes=args.minutes, device=args.device,
