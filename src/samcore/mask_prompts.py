@@ -8,6 +8,9 @@ Modes (see `prompt_from_mask`):
 * ``"points"``: positive points deep inside the mask (maxima of its distance transform) and
   negative points on a ring around it.
 
+Prompts come from the mask's main part (`main_part`): SAM's masks often carry stray specks far
+from the object, and one of them would stretch the bounding box over half the image.
+
 Points are (x, y) and boxes (x0, y0, x1, y1), in pixels, as in the engine.
 """
 
@@ -22,6 +25,22 @@ MODES = ("box+mask", "box", "points")
 #: The mode used unless another is chosen: the one `benchmarks/bench_propagation.py` measures best
 #: (mean per-object 3D IoU) with the bundled model.
 DEFAULT_MODE = "box+mask"
+#: Pieces of a mask smaller than this fraction of its largest piece are stray specks (`main_part`).
+MIN_PIECE = 0.2
+
+
+def main_part(mask: np.ndarray, min_piece: float = MIN_PIECE) -> np.ndarray:
+    """A (Y, X) bool mask without its specks: the pieces under `min_piece` times the largest one's area.
+
+    Pieces are 8-connected; a mask with one piece (or none) comes back unchanged.
+    """
+    pieces, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if count < 2:
+        return mask
+    sizes = np.bincount(pieces.ravel())
+    sizes[0] = 0
+    keep = sizes >= min_piece * sizes.max()
+    return keep[pieces]
 
 
 def bounding_box(mask: np.ndarray, margin: float = 0.0) -> np.ndarray:
@@ -116,24 +135,25 @@ def prompt_from_mask(
 
     Args:
         mode: One of `MODES`.
-        mask: The object's non-empty mask.
+        mask: The object's non-empty mask; prompts come from its main part (`main_part`).
         low_res: This slice's low-resolution logits of the object (needed by "box+mask").
         box_margin: Widening of the box on each side, as a fraction of its size.
         positive_points: Most interior points ("points").
         negative_points: Most surrounding points ("points").
     """
+    if mode not in MODES:
+        raise ValueError(f"Unknown propagation mode {mode!r}; choose one of {', '.join(MODES)}.")
+    mask = main_part(mask)
     if mode == "box+mask":
         if low_res is None:
             raise ValueError('The "box+mask" mode needs the low-resolution logits of the previous slice.')
         return SlicePrompt(box=bounding_box(mask, box_margin), mask_input=low_res)
     if mode == "box":
         return SlicePrompt(box=bounding_box(mask, box_margin))
-    if mode == "points":
-        inside = interior_points(mask, positive_points)
-        outside = surrounding_points(mask, negative_points)
-        labels = np.concatenate([np.ones(len(inside), np.int64), np.zeros(len(outside), np.int64)])
-        return SlicePrompt(points=np.concatenate([inside, outside]), labels=labels)
-    raise ValueError(f"Unknown propagation mode {mode!r}; choose one of {', '.join(MODES)}.")
+    inside = interior_points(mask, positive_points)  # "points"
+    outside = surrounding_points(mask, negative_points)
+    labels = np.concatenate([np.ones(len(inside), np.int64), np.zeros(len(outside), np.int64)])
+    return SlicePrompt(points=np.concatenate([inside, outside]), labels=labels)
 
 
 def _crop(mask: np.ndarray, pad: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .mask_prompts import DEFAULT_MODE, MODES, prompt_from_mask
+from .mask_prompts import DEFAULT_MODE, MODES, main_part, prompt_from_mask
 from .slice_decoder import SliceDecoder, SliceOutput, SlicePrompt
 
 
@@ -184,12 +184,13 @@ def decide_slice(
 ) -> tuple[dict[int, np.ndarray], list[Stop]]:
     """Apply the overlap rule and the stop rules to one batch on slice z; write the masks that pass.
 
-    The stop rules see each mask restricted to background pixels; those that pass share contested
+    The stop rules see each mask restricted to background pixels, without its specks (`main_part`);
+    those that pass share contested
     pixels by the higher logit, and the rules are checked again on what each one keeps.
     """
     free = out[z] == 0
     stops: list[Stop] = []
-    candidates = [(chain, output, (output.logits > 0) & free) for chain, output in zip(group, outputs)]
+    candidates = [(chain, output, main_part((output.logits > 0) & free)) for chain, output in zip(group, outputs)]
     survivors = _apply_stop_rules(candidates, z, settings, stops)
     if len(survivors) > 1:
         kept = share_by_logit([mask for _, _, mask in survivors], [output.logits for _, output, _ in survivors])

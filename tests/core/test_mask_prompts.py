@@ -6,7 +6,7 @@ import torch
 from scipy import ndimage
 
 from samcore import Predictor, build_sam
-from samcore.mask_prompts import bounding_box, interior_points, prompt_from_mask, surrounding_points
+from samcore.mask_prompts import bounding_box, interior_points, main_part, prompt_from_mask, surrounding_points
 from samcore.predictor import upscale_logits
 from samcore.slice_decoder import StackDecoder
 
@@ -59,6 +59,29 @@ def test_each_mode_makes_its_prompt():
         prompt_from_mask("box+mask", mask)
     with pytest.raises(ValueError, match="Unknown propagation mode"):
         prompt_from_mask("lasso", mask)
+
+
+def test_the_main_part_drops_specks_and_keeps_large_pieces():
+    body = disk((60, 60), (20, 20), 8)
+    second = disk((60, 60), (45, 45), 5)  # 81 px against 197: a real piece
+    speck = np.zeros((60, 60), bool)
+    speck[55:57, 2:4] = True
+    np.testing.assert_array_equal(main_part(body | second | speck), body | second)
+    np.testing.assert_array_equal(main_part(body), body)
+    assert not main_part(np.zeros((5, 5), bool)).any()
+
+
+@pytest.mark.parametrize("mode", ["box", "box+mask", "points"])
+def test_a_stray_speck_does_not_move_the_prompt(mode):
+    mask = disk((80, 80), (20, 20), 7)
+    specked = mask.copy()
+    specked[75, 70] = True  # one stray pixel far away, as SAM's masks often have
+    low_res = np.zeros((1, 16, 16))
+    clean, noisy = prompt_from_mask(mode, mask, low_res), prompt_from_mask(mode, specked, low_res)
+    if mode == "points":
+        np.testing.assert_array_equal(noisy.points, clean.points)
+    else:
+        np.testing.assert_array_equal(noisy.box, clean.box)
 
 
 def test_a_mask_input_from_a_mask_maps_back_onto_it():

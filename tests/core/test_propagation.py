@@ -37,12 +37,14 @@ class Oracle:
     A box (with a mask input, the part of the box the mask covers) selects the object with the most
     pixels in it; points select the object under most positive points. The mask logits are 1 plus
     the depth inside the object, -1 outside; with `leak`, the mask reaches `leak` pixels beyond the
-    object and its logits fall with the distance from it.
+    object and its logits fall with the distance from it. With `speck`, every mask also holds that
+    (y, x) pixel, as SAM's masks often hold a stray speck far from the object.
     """
 
-    def __init__(self, truth, score=0.95, low_score_slices=(), leak=0):
+    def __init__(self, truth, score=0.95, low_score_slices=(), leak=0, speck=None):
         self.truth, self.shape = truth, truth.shape
         self.score, self.low_score_slices, self.leak = score, set(low_score_slices), leak
+        self.speck = speck
         self.embedded, self.calls = set(), []
 
     def has_embedding(self, z):
@@ -78,6 +80,8 @@ class Oracle:
             outside = ndimage.distance_transform_edt(~mask)
             spill = np.where(outside <= self.leak, 0.5 * (self.leak + 1 - outside), -1.0)
             logits = np.where(mask, 1.0 + inside, spill)
+            if self.speck is not None:
+                logits[self.speck] = 1.0
         else:
             logits = -np.ones(plane.shape)
         score = 0.1 if z in self.low_score_slices else self.score
@@ -116,6 +120,16 @@ def test_objects_are_recovered_from_one_slice_each(two_nuclei, mode):
     for stop in result.stops:
         extent = np.flatnonzero((two_nuclei == stop.object_id).any(axis=(1, 2)))
         assert extent[0] - 1 <= stop.z <= extent[0] + 2 or extent[-1] - 2 <= stop.z <= extent[-1] + 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stray_specks_neither_steer_the_prompts_nor_reach_the_labels(two_nuclei, mode):
+    labels = seeded(two_nuclei, {1: [8], 2: [14]})
+    oracle = Oracle(two_nuclei, speck=(SHAPE[1] - 1, SHAPE[2] - 1))  # the far corner
+    result = run(propagate_iter(oracle, labels, settings=PropagationSettings(mode=mode)))
+    for object_id in (1, 2):
+        assert iou(result.labels == object_id, two_nuclei == object_id) > 0.9
+    assert not (result.labels.astype(bool) & ~two_nuclei.astype(bool)).any()
 
 
 def test_stops_where_another_object_continues_the_column():
