@@ -70,7 +70,7 @@ def main() -> None:
 
     model = load_model(args.model, args.checkpoint, args.device)
     predictor = Predictor(model)
-    settings = AutoSettings(points_per_side=args.points_per_side)
+    settings = AutoSettings.for_model(model, points_per_side=args.points_per_side)
     data = Path(os.environ.get("NAPARI_SAM_DATA", ROOT.parent / "shared" / "data"))
     if not (data / "dsb2018").is_dir():
         raise SystemExit(f"No benchmark data at {data}: set NAPARI_SAM_DATA to the folder holding dsb2018/.")

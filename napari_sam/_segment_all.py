@@ -86,7 +86,7 @@ class AutoSegmentation(BackgroundJob):
 
         Args:
             scope: "slice" (the displayed slice) or "stack" (every slice of a 3D stack).
-            settings: Automatic segmentation parameters; default `AutoSettings()`.
+            settings: Automatic segmentation parameters; default `AutoSettings.for_model(model)`.
             link_overlap: Least fraction of the smaller of two objects on adjacent slices that their
                 overlap must cover for them to be one 3D object (see `samcore.linking`).
         """
@@ -114,7 +114,7 @@ class AutoSegmentation(BackgroundJob):
         slices = list(range(session.view.n_slices)) if scope == "stack" and z is not None else [z or 0]
         widget._pause_embeddings()  # this run computes the embeddings it needs itself
 
-        settings = settings or AutoSettings()
+        settings = settings or AutoSettings.for_model(session.predictor.model)
         self._layer, self._slices, self._flat = layer, slices, z is None
         self._min_visible, self._known, self._next_id = settings.min_visible, {}, 1
         self._found, self._full, self._painted = 0, 0, []

@@ -62,6 +62,15 @@ class AutoSettings:
     crop_layers: int = 0
     crop_overlap: float = 0.25
 
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, **options: float) -> AutoSettings:
+        """The settings for `model`: its own thresholds where its weights have them, then `options`.
+
+        Weights whose predicted IoUs run lower than SAM's (the bundled model) carry their own
+        `min_predicted_iou` and `min_stability` (see `samcore.zoo.ModelEntry.auto_thresholds`).
+        """
+        return cls(**{**getattr(model, "auto_defaults", {}), **options})
+
     def __post_init__(self) -> None:
         for name in ("points_per_side", "points_per_batch"):
             if getattr(self, name) < 1:
@@ -178,16 +187,37 @@ def filter_candidates(
     Returns:
         The kept masks, in the decoder's image pixels.
     """
+    masks, _ = scored_candidates(
+        decoder, points, settings.min_predicted_iou, settings.min_stability, settings.stability_offset, upscale_chunk
+    )
+    return masks
+
+
+def scored_candidates(
+    decoder: PointDecoder,
+    points: np.ndarray,
+    min_predicted_iou: float,
+    min_stability: float,
+    stability_offset: float = 1.0,
+    upscale_chunk: int = 16,
+) -> tuple[Masks, np.ndarray]:
+    """`filter_candidates` with explicit thresholds, also returning each kept mask's stability score.
+
+    Returns:
+        The kept (non-empty) masks with their predicted IoUs, and (N,) their stability scores.
+    """
     logits, scores = decoder.decode(points)
     logits, scores = logits.flatten(0, 1), scores.flatten(0, 1).float()
-    keep = torch.nonzero(scores >= settings.min_predicted_iou).flatten()
-    parts = []
+    keep = torch.nonzero(scores >= min_predicted_iou).flatten()
+    parts, stabilities = [], []
     for start in range(0, len(keep), upscale_chunk):
         index = keep[start : start + upscale_chunk]
         full = decoder.upscale(logits[index])
-        stable = stability_score(full, 0.0, settings.stability_offset) >= settings.min_stability
-        parts.append(Masks.from_dense(full[stable] > 0, scores[index][stable]))
-    return concat(parts)
+        stability = stability_score(full, 0.0, stability_offset)
+        kept = (stability >= min_stability) & (full > 0).flatten(1).any(dim=1)
+        parts.append(Masks.from_dense(full[kept] > 0, scores[index][kept]))
+        stabilities.append(stability[kept].float().cpu().numpy())
+    return concat(parts), np.concatenate(stabilities) if stabilities else np.zeros(0, np.float32)
 
 
 def generate_masks(
@@ -218,10 +248,23 @@ def generate_masks(
             parts.append(filter_candidates(decoder, points[start : start + step], settings))
             done += 1
             yield Progress("masks", done, batches * len(crops))
-        masks = concat(parts)
-        masks = masks.select(box_nms(masks.boxes, masks.scores, settings.box_nms_iou))
-        masks = masks.select(np.flatnonzero(~cut_by_crop(masks.boxes, crop, image_size)))
-        found.append(masks.shifted(crop[0], crop[1]))
+        found.append(deduplicate_crop(concat(parts), crop, image_size, settings))
+    return merge_crops(found, settings)
+
+
+def deduplicate_crop(masks: Masks, crop: Box, image_size: tuple[int, int], settings: AutoSettings) -> Masks:
+    """Step 3 on the filtered candidates of one crop: box NMS, masks cut by the crop dropped.
+
+    Returns:
+        The crop's masks, in image pixels.
+    """
+    masks = masks.select(box_nms(masks.boxes, masks.scores, settings.box_nms_iou))
+    masks = masks.select(np.flatnonzero(~cut_by_crop(masks.boxes, crop, image_size)))
+    return masks.shifted(crop[0], crop[1])
+
+
+def merge_crops(found: list[Masks], settings: AutoSettings) -> Masks:
+    """Step 4 on the masks of every crop: small holes and islands removed, then mask NMS."""
     masks = clean_masks(concat(found), settings.min_area)
     return masks.select(mask_nms(masks, settings.mask_nms_iou))
 
@@ -239,13 +282,13 @@ def segment_embedding(
         model: The SAM model that made the embedding.
         embedding: The image's embedding.
         rgb: The (H, W, 3) uint8 image; needed only with crops (`settings.crop_layers > 0`).
-        settings: Parameters; default `AutoSettings()`.
+        settings: Parameters; default `AutoSettings.for_model(model)`.
         precision: Encoder precision for crops.
 
     Returns:
         (H, W) int32 instance labels.
     """
-    settings = settings or AutoSettings()
+    settings = settings or AutoSettings.for_model(model)
     if settings.crop_layers and rgb is None:
         raise ValueError("Crops are embedded anew: pass the image (rgb) along with its embedding.")
     whole = EmbeddingDecoder(model, embedding, precision)

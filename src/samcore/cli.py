@@ -107,8 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     option("--overwrite", action="store_true", help="redo inputs whose labels file exists")
     option("--points-per-side", type=int, help="point grid along each side (default 32)")
     option("--points-per-batch", type=int, help="points decoded at once (default 64)")
-    option("--min-iou", type=float, dest="min_predicted_iou", help="least predicted IoU (default 0.88)")
-    option("--min-stability", type=float, help="least stability score (default 0.95)")
+    option("--min-iou", type=float, dest="min_predicted_iou", help="least predicted IoU (default 0.88, the model's own where it has one)")
+    option("--min-stability", type=float, help="least stability score (default 0.95, the model's own where it has one)")
     option("--min-area", type=int, help="smaller holes and islands are removed (default 25 pixels)")
     option("--crop-layers", type=int, help="extra layers of 2x2, 4x4... crops for small objects (default 0)")
     option("--link-overlap", type=float, default=0.5,
@@ -265,8 +265,9 @@ def _run_auto(args: argparse.Namespace) -> int:
 
     names = ("points_per_side", "points_per_batch", "min_predicted_iou", "min_stability", "min_area")
     given = {name: getattr(args, name) for name in (*names, "crop_layers") if getattr(args, name) is not None}
-    settings = AutoSettings(**given)
+    AutoSettings(**given)  # bad values are refused before the model loads
     files, predictor, model_id, client = _batch_setup(args)
+    settings = AutoSettings.for_model(predictor.model, **given)
     try:
         for path in files:
             output = batch.labels_path(path, args.output, len(files) > 1 or args.input.is_dir())

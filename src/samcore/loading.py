@@ -73,6 +73,8 @@ def load_model(
         entry = zoo.get_entry(name)
         # The file matched its published hash, so it is the one its authors released.
         model = load_checkpoint(download.fetch(entry), entry.architecture, trusted=True)
+        if entry.auto_thresholds is not None:
+            model.auto_defaults = dict(zip(("min_predicted_iou", "min_stability"), entry.auto_thresholds))
     return model.to(target).eval()
 
 

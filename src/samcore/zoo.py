@@ -45,6 +45,8 @@ class ModelEntry:
         licence: The licence of the weights.
         packaged: The file ships inside the package (folder ``samcore/weights``) instead of
             being downloaded; ``url`` is then empty.
+        auto_thresholds: ``(min_predicted_iou, min_stability)`` for automatic segmentation, for
+            weights whose predicted IoUs run lower than SAM's; None keeps SAM's (0.88, 0.95).
     """
 
     name: str
@@ -56,6 +58,7 @@ class ModelEntry:
     source: str
     licence: str
     packaged: bool = False
+    auto_thresholds: tuple[float, float] | None = None
 
     @property
     def hash_algorithm(self) -> str:

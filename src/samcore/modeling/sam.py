@@ -44,6 +44,9 @@ class Sam(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
         self.architecture = ""  # set by the builder to its registry name
+        # Automatic-segmentation thresholds of these weights, where they differ from SAM's (set by
+        # `samcore.load_model` from the model's registry entry; see `AutoSettings.for_model`).
+        self.auto_defaults: dict[str, float] = {}
 
     @property
     def img_size(self) -> int:
