@@ -61,7 +61,7 @@ def load_model(
             ``ArchitectureMismatchError`` are ValueErrors).
         FileNotFoundError: ``checkpoint`` does not exist.
         samcore.zoo.ModelNotIncludedError: The model named has no published
-            weights (the default model in this version).
+            weights (e.g. ``vit_h_lm``).
         samcore.download.WeightsUnavailableError: The weights are not cached and
             cannot be downloaded.
         samcore.download.HashMismatchError: The weights have the wrong hash.

@@ -184,10 +184,21 @@ _ENTRIES: tuple[ModelEntry, ...] = (
     ),
 )
 
-#: The project's own model, used when no name is given. It is not part of this
-#: version yet; once it is published, replace ``None`` with its ``ModelEntry``
-#: (named ``DEFAULT_MODEL_NAME``) and everything else picks it up.
-BUNDLED_MODEL: ModelEntry | None = None
+#: The project's own model, used when no name is given: shipped inside the package,
+#: trained on generated scenes only (``python -m samcore.training``; its training notes are
+#: ``samcore/weights/micro_v1.json``). Replace the file and the hash together.
+BUNDLED_MODEL: ModelEntry | None = ModelEntry(
+    name=DEFAULT_MODEL_NAME,
+    architecture="micro_v1",
+    url="",
+    hash="sha256:83c8f8fa7f076e897016168d3ddd4813358ba356e4c32f13e99e17b963fd50f2",
+    filename="micro_v1.pt",
+    description="napari-sam's own small model (12 MB): offline and fast on a CPU; trained on generated scenes only.",
+    source="napari-sam (python -m samcore.training --seed 0)",
+    licence="BSD-3-Clause",
+    packaged=True,
+    auto_thresholds=(0.2, 0.8),
+)
 
 #: Names people may know from micro-sam whose weights micro-sam does not
 #: publish (any more), mapped to their architecture. They can still be used

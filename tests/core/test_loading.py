@@ -163,13 +163,11 @@ def test_unknown_name_lists_valid_names(plain_file: Path) -> None:
         load_model("vit_q", checkpoint=plain_file)
 
 
-def test_default_model_is_not_included_yet() -> None:
-    for call in (lambda: load_model(), lambda: load_model("default")):
-        with pytest.raises(zoo.ModelNotIncludedError) as caught:
-            call()
-        message = str(caught.value)
-        assert "not included in this version" in message
-        assert "load_model('vit_b" in message and "checkpoint=" in message
+def test_no_name_and_default_give_the_bundled_model_offline(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("NAPARI_SAM_CACHE", str(tmp_path / "empty cache"))  # nothing cached, no download
+    for model in (load_model(device="cpu"), load_model("default", device="cpu")):
+        assert model.architecture == zoo.BUNDLED_MODEL.architecture
+    assert not (tmp_path / "empty cache").exists() or not any((tmp_path / "empty cache").iterdir())
 
 
 def test_unpublished_name_explains_itself() -> None:
@@ -289,12 +287,13 @@ def test_zoo_module_does_not_import_torch() -> None:
 
 def test_list_models_reports_cache(tmp_path: Path) -> None:
     statuses = {status.entry.name: status for status in list_models()}
-    assert set(statuses) == set(zoo.MODELS)
-    assert not any(status.cached for status in statuses.values())
+    assert list(statuses)[0] == zoo.DEFAULT_MODEL_NAME and set(statuses) == {zoo.DEFAULT_MODEL_NAME, *zoo.MODELS}
+    # The bundled model ships in the package; nothing else is on disk yet.
+    assert {name for name, status in statuses.items() if status.cached} == {zoo.DEFAULT_MODEL_NAME}
     cached = statuses["vit_t"].path
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")
-    assert {status.entry.name for status in list_models() if status.cached} == {"vit_t"}
+    assert {status.entry.name for status in list_models() if status.cached} == {zoo.DEFAULT_MODEL_NAME, "vit_t"}
     assert cached.parent == tmp_path / "cache"
 
 

@@ -138,7 +138,8 @@ def test_stops_where_another_object_continues_the_column():
     truth[column & (np.arange(24) < 12)[:, None, None]] = 1
     truth[ellipsoid((0, 24, 30), (1e6, 6, 6)) & (np.arange(24) >= 12)[:, None, None]] = 2
     labels = seeded(truth, {1: [5]})
-    result = run(propagate_iter(Oracle(truth), labels))
+    # A box covers the other object's pixels, so the IoU rule must stop it (points would find none).
+    result = run(propagate_iter(Oracle(truth), labels, settings=PropagationSettings(mode="box+mask")))
     assert result.filled[1] == (*range(0, 5), *range(6, 12))
     (stop,) = result.stops
     assert (stop.direction, stop.z, stop.reason) == (1, 12, "iou") and stop.value < 0.5

@@ -1,0 +1,80 @@
+"""The model shipped inside the package: registered, intact, small, and able to segment nuclei."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+import samcore
+from samcore import Predictor, download, zoo
+from samcore.build import build_sam
+from samcore.synthetic import nuclei_image
+
+# Mean IoU the shipped weights must reach on the synthetic nuclei below; the same network with its
+# initial random weights scores about 0.01 on both.
+BOX_GOAL = 0.7
+POINT_GOAL = 0.4
+
+
+def test_the_bundled_weights_are_registered_small_and_match_their_checksum() -> None:
+    entry = zoo.get_entry()
+    assert entry is zoo.BUNDLED_MODEL and entry.name == zoo.DEFAULT_MODEL_NAME and entry.packaged
+    path = download.packaged_path(entry.filename)
+    assert path.stat().st_size <= 25e6
+    assert entry.hash_algorithm == "sha256"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == entry.hash_digest
+    assert zoo.model_names()[0] == zoo.DEFAULT_MODEL_NAME
+
+
+def test_load_model_without_a_name_gives_the_bundled_model() -> None:
+    model = samcore.load_model()
+    assert model.architecture == zoo.BUNDLED_MODEL.architecture
+    assert samcore.load_model("default").architecture == model.architecture
+    thresholds = dict(zip(("min_predicted_iou", "min_stability"), zoo.BUNDLED_MODEL.auto_thresholds))
+    assert model.auto_defaults == thresholds
+    assert samcore.AutoSettings.for_model(model).min_predicted_iou == thresholds["min_predicted_iou"]
+
+
+@pytest.fixture(scope="module")
+def nuclei() -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic fluorescence image with well separated nuclei of 20-36 px."""
+    return nuclei_image((256, 256), n_nuclei=8, radius=(10.0, 18.0), seed=11)
+
+
+def prompted_ious(model: samcore.modeling.Sam, image: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Mean IoU over the nuclei from their bounding box and from one click at their centre."""
+    predictor = Predictor(model)
+    predictor.set_image(image)
+    box_ious, point_ious = [], []
+    for label in range(1, int(labels.max()) + 1):
+        truth = labels == label
+        ys, xs = np.nonzero(truth)
+        box = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+        masks, _, _ = predictor.predict(box=box, multimask_output=False)
+        box_ious.append(iou(masks[0], truth))
+        depth = ndimage.distance_transform_edt(truth)
+        y, x = np.unravel_index(np.argmax(depth), depth.shape)
+        masks, scores, _ = predictor.predict(point_coords=np.array([[x, y]]), point_labels=np.array([1]))
+        point_ious.append(iou(masks[int(np.argmax(scores))], truth))
+    return float(np.mean(box_ious)), float(np.mean(point_ious))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+@pytest.mark.slow
+def test_the_bundled_model_segments_nuclei_from_a_box_and_from_a_click(nuclei) -> None:
+    box, point = prompted_ious(samcore.load_model(), *nuclei)
+    assert box > BOX_GOAL and point > POINT_GOAL
+
+
+@pytest.mark.slow
+def test_the_same_architecture_untrained_does_not(nuclei) -> None:
+    torch.manual_seed(0)
+    box, point = prompted_ious(build_sam(zoo.BUNDLED_MODEL.architecture).eval(), *nuclei)
+    assert box < BOX_GOAL and point < POINT_GOAL
