@@ -214,8 +214,9 @@ def scored_candidates(
         index = keep[start : start + upscale_chunk]
         full = decoder.upscale(logits[index])
         stability = stability_score(full, 0.0, stability_offset)
-        kept = (stability >= min_stability) & (full > 0).flatten(1).any(dim=1)
-        parts.append(Masks.from_dense(full[kept] > 0, scores[index][kept]))
+        positive = full > 0
+        kept = (stability >= min_stability) & positive.flatten(1).any(dim=1)
+        parts.append(Masks.from_dense(positive[kept], scores[index][kept]))
         stabilities.append(stability[kept].float().cpu().numpy())
     return concat(parts), np.concatenate(stabilities) if stabilities else np.zeros(0, np.float32)
 
