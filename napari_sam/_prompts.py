@@ -21,15 +21,24 @@ class SlicePrompts:
         points: (N, 2) XY pixel coordinates.
         labels: (N,) 1 for positive, 0 for negative clicks.
         box: (4,) XYXY box, or None.
+        mask: (H, W) bool mask painted with the brush, or None.
     """
 
     points: np.ndarray
     labels: np.ndarray
     box: np.ndarray | None
+    mask: np.ndarray | None = None
 
     @property
     def empty(self) -> bool:
-        return len(self.points) == 0 and self.box is None
+        return len(self.points) == 0 and self.box is None and self.mask is None
+
+    def decoder_box(self) -> np.ndarray | None:
+        """The box to decode: the one drawn, else the bounding box of the painted mask."""
+        if self.box is not None or self.mask is None:
+            return self.box
+        ys, xs = np.nonzero(self.mask)
+        return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
 
 
 def to_image_pixels(layer, image_layer, coords: np.ndarray) -> np.ndarray:
@@ -41,17 +50,18 @@ def to_image_pixels(layer, image_layer, coords: np.ndarray) -> np.ndarray:
     return np.array([image_layer.world_to_data(w) for w in world])
 
 
-def slice_prompts(points_layer, shapes_layer, image_layer, z: int | None) -> SlicePrompts:
-    """The clicks and the last box of slice z (None for a 2D image).
+def slice_prompts(points_layer, shapes_layer, image_layer, z: int | None, brush_layer=None) -> SlicePrompts:
+    """The clicks, the last box and the painted mask of slice z (None for a 2D image).
 
     Args:
         points_layer: Points with a `label` feature (1 positive, 0 negative).
         shapes_layer: Shapes; rectangles are boxes (the last one drawn on the slice counts).
         image_layer: The image being segmented (2D, RGB or 3D).
         z: The slice index for a stack.
+        brush_layer: Labels on the image's pixel grid (same spatial shape); any painted pixel counts.
     """
     points, labels = _points_on_slice(points_layer, image_layer, z)
-    return SlicePrompts(points, labels, _box_on_slice(shapes_layer, image_layer, z))
+    return SlicePrompts(points, labels, _box_on_slice(shapes_layer, image_layer, z), _mask_on_slice(brush_layer, z))
 
 
 def _on_slice(pixels: np.ndarray, z: int | None) -> np.ndarray:
@@ -83,3 +93,10 @@ def _box_on_slice(shapes_layer, image_layer, z: int | None) -> np.ndarray | None
         ys, xs = pixels[:, -2], pixels[:, -1]
         box = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
     return box
+
+
+def _mask_on_slice(brush_layer, z: int | None) -> np.ndarray | None:
+    if brush_layer is None:
+        return None
+    painted = np.asarray(brush_layer.data if z is None else brush_layer.data[z]) > 0
+    return painted if painted.any() else None

@@ -69,7 +69,11 @@ class SamWidget(Container):
         self._overwrite = CheckBox(text="overwrite other objects", value=False)
         self._candidate = Label(value="")
         self._status = Label(value="Pick an image and a model, then compute embeddings.")
-        self._help = Label(value="\n".join(f"{key.upper():>8}  {action}" for key, (_, action) in KEYS.items()))
+        self._help = Label(value="\n".join([
+            "click in 'SAM points', draw rectangles in 'SAM boxes',",
+            "or paint roughly over an object in 'SAM brush'",
+            *(f"{key.upper():>8}  {action}" for key, (_, action) in KEYS.items()),
+        ]))
         buttons = Container(layout="horizontal", labels=False)
         for name in ("segment", "commit", "next_candidate", "undo", "clear", "propagate"):
             button = PushButton(text=name.replace("_", " "))
@@ -94,7 +98,7 @@ class SamWidget(Container):
         self._session = None  # samcore objects for the current (image, model): see _Session
         self._worker = None
         self._progress = None
-        self._points = self._boxes = self._preview = None
+        self._points = self._boxes = self._brush = self._preview = None
         self._candidates: tuple[np.ndarray, np.ndarray] | None = None
         self._candidate_index = 0
         self._preview_slice: int | None = None  # the slice the preview was last drawn on
@@ -106,8 +110,6 @@ class SamWidget(Container):
         self._embeddings_paused = False  # stopped for a propagation or segment all; resumed after it
         self.auto_settings = None  # a samcore AutoSettings for segment all; None for its defaults
         self._bind_keys()
-
-    # -- set-up ---------------------------------------------------------------------------
 
     # -- scripting ----------------------------------------------------------------------------
 
@@ -147,6 +149,17 @@ class SamWidget(Container):
         rectangle = np.array([corner, corner, opposite, opposite])
         rectangle[1, -1], rectangle[3, -1] = opposite[-1], corner[-1]
         self._boxes.add_rectangles(rectangle)
+
+    def paint(self, mask, z: int | None = None) -> None:
+        """Paint a (Y, X) bool mask on slice z of the brush layer (2D: z None) as a mask prompt."""
+        self._ensure_prompt_layers(self.image_layer())
+        region = self._brush.data if z is None else self._brush.data[z]
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != region.shape:
+            raise ValueError(f"The mask has shape {mask.shape}; the image's slices are {region.shape}.")
+        region[mask] = 1
+        self._brush.refresh()
+        self.segment()
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -319,6 +332,13 @@ class SamWidget(Container):
             self._remove(self._preview)
             self._preview = self._viewer.add_labels(np.zeros(shape, np.uint8), name="SAM preview", opacity=0.5)
             self._preview_slice = None
+        if not self._usable(self._brush, ndim) or self._brush.data.shape != shape:
+            self._remove(self._brush)
+            self._brush = self._viewer.add_labels(np.zeros(shape, np.uint8), name="SAM brush", opacity=0.4)
+            self._brush.mode = "paint"  # ready to paint once the user selects it
+            self._brush.events.paint.connect(self._on_prompts_changed)
+            self._brush.events.data.connect(self._on_prompts_changed)
+            self._bind_layer_keys(self._brush)
         if not self._usable(self._boxes, ndim):
             self._remove(self._boxes)
             self._boxes = self._viewer.add_shapes(
@@ -333,7 +353,7 @@ class SamWidget(Container):
             self._points.events.data.connect(self._on_prompts_changed)
             self._bind_layer_keys(self._points)
             self._points.mode = "add"
-        for layer in (self._preview, self._boxes, self._points):
+        for layer in (self._preview, self._brush, self._boxes, self._points):
             layer.scale, layer.translate = geometry["scale"], geometry["translate"]
 
     def _usable(self, layer, ndim: int) -> bool:
@@ -380,7 +400,7 @@ class SamWidget(Container):
         if session is None or self._preview is None:
             return
         z = self._current_z(session.layer)
-        prompts = slice_prompts(self._points, self._boxes, session.layer, z)
+        prompts = slice_prompts(self._points, self._boxes, session.layer, z, self._brush)
         region = self._preview.data if z is None else self._preview.data[z]
         if prompts.empty:
             self._candidates = None
@@ -391,12 +411,15 @@ class SamWidget(Container):
             self._status.value = f"Slice {z} has no embedding yet; it is being computed."
             return
         session.use(z or 0, embedding)
-        single_click = len(prompts.points) == 1 and prompts.box is None
+        single_click = len(prompts.points) == 1 and prompts.box is None and prompts.mask is None
         try:
+            # A painted mask prompts with its bounding box (unless a box is drawn) and as SAM's
+            # mask input: a mask input alone decodes poorly.
             masks, scores, _ = session.predictor.predict(
                 point_coords=prompts.points if len(prompts.points) else None,
                 point_labels=prompts.labels if len(prompts.points) else None,
-                box=prompts.box,
+                box=prompts.decoder_box(),
+                mask_input=None if prompts.mask is None else session.predictor.logits_from_mask(prompts.mask),
                 multimask_output=single_click,
             )
         except ValueError as error:
@@ -537,6 +560,9 @@ class SamWidget(Container):
                     layer.data = [layer.data[i] for i in keep]
                 else:
                     layer.data = layer.data[keep]
+        if self._brush is not None and self._brush.data.any():
+            (self._brush.data if z is None else self._brush.data[z])[...] = 0
+            self._brush.refresh()
         self._candidates = None
         if self._preview is not None:
             self._show_candidate(self._preview.data, z)

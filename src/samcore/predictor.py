@@ -233,6 +233,18 @@ class Predictor:
         """Map (..., 4) XYXY original-image boxes to model-input pixels."""
         return self.transform_coords(np.asarray(boxes).reshape(-1, 2, 2)).reshape(-1, 4)
 
+    def logits_from_mask(self, mask: np.ndarray) -> np.ndarray:
+        """Low-resolution logits standing for a (H, W) mask of the current image, as a `mask_input`.
+
+        For a mask that did not come from the decoder (painted, or from another slice). Alone, such
+        a mask prompt decodes poorly; give it with a box or clicks.
+        """
+        embedding = self._current()
+        mask = np.asarray(mask)
+        if mask.shape != embedding.original_size:
+            raise ValueError(f"The mask has shape {mask.shape}, the image {embedding.original_size}.")
+        return mask_logits(mask, self.model, embedding.input_size)
+
     # -- helpers ----------------------------------------------------------------------------
 
     def _use(self, embedding: ImageEmbedding | None) -> None:
@@ -352,6 +364,23 @@ def resize_uint8(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if rgb.shape[:2] == tuple(size):
         return rgb
     return np.array(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))
+
+
+MASK_LOGIT_EPS = 1e-3  # a pixel fully in (out of) a mask becomes a logit of about +6.9 (-6.9)
+
+
+def mask_logits(mask: np.ndarray, model: Sam, input_size: tuple[int, int]) -> np.ndarray:
+    """(1, 256, 256) logits standing for a (H, W) bool mask of an image resized to `input_size`.
+
+    The mask is resized and padded the way the model sees its image, averaged over each
+    low-resolution cell, and the covered fraction p becomes the logit log(p / (1 - p)).
+    """
+    side = model.prompt_encoder.mask_input_size
+    pixels = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None]
+    resized = F.interpolate(pixels, size=input_size, mode="bilinear", align_corners=False, antialias=True)
+    padded = F.pad(resized, (0, model.img_size - input_size[1], 0, model.img_size - input_size[0]))
+    fraction = F.interpolate(padded, size=tuple(side), mode="area")
+    return torch.logit(fraction[0], eps=MASK_LOGIT_EPS).numpy().astype(np.float32)
 
 
 def upscale_logits(

@@ -14,12 +14,9 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .embeddings import EmbeddingStore, StackView, model_key, stack_key
-from .predictor import Predictor, resized_shape
-
-MASK_LOGIT_EPS = 1e-3  # a pixel fully in (out of) a mask becomes a logit of about +6.9 (-6.9)
+from .predictor import Predictor, mask_logits, resized_shape
 
 
 @dataclass(frozen=True)
@@ -124,19 +121,9 @@ class StackDecoder:
         return outputs
 
     def logits_from_mask(self, mask: np.ndarray) -> np.ndarray:
-        """Low-resolution logits standing for a (Y, X) bool mask, as a `mask_input`.
-
-        The mask is resized and padded the way the model sees its slice, averaged over each
-        low-resolution cell, and the covered fraction p becomes the logit log(p / (1 - p)).
-        """
+        """Low-resolution logits standing for a (Y, X) bool mask of a slice, as a `mask_input`."""
         model = self.predictor.model
-        side = model.prompt_encoder.mask_input_size
-        input_size = resized_shape(self.shape[1], self.shape[2], model.img_size)
-        pixels = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None]
-        resized = F.interpolate(pixels, size=input_size, mode="bilinear", align_corners=False, antialias=True)
-        padded = F.pad(resized, (0, model.img_size - input_size[1], 0, model.img_size - input_size[0]))
-        fraction = F.interpolate(padded, size=tuple(side), mode="area")
-        return torch.logit(fraction[0], eps=MASK_LOGIT_EPS).numpy().astype(np.float32)
+        return mask_logits(mask, model, resized_shape(self.shape[1], self.shape[2], model.img_size))
 
     def _decode_batch(self, prompts: list[SlicePrompt]) -> list[SliceOutput]:
         predictor, device = self.predictor, self.predictor.device

@@ -100,3 +100,21 @@ def test_bf16_path_runs_and_stays_close_to_fp32():
     bf16 = Predictor(model, precision="bf16").embed(image).features
     assert bf16.dtype == torch.float32
     assert ((bf16 - fp32).norm() / fp32.norm()) < 0.05
+
+
+def test_a_painted_mask_becomes_a_mask_input_of_this_image(predictor):
+    image = np.zeros((60, 100), np.uint16)  # not square: the mask is padded like the image
+    predictor.set_image(image)
+    mask = np.zeros((60, 100), bool)
+    mask[20:40, 50:80] = True
+    logits = predictor.logits_from_mask(mask)
+    side = predictor.model.prompt_encoder.mask_input_size
+    assert logits.shape == (1, *side)
+    scale = side[1] / 100  # the longest side fills the model input
+    assert logits[0, int(30 * scale), int(65 * scale)] > 5  # inside
+    assert logits[0, int(5 * scale), int(10 * scale)] < -5  # outside
+    assert (logits[0, int(61 * scale) :] < -5).all()  # the padding below the image
+    masks, _, _ = predictor.predict(box=np.array([50, 20, 79, 39]), mask_input=logits, multimask_output=False)
+    assert masks.shape == (1, 60, 100)
+    with pytest.raises(ValueError, match="shape"):
+        predictor.logits_from_mask(mask[:50])

@@ -23,5 +23,5 @@ def test_readme_scripted_session(make_napari_viewer, tiny_checkpoint):
     exec(compile(code, str(README), "exec"), namespace)
     labels = namespace["labels"]
     assert labels.shape == (32, 256, 256)
-    assert set(np.unique(labels)) == {0, 1}  # two commits, one undone
+    assert set(np.unique(labels)) == {0, 1, 2}  # three commits, one undone
     assert (labels[16] == 1).any() and not (labels[:16] > 0).any()

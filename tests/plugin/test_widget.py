@@ -85,6 +85,47 @@ def test_box_commit_undo_keep_other_objects(sam):
     np.testing.assert_array_equal(objects.data, existing)
 
 
+def test_painting_with_the_brush_prompts_with_its_box_and_mask(sam):
+    viewer, widget = sam
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    brush = widget._brush
+    brush.selected_label, brush.brush_size = 1, 9
+    with brush.block_history():  # one stroke: napari reports it once, when the mouse is released
+        for y, x in ((40, 30), (40, 36), (42, 42)):
+            brush.paint((2, y, x), 1)
+    painted = np.asarray(brush.data[2]) > 0
+    ys, xs = np.nonzero(painted)
+    predictor = widget._session.predictor
+    expected, _, _ = predictor.predict(
+        box=np.array([xs.min(), ys.min(), xs.max(), ys.max()]),
+        mask_input=predictor.logits_from_mask(painted),
+        multimask_output=False,
+    )
+    np.testing.assert_array_equal(preview_mask(widget, 2), expected[0])
+    assert not any(preview_mask(widget, z).any() for z in (0, 1, 3))
+    assert widget._candidate.value.startswith("predicted IoU")  # one mask, nothing to cycle
+    widget._boxes.add_rectangles(np.array([[2, 10, 10], [2, 10, 60], [2, 60, 60], [2, 60, 10]]))
+    expected, _, _ = predictor.predict(  # a drawn box replaces the painting's box
+        box=np.array([10, 10, 60, 60]), mask_input=predictor.logits_from_mask(painted), multimask_output=False
+    )
+    np.testing.assert_array_equal(preview_mask(widget, 2), expected[0])
+    widget.commit()
+    assert not brush.data.any() and len(widget._boxes.data) == 0
+    assert (widget.output_layer().data[2] == 1).sum() == expected[0].sum()
+
+
+def test_a_scripted_painting_must_match_the_slices(sam):
+    viewer, widget = sam
+    widget.load(block=True)
+    mask = np.zeros((96, 96), bool)
+    mask[30:50, 30:50] = True
+    widget.paint(mask, z=1)
+    assert (np.asarray(widget._brush.data[1]) > 0).sum() == mask.sum()
+    with np.testing.assert_raises_regex(ValueError, "slices are"):
+        widget.paint(mask[:50], z=1)
+
+
 def test_next_candidate_cycles_the_three_masks(sam):
     viewer, widget = sam
     viewer.dims.set_current_step(0, 0)
