@@ -4,9 +4,10 @@ For every labelled object of at least 30 pixels:
   * box prompt: the object's bounding box;
   * point prompt: one positive click at its most interior pixel (maximum of its distance transform);
 the predicted mask (single output for a box; for a click, the candidate with the best predicted IoU)
-is compared with the label. The baseline on the same prompts: Otsu's threshold inside the box, or
-in a window around the click (side four times the median object diameter of the image), keeping
-the connected component under the prompt (the box's largest one).
+is compared with the label. The baseline on the same prompts: Otsu's threshold inside the box
+(computed over the box grown by a tenth of its longest side, so that the histogram holds some
+background), or in a window around the click (side twice the median object diameter of the image),
+keeping the connected component under the prompt (the box's largest one, within the box).
 
 Data: `$NAPARI_SAM_DATA` (default ../shared/data): `dsb2018` (one 512x512 image) and every slice
 of `nuclei3d` (60x256x256), with their instance labels. Measurement only: nothing is tuned on it.
@@ -105,7 +106,7 @@ def evaluate(predictor: Predictor, slices: list[tuple[np.ndarray, np.ndarray]]) 
             continue
         predictor.set_image(image)
         diameters = [max(s.stop - s.start for s in box) for _, box in found]
-        window = 4 * int(np.median(diameters))
+        window = 2 * int(np.median(diameters))
         for mask, (rows, cols) in found:
             box = np.array([cols.start, rows.start, cols.stop - 1, rows.stop - 1])
             point = interior_point(mask)
@@ -128,13 +129,19 @@ def interior_point(mask: np.ndarray) -> np.ndarray:
 
 
 def otsu_in_box(image: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """Otsu foreground inside an XYXY box, its largest connected component."""
+    """Otsu foreground inside an XYXY box, its largest connected component.
+
+    A tight box is nearly all object, so the threshold comes from the box grown by a tenth of
+    its longest side (at least 1 px) on every side; the mask stays inside the box.
+    """
     x0, y0, x1, y1 = (int(v) for v in box)
+    margin = max(1, round(0.1 * max(x1 - x0 + 1, y1 - y0 + 1)))
+    context = image[max(y0 - margin, 0) : y1 + margin + 1, max(x0 - margin, 0) : x1 + margin + 1]
     crop = image[y0 : y1 + 1, x0 : x1 + 1].astype(np.float64)
     out = np.zeros(image.shape, dtype=bool)
-    if crop.size == 0 or crop.min() == crop.max():
+    if context.min() == context.max():
         return out
-    components, count = ndimage.label(crop > threshold_otsu(crop))
+    components, count = ndimage.label(crop > threshold_otsu(context.astype(np.float64)))
     if count:
         sizes = np.bincount(components.ravel())[1:]
         out[y0 : y1 + 1, x0 : x1 + 1] = components == int(np.argmax(sizes)) + 1
