@@ -1,6 +1,7 @@
 """The widget in a real napari viewer (headless under Xvfb), driven as a user or a script would."""
 
 import numpy as np
+import pytest
 import torch
 from conftest import preview_mask
 
@@ -174,6 +175,17 @@ def test_broken_checkpoint_is_reported_and_labels_stay(sam, tmp_path, messages):
     widget._checkpoint.value = str(broken)
     widget.load(block=True)
     assert messages["error"] and "broken.pth" in messages["error"][0]
+    assert (objects.data == 3).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_asking_for_a_gpu_without_one_is_reported_and_labels_stay(sam, messages):
+    viewer, widget = sam
+    objects = viewer.add_labels(np.full((4, 96, 96), 3, np.uint32), name="mine")
+    widget._device.value = "cuda"
+    widget.load(block=True)
+    assert messages["error"] and "No NVIDIA GPU" in messages["error"][0]
+    assert widget._session is None
     assert (objects.data == 3).all()
 
 
