@@ -164,7 +164,10 @@ class AutoSegmentation(BackgroundJob):
             return
         self._widget._status.value = f"Segmented all: {new} new object(s) {self._where()}."
         if not self._found:
-            show_warning(f"SAM: segment all found no object {self._where()}.")
+            show_warning(
+                f"SAM: segment all found no object {self._where()}. On dim or noisy images, lower the "
+                "thresholds under 'keep masks with' (stability first) and try again."
+            )
         elif not new:
             show_warning(
                 f"SAM: segment all found {self._found} object(s) {self._where()}, all on existing objects of "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton, create_widget
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, create_widget
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
@@ -84,10 +84,21 @@ class SamWidget(Container):
         segment_all.changed.connect(self.segment_all)
         automatic = Container(layout="horizontal", labels=False, label="automatic")
         automatic.extend([segment_all, self._scope])
+        # Segment all keeps a candidate mask when both pass; set to the model's own values when it loads.
+        self._min_iou = FloatSpinBox(
+            label="predicted IoU ≥", min=0.0, max=1.0, step=0.05, value=0.88,
+            tooltip="segment all: lower it to keep more (and worse) masks",
+        )
+        self._min_stability = FloatSpinBox(
+            label="stability ≥", min=0.0, max=1.0, step=0.05, value=0.95,
+            tooltip="segment all: lower it on dim or noisy images, where masks are less stable",
+        )
+        thresholds = Container(layout="horizontal", label="keep masks with")
+        thresholds.extend([self._min_iou, self._min_stability])
         self.extend([
             self._image, self._model, self._checkpoint, self._device, self._cache_dir,
             self._load_button, self._cancel_button, self._output, self._overwrite,
-            buttons, automatic, self._candidate, self._status, self._help,
+            buttons, automatic, thresholds, self._candidate, self._status, self._help,
         ])
         self._model.changed.connect(self._on_model_choice)
         self._image.changed.connect(self._on_image_change)
@@ -108,7 +119,7 @@ class SamWidget(Container):
         self.propagation_settings = None  # a samcore PropagationSettings; None for its defaults
         self._automatic = AutoSegmentation(self)
         self._embeddings_paused = False  # stopped for a propagation or segment all; resumed after it
-        self.auto_settings = None  # a samcore AutoSettings for segment all; None for its defaults
+        self.auto_settings = None  # a samcore AutoSettings for segment all; None: the model's, with the widget's thresholds
         self._bind_keys()
 
     # -- scripting ----------------------------------------------------------------------------
@@ -298,6 +309,10 @@ class SamWidget(Container):
             self._progress.n = len(payload.store)
             self._progress.refresh()
             self._status.value = f"Model {payload.model_name} on {payload.predictor.device}; computing embeddings…"
+            from samcore.automatic import AutoSettings
+
+            own = AutoSettings.for_model(payload.predictor.model)
+            self._min_iou.value, self._min_stability.value = own.min_predicted_iou, own.min_stability
         elif kind == "slice":
             self._progress.update(1)
             if payload == self._current_z(self._session.layer) or self._session.view.n_slices == 1:
@@ -544,7 +559,16 @@ class SamWidget(Container):
         if self._propagation.running:
             show_info("SAM: a propagation is running; wait for it or cancel it first.")
             return
-        if self._automatic.start(scope, self.auto_settings) and block:
+        from samcore.automatic import AutoSettings
+
+        settings = self.auto_settings
+        if settings is None and self._session is not None:
+            settings = AutoSettings.for_model(
+                self._session.predictor.model,
+                min_predicted_iou=self._min_iou.value,
+                min_stability=self._min_stability.value,
+            )
+        if self._automatic.start(scope, settings) and block:
             self.wait()
 
     def clear(self, _=None) -> None:

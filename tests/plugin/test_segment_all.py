@@ -148,7 +148,7 @@ def test_refusals_and_nothing_found_are_told(make_napari_viewer, tiny_checkpoint
     widget.load(block=True)
     fake_engine(monkeypatch, np.zeros((1, 48, 48), np.int32))
     widget.segment_all("stack", block=True)
-    assert messages["warning"][-1] == "SAM: segment all found no object in the image."
+    assert messages["warning"][-1].startswith("SAM: segment all found no object in the image. On dim")
     assert not widget._history
     objects = viewer.layers["SAM objects"]  # created for the result, where none was chosen
     assert objects.data.shape == (48, 48)
@@ -186,3 +186,30 @@ def test_real_engine_on_the_stack_computes_missing_embeddings_and_keeps_objects(
     assert not messages["error"]
     widget.undo()
     np.testing.assert_array_equal(objects.data, existing)
+
+
+def test_the_threshold_boxes_follow_the_model_and_feed_segment_all(sam, monkeypatch):
+    viewer, widget = sam
+    seen = []
+
+    def slice_labels(predictor, rgb, z, store, settings, done=True):
+        seen.append(settings)
+        return np.zeros(rgb.shape[:2], np.int32), False
+        yield  # a job that finishes at once
+
+    monkeypatch.setattr(samcore.jobs, "slice_labels", slice_labels)
+    widget.load(block=True)  # test weights carry no thresholds of their own: SAM's
+    assert (widget._min_iou.value, widget._min_stability.value) == (0.88, 0.95)
+    widget._min_iou.value, widget._min_stability.value = 0.3, 0.6
+    widget.segment_all("slice", block=True)
+    assert (seen[-1].min_predicted_iou, seen[-1].min_stability) == (0.3, 0.6)
+    assert seen[-1].points_per_side == AutoSettings().points_per_side
+    widget.auto_settings = PERMISSIVE  # a script's settings win
+    widget.segment_all("slice", block=True)
+    assert seen[-1] == PERMISSIVE
+    widget.set_model("default")
+    widget.load(block=True)
+    bundled = AutoSettings.for_model(widget._session.predictor.model)
+    assert (widget._min_iou.value, widget._min_stability.value) == (
+        bundled.min_predicted_iou, bundled.min_stability
+    ) != (0.88, 0.95)
