@@ -23,6 +23,7 @@ model) or `--checkpoint FILE`. Until the bundled model exists, random weights ch
     python benchmarks/bench_automatic.py --checkpoint random.pth
 
 `--points-per-side 8 --memory-slices 20` gives a quick run of every part; `--parts` picks some.
+`--min-iou` and `--min-stability` replace the model's thresholds, as a user would in the widget.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="a weight file instead of a named model")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--points-per-side", type=int, default=AutoSettings.points_per_side)
+    parser.add_argument("--min-iou", type=float, help="least predicted IoU (default: the model's own)")
+    parser.add_argument("--min-stability", type=float, help="least stability score (default: the model's own)")
     parser.add_argument("--memory-slices", type=int, default=200, help="slices of the synthetic stack")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     args = parser.parse_args()
@@ -70,7 +73,10 @@ def main() -> None:
 
     model = load_model(args.model, args.checkpoint, args.device)
     predictor = Predictor(model)
-    settings = AutoSettings.for_model(model, points_per_side=args.points_per_side)
+    thresholds = {"min_predicted_iou": args.min_iou, "min_stability": args.min_stability}
+    settings = AutoSettings.for_model(
+        model, points_per_side=args.points_per_side, **{k: v for k, v in thresholds.items() if v is not None}
+    )
     data = Path(os.environ.get("NAPARI_SAM_DATA", ROOT.parent / "shared" / "data"))
     if not (data / "dsb2018").is_dir():
         raise SystemExit(f"No benchmark data at {data}: set NAPARI_SAM_DATA to the folder holding dsb2018/.")
