@@ -189,6 +189,22 @@ def test_asking_for_a_gpu_without_one_is_reported_and_labels_stay(sam, messages)
     assert (objects.data == 3).all()
 
 
+def test_an_objects_layer_of_another_shape_is_refused_and_kept(sam, messages):
+    viewer, widget = sam
+    other = viewer.add_labels(np.full((4, 50, 50), 5, np.uint32), name="other image's labels")
+    widget._output.reset_choices()
+    widget._output.value = other
+    viewer.dims.set_current_step(0, 1)
+    widget.load(block=True)
+    widget._points.add([1, 40, 40])
+    preview = preview_mask(widget, 1).copy()
+    widget.commit()
+    assert messages["error"] and "shape (4, 50, 50)" in messages["error"][0]
+    assert (other.data == 5).all()
+    np.testing.assert_array_equal(preview_mask(widget, 1), preview)  # the prompt is still there to commit
+    assert len(widget._points.data) == 1
+
+
 def test_click_outside_the_image_warns_and_keeps_the_preview(sam, messages):
     viewer, widget = sam
     viewer.dims.set_current_step(0, 0)
