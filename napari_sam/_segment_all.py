@@ -166,7 +166,7 @@ class AutoSegmentation(BackgroundJob):
         if not self._found:
             show_warning(
                 f"SAM: segment all found no object {self._where()}. On dim or noisy images, lower the "
-                "thresholds under 'keep masks with' (stability first) and try again."
+                "segment-all thresholds in the widget (stability first) and try again."
             )
         elif not new:
             show_warning(
