@@ -61,7 +61,8 @@ def slice_prompts(points_layer, shapes_layer, image_layer, z: int | None, brush_
         brush_layer: Labels on the image's pixel grid (same spatial shape); any painted pixel counts.
     """
     points, labels = _points_on_slice(points_layer, image_layer, z)
-    return SlicePrompts(points, labels, _box_on_slice(shapes_layer, image_layer, z), _mask_on_slice(brush_layer, z))
+    box = _box_on_slice(shapes_layer, image_layer, z)
+    return SlicePrompts(points, labels, box, _mask_on_slice(brush_layer, z))
 
 
 def _on_slice(pixels: np.ndarray, z: int | None) -> np.ndarray:

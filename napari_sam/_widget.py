@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, create_widget
+from magicgui.widgets import (
+    CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, create_widget,
+)
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
@@ -119,7 +121,7 @@ class SamWidget(Container):
         self.propagation_settings = None  # a samcore PropagationSettings; None for its defaults
         self._automatic = AutoSegmentation(self)
         self._embeddings_paused = False  # stopped for a propagation or segment all; resumed after it
-        self.auto_settings = None  # a samcore AutoSettings for segment all; None: the model's, with the widget's thresholds
+        self.auto_settings = None  # a samcore AutoSettings for segment all; None: the threshold boxes
         self._bind_keys()
 
     # -- scripting ----------------------------------------------------------------------------
