@@ -586,8 +586,9 @@ class SamWidget(Container):
                     layer.data = [layer.data[i] for i in keep]
                 else:
                     layer.data = layer.data[keep]
-        if self._brush is not None and self._brush.data.any():
-            (self._brush.data if z is None else self._brush.data[z])[...] = 0
+        painted = None if self._brush is None else self._brush.data if z is None else self._brush.data[z]
+        if painted is not None and painted.any():  # this slice only: a stack's brush may be large
+            painted[...] = 0
             self._brush.refresh()
         self._candidates = None
         if self._preview is not None:

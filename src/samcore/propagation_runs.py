@@ -185,8 +185,8 @@ def decide_slice(
     """Apply the overlap rule and the stop rules to one batch on slice z; write the masks that pass.
 
     The stop rules see each mask restricted to background pixels, without its specks (`main_part`);
-    those that pass share contested
-    pixels by the higher logit, and the rules are checked again on what each one keeps.
+    those that pass share contested pixels by the higher logit, and the rules are checked again on
+    what each one keeps.
     """
     free = out[z] == 0
     stops: list[Stop] = []
