@@ -95,7 +95,7 @@ class SamWidget(Container):
             label="stability ≥", min=0.0, max=1.0, step=0.05, value=0.95,
             tooltip="segment all: lower it on dim or noisy images, where masks are less stable",
         )
-        thresholds = Container(layout="horizontal", label="thresholds")
+        thresholds = Container(layout="horizontal", label="keep if")
         thresholds.extend([self._min_iou, self._min_stability])
         self.extend([
             self._image, self._model, self._checkpoint, self._device, self._cache_dir,
