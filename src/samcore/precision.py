@@ -1,4 +1,4 @@
-"""Numeric precision of the image encoder: fp32, or bf16 where the device runs it fast."""
+"""Numeric precision of the image encoder: fp32; bf16 where the device runs it fast; int8 on CPUs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -28,12 +28,16 @@ def bf16_is_fast(device: torch.device) -> bool:
 def resolve_precision(precision: str, model: torch.nn.Module) -> str:
     """Turn "auto" into "bf16" where bf16 is fast on `model`'s device, else "fp32"; check explicit choices.
 
+    "int8" (linear layers of a ViT encoder as int8 products, see `samcore.modeling.int8`) is never
+    chosen by "auto": its masks stay faithful on the weights it was measured with, but it needs a
+    C++ compiler and compiles for about 10 s on first use, so it is a choice for batch work.
+
     Args:
-        precision: "auto", "fp32" or "bf16".
+        precision: "auto", "fp32", "bf16" or "int8".
         model: The model whose parameters' device decides.
 
     Returns:
-        "fp32" or "bf16".
+        "fp32", "bf16" or "int8".
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
@@ -42,6 +46,19 @@ def resolve_precision(precision: str, model: torch.nn.Module) -> str:
         return "bf16" if bf16_is_fast(device) else "fp32"
     if precision == "bf16" and device.type not in ("cpu", "cuda"):
         raise ValueError(f"bf16 is not available on {device.type}; use precision='fp32'.")
+    if precision == "int8":
+        from .modeling.image_encoder import ImageEncoderViT
+
+        if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 2):
+            raise ValueError(f"int8 encoding needs torch 2.2 or newer (this is {torch.__version__}).")
+        if device.type != "cpu":
+            raise ValueError(f"int8 encoding runs on the CPU, and this model is on {device.type}; use bf16.")
+        encoder = getattr(model, "image_encoder", None)
+        if not isinstance(encoder, ImageEncoderViT):
+            raise ValueError(
+                f"int8 encoding is for SAM's ViT encoders (vit_b, vit_l, vit_h and their finetunes), not "
+                f"{type(encoder).__name__}; use precision='fp32'."
+            )
     return precision
 
 

@@ -6,6 +6,7 @@ Coordinates follow SAM's conventions: points are (x, y) pixels of the original i
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,8 @@ class Predictor:
 
     Args:
         model: A SAM model (see `samcore.load_model`).
-        precision: "fp32", "bf16", or "auto" (bf16 where it keeps masks faithful on this device).
+        precision: "fp32", "bf16", "int8" (ViT encoders on the CPU; see `samcore.modeling.int8`),
+            or "auto" (bf16 where it keeps masks faithful on this device, else fp32).
     """
 
     def __init__(self, model: Sam, precision: str = "auto") -> None:
@@ -57,6 +59,7 @@ class Predictor:
         self._decoder_tensors: list[torch.Tensor] | None = None
         self._constants: tuple[tuple, DecoderConstants] | None = None
         self._context: tuple[torch.Tensor, tuple, ImageContext] | None = None
+        self._int8_encoder: torch.nn.Module | None = None
 
     @property
     def device(self) -> torch.device:
@@ -105,8 +108,29 @@ class Predictor:
         pixels = torch.from_numpy(np.ascontiguousarray(resized)).to(self.device)
         pixels = pixels.permute(2, 0, 1)[None].float()
         with torch.inference_mode(), autocast(self.precision, self.device):
-            features = self.model.image_encoder(self.model.preprocess(pixels))
+            features = self._encode(self.model.preprocess(pixels))
         return ImageEmbedding(features.float(), original_size, input_size)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.precision != "int8":
+            return self.model.image_encoder(pixels)
+        from .modeling.int8 import COMPILE_ERRORS, Int8ImageEncoder  # loads torch.compile's machinery
+
+        first = self._int8_encoder is None
+        if first:
+            self._int8_encoder = Int8ImageEncoder(self.model.image_encoder)
+        try:
+            return self._int8_encoder(pixels)
+        except COMPILE_ERRORS as error:
+            if not first:
+                raise
+            warnings.warn(
+                f"int8 encoding could not be compiled on this machine (it needs a C++ compiler): "
+                f"{str(error).splitlines()[0]}. Using fp32 instead.",
+                stacklevel=4,
+            )
+            self.precision, self._int8_encoder = "fp32", None
+            return self.model.image_encoder(pixels)
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB", channel_axis: int | None = None) -> None:
         """Compute and keep the embedding of `image` (see `embed`) for the following predictions."""
