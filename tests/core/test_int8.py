@@ -69,6 +69,14 @@ def test_compiled_int8_predictor_gives_the_fp32_masks(model, image):
         assert np.corrcoef(expected.ravel(), masks.ravel())[0, 1] > 0.99
 
 
+def test_int8_weights_are_made_once_per_encoder(model):
+    first = int8.Int8ImageEncoder(model.image_encoder, compiled=False)
+    second = int8.Int8ImageEncoder(model.image_encoder, compiled=False)
+    assert first._linears is second._linears
+    other = build_sam("vit_test")
+    assert int8.Int8ImageEncoder(other.image_encoder, compiled=False)._linears is not first._linears
+
+
 def test_int8_is_refused_for_encoders_it_does_not_cover():
     with pytest.raises(ValueError, match="ViT encoders"):
         Predictor(build_sam("micro_v1"), precision="int8")

@@ -19,6 +19,8 @@ copied: only the int8 weights are new (a quarter of the fp32 linear weights).
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -59,7 +61,7 @@ class Int8ImageEncoder(nn.Module):
 
     Args:
         encoder: The fp32 encoder; its parameters are used, not copied, and must not change
-            afterwards (the int8 weights are taken once).
+            afterwards (its int8 weights are made once per process and kept with it).
         compiled: Fuse the quantisation passes with `torch.compile` (needs a C++ compiler).
             Without it the result is the same but no faster than fp32.
     """
@@ -70,13 +72,7 @@ class Int8ImageEncoder(nn.Module):
             raise TypeError(f"int8 encoding is for SAM's ViT encoders, not {type(encoder).__name__}.")
         self.encoder = encoder
         self.img_size = encoder.img_size
-        self._linears = [
-            tuple(
-                Int8Linear(layer)
-                for layer in (block.attn.qkv, block.attn.proj, block.mlp.lin1, block.mlp.lin2)
-            )
-            for block in encoder.blocks
-        ]
+        self._linears = quantized_linears(encoder)
         if compiled:
             self._before, self._after = compiled_halves()
         else:
@@ -114,6 +110,28 @@ class Int8ImageEncoder(nn.Module):
                 *padded,
             )
         return encoder.neck(x.permute(0, 3, 1, 2))
+
+
+# int8 weights per encoder, made once per process: predictors made per slice or per task (Dask
+# workers, crops) would otherwise quantise the weights again each time (2 s for ViT-B).
+_QUANTIZED: weakref.WeakKeyDictionary[ImageEncoderViT, list[tuple[Int8Linear, ...]]]
+_QUANTIZED = weakref.WeakKeyDictionary()
+_QUANTIZING = threading.Lock()
+
+
+def quantized_linears(encoder: ImageEncoderViT) -> list[tuple[Int8Linear, ...]]:
+    """(qkv, proj, lin1, lin2) of every block as `Int8Linear`, cached for the encoder's lifetime."""
+    with _QUANTIZING:
+        linears = _QUANTIZED.get(encoder)
+        if linears is None:
+            linears = _QUANTIZED[encoder] = [
+                tuple(
+                    Int8Linear(layer)
+                    for layer in (block.attn.qkv, block.attn.proj, block.mlp.lin1, block.mlp.lin2)
+                )
+                for block in encoder.blocks
+            ]
+        return linears
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
