@@ -140,13 +140,18 @@ class Attention(nn.Module):
         tokens = height * width
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        if tokens > CHUNKED_ATTENTION_TOKENS:
-            out = chunked_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (height, width))
-        else:
-            bias = relative_position_bias(q, self.rel_pos_h, self.rel_pos_w, (height, width))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = self.attend(q, k, v, (height, width))
         out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
         return self.proj(out.reshape(batch, height, width, -1))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Attention of (B, heads, H*W, head_dim) q, k, v on an (H, W) grid, relative positions included."""
+        if size[0] * size[1] > CHUNKED_ATTENTION_TOKENS:
+            return chunked_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, size)
+        bias = relative_position_bias(q, self.rel_pos_h, self.rel_pos_w, size)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 # Above this many tokens, attention is computed a block of queries at a time, so that the
@@ -247,14 +252,17 @@ def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[
         The windows and the padded (H, W).
     """
     batch, height, width, channels = x.shape
-    pad_h = (window - height % window) % window
-    pad_w = (window - width % window) % window
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    hp, wp = height + pad_h, width + pad_w
+    hp, wp = padded_size(height, width, window)
+    if (hp, wp) != (height, width):
+        x = F.pad(x, (0, 0, 0, wp - width, 0, hp - height))
     x = x.view(batch, hp // window, window, wp // window, window, channels)
     windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, channels)
     return windows, (hp, wp)
+
+
+def padded_size(height: int, width: int, window: int) -> tuple[int, int]:
+    """(H, W) rounded up to whole windows."""
+    return -(-height // window) * window, -(-width // window) * window
 
 
 def window_unpartition(

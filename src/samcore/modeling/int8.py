@@ -30,14 +30,7 @@ import torch._inductor.exc
 import torch.nn.functional as F
 from torch import nn
 
-from .image_encoder import (
-    CHUNKED_ATTENTION_TOKENS,
-    ImageEncoderViT,
-    chunked_attention,
-    relative_position_bias,
-    window_partition,
-    window_unpartition,
-)
+from .image_encoder import ImageEncoderViT, padded_size, window_partition, window_unpartition
 
 # What a failed compilation raises (e.g. no C++ compiler on the machine).
 COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError)
@@ -88,15 +81,10 @@ class Int8ImageEncoder(nn.Module):
                 x, block.norm1.weight, block.norm1.bias, *qkv.tensors(), attn.num_heads, window
             )
             if window > 0:
-                size = (window, window)
-                padded = (-(-x.shape[1] // window) * window, -(-x.shape[2] // window) * window)
+                size, padded = (window, window), padded_size(x.shape[1], x.shape[2], window)
             else:
                 size = padded = (x.shape[1], x.shape[2])
-            if size[0] * size[1] > CHUNKED_ATTENTION_TOKENS:
-                out = chunked_attention(q, k, v, attn.rel_pos_h, attn.rel_pos_w, size)
-            else:
-                bias = relative_position_bias(q, attn.rel_pos_h, attn.rel_pos_w, size)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            out = attn.attend(q, k, v, size)
             x = self._after(
                 out,
                 x,
