@@ -294,9 +294,11 @@ class Predictor:
         constants = self._constants[1]
         features = embedding.features
         if self._context is None or self._context[0] is not features or self._context[1] != _versions([features]):
-            tokens = features[0].flatten(1).T + prompt_encoder.no_mask_embed.weight  # the no-mask dense prompt
+            self._context = None  # its buffers are about to be reused
+            tokens = features[0].flatten(1) + prompt_encoder.no_mask_embed.weight.T  # the no-mask dense prompt
+            context = ImageContext(constants, tokens, constants.context_space)
             # Holding `features` keeps its storage from being reused by another embedding.
-            self._context = (features, _versions([features]), ImageContext(constants, tokens))
+            self._context = (features, _versions([features]), context)
         return constants, self._context[2]
 
     def _current(self) -> ImageEmbedding:

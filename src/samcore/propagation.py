@@ -6,7 +6,7 @@ object, a preview, or several annotations of the same object). From them the obj
 * beyond its lowest and highest key slice, down and up, each slice prompted from the previous
   slice's result (see `samcore.mask_prompts` for the prompting modes), until the object ends or
   the z range does;
-* between two key slices a < b, from both ends in the same steps: the run from a fills the
+* between two key slices a < b, from both ends: the run from a fills the
   lower half of the slices in between (the middle one too when their number is odd), the run
   from b the upper half, and the two halves join in the middle. A run that stops early leaves
   its remaining slices to the other run, which then goes on past the middle.
@@ -19,6 +19,11 @@ Overlaps: a propagated mask only fills pixels that are background when its slice
 existing objects, and pixels an earlier step of the run gave to another object, are never
 overwritten. Objects decided in the same step on the same slice (one batch of the decoder) share
 contested pixels by the higher mask logit.
+
+Order: each step decides one slice for every run that needs it next, in one decoder batch. Steps
+alternate between the runs going up and those going down; going up, the lowest slice any run needs
+comes first (going down, the highest), so runs that started on different slices meet and then share
+each slice's decoding. Where objects overlap, the order decides which of them a pixel goes to.
 
 Long work is the generator `propagate_iter`, which yields a `PropagationProgress` after every
 embedding computed and every slice decided (with the pixels it wrote, so a viewer can show them as
@@ -123,32 +128,48 @@ def _steps(
     settings: PropagationSettings,
     cancel: threading.Event | None,
 ) -> Generator[PropagationProgress, None, PropagationResult]:
-    """Advance every running chain one slice per round, batching the chains that reach the same slice."""
+    """Decide one slice per step, for every running chain that needs it (see `_next_slice`)."""
     filled: dict[int, list[int]] = {object_id: [] for object_id in ids}
     stops: list[Stop] = []
     done = 0
+    direction = +1
     while any(chain.running for chain in chains):
-        groups: dict[int, list[Chain]] = {}
-        for chain in chains:
-            if chain.running:
-                groups.setdefault(chain.next_z, []).append(chain)
-        for z, group in sorted(groups.items()):
+        z, direction = _next_slice(chains, direction)
+        group = [chain for chain in chains if chain.running and chain.next_z == z]
+        if cancel is not None and cancel.is_set():
+            return _result(out, filled, stops, cancelled=True)
+        if not decoder.has_embedding(z):
+            decoder.embed(z)
+            yield PropagationProgress("embedding", done, done + _remaining(chains), z)
             if cancel is not None and cancel.is_set():
                 return _result(out, filled, stops, cancelled=True)
-            if not decoder.has_embedding(z):
-                decoder.embed(z)
-                yield PropagationProgress("embedding", done, done + _remaining(chains), z)
-                if cancel is not None and cancel.is_set():
-                    return _result(out, filled, stops, cancelled=True)
-            outputs = decoder.decode(z, [chain.prompt(settings) for chain in group])
-            written, new_stops = decide_slice(out, z, group, outputs, settings)
-            for object_id in written:
-                filled[object_id].append(z)
-            done += len(written)
-            stops += new_stops
-            total = done + _remaining(chains)
-            yield PropagationProgress("propagation", done, total, z, written, tuple(new_stops))
+        outputs = decoder.decode(z, [chain.prompt(settings) for chain in group])
+        written, new_stops = decide_slice(out, z, group, outputs, settings)
+        for object_id in written:
+            filled[object_id].append(z)
+        done += len(written)
+        stops += new_stops
+        total = done + _remaining(chains)
+        yield PropagationProgress("propagation", done, total, z, written, tuple(new_stops))
     return _result(out, filled, stops, cancelled=False)
+
+
+def _next_slice(chains: list[Chain], direction: int) -> tuple[int, int]:
+    """The slice to decide next, and the direction to favour after it.
+
+    Steps alternate between the runs going up and those going down (while both remain). Going up,
+    the lowest slice any upward run needs comes first: a run waits for those below it to catch up,
+    and from there on they share every slice, so each slice is decoded once for all of them (one
+    batch, one image context) rather than once per run. Going down, the highest comes first.
+    """
+    wanted = {+1: [], -1: []}
+    for chain in chains:
+        if chain.running:
+            wanted[chain.direction].append(chain.next_z)
+    if not wanted[direction]:
+        direction = -direction
+    z = min(wanted[direction]) if direction > 0 else max(wanted[direction])
+    return z, -direction if wanted[-direction] else direction
 
 
 def propagate(

@@ -94,7 +94,7 @@ def test_image_context_serves_prompts_without_mask_input(parts):
     image, image_pe = embedding(4), prompt_encoder.get_dense_pe()
     with torch.inference_mode():
         constants = DecoderConstants(decoder, image_pe)
-        tokens = image[0].flatten(1).T + prompt_encoder.no_mask_embed.weight
+        tokens = image[0].flatten(1) + prompt_encoder.no_mask_embed.weight.T
         context = ImageContext(constants, tokens)
         for kind in ("point", "box", "box+points"):
             prompt = prompts(2, seed=5)[kind]

@@ -249,6 +249,20 @@ def test_several_objects_in_one_run_never_overwrite_others():
     assert len(oracle.calls) == len(set(result.filled[1]) | set(result.filled[2])) + 2  # the stop slices
 
 
+def test_runs_from_different_slices_meet_and_then_share_each_slice(two_nuclei):
+    labels = seeded(two_nuclei, {1: [8], 2: [14]})  # object 1 spans slices 2-14, object 2 slices 6-22
+    oracle = Oracle(two_nuclei)
+    result = run(propagate_iter(oracle, labels))
+    for object_id in (1, 2):
+        assert iou(result.labels == object_id, two_nuclei == object_id) > 0.9
+    # Going down, the highest slice comes first: object 1's run waits on slice 8 until object 2's
+    # comes down to it, and from there the two share each slice's batch.
+    assert (7, 2) in oracle.calls and (6, 2) in oracle.calls
+    # A slice is decoded at most once per direction.
+    decoded = [z for z, _ in oracle.calls]
+    assert all(decoded.count(z) <= 2 for z in decoded)
+
+
 def test_progress_reports_each_step_and_what_it_wrote(two_nuclei):
     labels = seeded(two_nuclei, {1: [8], 2: [14]})
     steps = propagate_iter(Oracle(two_nuclei), labels)

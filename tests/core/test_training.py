@@ -274,6 +274,18 @@ def test_schedule_warms_up_then_decays() -> None:
     assert schedule(110) == pytest.approx(0.1) and schedule(500) == pytest.approx(0.1)
 
 
+def test_a_restarted_schedule_keeps_its_first_cycle_and_warms_up_again_from_the_floor() -> None:
+    first = WarmupCosine(warmup=10, total=110, floor=0.1)
+    schedule = WarmupCosine(warmup=10, total=110, floor=0.1)
+    schedule.restart(at=110, peak=0.5, total=210)
+    assert [schedule(step) for step in range(110)] == [first(step) for step in range(110)]
+    assert 0.1 < schedule(111) < schedule(115) < schedule(119) == pytest.approx(0.5)
+    assert schedule(165) == pytest.approx(0.3)
+    assert schedule(210) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="restart"):
+        schedule.restart(at=210, peak=0.05, total=300)  # a peak under the floor
+
+
 # -- architecture ---------------------------------------------------------------------------------
 
 
@@ -398,6 +410,25 @@ def test_resume_continues_at_the_same_step_with_the_same_loss(tiny_arch: str, tm
     for a, b in zip(straight.history[3:], resumed.history):
         assert a["step"] == b["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_an_extended_run_continues_past_its_schedule_with_a_restarted_learning_rate(
+    tiny_arch: str, tmp_path
+) -> None:
+    finished = train(tiny_settings(), tmp_path, export=False, log=quiet)
+    extended = train(
+        TrainSettings(), tmp_path, resume=True, extend=6, restart_peak=0.5, export=False, log=quiet
+    )
+    assert extended.settings.total_steps == 12 and extended.settings.restart_at == 6
+    assert [entry["step"] for entry in extended.history] == [7, 8, 9, 10, 11, 12]
+    rates = [entry["lr"] for entry in extended.history]
+    floor = finished.settings.lr * finished.settings.lr_floor
+    assert floor < rates[0] < rates[1] and max(rates) == pytest.approx(0.5e-3) and rates[-1] < max(rates)
+    assert all(np.isfinite(entry["loss"]) for entry in extended.history)
+    with pytest.raises(ValueError, match="already extended"):
+        train(TrainSettings(), tmp_path, resume=True, extend=2, export=False, log=quiet)
+    with pytest.raises(ValueError, match="--resume"):
+        train(tiny_settings(), tmp_path / "new", extend=2, export=False, log=quiet)
 
 
 def test_a_new_run_refuses_to_overwrite_an_old_one(tiny_arch: str, tmp_path) -> None:

@@ -20,7 +20,9 @@ The rewrites are exact in exact arithmetic (results differ by float rounding onl
   token order until the masks are formed, then gathered once into image order.
 
 Large intermediates live in buffers reused from one prompt to the next: on a CPU, a fresh
-multi-megabyte tensor costs a page fault per 4 KiB on first touch.
+multi-megabyte tensor costs a page fault per 4 KiB on first touch. The token side (a few rows per
+linear layer) multiplies weights transposed once into contiguous (in, out) matrices (`_Dense`):
+for so few rows that is about twice as fast as `F.linear` on the stored (out, in) weights.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .common import MLP, MLPBlock
 from .mask_decoder import MaskDecoder
 from .transformer import Attention, TwoWayAttentionBlock
 
@@ -49,6 +53,7 @@ class DecoderConstants:
         self.layers: list[TwoWayAttentionBlock] = list(transformer.layers)
         self.grid: tuple[int, int] = tuple(image_pe.shape[-2:])
         pos = image_pe[0].flatten(1)  # (C, N)
+        self.pos_t = pos.contiguous()
         self.pos = pos.T  # (N, C)
         t2i = [layer.cross_attn_token_to_image for layer in self.layers] + [transformer.final_attn_token_to_image]
         i2t = [layer.cross_attn_image_to_token for layer in self.layers]
@@ -58,11 +63,15 @@ class DecoderConstants:
             _project_t(attn.q_proj.weight, attn.q_proj.bias, pos, attn.num_heads) for attn in i2t[1:]
         ]
         self.out_heads = [_out_heads(attn) for attn in i2t]
+        self.dense = {module: _Dense(module) for module in decoder.modules() if isinstance(module, nn.Linear)}
+        self.self_attention = [_SelfAttention(layer.self_attn, self.dense) for layer in self.layers]
         if len(self.layers) > 1:
             self._prepare_second_block()
         self._prepare_upscaling(decoder)
         self._orders: dict[int, torch.Tensor] = {}
         self.workspace = _Workspace(pos.device, pos.dtype)
+        # For the one context its owner keeps at a time (see `ImageContext`); never the per-prompt one.
+        self.context_space = _Workspace(pos.device, pos.dtype)
         self.lock = threading.Lock()  # the workspace serves one prompt at a time
 
     def _prepare_second_block(self) -> None:
@@ -112,29 +121,45 @@ class ImageContext:
 
     Args:
         constants: The model's `DecoderConstants`.
-        image_tokens: (N, C) image embedding plus dense prompt embedding, one row per grid cell.
+        image_tokens_t: (C, N) image embedding plus dense prompt embedding, one column per grid cell
+            (the embedding's own layout, so nothing image-sized is transposed but `image_tokens`).
+        workspace: Where the context's tensors live. A caller that makes one context per image, and
+            drops the previous one first (as `Predictor` does), passes the same workspace each time
+            and so reuses its memory: a fresh tensor costs a page fault per 4 KiB on first touch,
+            about as much as the arithmetic here. By default, new tensors.
     """
 
-    def __init__(self, constants: DecoderConstants, image_tokens: torch.Tensor) -> None:
+    def __init__(
+        self, constants: DecoderConstants, image_tokens_t: torch.Tensor, workspace: _Workspace | None = None
+    ) -> None:
         self.constants = constants
+        space = workspace if workspace is not None else _Workspace(image_tokens_t.device, image_tokens_t.dtype)
         layer = constants.layers[0]
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-        tokens_pos = (image_tokens + constants.pos).T  # (C, N)
-        self.keys = _project_t(t2i.k_proj.weight, None, tokens_pos, t2i.num_heads)  # (h, d, N)
-        values = F.linear(image_tokens, t2i.v_proj.weight, t2i.v_proj.bias)  # (N, h * d)
-        self.values = values.view(len(values), t2i.num_heads, -1).transpose(0, 1).contiguous()  # (h, N, d)
-        self.queries = _project_t(i2t.q_proj.weight, i2t.q_proj.bias, tokens_pos, i2t.num_heads)  # (h, d, N)
-        self.image_tokens = image_tokens.contiguous()
+        channels, count = image_tokens_t.shape
+        tokens_pos = torch.add(image_tokens_t, constants.pos_t, out=space.get("tokens+pos", channels, count))
+        self.keys = _project_t(t2i.k_proj.weight, None, tokens_pos, t2i.num_heads, space, "keys")  # (h, d, N)
+        self.queries = _project_t(
+            i2t.q_proj.weight, i2t.q_proj.bias, tokens_pos, i2t.num_heads, space, "queries"
+        )
+        values = _project_t(t2i.v_proj.weight, t2i.v_proj.bias, image_tokens_t, t2i.num_heads, space, "values")
+        self.values = values.transpose(1, 2)  # (h, N, d), value bias included
+        self.image_tokens = space.get("tokens", count, channels).copy_(image_tokens_t.T)  # (N, C)
         # Projections of the tokens centred per token (`_upscaling_input`, `_second_block_logits`):
         # a common offset of the embedding would otherwise be added here and cancelled there,
         # costing float32 precision.
-        centred = self.image_tokens - self.image_tokens.mean(1, keepdim=True)
-        self.projected = centred @ constants.chain[0]  # (N, 4 * C1): P
+        centred = torch.sub(image_tokens_t, image_tokens_t.mean(0), out=space.get("centred", channels, count))
+        chain = constants.chain[0]
+        self.projected = torch.mm(centred.T, chain, out=space.get("projected", count, chain.shape[1]))  # P
         if len(constants.layers) > 1:
             heads = constants.layers[1].cross_attn_token_to_image.num_heads
-            keys, values, queries = (_project_t(w.T, None, centred.T, heads) for w in constants.second_projections)
+            names = ("second keys", "second values", "second queries")
+            keys, values, queries = (
+                _project_t(w.T, None, centred, heads, space, name)
+                for w, name in zip(constants.second_projections, names)
+            )
             self.second_keys, self.second_queries = keys, queries  # (h, d, N)
-            self.second_values = values.transpose(1, 2).contiguous()  # (h, N, d)
+            self.second_values = values.transpose(1, 2)  # (h, N, d)
 
     def decode(self, tokens: torch.Tensor, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks and IoU predictions of one prompt.
@@ -181,7 +206,7 @@ def decode_masks(
     for b, sparse in enumerate(sparse_prompt_embeddings):
         if context is None or not shared:
             image = image_embeddings[b if len(image_embeddings) > 1 else 0] + dense_prompt_embeddings[b]
-            context = ImageContext(constants, image.flatten(1).T)
+            context = ImageContext(constants, image.flatten(1))
         mask, score = decode_prompts(context, sparse[None], multimask_output)
         masks.append(mask[0])
         scores.append(score[0])
@@ -218,9 +243,10 @@ def _decode_one(context: ImageContext, tokens: torch.Tensor, multimask_output: b
     picked = slice(1, None) if multimask_output else slice(0, 1)
     masks = range(decoder.num_mask_tokens)[picked]
     outputs, mixing = _transformer(context, tokens, [0, *(1 + m for m in masks)])
-    iou_pred = decoder.iou_prediction_head(outputs[0])[picked]
+    dense = context.constants.dense
+    iou_pred = _head(decoder.iou_prediction_head, outputs[:1], dense)[0, picked]
     mlps = decoder.output_hypernetworks_mlps
-    hyper_in = torch.stack([mlps[m](outputs[1 + i]) for i, m in enumerate(masks)])  # (M, C2)
+    hyper_in = torch.cat([_head(mlps[m], outputs[1 + i : 2 + i], dense) for i, m in enumerate(masks)])  # M, C2
     return _upscale_and_project(context, mixing, hyper_in), iou_pred
 
 
@@ -247,37 +273,36 @@ def _transformer(context: ImageContext, tokens: torch.Tensor, outputs: list[int]
     keys = None  # (N, C) image tokens after the previous block; the context stands in before block 0
     for i, layer in enumerate(constants.layers):
         if layer.skip_first_layer_pe:
-            queries = layer.self_attn(queries[None], queries[None], queries[None])[0]
+            queries = constants.self_attention[i](queries, queries)
         else:
-            q = (queries + query_pe)[None]
-            queries = queries + layer.self_attn(q, q, queries[None])[0]
-        queries = layer.norm1(queries)
+            queries = queries + constants.self_attention[i](queries + query_pe, queries)
+        queries = _norm(layer.norm1, queries)
         t2i = layer.cross_attn_token_to_image
         if i == 0:
             attended = _tokens_to_context(t2i, queries + query_pe, context)
         elif i == 1:
             attended = _tokens_to_first_output(t2i, queries + query_pe, context, mixing)
         else:
-            attended = _tokens_to_image(t2i, queries + query_pe, keys, constants.key_pos[i], constants.workspace)
-        queries = layer.norm2(queries + attended)
-        queries = layer.norm3(queries + layer.mlp(queries))
+            attended = _tokens_to_image(t2i, queries + query_pe, keys, constants.key_pos[i], constants)
+        queries = _norm(layer.norm2, queries + attended)
+        queries = _norm(layer.norm3, queries + _feed_forward(layer.mlp, queries, constants.dense))
         keys = _image_to_tokens(i, queries + query_pe, queries, keys, context, mixing)
     final = transformer.final_attn_token_to_image
     queries, query_pe = queries[outputs], query_pe[outputs]
-    attended = _tokens_to_image(final, queries + query_pe, keys, constants.key_pos[-1], constants.workspace)
-    return transformer.norm_final_attn(queries + attended), mixing
+    attended = _tokens_to_image(final, queries + query_pe, keys, constants.key_pos[-1], constants)
+    return _norm(transformer.norm_final_attn, queries + attended), mixing
 
 
 def _tokens_to_context(attn: Attention, q: torch.Tensor, context: ImageContext) -> torch.Tensor:
     """Token-to-image attention of (T, C) tokens over the per-image projections of block 0."""
     heads, tokens = attn.num_heads, len(q)
-    workspace = context.constants.workspace
-    q = _split_heads(attn.q_proj(q), heads)  # (h, T, d)
+    workspace, dense = context.constants.workspace, context.constants.dense
+    q = _split_heads(dense[attn.q_proj](q), heads)  # (h, T, d)
     count = context.keys.shape[-1]
     logits = torch.bmm(q * q.shape[-1] ** -0.5, context.keys, out=workspace.get("t2i logits", heads, tokens, count))
     weights = torch.softmax(logits, dim=-1, out=workspace.get("t2i weights", heads, tokens, count))  # (h, T, N)
     pooled = torch.bmm(weights, context.values)  # (h, T, d), value bias included
-    return attn.out_proj(pooled.transpose(0, 1).reshape(tokens, -1))
+    return dense[attn.out_proj](pooled.transpose(0, 1).reshape(tokens, -1))
 
 
 def _tokens_to_first_output(attn: Attention, q: torch.Tensor, context: ImageContext, mixing: _Mixing) -> torch.Tensor:
@@ -285,7 +310,7 @@ def _tokens_to_first_output(attn: Attention, q: torch.Tensor, context: ImageCont
     constants = context.constants
     heads, tokens, workspace = attn.num_heads, len(q), constants.workspace
     first_weights, rstd = mixing.weights[0], mixing.rstds[0]
-    q = _split_heads(attn.q_proj(q), heads)  # (h, T, d)
+    q = _split_heads(constants.dense[attn.q_proj](q), heads)  # (h, T, d)
     q = q * q.shape[-1] ** -0.5
     logits = workspace.get("t2i logits", heads * tokens, len(rstd))
     # q.(W_k b_0) is one constant per token and head: it cancels in the softmax.
@@ -299,7 +324,7 @@ def _tokens_to_first_output(attn: Attention, q: torch.Tensor, context: ImageCont
     update = _centred_rows(mixing.values[0]) @ constants.second_projections[1]  # U, (h T0, h d)
     pooled += torch.bmm(mixed, update.view(len(update), heads, -1).transpose(0, 1))
     values = pooled.transpose(0, 1).reshape(tokens, -1) + constants.second_value_bias
-    return attn.out_proj(values)
+    return constants.dense[attn.out_proj](values)
 
 
 def _second_block_logits(
@@ -324,11 +349,12 @@ def _centred_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tokens_to_image(
-    attn: Attention, q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, workspace: _Workspace
+    attn: Attention, q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, constants: DecoderConstants
 ) -> torch.Tensor:
     """Token-to-image attention of (T, C) tokens over (N, C) image tokens (plus positions)."""
     heads, tokens = attn.num_heads, len(q)
-    q = _split_heads(attn.q_proj(q), heads)  # (h, T, d)
+    workspace, dense = constants.workspace, constants.dense
+    q = _split_heads(dense[attn.q_proj](q), heads)  # (h, T, d)
     q = q * q.shape[-1] ** -0.5
     q_in_image_space = torch.bmm(q, _split_rows(attn.k_proj.weight, heads))  # (h, T, C)
     rows, count = heads * tokens, len(keys)
@@ -337,7 +363,7 @@ def _tokens_to_image(
     weights = torch.softmax(logits, dim=-1, out=workspace.get("t2i weights", rows, count))  # (h T, N)
     pooled = (weights @ keys).view(heads, tokens, -1)  # (h, T, C)
     values = torch.bmm(pooled, _split_rows(attn.v_proj.weight, heads).transpose(1, 2))  # (h, T, d)
-    return attn.out_proj(values.transpose(0, 1).reshape(tokens, -1) + attn.v_proj.bias)
+    return dense[attn.out_proj](values.transpose(0, 1).reshape(tokens, -1) + attn.v_proj.bias)
 
 
 def _image_to_tokens(
@@ -352,9 +378,9 @@ def _image_to_tokens(
     layer, workspace = constants.layers[index], constants.workspace
     attn, norm = layer.cross_attn_image_to_token, layer.norm4
     heads, tokens = attn.num_heads, len(k)
-    k = _split_heads(attn.k_proj(k), heads)  # (h, T, d)
+    k = _split_heads(constants.dense[attn.k_proj](k), heads)  # (h, T, d)
     k = k * k.shape[-1] ** -0.5
-    v = _split_heads(attn.v_proj(v), heads)  # (h, T, d)
+    v = _split_heads(constants.dense[attn.v_proj](v), heads)  # (h, T, d)
     logits = workspace.get("i2t logits", heads, tokens, len(constants.pos))
     if index == 0:
         torch.bmm(k, context.queries, out=logits)  # (h, T, N), query bias included
@@ -439,6 +465,67 @@ def _upscaling_input(context: ImageContext, mixing: _Mixing) -> tuple[torch.Tens
     return left[: row + 1], torch.cat(right), scales[0]
 
 
+# -- token side ---------------------------------------------------------------------------------
+
+
+class _Dense:
+    """A linear layer for a few rows: its weight transposed once into a contiguous (in, out) matrix."""
+
+    __slots__ = ("weight_t", "bias")
+
+    def __init__(self, linear: nn.Linear) -> None:
+        self.weight_t = linear.weight.T.contiguous()
+        self.bias = linear.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, in) -> (R, out)."""
+        product = torch.mm(x, self.weight_t)
+        return product if self.bias is None else product.add_(self.bias)
+
+
+class _SelfAttention:
+    """The tokens' self-attention, with the q and k (and v) projections of one input in one product."""
+
+    def __init__(self, attn: Attention, dense: dict[nn.Module, _Dense]) -> None:
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        self.qkv_t = torch.cat([dense[p].weight_t for p in projections], dim=1)  # (C, 3 w)
+        self.qkv_bias = torch.cat([p.bias for p in projections])
+        self.width = attn.q_proj.out_features
+        self.value, self.out, self.heads = dense[attn.v_proj], dense[attn.out_proj], attn.num_heads
+
+    def __call__(self, qk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of (T, C) queries and keys `qk` over values `v` (which may be `qk` itself)."""
+        width = self.width
+        if v is qk:
+            q, k, v = torch.mm(qk, self.qkv_t).add_(self.qkv_bias).split(width, dim=1)
+        else:
+            q, k = torch.mm(qk, self.qkv_t[:, : 2 * width]).add_(self.qkv_bias[: 2 * width]).split(width, 1)
+            v = self.value(v)
+        q, k, v = (_split_heads(x, self.heads)[None] for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)[0]  # (h, T, d)
+        return self.out(out.transpose(0, 1).reshape(len(qk), -1))
+
+
+def _feed_forward(mlp: MLPBlock, x: torch.Tensor, dense: dict[nn.Module, _Dense]) -> torch.Tensor:
+    hidden = dense[mlp.lin1](x)
+    hidden = hidden.relu_() if isinstance(mlp.act, nn.ReLU) else mlp.act(hidden)
+    return dense[mlp.lin2](hidden)
+
+
+def _head(mlp: MLP, x: torch.Tensor, dense: dict[nn.Module, _Dense]) -> torch.Tensor:
+    """The decoder's `MLP` heads on (R, C) rows."""
+    last = len(mlp.layers) - 1
+    for i, layer in enumerate(mlp.layers):
+        x = dense[layer](x)
+        if i < last:
+            x = x.relu_()
+    return torch.sigmoid(x) if mlp.sigmoid_output else x
+
+
+def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 # -- small helpers ------------------------------------------------------------------------------
 
 
@@ -473,9 +560,23 @@ def _split_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.view(heads, -1, weight.shape[-1])
 
 
-def _project_t(weight: torch.Tensor, bias: torch.Tensor | None, x_t: torch.Tensor, heads: int) -> torch.Tensor:
-    """Projection of (C, N) image tokens, transposed and split into heads: (h, d, N)."""
-    projected = weight @ x_t if bias is None else torch.addmm(bias[:, None], weight, x_t)
+def _project_t(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_t: torch.Tensor,
+    heads: int,
+    workspace: _Workspace | None = None,
+    name: str = "",
+) -> torch.Tensor:
+    """Projection of (C, N) image tokens, transposed and split into heads: (h, d, N).
+
+    With a workspace, the result lives in its buffer `name`.
+    """
+    out = None if workspace is None else workspace.get(name, weight.shape[0], x_t.shape[1])
+    if bias is None:
+        projected = torch.mm(weight, x_t, out=out)
+    else:
+        projected = torch.addmm(bias[:, None], weight, x_t, out=out)
     return projected.view(heads, -1, x_t.shape[1])
 
 

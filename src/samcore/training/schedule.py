@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warm-up, then cosine decay to a floor."""
+"""Learning-rate schedule: linear warm-up, then cosine decay to a floor, optionally restarted."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ class WarmupCosine:
         floor: Final multiplier.
 
     A plain object with numeric attributes, so the scheduler's state dict saves and restores it.
+    `restart` extends a finished schedule with a second warm-up and cosine decay.
     """
 
     def __init__(self, warmup: int, total: int, floor: float = 0.05) -> None:
@@ -22,6 +23,8 @@ class WarmupCosine:
         self.warmup = int(warmup)
         self.total = int(total)
         self.floor = float(floor)
+        self.restart_at = 0
+        self.restart_peak = 1.0
 
     def set_total(self, total: int) -> None:
         """Fix the length of the schedule (e.g. once the speed of a timed run is known)."""
@@ -29,9 +32,22 @@ class WarmupCosine:
             raise ValueError(f"The schedule needs at least one step, not {total}.")
         self.total = int(total)
 
+    def restart(self, at: int, peak: float, total: int) -> None:
+        """From step `at`, warm up again from the floor to `peak` and decay to the floor at `total`."""
+        if not 0 < at < total or not self.floor < peak <= 1.0:
+            raise ValueError(f"Invalid restart: at step {at} to {total}, peak {peak} (floor {self.floor}).")
+        self.restart_at, self.restart_peak, self.total = int(at), float(peak), int(total)
+
     def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        span = max(1, self.total - self.warmup)
-        progress = min(1.0, (step - self.warmup) / span)
-        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        start, peak = 0, 1.0
+        if self.restart_at and step >= self.restart_at:
+            start, peak = self.restart_at, self.restart_peak
+        local = step - start
+        if local < self.warmup:
+            if not start:
+                return (step + 1) / self.warmup
+            return self.floor + (peak - self.floor) * (local + 1) / self.warmup
+        end = self.total if start or not self.restart_at else self.restart_at
+        span = max(1, end - start - self.warmup)
+        progress = min(1.0, (local - self.warmup) / span)
+        return self.floor + (peak - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -41,6 +41,9 @@ class TrainSettings:
         save_every: Steps between checkpoints.
         log_every: Steps between progress lines.
         eval_every: Steps between validations on the fixed synthetic set (0: only at the end).
+        restart_at: Step at which an extended run restarts its learning rate (0: no restart);
+            set by `train(extend=...)`.
+        restart_peak: Peak of the restarted schedule relative to `lr`.
     """
 
     arch: str = "micro_v1"
@@ -66,6 +69,8 @@ class TrainSettings:
     save_every: int = 100
     log_every: int = 10
     eval_every: int = 250
+    restart_at: int = 0
+    restart_peak: float = 1.0
 
     def __post_init__(self) -> None:
         if self.scenes < 1 or self.objects < 1:
@@ -80,6 +85,11 @@ class TrainSettings:
             raise ValueError(f"dense_weight must be 0 or more, not {self.dense_weight}.")
         if self.lr <= 0 or self.grad_clip <= 0:
             raise ValueError(f"lr and grad_clip must be positive, not {self.lr} and {self.grad_clip}.")
+        if self.restart_at < 0 or not 0.0 < self.restart_peak <= 1.0:
+            raise ValueError(
+                f"restart_at must be 0 or more and restart_peak in (0, 1], not {self.restart_at} and "
+                f"{self.restart_peak}."
+            )
         if min(self.save_every, self.log_every) < 1 or self.eval_every < 0 or self.warmup < 0:
             raise ValueError("save_every and log_every must be at least 1; eval_every and warmup at least 0.")
 

@@ -71,6 +71,8 @@ def train(
     stop_at: int | None = None,
     repeat_batches: int = 0,
     export: bool = True,
+    extend: int = 0,
+    restart_peak: float = 0.25,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train (or continue training) a SAM on generated scenes.
@@ -88,6 +90,10 @@ def train(
         repeat_batches: 0 for a fresh batch every step; n > 0 cycles through the first n
             batches (an overfitting check).
         export: Write the float16 weight file at the end.
+        extend: With `resume`, add this many steps to the run's schedule, restarting the
+            learning rate (warm-up to `restart_peak` times the peak, cosine decay to the floor).
+            The first steps of the run compute what they did before; the new ones draw new data.
+        restart_peak: Peak of the restarted learning rate, relative to the run's `lr`.
         log: Receives the progress lines.
 
     Returns:
@@ -98,9 +104,22 @@ def train(
     state_path = out / STATE_NAME
     if not resume and state_path.exists():
         raise ValueError(f"{out} already holds a training run ({STATE_NAME}); use --resume or another --out.")
+    if extend and not resume:
+        raise ValueError("Only a resumed run can be extended: add --resume.")
+    if extend < 0:
+        raise ValueError(f"extend must be 0 or more steps, not {extend}.")
     state = load_state(state_path) if resume else None
     if state is not None:
         settings = TrainSettings.from_dict(state["settings"])
+        if extend:
+            if settings.restart_at:
+                raise ValueError(f"The run in {out} was already extended at step {settings.restart_at}.")
+            if settings.total_steps == 0:
+                raise ValueError("The run has no fixed schedule yet; resume it once before extending it.")
+            settings = settings.replace(
+                restart_at=settings.total_steps, restart_peak=restart_peak,
+                total_steps=settings.total_steps + extend,
+            )
     if settings.total_steps == 0 and minutes is None:
         raise ValueError("Give a number of steps or a time budget in minutes (or both).")
     target = select_device(device)
@@ -127,6 +146,10 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
+        if settings.restart_at:  # the saved schedule predates the extension, or restores it
+            schedule.restart(settings.restart_at, settings.restart_peak, settings.total_steps)
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base * schedule(step)
         log(f"Resuming {settings.arch} at step {step} of {settings.total_steps} from {state_path}.")
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -378,6 +401,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, help="wall-clock budget of this session")
     parser.add_argument("--steps", type=int, default=0, help="schedule length (default: fitted to --minutes)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--extend", type=int, default=0,
+                        help="with --resume: add this many steps, restarting the learning rate")
+    parser.add_argument("--restart-lr", type=float, default=0.25,
+                        help="peak of the restarted learning rate relative to --lr (with --extend)")
     parser.add_argument("--export-only", action="store_true",
                         help="export the weights of the run's last checkpoint and stop")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -424,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             save_every=args.save_every, log_every=args.log_every, eval_every=args.eval_every,
         )
         result = train(settings, args.out, resume=args.resume, minutes=args.minutes, device=args.device,
-                       workers=args.workers)
+                       workers=args.workers, extend=args.extend, restart_peak=args.restart_lr)
         if result.export is not None:
             check_export(result.export, print)
     except (ValueError, FileNotFoundError) as error:
