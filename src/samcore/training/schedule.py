@@ -39,15 +39,16 @@ class WarmupCosine:
         self.restart_at, self.restart_peak, self.total = int(at), float(peak), int(total)
 
     def __call__(self, step: int) -> float:
-        start, peak = 0, 1.0
-        if self.restart_at and step >= self.restart_at:
-            start, peak = self.restart_at, self.restart_peak
-        local = step - start
-        if local < self.warmup:
-            if not start:
-                return (step + 1) / self.warmup
-            return self.floor + (peak - self.floor) * (local + 1) / self.warmup
-        end = self.total if start or not self.restart_at else self.restart_at
-        span = max(1, end - start - self.warmup)
-        progress = min(1.0, (local - self.warmup) / span)
+        if self.restart_at and step >= self.restart_at:  # the second cycle warms up from the floor
+            local, length = step - self.restart_at, self.total - self.restart_at
+            if local < self.warmup:
+                return self.floor + (self.restart_peak - self.floor) * (local + 1) / self.warmup
+            return self._decay(local, length, self.restart_peak)
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return self._decay(step, self.restart_at or self.total, 1.0)
+
+    def _decay(self, step: int, length: int, peak: float) -> float:
+        """Cosine from `peak` after the warm-up to the floor at `length` steps into the cycle."""
+        progress = min(1.0, (step - self.warmup) / max(1, length - self.warmup))
         return self.floor + (peak - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
