@@ -412,3 +412,25 @@ def list_events(steps):
             events.append(next(steps))
         except StopIteration:
             return events
+
+
+def test_crowded_synthetic_stacks_have_touching_nuclei_and_sparse_ones_keep_a_gap():
+    from samcore.synthetic import nuclei_stack
+
+    def touching_pairs(labels: np.ndarray) -> set[tuple[int, int]]:
+        pairs = set()
+        for axis in range(3):
+            a, b = np.moveaxis(labels, axis, 0)[1:], np.moveaxis(labels, axis, 0)[:-1]
+            differ = (a != b) & (a > 0) & (b > 0)
+            pairs |= {tuple(sorted(p)) for p in zip(a[differ].tolist(), b[differ].tolist())}
+        return pairs
+
+    image, crowded = nuclei_stack(
+        (12, 64, 64), n_nuclei=12, radius=(8, 12), seed=0, z_radius=(3, 5), max_overlap=0.05
+    )
+    assert image.shape == crowded.shape and crowded.max() >= 6
+    assert len(touching_pairs(crowded)) >= 2
+    for object_id in range(1, int(crowded.max()) + 1):  # every nucleus is one piece
+        assert ndimage.label(crowded == object_id)[1] == 1
+    _, sparse = nuclei_stack((12, 64, 64), n_nuclei=12, radius=(8, 12), seed=0, z_radius=(3, 5))
+    assert sparse.max() >= 2 and not touching_pairs(sparse)

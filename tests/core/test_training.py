@@ -17,7 +17,14 @@ from samcore.training.geometry import ellipses, geometry_prompts, pretrain_decod
 from samcore.training.interactive import (
     DenseHead, Prompts, decode, encode, interactive_step, random_offset, upscale,
 )
-from samcore.training.batches import make_batch, pick_objects, region_maps, scene_zoom
+from samcore.training.batches import (
+    EVAL_FAMILIES,
+    make_batch,
+    make_eval_batches,
+    pick_objects,
+    region_maps,
+    scene_zoom,
+)
 from samcore.training.losses import FOCAL_WEIGHT, dice_loss, focal_loss, focal_ramp, mask_iou, sam_loss
 from samcore.training.scenes import FAMILIES, make_scene, relabel_consecutive
 from samcore.training.schedule import WarmupCosine
@@ -284,6 +291,13 @@ def test_a_restarted_schedule_keeps_its_first_cycle_and_warms_up_again_from_the_
     assert schedule(210) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="restart"):
         schedule.restart(at=210, peak=0.05, total=300)  # a peak under the floor
+    with pytest.raises(ValueError, match="restart"):
+        schedule.restart(at=100, peak=0.5, total=300)  # inside the last cycle
+    two_cycles = [schedule(step) for step in range(210)]
+    schedule.restart(at=210, peak=0.3, total=310)  # a third cycle leaves the first two as they were
+    assert [schedule(step) for step in range(210)] == two_cycles
+    assert schedule(209) == pytest.approx(0.1, abs=1e-3) and schedule(219) == pytest.approx(0.3)
+    assert schedule(310) == pytest.approx(0.1)
 
 
 # -- architecture ---------------------------------------------------------------------------------
@@ -419,14 +433,18 @@ def test_an_extended_run_continues_past_its_schedule_with_a_restarted_learning_r
     extended = train(
         TrainSettings(), tmp_path, resume=True, extend=6, restart_peak=0.5, export=False, log=quiet
     )
-    assert extended.settings.total_steps == 12 and extended.settings.restart_at == 6
+    assert extended.settings.total_steps == 12 and extended.settings.restarts == ((6, 0.5),)
     assert [entry["step"] for entry in extended.history] == [7, 8, 9, 10, 11, 12]
     rates = [entry["lr"] for entry in extended.history]
     floor = finished.settings.lr * finished.settings.lr_floor
     assert floor < rates[0] < rates[1] and max(rates) == pytest.approx(0.5e-3) and rates[-1] < max(rates)
     assert all(np.isfinite(entry["loss"]) for entry in extended.history)
-    with pytest.raises(ValueError, match="already extended"):
-        train(TrainSettings(), tmp_path, resume=True, extend=2, export=False, log=quiet)
+    again = train(
+        TrainSettings(), tmp_path, resume=True, extend=4, restart_peak=0.25, export=False, log=quiet
+    )
+    assert again.settings.restarts == ((6, 0.5), (12, 0.25)) and again.settings.total_steps == 16
+    rates = [entry["lr"] for entry in again.history]
+    assert floor < rates[0] and max(rates) == pytest.approx(0.25e-3)
     with pytest.raises(ValueError, match="--resume"):
         train(tiny_settings(), tmp_path / "new", extend=2, export=False, log=quiet)
 
@@ -523,3 +541,22 @@ def test_export_only_writes_the_weights_of_an_unfinished_run(tiny_arch: str, tmp
     assert notes["steps"] == 3 and notes["device"] == "cpu" and notes["train_seconds"] > 0
     assert samcore.load_model(checkpoint=tmp_path / f"{tiny_arch}.pt").architecture == tiny_arch
     assert main(["--out", str(tmp_path / "nothing"), "--export-only"]) == 1
+
+
+def test_a_larger_validation_set_starts_with_the_one_validated_during_training(
+    tiny_arch: str, tmp_path, capsys
+) -> None:
+    small = make_eval_batches(64, objects=2, scenes=3)
+    large = make_eval_batches(64, objects=2, scenes=len(EVAL_FAMILIES) + 2)
+    assert sum(len(batch.families) for batch in large) == len(EVAL_FAMILIES) + 2
+    assert large[-1].families[-1] == EVAL_FAMILIES[1]  # the families cycle
+    for a, b in zip(small, large):
+        assert torch.equal(a.images[: len(a.families)], b.images[: len(a.families)])
+        assert a.families == b.families[: len(a.families)]
+    with pytest.raises(ValueError, match="at least one scene"):
+        make_eval_batches(64, scenes=0)
+    train(tiny_settings(), tmp_path, stop_at=2, export=False, log=quiet)
+    assert main(["--out", str(tmp_path), "--eval-only", "--eval-scenes", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 validation scenes" in printed and "box IoU" in printed and "point IoU" in printed
+    assert main(["--out", str(tmp_path / "nothing"), "--eval-only"]) == 1

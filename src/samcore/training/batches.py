@@ -151,19 +151,26 @@ EVAL_SEED = 987_654_321  # a stream no training run uses (runs use small seeds)
 EVAL_FAMILIES = ("nuclei", "nuclei", "irregular", "rods", "mixed", "epithelium", "em", "nuclei")
 
 
-def make_eval_batches(size: int, objects: int = 8, per_batch: int = 2) -> list[Batch]:
-    """A fixed validation set of synthetic scenes (one per `EVAL_FAMILIES` entry), in batches.
+def make_eval_batches(
+    size: int, objects: int = 8, per_batch: int = 2, scenes: int = len(EVAL_FAMILIES)
+) -> list[Batch]:
+    """A fixed validation set of synthetic scenes (cycling through `EVAL_FAMILIES`), in batches.
 
     Args:
         size: Side of the scenes in pixels.
         objects: Objects per scene.
         per_batch: Scenes per returned batch (bounds memory).
+        scenes: Number of scenes; the first ones are the same whatever the number, so a larger set
+            extends the one validated during training.
 
     Returns:
         Batches covering all validation scenes; identical in every run.
     """
     picked = []
-    for i, family in enumerate(EVAL_FAMILIES):
+    if scenes < 1:
+        raise ValueError(f"The validation set needs at least one scene, not {scenes}.")
+    for i in range(scenes):
+        family = EVAL_FAMILIES[i % len(EVAL_FAMILIES)]
         scene = make_scene(EVAL_SEED, i, size=size, family=family)
         picked.append((scene, pick_objects(np.random.default_rng([EVAL_SEED, i]), scene.labels, objects)))
     return [collate(picked[start : start + per_batch]) for start in range(0, len(picked), per_batch)]

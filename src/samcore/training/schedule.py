@@ -14,7 +14,8 @@ class WarmupCosine:
         floor: Final multiplier.
 
     A plain object with numeric attributes, so the scheduler's state dict saves and restores it.
-    `restart` extends a finished schedule with a second warm-up and cosine decay.
+    `restart` extends a finished schedule with another warm-up and cosine decay; each cycle ends
+    where the next one starts.
     """
 
     def __init__(self, warmup: int, total: int, floor: float = 0.05) -> None:
@@ -23,8 +24,7 @@ class WarmupCosine:
         self.warmup = int(warmup)
         self.total = int(total)
         self.floor = float(floor)
-        self.restart_at = 0
-        self.restart_peak = 1.0
+        self.restarts: list[tuple[int, float]] = []  # (first step, peak) of each later cycle
 
     def set_total(self, total: int) -> None:
         """Fix the length of the schedule (e.g. once the speed of a timed run is known)."""
@@ -34,19 +34,28 @@ class WarmupCosine:
 
     def restart(self, at: int, peak: float, total: int) -> None:
         """From step `at`, warm up again from the floor to `peak` and decay to the floor at `total`."""
-        if not 0 < at < total or not self.floor < peak <= 1.0:
-            raise ValueError(f"Invalid restart: at step {at} to {total}, peak {peak} (floor {self.floor}).")
-        self.restart_at, self.restart_peak, self.total = int(at), float(peak), int(total)
+        after = self.restarts[-1][0] if self.restarts else 0
+        if not after < at < total or not self.floor < peak <= 1.0:
+            raise ValueError(
+                f"Invalid restart: at step {at} to {total}, peak {peak} (floor {self.floor}, "
+                f"previous cycle from step {after})."
+            )
+        self.restarts.append((int(at), float(peak)))
+        self.total = int(total)
 
     def __call__(self, step: int) -> float:
-        if self.restart_at and step >= self.restart_at:  # the second cycle warms up from the floor
-            local, length = step - self.restart_at, self.total - self.restart_at
-            if local < self.warmup:
-                return self.floor + (self.restart_peak - self.floor) * (local + 1) / self.warmup
-            return self._decay(local, length, self.restart_peak)
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        return self._decay(step, self.restart_at or self.total, 1.0)
+        start, peak, end = 0, 1.0, self.total
+        for at, restart_peak in self.restarts:
+            if step < at:
+                end = at
+                break
+            start, peak = at, restart_peak
+        local = step - start
+        if local < self.warmup:  # the first cycle warms up from 0, later ones from the floor
+            if start == 0:
+                return (local + 1) / self.warmup
+            return self.floor + (peak - self.floor) * (local + 1) / self.warmup
+        return self._decay(local, end - start, peak)
 
     def _decay(self, step: int, length: int, peak: float) -> float:
         """Cosine from `peak` after the warm-up to the floor at `length` steps into the cycle."""

@@ -41,9 +41,8 @@ class TrainSettings:
         save_every: Steps between checkpoints.
         log_every: Steps between progress lines.
         eval_every: Steps between validations on the fixed synthetic set (0: only at the end).
-        restart_at: Step at which an extended run restarts its learning rate (0: no restart);
-            set by `train(extend=...)`.
-        restart_peak: Peak of the restarted schedule relative to `lr`.
+        restarts: (step, peak) of each restart of the learning rate, peak relative to `lr`;
+            one per `train(extend=...)`.
     """
 
     arch: str = "micro_v1"
@@ -69,8 +68,7 @@ class TrainSettings:
     save_every: int = 100
     log_every: int = 10
     eval_every: int = 250
-    restart_at: int = 0
-    restart_peak: float = 1.0
+    restarts: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.scenes < 1 or self.objects < 1:
@@ -85,10 +83,11 @@ class TrainSettings:
             raise ValueError(f"dense_weight must be 0 or more, not {self.dense_weight}.")
         if self.lr <= 0 or self.grad_clip <= 0:
             raise ValueError(f"lr and grad_clip must be positive, not {self.lr} and {self.grad_clip}.")
-        if self.restart_at < 0 or not 0.0 < self.restart_peak <= 1.0:
+        steps = [at for at, _ in self.restarts]
+        if steps != sorted(set(steps)) or any(at < 1 or not 0.0 < peak <= 1.0 for at, peak in self.restarts):
             raise ValueError(
-                f"restart_at must be 0 or more and restart_peak in (0, 1], not {self.restart_at} and "
-                f"{self.restart_peak}."
+                f"restarts must be (step, peak) pairs at increasing steps with peaks in (0, 1], not "
+                f"{list(self.restarts)}."
             )
         if min(self.save_every, self.log_every) < 1 or self.eval_every < 0 or self.warmup < 0:
             raise ValueError("save_every and log_every must be at least 1; eval_every and warmup at least 0.")
@@ -100,6 +99,12 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainSettings:
         """Settings from `to_dict` output; unknown keys are refused."""
+        values = dict(values)
+        if "restart_at" in values:  # runs saved when a run could restart only once
+            at, peak = values.pop("restart_at"), values.pop("restart_peak", 1.0)
+            values["restarts"] = [(at, peak)] if at else []
+        if "restarts" in values:  # saved as lists
+            values["restarts"] = tuple((int(at), float(peak)) for at, peak in values["restarts"])
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -29,7 +29,7 @@ from torch import nn
 from ..build import build_sam
 from ..device import select_device
 from ..modeling import Sam
-from .batches import Batch, make_batch, make_eval_batches
+from .batches import EVAL_FAMILIES, Batch, make_batch, make_eval_batches
 from .checkpoints import STATE_NAME, cpu_state_dict, export_weights, load_state, save_state, training_state
 from .geometry import pretrain_decoder
 from .interactive import DenseHead, evaluate_prompts, interactive_step
@@ -112,12 +112,10 @@ def train(
     if state is not None:
         settings = TrainSettings.from_dict(state["settings"])
         if extend:
-            if settings.restart_at:
-                raise ValueError(f"The run in {out} was already extended at step {settings.restart_at}.")
             if settings.total_steps == 0:
                 raise ValueError("The run has no fixed schedule yet; resume it once before extending it.")
             settings = settings.replace(
-                restart_at=settings.total_steps, restart_peak=restart_peak,
+                restarts=(*settings.restarts, (settings.total_steps, restart_peak)),
                 total_steps=settings.total_steps + extend,
             )
     if settings.total_steps == 0 and minutes is None:
@@ -146,8 +144,10 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
-        if settings.restart_at:  # the saved schedule predates the extension, or restores it
-            schedule.restart(settings.restart_at, settings.restart_peak, settings.total_steps)
+        if settings.restarts:  # rebuilt from the settings: the saved schedule may predate an extension
+            schedule.restarts.clear()
+            for at, peak in settings.restarts:
+                schedule.restart(at, peak, settings.total_steps)
             for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
                 group["lr"] = base * schedule(step)
         log(f"Resuming {settings.arch} at step {step} of {settings.total_steps} from {state_path}.")
@@ -361,13 +361,19 @@ class _StepBatches(torch.utils.data.IterableDataset):
             yield make_batch(s.seed, self.data_step(step), s.scenes, s.objects, s.size, s.zoom_ramp)
 
 
-def validate(model: Sam, settings: TrainSettings, device: torch.device) -> dict[str, float]:
-    """Mean IoUs on the fixed synthetic validation set: box, one click, and for nuclei only."""
+def validate(
+    model: Sam, settings: TrainSettings, device: torch.device, scenes: int = len(EVAL_FAMILIES)
+) -> dict[str, float]:
+    """Mean IoUs on the fixed synthetic validation set: box, one click, and for nuclei only.
+
+    `scenes` sets the size of the set; training validates on the first few scenes, and
+    `evaluate_run` on more, where differences between checkpoints must stand out from noise.
+    """
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(2024)
     results: dict[str, list[torch.Tensor]] = {}
-    for batch in make_eval_batches(settings.size, objects=settings.objects):
+    for batch in make_eval_batches(settings.size, objects=settings.objects, scenes=scenes):
         batch = batch.to(device)
         ious = evaluate_prompts(model, batch, generator)
         is_nuclei = [batch.families[i] == "nuclei" for i in batch.image_index.tolist()]
@@ -407,6 +413,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="peak of the restarted learning rate relative to --lr (with --extend)")
     parser.add_argument("--export-only", action="store_true",
                         help="export the weights of the run's last checkpoint and stop")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="validate the run's last checkpoint on --eval-scenes scenes and stop")
+    parser.add_argument("--eval-scenes", type=int, default=64,
+                        help="scenes of the synthetic validation set for --eval-only (training uses 8)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--workers", type=int, default=0, help="processes generating scenes ahead (GPU runs)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -441,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
             path = export_run(args.out)
             print(f"Exported {path} from {args.out / STATE_NAME}.")
             check_export(path, print)
+            return 0
+        if args.eval_only:
+            metrics = evaluate_run(args.out, args.eval_scenes)
+            print(f"{args.out / STATE_NAME}, {args.eval_scenes} validation scenes: {format_metrics(metrics)}")
             return 0
         settings = TrainSettings(
             arch=args.arch, seed=args.seed, total_steps=args.steps, size=args.size, loss_size=args.loss_size,
@@ -491,6 +505,16 @@ def export_run(out_dir: str | Path) -> Path:
     return export_with_notes(model, out, settings, int(state["step"]), seconds, device)
 
 
+def evaluate_run(out_dir: str | Path, scenes: int) -> dict[str, float]:
+    """Validate a run's last checkpoint on `scenes` synthetic validation scenes."""
+    out = Path(out_dir)
+    state = load_state(out / STATE_NAME)
+    settings = TrainSettings.from_dict(state["settings"])
+    model = build_sam(settings.arch)
+    model.load_state_dict(state["model"])
+    return validate(model, settings, torch.device("cpu"), scenes=scenes)
+
+
 def check_export(path: Path, log: Callable[[str], None]) -> None:
     """Load the exported file the way users will and report what was recognised."""
     from ..loading import load_model
@@ -500,4 +524,4 @@ def check_export(path: Path, log: Callable[[str], None]) -> None:
         f"({count_parameters(model) / 1e6:.2f} M parameters, img_size {model.img_size}).")
 
 
-__all__ = ["TrainResult", "main", "train", "validate"]
+__all__ = ["TrainResult", "evaluate_run", "main", "train", "validate"]
