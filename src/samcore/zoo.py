@@ -191,13 +191,13 @@ BUNDLED_MODEL: ModelEntry | None = ModelEntry(
     name=DEFAULT_MODEL_NAME,
     architecture="micro_v1",
     url="",
-    hash="sha256:21d4d7b2896fe2338301591c55af6143e698a88f153458ed4a3dcee308f1e75f",
+    hash="sha256:794053902a319aa4e8084d58131625caa166f84517a95f574ce6f6fba04a7770",
     filename="micro_v1.pt",
     description="napari-sam's own small model (12 MB): offline and fast on a CPU; trained on generated scenes only.",
     source="napari-sam (python -m samcore.training --seed 0)",
     licence="BSD-3-Clause",
     packaged=True,
-    auto_thresholds=(0.2, 0.8),
+    auto_thresholds=(0.4, 0.8),
 )
 
 #: Names people may know from micro-sam whose weights micro-sam does not
