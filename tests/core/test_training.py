@@ -560,3 +560,14 @@ def test_a_larger_validation_set_starts_with_the_one_validated_during_training(
     printed = capsys.readouterr().out
     assert "3 validation scenes" in printed and "box IoU" in printed and "point IoU" in printed
     assert main(["--out", str(tmp_path / "nothing"), "--eval-only"]) == 1
+
+
+def test_settings_saved_with_a_single_restart_load_as_a_list_of_restarts() -> None:
+    old = {**tiny_settings().to_dict(), "restart_at": 6, "restart_peak": 0.5}
+    old.pop("restarts")
+    assert TrainSettings.from_dict(old).restarts == ((6, 0.5),)
+    assert TrainSettings.from_dict({**old, "restart_at": 0}).restarts == ()
+    saved = json.loads(json.dumps(tiny_settings(restarts=((6, 0.5), (9, 0.25))).to_dict()))  # tuples become lists
+    assert TrainSettings.from_dict(saved).restarts == ((6, 0.5), (9, 0.25))
+    with pytest.raises(ValueError, match="increasing steps"):
+        tiny_settings(restarts=((9, 0.5), (6, 0.5)))

@@ -496,10 +496,7 @@ def export_with_notes(
 def export_run(out_dir: str | Path) -> Path:
     """Export the weights of a run's last checkpoint, for a look at a run that is not finished."""
     out = Path(out_dir)
-    state = load_state(out / STATE_NAME)
-    settings = TrainSettings.from_dict(state["settings"])
-    model = build_sam(settings.arch)
-    model.load_state_dict(state["model"])
+    state, settings, model = _load_run(out)
     seconds = float(state.get("seconds", 0.0))
     device = str(state.get("device", "unknown device"))
     return export_with_notes(model, out, settings, int(state["step"]), seconds, device)
@@ -507,12 +504,17 @@ def export_run(out_dir: str | Path) -> Path:
 
 def evaluate_run(out_dir: str | Path, scenes: int) -> dict[str, float]:
     """Validate a run's last checkpoint on `scenes` synthetic validation scenes."""
-    out = Path(out_dir)
+    _, settings, model = _load_run(Path(out_dir))
+    return validate(model, settings, torch.device("cpu"), scenes=scenes)
+
+
+def _load_run(out: Path) -> tuple[dict, TrainSettings, Sam]:
+    """A run's last checkpoint: its saved state, its settings and its model."""
     state = load_state(out / STATE_NAME)
     settings = TrainSettings.from_dict(state["settings"])
     model = build_sam(settings.arch)
     model.load_state_dict(state["model"])
-    return validate(model, settings, torch.device("cpu"), scenes=scenes)
+    return state, settings, model
 
 
 def check_export(path: Path, log: Callable[[str], None]) -> None:
