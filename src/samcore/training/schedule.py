@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 
 class WarmupCosine:
@@ -42,6 +43,12 @@ class WarmupCosine:
             )
         self.restarts.append((int(at), float(peak)))
         self.total = int(total)
+
+    def set_restarts(self, restarts: Iterable[tuple[int, float]], total: int) -> None:
+        """Replace the later cycles by `restarts` ((step, peak) pairs), the last one ending at `total`."""
+        self.restarts = []
+        for at, peak in restarts:
+            self.restart(at, peak, total)
 
     def __call__(self, step: int) -> float:
         start, peak, end = 0, 1.0, self.total

@@ -145,9 +145,7 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
         if settings.restarts:  # rebuilt from the settings: the saved schedule may predate an extension
-            schedule.restarts.clear()
-            for at, peak in settings.restarts:
-                schedule.restart(at, peak, settings.total_steps)
+            schedule.set_restarts(settings.restarts, settings.total_steps)
             for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
                 group["lr"] = base * schedule(step)
         log(f"Resuming {settings.arch} at step {step} of {settings.total_steps} from {state_path}.")
