@@ -15,7 +15,8 @@ of `nuclei3d` (60x256x256), with their instance labels. Measurement only: nothin
 Also printed: embedding seconds per 512x512 slice, decode milliseconds per prompt, the weight
 file's size and, for the bundled model, its training time.
 
-Run:  python benchmarks/bench_bundled.py [--model default | --checkpoint FILE] [--slices-every 1]
+Run:  python benchmarks/bench_bundled.py [--model default | --checkpoint FILE] [--precision auto]
+                                       [--slices-every 1]
 """
 
 from __future__ import annotations
@@ -46,14 +47,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=zoo.DEFAULT_MODEL_NAME, help="model name (default: the bundled model)")
     parser.add_argument("--checkpoint", type=Path, help="a weight file instead of a named model")
+    parser.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (the encoder's precision)")
     parser.add_argument("--slices-every", type=int, default=1, help="use every n-th slice of nuclei3d")
     args = parser.parse_args()
 
     data = Path(os.environ.get("NAPARI_SAM_DATA", ROOT.parent / "shared" / "data"))
     model = load_model(None if args.checkpoint else args.model, checkpoint=args.checkpoint, device="cpu")
-    predictor = Predictor(model)
+    predictor = Predictor(model, precision=args.precision)
     print(machine_line())
     describe_weights(args)
+    print(f"precision: {predictor.precision} (asked: {args.precision})")
 
     dsb_image, dsb_labels = read_pair(data / "dsb2018")
     stack, stack_labels = read_pair(data / "nuclei3d")

@@ -102,6 +102,19 @@ def test_bf16_path_runs_and_stays_close_to_fp32():
     assert ((bf16 - fp32).norm() / fp32.norm()) < 0.05
 
 
+def test_auto_precision_follows_the_measured_bf16_speed_of_the_cpu(monkeypatch):
+    from samcore import precision
+
+    speedup = precision.cpu_bf16_speedup()
+    assert np.isfinite(speedup) and speedup > 0
+    model = build_sam("vit_test")
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.6)  # bf16 slower, as on some Xeons
+    assert Predictor(model).precision == "fp32"
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 2.4)  # bf16 faster, as on Zen 4
+    assert Predictor(model).precision == "bf16"
+    assert Predictor(model, precision="fp32").precision == "fp32"  # an explicit choice is kept
+
+
 def test_a_painted_mask_becomes_a_mask_input_of_this_image(predictor):
     image = np.zeros((60, 100), np.uint16)  # not square: the mask is padded like the image
     predictor.set_image(image)

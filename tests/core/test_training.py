@@ -449,6 +449,23 @@ def test_an_extended_run_continues_past_its_schedule_with_a_restarted_learning_r
         train(tiny_settings(), tmp_path / "new", extend=2, export=False, log=quiet)
 
 
+def test_a_run_can_start_from_the_weights_of_another(tiny_arch: str, tmp_path) -> None:
+    first = train(tiny_settings(total_steps=2), tmp_path / "first", log=quiet)
+    start = torch.load(first.export, weights_only=True)
+    # A learning rate this small leaves the started weights as they were loaded.
+    second = train(tiny_settings(total_steps=1, lr=1e-12, init=str(first.export)), tmp_path / "second", log=quiet)
+    assert second.settings.init == str(first.export)
+    finish = torch.load(second.export, weights_only=True)
+    assert start.keys() == finish.keys()
+    for name in start:
+        torch.testing.assert_close(finish[name], start[name], rtol=1e-3, atol=1e-4)
+    fresh = train(tiny_settings(total_steps=1, lr=1e-12), tmp_path / "fresh", log=quiet)
+    assert not torch.equal(torch.load(fresh.export, weights_only=True)["mask_decoder.iou_token.weight"],
+                           start["mask_decoder.iou_token.weight"])
+    with pytest.raises(ValueError, match="micro_v1"):  # the bundled model is another architecture
+        train(tiny_settings(init="default"), tmp_path / "wrong", log=quiet)
+
+
 def test_a_new_run_refuses_to_overwrite_an_old_one(tiny_arch: str, tmp_path) -> None:
     train(tiny_settings(total_steps=1), tmp_path, export=False, log=quiet)
     with pytest.raises(ValueError, match="--resume"):

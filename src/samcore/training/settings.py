@@ -43,6 +43,8 @@ class TrainSettings:
         eval_every: Steps between validations on the fixed synthetic set (0: only at the end).
         restarts: (step, peak) of each restart of the learning rate, peak relative to `lr`;
             one per `train(extend=...)`.
+        init: Weights the run starts from: a model name for `samcore.load_model` (e.g.
+            "default") or a weight file; empty for random weights.
     """
 
     arch: str = "micro_v1"
@@ -69,6 +71,7 @@ class TrainSettings:
     log_every: int = 10
     eval_every: int = 250
     restarts: tuple[tuple[int, float], ...] = ()
+    init: str = ""
 
     def __post_init__(self) -> None:
         if self.scenes < 1 or self.objects < 1:

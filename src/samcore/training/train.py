@@ -127,6 +127,9 @@ def train(
         raise ValueError(
             f"Scenes of {settings.size} px do not fit the {model.img_size} px input of {settings.arch}."
         )
+    if state is None and settings.init:
+        load_initial_weights(model, settings.init, settings.arch)
+        log(f"Starting from the weights of {settings.init}.")
     if state is None and settings.geometry_steps:
         log(f"Warming up the decoder on prompt geometry for {settings.geometry_steps} steps.")
         pretrain_decoder(model, settings.geometry_steps, settings.seed, log=log)
@@ -167,6 +170,19 @@ def train(
         result.export = export_with_notes(model, out, result.settings, result.step, seconds, str(target))
         log(f"Exported {result.export} ({result.export.stat().st_size / 1e6:.1f} MB, float16).")
     return result
+
+
+def load_initial_weights(model: Sam, init: str, arch: str) -> None:
+    """Copy into `model` the weights of a model name or a weight file of architecture `arch`."""
+    from ..loading import load_model
+
+    if Path(init).suffix in {".pt", ".pth"} or Path(init).exists():
+        source = load_model(arch, checkpoint=init, device="cpu")  # refuses another architecture
+    else:
+        source = load_model(init, device="cpu")
+        if source.architecture != arch:
+            raise ValueError(f"The model {init} is a {source.architecture}; this run trains {arch}.")
+    model.load_state_dict({name: value.float() for name, value in source.state_dict().items()})
 
 
 class _Loop:
@@ -419,6 +435,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0, help="processes generating scenes ahead (GPU runs)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--arch", default=defaults.arch)
+    parser.add_argument("--init", default=defaults.init,
+                        help="start from these weights: a model name (e.g. default) or a weight file")
     parser.add_argument("--size", type=int, default=defaults.size, help="scene side in pixels")
     parser.add_argument("--loss-size", type=int, default=defaults.loss_size, help="0: the scene size")
     parser.add_argument("--focal-ramp", type=int, default=defaults.focal_ramp, help="steps to reach 20:1")
@@ -459,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             focal_ramp=args.focal_ramp, zoom_ramp=args.zoom_ramp, scenes=args.scenes, objects=args.objects,
             max_corrective=args.max_corrective, corrective_from=args.corrective_from,
             geometry_steps=args.geometry_steps, dense_weight=args.dense_weight, lr=args.lr,
-            warmup=args.warmup,
+            warmup=args.warmup, init=args.init,
             save_every=args.save_every, log_every=args.log_every, eval_every=args.eval_every,
         )
         result = train(settings, args.out, resume=args.resume, minutes=args.minutes, device=args.device,
