@@ -455,6 +455,9 @@ def test_a_run_can_start_from_the_weights_of_another(tiny_arch: str, tmp_path) -
     # A learning rate this small leaves the started weights as they were loaded.
     second = train(tiny_settings(total_steps=1, lr=1e-12, init=str(first.export)), tmp_path / "second", log=quiet)
     assert second.settings.init == str(first.export)
+    notes = json.loads(second.export.with_suffix(".json").read_text())
+    assert notes["started_from"]["weights"] == str(first.export)
+    assert notes["started_from"]["notes"]["steps"] == 2 and notes["steps_in_all"] == 3
     finish = torch.load(second.export, weights_only=True)
     assert start.keys() == finish.keys()
     for name in start:

@@ -176,13 +176,26 @@ def load_initial_weights(model: Sam, init: str, arch: str) -> None:
     """Copy into `model` the weights of a model name or a weight file of architecture `arch`."""
     from ..loading import load_model
 
-    if Path(init).suffix in {".pt", ".pth"} or Path(init).exists():
+    if _is_weight_file(init):
         source = load_model(arch, checkpoint=init, device="cpu")  # refuses another architecture
     else:
         source = load_model(init, device="cpu")
         if source.architecture != arch:
             raise ValueError(f"The model {init} is a {source.architecture}; this run trains {arch}.")
     model.load_state_dict({name: value.float() for name, value in source.state_dict().items()})
+
+
+def initial_weights_notes(init: str) -> dict[str, Any] | None:
+    """The training notes (``<name>.json`` beside the weights) of the weights a run started from."""
+    from .. import download, zoo
+
+    path = Path(init) if _is_weight_file(init) else download.cached_path(zoo.get_entry(init))
+    notes = path.with_suffix(".json")
+    return json.loads(notes.read_text(encoding="utf-8")) if notes.is_file() else None
+
+
+def _is_weight_file(init: str) -> bool:
+    return Path(init).suffix in {".pt", ".pth"} or Path(init).exists()
 
 
 class _Loop:
@@ -498,13 +511,20 @@ def export_with_notes(
 ) -> Path:
     """Write ``<arch>.pt`` (float16 weights) and ``<arch>.json`` (steps, time, settings) into `out`."""
     path = export_weights(model, out / f"{settings.arch}.pt")
-    notes = {
+    notes: dict[str, Any] = {
         "architecture": settings.arch,
         "steps": step,
         "train_seconds": round(seconds, 1),
         "device": device,
         "settings": settings.to_dict(),
     }
+    if settings.init:  # the lineage: what the run started from, and the training of both together
+        earlier = initial_weights_notes(settings.init)
+        notes["started_from"] = {"weights": settings.init, "notes": earlier}
+        if earlier is not None:
+            notes["steps_in_all"] = step + earlier.get("steps_in_all", earlier.get("steps", 0))
+            before = earlier.get("train_seconds_in_all", earlier.get("train_seconds", 0.0))
+            notes["train_seconds_in_all"] = round(seconds + before, 1)
     path.with_suffix(".json").write_text(json.dumps(notes, indent=1) + "\n", encoding="utf-8")
     return path
 
