@@ -89,6 +89,9 @@ def describe_weights(args: argparse.Namespace) -> None:
     if notes.is_file():
         meta = json.loads(notes.read_text(encoding="utf-8"))
         print(f"Training: {meta['train_seconds'] / 60:.0f} min, {meta['steps']} steps on {meta['device']}")
+        if "started_from" in meta:
+            print(f"  started from {meta['started_from']['weights']}; in all "
+                  f"{meta.get('train_seconds_in_all', 0) / 60:.0f} min, {meta.get('steps_in_all', '?')} steps")
 
 
 def objects(labels: np.ndarray) -> Iterator[tuple[np.ndarray, tuple[slice, slice]]]:

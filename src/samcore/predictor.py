@@ -48,7 +48,8 @@ class Predictor:
     Args:
         model: A SAM model (see `samcore.load_model`).
         precision: "fp32", "bf16", "int8" (ViT encoders on the CPU; see `samcore.modeling.int8`),
-            or "auto" (bf16 where it keeps masks faithful on this device, else fp32).
+            or "auto": bf16 where the device runs it clearly faster than fp32 (timed once per
+            process on a CPU, see `samcore.precision.bf16_is_fast`), else fp32.
     """
 
     def __init__(self, model: Sam, precision: str = "auto") -> None:
