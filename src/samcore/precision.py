@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
+BF16_MIN_SPEEDUP = 1.3  # below this, bf16 costs accuracy for too little time
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -18,16 +19,14 @@ def bf16_is_fast(device: torch.device) -> bool:
     True for CUDA GPUs with bf16 support. On a CPU it depends on more than its instruction set:
     measured, a 2-core Xeon with AVX-512 bf16 dot products ran them at 160 GFLOPS against 267 in
     fp32, while a 2-core AMD EPYC (Zen 4) with the same instructions ran them at 230 against 95.
-    So on CPUs the two are timed once per process (`cpu_bf16_speedup`, a few milliseconds).
+    So on CPUs the two are timed once per process (`cpu_bf16_speedup`: about 0.1 s, most of it
+    oneDNN's start-up, which the first bf16 image would pay anyway).
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         return torch.backends.mkldnn.is_available() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
     return False
-
-
-BF16_MIN_SPEEDUP = 1.3  # below this, bf16 costs accuracy for too little time
 
 
 @functools.lru_cache(maxsize=1)
