@@ -4,7 +4,9 @@ For every labelled object of at least 30 pixels:
   * box prompt: the object's bounding box;
   * point prompt: one positive click at its most interior pixel (maximum of its distance transform);
 the predicted mask (single output for a box; for a click, the candidate with the best predicted IoU)
-is compared with the label. The baseline on the same prompts: Otsu's threshold inside the box
+is compared with the label, in one decoder pass and refined (a second pass with the first's logits
+as mask input, `Predictor(refine=True)`, the bundled model's default). The baseline on the same
+prompts: Otsu's threshold inside the box
 (computed over the box grown by a tenth of its longest side, so that the histogram holds some
 background), or in a window around the click (side twice the median object diameter of the image),
 keeping the connected component under the prompt (the box's largest one, within the box).
@@ -41,6 +43,7 @@ from machine import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_AREA = 30
+METHODS = ("1 pass", "refined", "Otsu")
 
 
 def main() -> None:
@@ -56,7 +59,8 @@ def main() -> None:
     predictor = Predictor(model, precision=args.precision)
     print(machine_line())
     describe_weights(args)
-    print(f"precision: {predictor.precision} (asked: {args.precision})")
+    print(f"precision: {predictor.precision} (asked: {args.precision}); "
+          f"the model's default: {'refined' if predictor.refine else 'one pass'}")
 
     dsb_image, dsb_labels = read_pair(data / "dsb2018")
     stack, stack_labels = read_pair(data / "nuclei3d")
@@ -65,11 +69,14 @@ def main() -> None:
         "nuclei3d": [(stack[z], stack_labels[z]) for z in range(0, len(stack), args.slices_every)],
     }
     print(f"\nMean IoU against the labels (objects >= {MIN_AREA} px):")
-    print(f"  {'data':10} {'objects':>7}  {'model box':>9} {'Otsu box':>9}  {'model point':>11} {'Otsu point':>10}")
+    print(f"  {'':18}  {'------------ box ------------':>29}  {'----------- point -----------':>29}")
+    print(f"  {'data':10} {'objects':>7}  {'1 pass':>9} {'refined':>9} {'Otsu':>9}  "
+          f"{'1 pass':>9} {'refined':>9} {'Otsu':>9}")
     for name, slices in sets.items():
         scores = evaluate(predictor, slices)
-        print(f"  {name:10} {scores['objects']:7d}  {scores['model box']:9.3f} {scores['Otsu box']:9.3f}  "
-              f"{scores['model point']:11.3f} {scores['Otsu point']:10.3f}")
+        print(f"  {name:10} {scores['objects']:7d}  "
+              + "  ".join(" ".join(f"{scores[f'{kind} {method}']:9.3f}" for method in METHODS)
+                          for kind in ("box", "point")))
 
     print_speed(predictor, dsb_image, dsb_labels)
 
@@ -105,7 +112,7 @@ def objects(labels: np.ndarray) -> Iterator[tuple[np.ndarray, tuple[slice, slice
 
 
 def evaluate(predictor: Predictor, slices: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    ious: dict[str, list[float]] = {"model box": [], "Otsu box": [], "model point": [], "Otsu point": []}
+    ious: dict[str, list[float]] = {f"{kind} {method}": [] for kind in ("box", "point") for method in METHODS}
     for image, labels in slices:
         found = list(objects(labels))
         if not found:
@@ -116,14 +123,17 @@ def evaluate(predictor: Predictor, slices: list[tuple[np.ndarray, np.ndarray]]) 
         for mask, (rows, cols) in found:
             box = np.array([cols.start, rows.start, cols.stop - 1, rows.stop - 1])
             point = interior_point(mask)
-            masks, _, _ = predictor.predict(box=box, multimask_output=False)
-            ious["model box"].append(iou(masks[0], mask))
-            masks, scores, _ = predictor.predict(point_coords=point[None], point_labels=np.array([1]))
-            ious["model point"].append(iou(masks[int(np.argmax(scores))], mask))
-            ious["Otsu box"].append(iou(otsu_in_box(image, box), mask))
-            ious["Otsu point"].append(iou(otsu_at_point(image, point, window), mask))
+            for method, refine in (("1 pass", False), ("refined", True)):
+                masks, _, _ = predictor.predict(box=box, multimask_output=False, refine=refine)
+                ious[f"box {method}"].append(iou(masks[0], mask))
+                masks, scores, _ = predictor.predict(
+                    point_coords=point[None], point_labels=np.array([1]), refine=refine
+                )
+                ious[f"point {method}"].append(iou(masks[int(np.argmax(scores))], mask))
+            ious["box Otsu"].append(iou(otsu_in_box(image, box), mask))
+            ious["point Otsu"].append(iou(otsu_at_point(image, point, window), mask))
     result = {name: float(np.mean(values)) for name, values in ious.items()}
-    result["objects"] = len(ious["model box"])
+    result["objects"] = len(ious["box Otsu"])
     return result
 
 
@@ -178,13 +188,16 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def print_speed(predictor: Predictor, image: np.ndarray, labels: np.ndarray) -> None:
     embed = median_seconds(lambda: predictor.set_image(image), repeats=5)
     boxes = [np.array([c.start, r.start, c.stop - 1, r.stop - 1]) for _, (r, c) in objects(labels)][:40]
-    predictor.predict(box=boxes[0], multimask_output=False)  # warm-up
-    decode = statistics.median(
-        timed(lambda box=box: predictor.predict(box=box, multimask_output=False)) for box in boxes
-    )
     print(f"\nSpeed on the {image.shape[0]}x{image.shape[1]} DSB image:")
     print(f"  embedding       {embed:.3f} s per slice (median of 5)")
-    print(f"  box -> mask     {decode * 1000:.1f} ms per prompt (median of {len(boxes)})")
+    for method, refine in (("1 pass", False), ("refined", True)):
+
+        def decode_one(box: np.ndarray, refine: bool = refine) -> None:
+            predictor.predict(box=box, multimask_output=False, refine=refine)
+
+        decode_one(boxes[0])  # warm-up
+        decode = statistics.median(timed(lambda box=box: decode_one(box)) for box in boxes)
+        print(f"  box -> mask     {decode * 1000:.1f} ms per prompt, {method} (median of {len(boxes)})")
 
 
 def median_seconds(run: Callable[[], object], repeats: int) -> float:

@@ -75,6 +75,7 @@ def load_model(
         model = load_checkpoint(download.fetch(entry), entry.architecture, trusted=True)
         if entry.auto_thresholds is not None:
             model.auto_defaults = dict(zip(("min_predicted_iou", "min_stability"), entry.auto_thresholds))
+        model.refine_masks = entry.refine
     return model.to(target).eval()
 
 

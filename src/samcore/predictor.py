@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .modeling import Sam
-from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_masks, decode_prompts
+from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_prompts, decode_with_masks
 from .precision import autocast, resolve_precision
 from .preprocess import to_rgb_uint8
 
@@ -50,11 +50,17 @@ class Predictor:
         precision: "fp32", "bf16", "int8" (ViT encoders on the CPU; see `samcore.modeling.int8`),
             or "auto": bf16 where the device runs it clearly faster than fp32 (timed once per
             process on a CPU, see `samcore.precision.bf16_is_fast`), else fp32.
+        refine: Decode every prompt twice, the second time with each mask's own low-resolution
+            logits as `mask_input` (SAM's way of adding clicks, here without a new click), and
+            return the second pass. None follows the model: on for weights registered as gaining
+            from it (`samcore.zoo.ModelEntry.refine`: the bundled model), off otherwise, as in
+            segment-anything. `predict` and `predict_torch` take it per call too.
     """
 
-    def __init__(self, model: Sam, precision: str = "auto") -> None:
+    def __init__(self, model: Sam, precision: str = "auto", refine: bool | None = None) -> None:
         self.model = model.eval()
         self.precision = resolve_precision(precision, model)
+        self.refine = bool(getattr(model, "refine_masks", False)) if refine is None else bool(refine)
         self._embedding: ImageEmbedding | None = None
         # Decoder work that does not depend on the prompt, kept between prompts (see `_decoding`).
         self._decoder_tensors: list[torch.Tensor] | None = None
@@ -166,6 +172,7 @@ class Predictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        refine: bool | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predict masks for one object on the current image.
 
@@ -176,6 +183,8 @@ class Predictor:
             mask_input: (1, 256, 256) low-resolution logits from a previous prediction.
             multimask_output: Return 3 candidate masks (best for a single ambiguous click).
             return_logits: Return logits instead of boolean masks.
+            refine: Decode each candidate a second time with its own logits as mask input (see
+                the class); None: this predictor's `refine`.
 
         Returns:
             masks (C, H, W) bool (float32 logits with return_logits), scores (C,) predicted IoUs,
@@ -186,7 +195,7 @@ class Predictor:
             embedding, point_coords, point_labels, box, mask_input
         )
         out_masks, scores, low_res = self.predict_torch(
-            coords, labels, boxes, masks, multimask_output=multimask_output, return_logits=return_logits
+            coords, labels, boxes, masks, multimask_output, return_logits, refine
         )
         return out_masks[0].cpu().numpy(), scores[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
 
@@ -198,6 +207,7 @@ class Predictor:
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        refine: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Predict masks for a batch of B prompts, in model-input coordinates.
 
@@ -208,12 +218,16 @@ class Predictor:
             mask_input: (B, 1, 256, 256) low-resolution logits.
             multimask_output: 3 masks per prompt instead of 1.
             return_logits: Return logits instead of boolean masks.
+            refine: A second pass per mask (see the class); None: this predictor's `refine`.
 
         Returns:
             masks (B, C, H, W), scores (B, C), low-resolution logits (B, C, 256, 256).
         """
         embedding = self._current()
-        low_res, scores = self.predict_low_res(point_coords, point_labels, boxes, mask_input, multimask_output)
+        refine = self.refine if refine is None else refine
+        low_res, scores = self.predict_low_res(
+            point_coords, point_labels, boxes, mask_input, multimask_output, refine
+        )
         with torch.inference_mode():
             masks = upscale_logits(low_res, self.model.img_size, embedding.input_size, embedding.original_size)
             if not return_logits:
@@ -227,8 +241,12 @@ class Predictor:
         boxes: torch.Tensor | None = None,
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
+        refine: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like `predict_torch`, without upscaling: for callers that keep only a few of many masks.
+
+        `refine` is off unless asked for: the many-mask callers (automatic segmentation) are
+        calibrated on one pass.
 
         Returns:
             low-resolution logits (B, C, 256, 256) and scores (B, C); `upscale_logits` maps kept
@@ -237,13 +255,22 @@ class Predictor:
         embedding = self._current()
         points = None if point_coords is None else (point_coords, point_labels)
         with torch.inference_mode():
-            sparse, dense = self.model.prompt_encoder(points, boxes, mask_input)
-            constants, context = self._decoding(embedding)
+            # The dense embedding of a mask input is made by `decode_with_masks`, in low-rank form.
+            sparse, _ = self.model.prompt_encoder(points, boxes, None)
+            _, context = self._decoding(embedding)
             if mask_input is None:
-                return decode_prompts(context, sparse, multimask_output)
-            # A mask input changes the image tokens: no per-image context applies.
-            decoder, features = self.model.mask_decoder, embedding.features
-            return decode_masks(decoder, features, None, sparse, dense, multimask_output, constants)
+                low_res, scores = decode_prompts(context, sparse, multimask_output)
+            else:
+                if points is None and boxes is None:  # one sparse row (no prompt) for every mask
+                    sparse = sparse.expand(len(mask_input), -1, -1)
+                low_res, scores = decode_with_masks(context, sparse, mask_input, multimask_output)
+            if not refine:
+                return low_res, scores
+            # Each candidate again, with its own logits and the same prompts: the single-mask output.
+            batch, count = scores.shape
+            again = sparse.expand(batch, -1, -1).repeat_interleave(count, dim=0)
+            low_res, scores = decode_with_masks(context, again, low_res.flatten(0, 1)[:, None], False)
+            return low_res.view(batch, count, *low_res.shape[-2:]), scores.view(batch, count)
 
     def transform_coords(self, coords: np.ndarray) -> np.ndarray:
         """Map (..., 2) XY original-image pixels to model-input pixels."""
@@ -290,7 +317,8 @@ class Predictor:
             self._decoder_tensors = [*prompt_encoder.parameters(), *prompt_encoder.buffers(), *decoder.parameters()]
         weights = _versions(self._decoder_tensors)
         if self._constants is None or self._constants[0] != weights:
-            self._constants = (weights, DecoderConstants(decoder, prompt_encoder.get_dense_pe()))
+            constants = DecoderConstants(decoder, prompt_encoder.get_dense_pe(), prompt_encoder)
+            self._constants = (weights, constants)
             self._context = None
         constants = self._constants[1]
         features = embedding.features

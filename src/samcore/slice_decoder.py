@@ -145,8 +145,10 @@ class StackDecoder:
             stacked = np.stack([np.asarray(p.mask_input, dtype=np.float32).reshape(1, *p.mask_input.shape[-2:])
                                 for p in prompts])
             masks = torch.as_tensor(stacked, device=device)
+        # One decoder pass even for models that refine interactive prompts (`Predictor.refine`):
+        # on generated stacks, refining every slice made propagation worse and twice as slow.
         logits, scores, low_res = predictor.predict_torch(
-            coords, labels, boxes, masks, multimask_output=multimask, return_logits=True
+            coords, labels, boxes, masks, multimask_output=multimask, return_logits=True, refine=False
         )
         best = scores.argmax(dim=1)
         rows = torch.arange(len(prompts), device=scores.device)

@@ -47,6 +47,9 @@ class ModelEntry:
             being downloaded; ``url`` is then empty.
         auto_thresholds: ``(min_predicted_iou, min_stability)`` for automatic segmentation, for
             weights whose predicted IoUs run lower than SAM's; None keeps SAM's (0.88, 0.95).
+        refine: Interactive prompts decode twice by default, the second time with the first
+            pass's logits as mask input (``samcore.Predictor``'s ``refine``), for weights that
+            were measured to gain from it.
     """
 
     name: str
@@ -59,6 +62,7 @@ class ModelEntry:
     licence: str
     packaged: bool = False
     auto_thresholds: tuple[float, float] | None = None
+    refine: bool = False
 
     @property
     def hash_algorithm(self) -> str:
@@ -198,6 +202,9 @@ BUNDLED_MODEL: ModelEntry | None = ModelEntry(
     licence="BSD-3-Clause",
     packaged=True,
     auto_thresholds=(0.4, 0.8),
+    # On generated validation scenes (not the training ones), a second pass raised the mean IoU
+    # of one click from 0.728 to 0.750 and of a box from 0.823 to 0.826 (768 objects each).
+    refine=True,
 )
 
 #: Names people may know from micro-sam whose weights micro-sam does not

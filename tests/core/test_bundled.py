@@ -37,6 +37,9 @@ def test_load_model_without_a_name_gives_the_bundled_model() -> None:
     thresholds = dict(zip(("min_predicted_iou", "min_stability"), zoo.BUNDLED_MODEL.auto_thresholds))
     assert model.auto_defaults == thresholds
     assert samcore.AutoSettings.for_model(model).min_predicted_iou == thresholds["min_predicted_iou"]
+    # Its prompts are refined by a second pass unless the caller says otherwise; official weights' are not.
+    assert zoo.BUNDLED_MODEL.refine and Predictor(model).refine and not Predictor(model, refine=False).refine
+    assert not any(entry.refine for entry in zoo.available_entries() if entry is not zoo.BUNDLED_MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,13 @@ from conftest import randomize_
 
 from samcore import ImageEmbedding, Predictor, build_sam
 from samcore.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
-from samcore.modeling.fast_decoder import DecoderConstants, ImageContext, decode_masks, decode_prompts
+from samcore.modeling.fast_decoder import (
+    DecoderConstants,
+    ImageContext,
+    decode_masks,
+    decode_prompts,
+    decode_with_masks,
+)
 from samcore.predictor import upscale_logits
 
 GRID = 64  # the 64x64 image embedding of every 1024 px SAM model
@@ -102,6 +108,35 @@ def test_image_context_serves_prompts_without_mask_input(parts):
             for multimask in (False, True):
                 reference = decoder(image, image_pe, sparse, dense, multimask)
                 assert_matches_reference(decode_prompts(context, sparse, multimask), reference)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_mask_inputs_update_the_image_context_as_the_reference_decoder_decodes_them(parts, offset):
+    # The no-mask context plus the low-rank change of a mask input, for every prompt kind with a
+    # mask, on an embedding with a large common offset (float32 cancellation).
+    prompt_encoder, decoder = parts
+    image, image_pe = embedding(7, offset), prompt_encoder.get_dense_pe()
+    with torch.inference_mode():
+        constants = DecoderConstants(decoder, image_pe, prompt_encoder)
+        context = ImageContext(constants, image[0].flatten(1) + prompt_encoder.no_mask_embed.weight.T)
+        for kind in ("mask+point", "box+mask"):
+            prompt = prompts(3, seed=8)[kind]
+            sparse, dense = prompt_encoder(prompt["points"], prompt["boxes"], prompt["masks"])
+            for multimask in (False, True):
+                reference = decoder(image, image_pe, sparse, dense, multimask)
+                fast = decode_with_masks(context, sparse, prompt["masks"], multimask)
+                assert_matches_reference(fast, reference)
+
+
+def test_mask_inputs_need_constants_made_with_the_prompt_encoder(parts):
+    prompt_encoder, decoder = parts
+    image, image_pe = embedding(9), prompt_encoder.get_dense_pe()
+    prompt = prompts(1)["box+mask"]
+    with torch.inference_mode():
+        context = ImageContext(DecoderConstants(decoder, image_pe), image[0].flatten(1))
+        sparse, _ = prompt_encoder(prompt["points"], prompt["boxes"], None)
+        with pytest.raises(ValueError, match="prompt encoder"):
+            decode_with_masks(context, sparse, prompt["masks"], False)
 
 
 @pytest.fixture(scope="module")

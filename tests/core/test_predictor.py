@@ -131,3 +131,31 @@ def test_a_painted_mask_becomes_a_mask_input_of_this_image(predictor):
     assert masks.shape == (1, 60, 100)
     with pytest.raises(ValueError, match="shape"):
         predictor.logits_from_mask(mask[:50])
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+def test_refining_decodes_each_candidate_again_with_its_own_logits(predictor, multimask):
+    image = np.random.default_rng(5).random((90, 120)).astype(np.float32)
+    predictor.set_image(image)
+    prompt = {"point_coords": np.array([[60.0, 40.0], [20.0, 70.0]]), "point_labels": np.array([1, 0])}
+    first, _, first_low = predictor.predict(**prompt, multimask_output=multimask, return_logits=True)
+    masks, scores, low_res = predictor.predict(
+        **prompt, multimask_output=multimask, return_logits=True, refine=True
+    )
+    assert masks.shape == first.shape and low_res.shape == first_low.shape and scores.shape == (len(first),)
+    for candidate in range(len(first)):
+        again, again_score, again_low = predictor.predict(
+            **prompt, mask_input=first_low[candidate][None], multimask_output=False, return_logits=True
+        )
+        np.testing.assert_allclose(masks[candidate], again[0], atol=1e-4)
+        np.testing.assert_allclose(low_res[candidate], again_low[0], atol=1e-4)
+        assert scores[candidate] == pytest.approx(again_score[0], abs=1e-5)
+    assert not np.allclose(masks, first, atol=1e-3)  # the second pass changed something
+
+
+def test_refining_follows_the_model_unless_the_caller_chooses():
+    model = build_sam("vit_test")
+    assert not Predictor(model, precision="fp32").refine  # as segment-anything
+    model.refine_masks = True  # what load_model sets for weights registered with refine
+    assert Predictor(model, precision="fp32").refine
+    assert not Predictor(model, precision="fp32", refine=False).refine

@@ -8,7 +8,10 @@ The rewrites are exact in exact arithmetic (results differ by float rounding onl
   Image-to-token attention folds W_q and W_o in the same way. The positional encoding enters
   through its own projections, made once per model, so no image-sized sum `keys + pos` is formed.
 * The first two-way block sees the same image tokens for every prompt without a mask input, so its
-  projections of the image tokens are made once per image (`ImageContext`).
+  projections of the image tokens are made once per image (`ImageContext`). A mask input adds
+  W h + b - d0 to those tokens, with h the 16 channels of the mask downscaling's last hidden layer
+  (its last layer is a 1x1 convolution W, b) and d0 the no-mask embedding: a change of rank 17 in
+  the channels, so each projection of the image context gets a thin update (`with_mask`).
 * The final attention only feeds the IoU token and the mask tokens that are returned, and tokens
   attend to the image independently, so it runs for those tokens alone.
 * The first transposed convolution of the upscaling is linear, and the image tokens it sees are the
@@ -36,7 +39,12 @@ from torch import nn
 
 from .common import MLP, MLPBlock
 from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
 from .transformer import Attention, TwoWayAttentionBlock
+
+# The second block's per-image projections (keys and values of token-to-image attention, queries
+# of image-to-token attention), in the order of `DecoderConstants.second_projections`.
+SECOND_NAMES = ("second keys", "second values", "second queries")
 
 
 class DecoderConstants:
@@ -47,7 +55,9 @@ class DecoderConstants:
         image_pe: (1, C, H, W) positional encoding of the image-embedding grid.
     """
 
-    def __init__(self, decoder: MaskDecoder, image_pe: torch.Tensor) -> None:
+    def __init__(
+        self, decoder: MaskDecoder, image_pe: torch.Tensor, prompt_encoder: PromptEncoder | None = None
+    ) -> None:
         transformer = decoder.transformer
         self.decoder = decoder
         self.layers: list[TwoWayAttentionBlock] = list(transformer.layers)
@@ -68,11 +78,16 @@ class DecoderConstants:
         if len(self.layers) > 1:
             self._prepare_second_block()
         self._prepare_upscaling(decoder)
+        self.mask_hidden: nn.Module | None = None
+        if prompt_encoder is not None:
+            self._prepare_mask_inputs(prompt_encoder)
         self._orders: dict[int, torch.Tensor] = {}
         self.workspace = _Workspace(pos.device, pos.dtype)
         # For the one context its owner keeps at a time (see `ImageContext`); never the per-prompt one.
         self.context_space = _Workspace(pos.device, pos.dtype)
         self.lock = threading.Lock()  # the workspace serves one prompt at a time
+        self.mask_space = _Workspace(pos.device, pos.dtype)  # the context of one mask input at a time
+        self.mask_lock = threading.Lock()
 
     def _prepare_second_block(self) -> None:
         # Block 1 projects block 0's output keys_0 = r_0 (Y_0 - mu_0) g_0 + b_0 with a weight W as
@@ -102,6 +117,27 @@ class DecoderConstants:
         self.chain_sums = [matrix.sum(0) for matrix in chain]  # m_l = 1^T M_l
         self.chain_biases = [None] + [prev.norm4.bias @ matrix for prev, matrix in zip(self.layers, chain[1:])]
         self.chain_constant = self.layers[-1].norm4.bias @ conv1_t + conv1.bias.repeat(4)
+
+    def _prepare_mask_inputs(self, prompt_encoder: PromptEncoder) -> None:
+        # How a mask input changes each per-image tensor of `ImageContext`, per channel of [h; 1]:
+        # the tokens change by D = change @ [h; 1], their per-token centred form by centred @ [h; 1].
+        *hidden, last = prompt_encoder.mask_downscaling
+        self.mask_hidden = nn.Sequential(*hidden)
+        offset = last.bias - prompt_encoder.no_mask_embed.weight[0]
+        change = torch.cat([last.weight.flatten(1), offset[:, None]], dim=1)  # (C, 17)
+        centred = change - change.mean(0)
+        first = self.layers[0]
+        t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        self.mask_maps = {
+            "keys": t2i.k_proj.weight @ change,
+            "queries": i2t.q_proj.weight @ change,
+            "values": t2i.v_proj.weight @ change,
+            "tokens": change.T.contiguous(),
+            "projected": centred.T @ self.chain[0],
+        }
+        if len(self.layers) > 1:
+            for name, projection in zip(SECOND_NAMES, self.second_projections):
+                self.mask_maps[name] = projection.T @ centred
 
     def mask_order(self, masks: int) -> torch.Tensor:
         """Indices taking (N * 16, M) token-ordered mask values to (M, 4H, 4W) image order."""
@@ -153,13 +189,50 @@ class ImageContext:
         self.projected = torch.mm(centred.T, chain, out=space.get("projected", count, chain.shape[1]))  # P
         if len(constants.layers) > 1:
             heads = constants.layers[1].cross_attn_token_to_image.num_heads
-            names = ("second keys", "second values", "second queries")
             keys, values, queries = (
                 _project_t(w.T, None, centred, heads, space, name)
-                for w, name in zip(constants.second_projections, names)
+                for w, name in zip(constants.second_projections, SECOND_NAMES)
             )
             self.second_keys, self.second_queries = keys, queries  # (h, d, N)
             self.second_values = values.transpose(1, 2)  # (h, N, d)
+
+    def with_mask(self, hidden: torch.Tensor, workspace: _Workspace | None = None) -> ImageContext:
+        """The context of this image with a mask input, from this (no-mask) context.
+
+        Args:
+            hidden: (16, N) the mask downscaling's last hidden layer (`DecoderConstants.mask_hidden`,
+                made with a prompt encoder) for the mask input.
+            workspace: Where the new context's tensors live; by default, new tensors.
+        """
+        constants = self.constants
+        maps = constants.mask_maps
+        space = workspace if workspace is not None else _Workspace(hidden.device, hidden.dtype)
+        factors = torch.cat([hidden, hidden.new_ones(1, hidden.shape[1])])  # [h; 1], (17, N)
+
+        def updated(name: str, base: torch.Tensor) -> torch.Tensor:
+            heads, width, count = base.shape  # (h, d, N)
+            flat = base.reshape(heads * width, count)
+            out = space.get(name, heads * width, count)
+            return torch.addmm(flat, maps[name], factors, out=out).view(heads, width, count)
+
+        context = ImageContext.__new__(ImageContext)
+        context.constants = constants
+        context.keys = updated("keys", self.keys)
+        context.queries = updated("queries", self.queries)
+        context.values = updated("values", self.values.transpose(1, 2)).transpose(1, 2)
+        tokens, projected = self.image_tokens, self.projected
+        context.image_tokens = torch.addmm(
+            tokens, factors.T, maps["tokens"], out=space.get("tokens", *tokens.shape)
+        )
+        context.projected = torch.addmm(
+            projected, factors.T, maps["projected"], out=space.get("projected", *projected.shape)
+        )
+        if len(constants.layers) > 1:
+            context.second_keys = updated(SECOND_NAMES[0], self.second_keys)
+            values = updated(SECOND_NAMES[1], self.second_values.transpose(1, 2))
+            context.second_values = values.transpose(1, 2)
+            context.second_queries = updated(SECOND_NAMES[2], self.second_queries)
+        return context
 
     def decode(self, tokens: torch.Tensor, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks and IoU predictions of one prompt.
@@ -233,6 +306,40 @@ def decode_prompts(
         for sparse in sparse_prompt_embeddings
     ]
     return torch.stack([masks for masks, _ in results]), torch.stack([scores for _, scores in results])
+
+
+def decode_with_masks(
+    context: ImageContext,
+    sparse_prompt_embeddings: torch.Tensor,
+    mask_input: torch.Tensor,
+    multimask_output: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`MaskDecoder.forward` for prompts with a mask input each, from the image's no-mask context.
+
+    Args:
+        context: The image's `ImageContext` (no mask input), whose constants were made with the
+            prompt encoder.
+        sparse_prompt_embeddings: (B, T', C).
+        mask_input: (B, 1, 4H, 4W) low-resolution logits, one per prompt.
+        multimask_output: Return the 3 multimask outputs instead of the single one.
+
+    Returns:
+        Low-resolution mask logits (B, M, 4H, 4W) and predicted IoUs (B, M), M = 3 or 1.
+    """
+    constants = context.constants
+    if constants.mask_hidden is None:
+        raise ValueError("Decoding with a mask input needs DecoderConstants made with the prompt encoder.")
+    hidden = constants.mask_hidden(mask_input).flatten(2)  # (B, 16, N)
+    decoder = constants.decoder
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    masks, scores = [], []
+    with constants.mask_lock:  # one mask context in the workspace at a time
+        for sparse, features in zip(sparse_prompt_embeddings, hidden):
+            mask_context = context.with_mask(features, constants.mask_space)
+            mask, score = mask_context.decode(torch.cat([output_tokens, sparse], dim=0), multimask_output)
+            masks.append(mask)
+            scores.append(score)
+    return torch.stack(masks), torch.stack(scores)
 
 
 # -- one prompt ---------------------------------------------------------------------------------
