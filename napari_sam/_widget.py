@@ -69,6 +69,13 @@ class SamWidget(Container):
         self._cancel_button = PushButton(text="Cancel", enabled=False)
         self._output = create_widget(annotation=Labels | None, label="objects", options={"nullable": True})
         self._overwrite = CheckBox(text="overwrite other objects", value=False)
+        # Set to the model's own choice when it loads (on for the bundled model).
+        self._refine = CheckBox(
+            text="refine masks (second decoder pass)", value=False,
+            tooltip="decode each prompt again with its first mask as input: better masks from a click "
+            "with the bundled model, at twice the decoding time",
+        )
+        self._refine.changed.connect(self.segment)
         self._candidate = Label(value="")
         self._status = Label(value="Pick an image and a model, then compute embeddings.")
         self._help = Label(value="\n".join([
@@ -99,7 +106,7 @@ class SamWidget(Container):
         thresholds.extend([self._min_iou, self._min_stability])
         self.extend([
             self._image, self._model, self._checkpoint, self._device, self._cache_dir,
-            self._load_button, self._cancel_button, self._output, self._overwrite,
+            self._load_button, self._cancel_button, self._output, self._overwrite, self._refine,
             buttons, automatic, thresholds, self._candidate, self._status, self._help,
         ])
         self._model.changed.connect(self._on_model_choice)
@@ -315,6 +322,7 @@ class SamWidget(Container):
 
             own = AutoSettings.for_model(payload.predictor.model)
             self._min_iou.value, self._min_stability.value = own.min_predicted_iou, own.min_stability
+            self._refine.value = payload.predictor.refine
         elif kind == "slice":
             self._progress.update(1)
             if payload == self._current_z(self._session.layer) or self._session.view.n_slices == 1:
@@ -438,6 +446,7 @@ class SamWidget(Container):
                 box=prompts.decoder_box(),
                 mask_input=None if prompts.mask is None else session.predictor.logits_from_mask(prompts.mask),
                 multimask_output=single_click,
+                refine=self._refine.value,
             )
         except ValueError as error:
             show_warning(f"SAM: {error}")

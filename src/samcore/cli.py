@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("--mode", help="with --propagate: how each slice is prompted: box+mask, box or points")
     segment.add_argument("--z-range", nargs=2, type=int, metavar=("FIRST", "LAST"),
                          help="with --propagate: the slices it may fill (inclusive)")
+    segment.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                         help="with --point/--box: decode again with the first mask as input "
+                              "(default: the model's choice, on for the bundled model; --prompts: once)")
     segment.add_argument("-o", "--output", type=Path, required=True,
                          help="labels TIFF to write (the image's shape; the slice's with --slice)")
     _model_options(segment)
@@ -176,6 +179,8 @@ def _run_segment(args: argparse.Namespace) -> int:
     from .predictor import Predictor
 
     if args.prompts is not None:
+        if args.refine is not None:
+            raise ValueError("--refine works on --point and --box; --prompts decodes each slice once.")
         return _run_prompts(args)
     if args.propagate or args.mode or args.z_range:
         raise ValueError("--propagate, --mode and --z-range work on the objects of a --prompts file.")
@@ -188,8 +193,10 @@ def _run_segment(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     model = load_model(args.model, args.checkpoint, args.device)
-    predictor = Predictor(model, precision=args.precision)
-    print(f"model {model.architecture or 'custom'} on {predictor.device} ({predictor.precision})", file=sys.stderr)
+    predictor = Predictor(model, precision=args.precision, refine=args.refine)
+    passes = "refined" if predictor.refine else "one pass"
+    print(f"model {model.architecture or 'custom'} on {predictor.device} ({predictor.precision}, {passes})",
+          file=sys.stderr)
     predictor.set_image(image)
     embedded = time.perf_counter()
     masks, scores, _ = predictor.predict(

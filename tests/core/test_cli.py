@@ -49,3 +49,18 @@ def test_models_lists_every_name(capsys):
     out = capsys.readouterr().out
     for name in ("vit_b", "vit_t", "vit_b_lm", "vit_t_em_organelles"):
         assert name in out
+
+
+def test_refine_is_the_models_choice_unless_asked(tmp_path, checkpoint, capsys):
+    image = np.random.default_rng(3).integers(0, 255, (40, 60), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    command = ["segment", str(tmp_path / "image.tif"), "--point", "20", "30", "--checkpoint", str(checkpoint)]
+    for extra, said in (([], "one pass"), (["--refine"], "refined"), (["--no-refine"], "one pass")):
+        assert main([*command, "-o", str(tmp_path / "o.tif"), *extra]) == 0
+        assert f", {said})" in capsys.readouterr().err
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('{"objects": [{"id": 1, "points": [[20, 30]]}]}')
+    code = main(["segment", str(tmp_path / "image.tif"), "--prompts", str(prompts), "--refine",
+                 "-o", str(tmp_path / "p.tif"), "--checkpoint", str(checkpoint)])
+    assert code == 1 and "decodes each slice once" in capsys.readouterr().err
+    assert not (tmp_path / "p.tif").exists()

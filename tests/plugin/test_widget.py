@@ -281,3 +281,21 @@ def test_switching_from_a_stack_to_a_2d_image_gives_2d_prompts(sam):
     widget._points.add([10, 20])  # world coordinates: pixel (20, 40)
     assert (np.asarray(widget._preview.data) > 0).any()
     assert widget._preview.data.shape == (64, 80)
+
+
+def test_the_refine_box_follows_the_model_and_decides_the_preview(sam):
+    viewer, widget = sam
+    viewer.dims.set_current_step(0, 1)
+    widget.load(block=True)
+    assert widget._refine.value is False  # test weights: one pass, as segment-anything
+    widget._points.add([1, 40, 40])
+    one_pass = widget._candidates[0].copy()
+    widget._refine.value = True  # the preview is decoded again at once
+    predictor = widget._session.predictor
+    click = {"point_coords": np.array([[40.0, 40.0]]), "point_labels": np.array([1])}
+    expected, _, _ = predictor.predict(**click, refine=True)
+    np.testing.assert_array_equal(widget._candidates[0], expected)
+    assert not np.array_equal(widget._candidates[0], one_pass)
+    widget.set_model("default")
+    widget.load(block=True)
+    assert widget._refine.value is True  # the bundled model's own choice
