@@ -120,6 +120,7 @@ class SamWidget(Container):
         self._progress = None
         self._points = self._boxes = self._brush = self._preview = None
         self._candidates: tuple[np.ndarray, np.ndarray] | None = None
+        self._unrefined: tuple[dict, np.ndarray, set[int]] | None = None  # see `segment`
         self._candidate_index = 0
         self._preview_slice: int | None = None  # the slice the preview was last drawn on
         self._history: list[tuple[Labels, Commit]] = []
@@ -437,23 +438,46 @@ class SamWidget(Container):
             return
         session.use(z or 0, embedding)
         single_click = len(prompts.points) == 1 and prompts.box is None and prompts.mask is None
+        # A single click's three candidates are refined one at a time, when shown: the best one
+        # now, the others on N (refining all three first takes twice as long, as good on
+        # generated scenes).
+        lazy = self._refine.value and single_click
         try:
             # A painted mask prompts with its bounding box (unless a box is drawn) and as SAM's
             # mask input: a mask input alone decodes poorly.
-            masks, scores, _ = session.predictor.predict(
-                point_coords=prompts.points if len(prompts.points) else None,
-                point_labels=prompts.labels if len(prompts.points) else None,
-                box=prompts.decoder_box(),
-                mask_input=None if prompts.mask is None else session.predictor.logits_from_mask(prompts.mask),
-                multimask_output=single_click,
-                refine=self._refine.value,
+            prompt = {
+                "point_coords": prompts.points if len(prompts.points) else None,
+                "point_labels": prompts.labels if len(prompts.points) else None,
+                "box": prompts.decoder_box(),
+            }
+            mask_input = None if prompts.mask is None else session.predictor.logits_from_mask(prompts.mask)
+            masks, scores, low_res = session.predictor.predict(
+                **prompt, mask_input=mask_input, multimask_output=single_click,
+                refine=self._refine.value and not lazy,
             )
         except ValueError as error:
             show_warning(f"SAM: {error}")
             return
         self._candidates = (masks, scores)
         self._candidate_index = int(np.argmax(scores))
+        self._unrefined = (prompt, low_res, set(range(len(scores)))) if lazy else None
+        self._refine_shown()
         self._show_candidate(region, z)
+
+    def _refine_shown(self) -> None:
+        """Refine the shown candidate of a single click if it is not yet (see `segment`)."""
+        if self._candidates is None or self._unrefined is None:
+            return
+        prompt, low_res, pending = self._unrefined
+        index = self._candidate_index
+        if index not in pending:
+            return
+        masks, scores = self._candidates
+        refined, score, _ = self._session.predictor.predict(
+            **prompt, mask_input=low_res[index][None], multimask_output=False, refine=False
+        )
+        masks[index], scores[index] = refined[0], score[0]
+        pending.discard(index)
 
     def _show_candidate(self, region: np.ndarray, z: int | None) -> None:
         # Only the slice drawn last can hold a preview: clear it rather than the whole stack.
@@ -479,6 +503,7 @@ class SamWidget(Container):
             return
         self._candidate_index = (self._candidate_index + 1) % len(self._candidates[1])
         z = self._current_z(self._session.layer)
+        self._refine_shown()  # the predictor still holds this slice: a slice change drops the candidates
         self._show_candidate(self._preview.data if z is None else self._preview.data[z], z)
 
     # -- committing -------------------------------------------------------------------------

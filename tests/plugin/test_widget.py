@@ -289,13 +289,29 @@ def test_the_refine_box_follows_the_model_and_decides_the_preview(sam):
     widget.load(block=True)
     assert widget._refine.value is False  # test weights: one pass, as segment-anything
     widget._points.add([1, 40, 40])
-    one_pass = widget._candidates[0].copy()
-    widget._refine.value = True  # the preview is decoded again at once
+    one_pass = [mask.copy() for mask in widget._candidates[0]]
     predictor = widget._session.predictor
     click = {"point_coords": np.array([[40.0, 40.0]]), "point_labels": np.array([1])}
-    expected, _, _ = predictor.predict(**click, refine=True)
-    np.testing.assert_array_equal(widget._candidates[0], expected)
-    assert not np.array_equal(widget._candidates[0], one_pass)
+    first, scores, low_res = predictor.predict(**click, refine=False)
+    widget._refine.value = True  # the preview is decoded again at once
+    # A click's candidates are refined as they are shown: the best one first, the others on N.
+    assert widget._candidate_index == int(np.argmax(scores))
+    shown = set()
+    for _ in range(3):
+        shown.add(widget._candidate_index)
+        for i in range(3):
+            if i in shown:
+                again, _, _ = predictor.predict(**click, mask_input=low_res[i][None], multimask_output=False)
+                np.testing.assert_array_equal(widget._candidates[0][i], again[0])
+            else:
+                np.testing.assert_array_equal(widget._candidates[0][i], first[i])
+        widget.next_candidate()
+    assert shown == {0, 1, 2}
+    assert any(not np.array_equal(widget._candidates[0][i], one_pass[i]) for i in range(3))
+    widget._points.add([1, 60, 20])  # two clicks: one mask, refined in the same call
+    two = {"point_coords": np.array([[40.0, 40.0], [20.0, 60.0]]), "point_labels": np.array([1, 1])}
+    expected, _, _ = predictor.predict(**two, multimask_output=False, refine=True)
+    np.testing.assert_array_equal(widget._candidates[0][0], expected[0])
     widget.set_model("default")
     widget.load(block=True)
     assert widget._refine.value is True  # the bundled model's own choice
