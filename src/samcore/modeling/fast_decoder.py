@@ -53,6 +53,8 @@ class DecoderConstants:
     Args:
         decoder: The mask decoder.
         image_pe: (1, C, H, W) positional encoding of the image-embedding grid.
+        prompt_encoder: The model's prompt encoder, for decoding mask inputs from an image's
+            no-mask context (`decode_with_masks`); without it, only `decode_masks` takes them.
     """
 
     def __init__(
@@ -203,6 +205,9 @@ class ImageContext:
             hidden: (16, N) the mask downscaling's last hidden layer (`DecoderConstants.mask_hidden`,
                 made with a prompt encoder) for the mask input.
             workspace: Where the new context's tensors live; by default, new tensors.
+
+        Returns:
+            A context for prompts with that mask input; this one is left as it was.
         """
         constants = self.constants
         maps = constants.mask_maps
