@@ -24,6 +24,7 @@ Run:  python benchmarks/bench_bundled.py [--model default | --checkpoint FILE] [
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -191,12 +192,9 @@ def print_speed(predictor: Predictor, image: np.ndarray, labels: np.ndarray) -> 
     print(f"\nSpeed on the {image.shape[0]}x{image.shape[1]} DSB image:")
     print(f"  embedding       {embed:.3f} s per slice (median of 5)")
     for method, refine in (("1 pass", False), ("refined", True)):
-
-        def decode_one(box: np.ndarray, refine: bool = refine) -> None:
-            predictor.predict(box=box, multimask_output=False, refine=refine)
-
-        decode_one(boxes[0])  # warm-up
-        decode = statistics.median(timed(lambda box=box: decode_one(box)) for box in boxes)
+        decode_one = functools.partial(predictor.predict, multimask_output=False, refine=refine)
+        decode_one(box=boxes[0])  # warm-up
+        decode = statistics.median(timed(lambda box=box: decode_one(box=box)) for box in boxes)
         print(f"  box -> mask     {decode * 1000:.1f} ms per prompt, {method} (median of {len(boxes)})")
 
 

@@ -58,7 +58,7 @@ def main() -> None:
     reference = [masks[0] for masks, _, _ in outputs]
     with_masks = [(box, low_res) for box, (_, _, low_res) in zip(boxes, outputs)]  # (box, mask input) pairs
     decode_official = time_decoding(lambda box: official.predict(box=box, multimask_output=False), boxes)
-    masked_official = time_decoding(lambda pair: official.predict(*single(pair)), with_masks)
+    masked_official = time_decoding(lambda pair: official.predict(**masked(pair)), with_masks)
 
     ours_rows = []
     for precision in ("fp32", "bf16", "int8"):
@@ -72,7 +72,7 @@ def main() -> None:
         ours_rows.append((name, seconds, float(np.mean(ious)), float(np.min(ious)), first))
         if precision == "fp32":
             decode_ours = time_decoding(lambda box: predictor.predict(box=box, multimask_output=False), boxes)
-            masked_ours = time_decoding(lambda pair: predictor.predict(*single(pair)), with_masks)
+            masked_ours = time_decoding(lambda pair: predictor.predict(**masked(pair)), with_masks)
 
     auto = Predictor(ours_model).precision
     print(f"\nViT-B image embedding, {image.shape[0]}x{image.shape[1]} image (median of {args.repeats}):")
@@ -135,10 +135,10 @@ def measure_embedding(run, repeats: int) -> tuple[float, float]:
     return statistics.median(times), first
 
 
-def single(pair: tuple[np.ndarray, np.ndarray]) -> tuple:
-    """`predict`'s positional arguments for one mask from a (box, mask input) pair."""
+def masked(pair: tuple[np.ndarray, np.ndarray]) -> dict:
+    """`predict`'s arguments for one mask from a (box, mask input) pair."""
     box, mask_input = pair
-    return None, None, box, mask_input, False
+    return {"box": box, "mask_input": mask_input, "multimask_output": False}
 
 
 def time_decoding(run, prompts: list) -> float:
