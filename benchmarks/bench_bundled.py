@@ -4,9 +4,10 @@ For every labelled object of at least 30 pixels:
   * box prompt: the object's bounding box;
   * point prompt: one positive click at its most interior pixel (maximum of its distance transform);
 the predicted mask (single output for a box; for a click, the candidate with the best predicted IoU)
-is compared with the label, in one decoder pass and refined (a second pass with the first's logits
-as mask input, `Predictor(refine=True)`, the bundled model's default). The baseline on the same
-prompts: Otsu's threshold inside the box
+is compared with the label: from the image alone in one decoder pass ("1 view") and refined (a
+second pass with the first's logits as mask input, `Predictor(refine=True)`), and averaged over the
+image and its mirror image left to right ("2 views", `Predictor(views=2)`) or its 3 mirror images
+("4 views"), in one pass each. The baseline on the same prompts: Otsu's threshold inside the box
 (computed over the box grown by a tenth of its longest side, so that the histogram holds some
 background), or in a window around the click (side twice the median object diameter of the image),
 keeping the connected component under the prompt (the box's largest one, within the box).
@@ -15,7 +16,8 @@ Data: `$NAPARI_SAM_DATA` (default ../shared/data): `dsb2018` (one 512x512 image)
 of `nuclei3d` (60x256x256), with their instance labels. Measurement only: nothing is tuned on it.
 
 Also printed: embedding seconds per 512x512 slice, decode milliseconds per prompt, the weight
-file's size and, for the bundled model, its training time.
+file's size and, for the bundled model, its training time. The model's default settings (views,
+refinement) are named at the top.
 
 Run:  python benchmarks/bench_bundled.py [--model default | --checkpoint FILE] [--precision auto]
                                        [--slices-every 1]
@@ -37,14 +39,16 @@ import tifffile
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from samcore import Predictor, load_model
+from samcore import ImageEmbedding, Predictor, load_model
 from samcore import download, zoo
 
 from machine import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_AREA = 30
-METHODS = ("1 pass", "refined", "Otsu")
+METHODS = ("1 view", "refined", "2 views", "4 views", "Otsu")
+# Each method but Otsu: (views, refine).
+SETTINGS = {"1 view": (1, False), "refined": (1, True), "2 views": (2, False), "4 views": (4, False)}
 
 
 def main() -> None:
@@ -60,8 +64,8 @@ def main() -> None:
     predictor = Predictor(model, precision=args.precision)
     print(machine_line())
     describe_weights(args)
-    print(f"precision: {predictor.precision} (asked: {args.precision}); "
-          f"the model's default: {'refined' if predictor.refine else 'one pass'}")
+    print(f"precision: {predictor.precision} (asked: {args.precision}); the model's default: "
+          f"{'refined' if predictor.refine else 'one pass'}, {predictor.views} view(s)")
 
     dsb_image, dsb_labels = read_pair(data / "dsb2018")
     stack, stack_labels = read_pair(data / "nuclei3d")
@@ -70,16 +74,17 @@ def main() -> None:
         "nuclei3d": [(stack[z], stack_labels[z]) for z in range(0, len(stack), args.slices_every)],
     }
     print(f"\nMean IoU against the labels (objects >= {MIN_AREA} px):")
-    print(f"  {'':18}  {'------------ box ------------':>29}  {'----------- point -----------':>29}")
-    print(f"  {'data':10} {'objects':>7}  {'1 pass':>9} {'refined':>9} {'Otsu':>9}  "
-          f"{'1 pass':>9} {'refined':>9} {'Otsu':>9}")
+    width = 8 * len(METHODS)
+    print(f"  {'':18}  {' box ':-^{width}}   {' point ':-^{width}}")
+    heads = "".join(f"{method:>8}" for method in METHODS)
+    print(f"  {'data':10} {'objects':>7}  {heads}   {heads}")
     for name, slices in sets.items():
-        scores = evaluate(predictor, slices)
+        scores = evaluate(model, args.precision, slices)
         print(f"  {name:10} {scores['objects']:7d}  "
-              + "  ".join(" ".join(f"{scores[f'{kind} {method}']:9.3f}" for method in METHODS)
+              + "   ".join("".join(f"{scores[f'{kind} {method}']:8.3f}" for method in METHODS)
                           for kind in ("box", "point")))
 
-    print_speed(predictor, dsb_image, dsb_labels)
+    print_speed(model, args.precision, dsb_image, dsb_labels)
 
 
 def read_pair(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -112,19 +117,24 @@ def objects(labels: np.ndarray) -> Iterator[tuple[np.ndarray, tuple[slice, slice
             yield mask, found
 
 
-def evaluate(predictor: Predictor, slices: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+def evaluate(model, precision: str, slices: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     ious: dict[str, list[float]] = {f"{kind} {method}": [] for kind in ("box", "point") for method in METHODS}
+    predictors = {views: Predictor(model, precision=precision, views=views) for views in (1, 2, 4)}
     for image, labels in slices:
         found = list(objects(labels))
         if not found:
             continue
-        predictor.set_image(image)
+        embedding = predictors[4].embed(image)  # the first 1 and 2 of its views are the others'
+        for views, predictor in predictors.items():
+            features = embedding.features[:views]
+            predictor.set_embedding(ImageEmbedding(features, embedding.original_size, embedding.input_size))
         diameters = [max(s.stop - s.start for s in box) for _, box in found]
         window = 2 * int(np.median(diameters))
         for mask, (rows, cols) in found:
             box = np.array([cols.start, rows.start, cols.stop - 1, rows.stop - 1])
             point = interior_point(mask)
-            for method, refine in (("1 pass", False), ("refined", True)):
+            for method, (views, refine) in SETTINGS.items():
+                predictor = predictors[views]
                 masks, _, _ = predictor.predict(box=box, multimask_output=False, refine=refine)
                 ious[f"box {method}"].append(iou(masks[0], mask))
                 masks, scores, _ = predictor.predict(
@@ -186,16 +196,17 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def print_speed(predictor: Predictor, image: np.ndarray, labels: np.ndarray) -> None:
-    embed = median_seconds(lambda: predictor.set_image(image), repeats=5)
+def print_speed(model, precision: str, image: np.ndarray, labels: np.ndarray) -> None:
     boxes = [np.array([c.start, r.start, c.stop - 1, r.stop - 1]) for _, (r, c) in objects(labels)][:40]
-    print(f"\nSpeed on the {image.shape[0]}x{image.shape[1]} DSB image:")
-    print(f"  embedding       {embed:.3f} s per slice (median of 5)")
-    for method, refine in (("1 pass", False), ("refined", True)):
+    print(f"\nSpeed on the {image.shape[0]}x{image.shape[1]} DSB image (median of 5 embeddings, of "
+          f"{len(boxes)} box prompts):")
+    for method, (views, refine) in SETTINGS.items():
+        predictor = Predictor(model, precision=precision, views=views)
+        embed = median_seconds(lambda: predictor.set_image(image), repeats=5)
         decode_one = functools.partial(predictor.predict, multimask_output=False, refine=refine)
         decode_one(box=boxes[0])  # warm-up
         decode = statistics.median(timed(lambda box=box: decode_one(box=box)) for box in boxes)
-        print(f"  box -> mask     {decode * 1000:.1f} ms per prompt, {method} (median of {len(boxes)})")
+        print(f"  {method:8} embedding {embed:.3f} s, box -> mask {decode * 1000:.1f} ms")
 
 
 def median_seconds(run: Callable[[], object], repeats: int) -> float:

@@ -45,6 +45,7 @@ from samcore.prompts_file import ObjectPrompts, PromptedSlice
 from samcore.propagation import PropagationSettings, iou, propagate_iter
 from samcore.slice_decoder import StackDecoder
 from samcore.synthetic import nuclei_stack
+from samcore.zoo import VIEWS
 
 from machine import machine_line
 
@@ -59,13 +60,14 @@ def main() -> None:
     parser.add_argument("--generated", type=int, default=2, metavar="N",
                         help="also measure on N generated stacks of touching nuclei (0: none)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--views", type=int, choices=VIEWS, help="mirrored views averaged (default: the model's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model = open_model(args.model, args.checkpoint)
     image, truth = load_stack()
-    predictor = Predictor(model)
+    predictor = Predictor(model, views=args.views)
     decoder = StackDecoder(predictor, StackView.of(image))
     print_machine(model, predictor)
 
@@ -82,7 +84,7 @@ def main() -> None:
         for seed in range(args.generated):
             stack, labels = nuclei_stack(GENERATED_SHAPE, n_nuclei=40, radius=(12.0, 24.0), seed=seed,
                                          z_radius=(8.0, 14.0), max_overlap=0.03)
-            generated = StackDecoder(Predictor(model), StackView.of(stack))
+            generated = StackDecoder(Predictor(model, views=args.views), StackView.of(stack))
             embed_all(generated)
             tables.append(measure(generated, labels, args.modes))
         rows = []
@@ -188,7 +190,7 @@ def baseline(seeds: np.ndarray, extents: dict[int, tuple[int, int]]) -> np.ndarr
 def print_machine(model: torch.nn.Module, predictor: Predictor) -> None:
     print(machine_line())
     name = getattr(model, "architecture", "") or "custom"
-    print(f"model: {name} on {predictor.device} ({predictor.precision})")
+    print(f"model: {name} on {predictor.device} ({predictor.precision}, {predictor.views} view(s))")
 
 
 if __name__ == "__main__":

@@ -318,7 +318,9 @@ class SamWidget(Container):
             self._progress.total = payload.view.n_slices
             self._progress.n = len(payload.store)
             self._progress.refresh()
-            self._status.value = f"Model {payload.model_name} on {payload.predictor.device}; computing embeddings…"
+            predictor = payload.predictor
+            views = "" if predictor.views == 1 else f", {predictor.views} mirrored views"
+            self._status.value = f"Model {payload.model_name} on {predictor.device}{views}; computing embeddings…"
             from samcore.automatic import AutoSettings
 
             own = AutoSettings.for_model(payload.predictor.model)
@@ -672,11 +674,12 @@ def _compute(session, layer, model_source, device, cache_dir, center):
         name, checkpoint = model_source
         model = load_model(name, checkpoint, device)
         view = StackView.of(layer.data, rgb=layer.rgb)
-        key = stack_key(view, model_key(model))
+        predictor = Predictor(model)
+        key = stack_key(view, model_key(model), predictor.views)
         path = None if cache_dir is None else Path(cache_dir) / f"{layer.name}-{key[:12]}.zarr"
         store = EmbeddingStore(key, view.n_slices, path)
         label = name or Path(checkpoint).name
-        session = _Session(layer, model_source, device, Predictor(model), view, store, label)
+        session = _Session(layer, model_source, device, predictor, view, store, label)
     yield ("session", session)
     for z in embed_slices(session.predictor, session.view, session.store, nearest_first(center, session.view.n_slices)):
         yield ("slice", z)

@@ -103,6 +103,8 @@ class PointDecoder(Protocol):
 class EmbeddingDecoder:
     """A `PointDecoder` on one image embedding, with a model's prompt encoder and mask decoder.
 
+    Only the embedding's first view (the image itself, not its mirror images) is decoded.
+
     Args:
         model: The SAM model.
         embedding: The image's embedding.
@@ -110,7 +112,7 @@ class EmbeddingDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, embedding: ImageEmbedding, precision: str = "auto") -> None:
-        self._predictor = Predictor(model, precision=precision)
+        self._predictor = Predictor(model, precision=precision, views=embedding.views)
         self._predictor.set_embedding(embedding)
         self.size = embedding.original_size
 
@@ -119,7 +121,9 @@ class EmbeddingDecoder:
         device = predictor.device
         coords = torch.as_tensor(predictor.transform_coords(points), dtype=torch.float32, device=device)
         labels = torch.ones(len(points), 1, dtype=torch.int64, device=device)
-        return predictor.predict_low_res(coords[:, None, :], labels, multimask_output=True)
+        # The image itself only, as the thresholds were calibrated: one decoding per point is
+        # most of segment-all's time.
+        return predictor.predict_low_res(coords[:, None, :], labels, multimask_output=True, views=1)
 
     def upscale(self, logits: torch.Tensor) -> torch.Tensor:
         model = self._predictor.model
@@ -293,7 +297,7 @@ def segment_embedding(
     if settings.crop_layers and rgb is None:
         raise ValueError("Crops are embedded anew: pass the image (rgb) along with its embedding.")
     whole = EmbeddingDecoder(model, embedding, precision)
-    encoder = Predictor(model, precision=precision) if settings.crop_layers else None
+    encoder = Predictor(model, precision=precision, views=1) if settings.crop_layers else None
 
     def decoder_for(crop: Box) -> PointDecoder:
         if crop == (0, 0, whole.size[1], whole.size[0]):

@@ -61,15 +61,21 @@ def open_view(path: Path) -> tuple[StackView, tuple[int, ...]]:
 
 
 def open_store(
-    view: StackView, model_id: str, name: str, cache_dir: Path | None = None, store: Path | None = None
+    view: StackView,
+    model_id: str,
+    name: str,
+    cache_dir: Path | None = None,
+    store: Path | None = None,
+    views: int = 1,
 ) -> EmbeddingStore | None:
     """The disk store of a stack: the folder `store`, or one named after the stack in `cache_dir`.
 
-    At most two slices are held in memory; None when neither folder is given.
+    At most two slices are held in memory; None when neither folder is given. `views`: how many
+    views of each slice the predictor embeds (`Predictor.views`).
     """
     if store is None and cache_dir is None:
         return None
-    key = stack_key(view, model_id)
+    key = stack_key(view, model_id, views)
     path = store if store is not None else store_path(cache_dir, name, key)
     return EmbeddingStore(key, view.n_slices, path, cache_slices=2)
 
@@ -107,7 +113,7 @@ def embed_file(
         The store's folder and the number of slices computed.
     """
     view, _ = open_view(path)
-    disk = open_store(view, model_id, path.stem, cache_dir, store)
+    disk = open_store(view, model_id, path.stem, cache_dir, store, predictor.views)
     if disk is None:
         raise ValueError("Say where embeddings go: --cache-dir DIR or --store FOLDER.zarr.")
     computed = yield from embed_stack(predictor, view, disk, client=client)
@@ -131,7 +137,7 @@ def auto_file(
         The number of objects found.
     """
     view, shape = open_view(path)
-    disk = open_store(view, model_id, path.stem, cache_dir, store)
+    disk = open_store(view, model_id, path.stem, cache_dir, store, predictor.views)
     labels = yield from segment_stack(predictor, view, disk, settings, link_overlap, client)
     write_labels(output, labels.reshape(shape))
     return int(labels.max(initial=0))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .precision import PRECISIONS
+from .zoo import VIEWS
 
 EXAMPLES = """examples:
   napari-sam demo --model vit_b_lm
@@ -149,6 +150,11 @@ def _model_options(parser: argparse.ArgumentParser, precision: bool = True) -> N
             help="encoder precision; auto: bf16 where this machine runs it faster than fp32, else fp32; int8: "
             "ViT models on CPUs where auto gives fp32 (compiles on first use)",
         )
+        parser.add_argument(
+            "--views", type=int, choices=VIEWS,
+            help="average the masks of the image and its 1 or 3 mirror images (each costs one more embedding "
+            "and decoding); default: the model's (2 for the bundled model, 1 for SAM's)",
+        )
 
 
 def _run_models(args: argparse.Namespace) -> int:
@@ -193,10 +199,10 @@ def _run_segment(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     model = load_model(args.model, args.checkpoint, args.device)
-    predictor = Predictor(model, precision=args.precision, refine=args.refine)
+    predictor = Predictor(model, precision=args.precision, refine=args.refine, views=args.views)
     passes = "refined" if predictor.refine else "one pass"
-    print(f"model {model.architecture or 'custom'} on {predictor.device} ({predictor.precision}, {passes})",
-          file=sys.stderr)
+    print(f"model {model.architecture or 'custom'} on {predictor.device} "
+          f"({predictor.precision}, {passes}, {_views_text(predictor.views)})", file=sys.stderr)
     predictor.set_image(image)
     embedded = time.perf_counter()
     masks, scores, _ = predictor.predict(
@@ -237,7 +243,8 @@ def _run_prompts(args: argparse.Namespace) -> int:
     objects = read_prompts(args.prompts, image.shape[:-1] if rgb else image.shape)
     z_range = None if args.z_range is None else check_z_range(args.z_range, view.n_slices)
     settings = PropagationSettings(**({"mode": args.mode} if args.mode else {}), z_range=z_range)
-    predictor = Predictor(load_model(args.model, args.checkpoint, args.device), precision=args.precision)
+    model = load_model(args.model, args.checkpoint, args.device)
+    predictor = Predictor(model, precision=args.precision, views=args.views)
     decoder = StackDecoder(predictor, view)
     labels = segment_key_slices(decoder, objects)
     found = [o.object_id for o in objects if (labels == o.object_id).any()]
@@ -310,15 +317,19 @@ def _batch_setup(args: argparse.Namespace) -> tuple[list[Path], object, str, obj
     if args.store is not None and args.input.is_dir():
         raise ValueError("--store names the store of one input file; for a folder of inputs use --cache-dir.")
     model = load_model(args.model, args.checkpoint, args.device)
-    predictor = Predictor(model, precision=args.precision)
-    print(f"model {model.architecture or 'custom'} on {predictor.device} ({predictor.precision})",
-          file=sys.stderr)
+    predictor = Predictor(model, precision=args.precision, views=args.views)
+    print(f"model {model.architecture or 'custom'} on {predictor.device} "
+          f"({predictor.precision}, {_views_text(predictor.views)})", file=sys.stderr)
     client = None
     if args.scheduler:
         from .distributed import connect
 
         client = connect(args.scheduler)
     return files, predictor, model_key(model), client
+
+
+def _views_text(views: int) -> str:
+    return "1 view" if views == 1 else f"{views} mirrored views"
 
 
 def _read_slice(args: argparse.Namespace) -> np.ndarray:

@@ -49,9 +49,9 @@ def embed_on_cluster(
         The number of slices embedded.
     """
     _check_shared(store)
-    _prepare(store, predictor.model, view)
+    _prepare(store, predictor, view)
     model = client.scatter(predictor.model, broadcast=True, hash=False)
-    args = (predictor.precision, _store_spec(store))
+    args = (_settings(predictor), _store_spec(store))
 
     def submit(z: int) -> Future:
         return client.submit(_embed_task, model, view.rgb_slice(z), z, *args, pure=False)
@@ -77,13 +77,13 @@ def segment_on_cluster(
     """Automatic segmentation of every slice on the cluster's workers, into `labels` (Z, Y, X)."""
     if store is not None:
         _check_shared(store)
-        _prepare(store, predictor.model, view)
+        _prepare(store, predictor, view)
     model = client.scatter(predictor.model, broadcast=True, hash=False)
     spec = None if store is None else _store_spec(store)
 
     def submit(z: int) -> Future:
         return client.submit(
-            _segment_task, model, view.rgb_slice(z), z, predictor.precision, spec, settings, pure=False
+            _segment_task, model, view.rgb_slice(z), z, _settings(predictor), spec, settings, pure=False
         )
 
     results = _stream(client, submit, range(view.n_slices))
@@ -146,15 +146,21 @@ def _check_shared(store: EmbeddingStore) -> None:
         raise ValueError("Workers share embeddings through a folder: give the store a path on a shared disk.")
 
 
-def _prepare(store: EmbeddingStore, model: torch.nn.Module, view: StackView) -> None:
+def _prepare(store: EmbeddingStore, predictor: Predictor, view: StackView) -> None:
     """Create the store's arrays before workers write into them."""
-    features_shape, input_size = embedding_geometry(model, tuple(view.data.shape[1:3]))
-    store.allocate(features_shape, tuple(view.data.shape[1:3]), input_size)
+    size = tuple(view.data.shape[1:3])
+    features_shape, input_size = embedding_geometry(predictor.model, size, predictor.views)
+    store.allocate(features_shape, size, input_size)
 
 
-def _embed_task(model: torch.nn.Module, rgb: np.ndarray, z: int, precision: str, spec: StoreSpec) -> int:
+def _settings(predictor: Predictor) -> dict:
+    """What a worker's `Predictor` needs besides the model to compute what the client's would."""
+    return {"precision": predictor.precision, "views": predictor.views}
+
+
+def _embed_task(model: torch.nn.Module, rgb: np.ndarray, z: int, settings: dict, spec: StoreSpec) -> int:
     """Worker: embed one slice into the shared store, without marking it done."""
-    _open_spec(spec).put(z, Predictor(model, precision=precision).embed_rgb(rgb), done=False)
+    _open_spec(spec).put(z, Predictor(model, **settings).embed_rgb(rgb), done=False)
     return z
 
 
@@ -162,12 +168,12 @@ def _segment_task(
     model: torch.nn.Module,
     rgb: np.ndarray,
     z: int,
-    precision: str,
+    predictor_settings: dict,
     spec: StoreSpec | None,
     settings: AutoSettings,
 ) -> tuple[np.ndarray, bool]:
     """Worker: the labels of one slice, and whether its embedding was computed (not read from the store)."""
     from .jobs import slice_labels
 
-    predictor = Predictor(model, precision=precision)
+    predictor = Predictor(model, **predictor_settings)
     return run(slice_labels(predictor, rgb, z, _open_spec(spec), settings, done=False))

@@ -26,7 +26,7 @@ import torch
 from .predictor import ImageEmbedding, Predictor, resized_shape
 from .preprocess import MAX_PERCENTILE_PIXELS, percentile_range, to_rgb_uint8
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each slice holds (V, C, h, w), its mirrored views (`Predictor.views`)
 STORE_DTYPES = ("float16", "float32")
 
 
@@ -91,10 +91,11 @@ def model_key(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def stack_key(view: StackView, model_id: str) -> str:
-    """Hash of the stack's pixels, its reading (RGB, contrast) and the model."""
+def stack_key(view: StackView, model_id: str, views: int = 1) -> str:
+    """Hash of the stack's pixels, its reading (RGB, contrast), the model and the number of views."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"v{FORMAT_VERSION}|{view.data.shape}|{view.data.dtype}|{view.rgb}|{view.value_range}|{model_id}".encode())
+    reading = f"{view.data.shape}|{view.data.dtype}|{view.rgb}|{view.value_range}"
+    digest.update(f"v{FORMAT_VERSION}|{reading}|{model_id}|views={views}".encode())
     for z in range(view.n_slices):
         digest.update(np.ascontiguousarray(view.data[z]).tobytes())
     return digest.hexdigest()
@@ -173,7 +174,7 @@ class EmbeddingStore:
         if self._group is None or not self._group["done"][z]:
             return None
         attrs = self._group.attrs
-        features = torch.from_numpy(np.asarray(self._group["features"][z])).float()[None]
+        features = torch.from_numpy(np.asarray(self._group["features"][z])).float()  # (V, C, h, w)
         embedding = ImageEmbedding(features, tuple(attrs["original_size"]), tuple(attrs["input_size"]))
         return self._remember(z, embedding)
 
@@ -253,7 +254,7 @@ class EmbeddingStore:
         return group
 
     def _write(self, z: int, embedding: ImageEmbedding, done: bool) -> None:
-        features = embedding.features[0].detach().cpu().numpy()
+        features = embedding.features.detach().cpu().numpy()
         self.allocate(features.shape, embedding.original_size, embedding.input_size)
         self._group["features"][z] = features.astype(self.dtype)
         if done:  # written after the features: an interrupted write is recomputed
@@ -261,10 +262,11 @@ class EmbeddingStore:
 
 
 def embedding_geometry(
-    model: torch.nn.Module, original_size: tuple[int, int]
+    model: torch.nn.Module, original_size: tuple[int, int], views: int = 1
 ) -> tuple[tuple[int, ...], tuple[int, int]]:
-    """The (C, h, w) features shape and the model-input (h', w') of an image of `original_size` (H, W)."""
-    features = (model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size)
+    """The (V, C, h, w) features shape of `views` views, and the model-input (h', w'), of an image of
+    `original_size` (H, W)."""
+    features = (views, model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size)
     return features, resized_shape(*original_size, model.img_size)
 
 

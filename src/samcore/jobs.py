@@ -162,7 +162,8 @@ def segment_everything(
     predictor = Predictor(model, precision=precision)
     disk = None
     if store is not None:
-        disk = EmbeddingStore(stack_key(view, model_key(model)), view.n_slices, store, cache_slices=2)
+        key = stack_key(view, model_key(model), predictor.views)
+        disk = EmbeddingStore(key, view.n_slices, store, cache_slices=2)
     labels = run(segment_stack(predictor, view, disk, settings, link_overlap, client), on_progress)
     return labels[0] if np.ndim(image) - int(rgb) == 2 else labels
 

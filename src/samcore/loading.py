@@ -76,6 +76,7 @@ def load_model(
         if entry.auto_thresholds is not None:
             model.auto_defaults = dict(zip(("min_predicted_iou", "min_stability"), entry.auto_thresholds))
         model.refine_masks = entry.refine
+        model.views = entry.views
     return model.to(target).eval()
 
 

@@ -6,6 +6,7 @@ Coordinates follow SAM's conventions: points are (x, y) pixels of the original i
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -17,8 +18,10 @@ from .modeling import Sam
 from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_prompts, decode_with_masks
 from .precision import autocast, resolve_precision
 from .preprocess import to_rgb_uint8
+from .zoo import VIEWS
 
 LOW_RES_SIDE = 256  # side of SAM's low-resolution mask logits for a 1024 px model
+MIRRORS = ((False, False), (True, False), (False, True), (True, True))  # (x, y) reversed, per view
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,8 @@ class ImageEmbedding:
     """An image's embedding and the geometry needed to map prompts and masks.
 
     Attributes:
-        features: (1, 256, h, w) float32 embedding, on any device.
+        features: (V, 256, h, w) float32 embedding, on any device: one row per view of the image,
+            the image itself first, then its mirror images (see `Predictor`'s `views`).
         original_size: (H, W) of the user's image.
         input_size: (h', w') of the image after resizing its longest side to the model input.
     """
@@ -34,6 +38,10 @@ class ImageEmbedding:
     features: torch.Tensor
     original_size: tuple[int, int]
     input_size: tuple[int, int]
+
+    @property
+    def views(self) -> int:
+        return int(self.features.shape[0])
 
 
 def resized_shape(height: int, width: int, longest: int) -> tuple[int, int]:
@@ -55,17 +63,27 @@ class Predictor:
             return the second pass. None follows the model: on for weights registered as gaining
             from it (`samcore.zoo.ModelEntry.refine`: the bundled model), off otherwise, as in
             segment-anything. `predict` and `predict_torch` take it per call too.
+        views: 1, 2 or 4 views of each image: the image itself, then its mirror image left to
+            right, then top to bottom and both. Each view is embedded, every prompt is mirrored
+            with it and decoded, and the masks are mirrored back and their logits averaged (as are
+            the scores). Where the views disagree, at a leak into a neighbouring object, the
+            average cancels it. None follows the model (`samcore.zoo.ModelEntry.views`: 2 for the
+            bundled model, 1 otherwise, as in segment-anything). It costs one embedding and one
+            decoding per view.
     """
 
-    def __init__(self, model: Sam, precision: str = "auto", refine: bool | None = None) -> None:
+    def __init__(
+        self, model: Sam, precision: str = "auto", refine: bool | None = None, views: int | None = None
+    ) -> None:
         self.model = model.eval()
         self.precision = resolve_precision(precision, model)
         self.refine = bool(getattr(model, "refine_masks", False)) if refine is None else bool(refine)
+        self.views = check_views(getattr(model, "views", 1) if views is None else views)
         self._embedding: ImageEmbedding | None = None
         # Decoder work that does not depend on the prompt, kept between prompts (see `_decoding`).
         self._decoder_tensors: list[torch.Tensor] | None = None
         self._constants: tuple[tuple, DecoderConstants] | None = None
-        self._context: tuple[torch.Tensor, tuple, ImageContext] | None = None
+        self._context: tuple[torch.Tensor, tuple, list[ImageContext]] | None = None
         self._int8_encoder: torch.nn.Module | None = None
 
     @property
@@ -112,11 +130,14 @@ class Predictor:
         original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
         input_size = resized_shape(*original_size, self.model.img_size)
         resized = resize_uint8(rgb, input_size)
-        pixels = torch.from_numpy(np.ascontiguousarray(resized)).to(self.device)
-        pixels = pixels.permute(2, 0, 1)[None].float()
-        with torch.inference_mode(), autocast(self.precision, self.device):
-            features = self._encode(self.model.preprocess(pixels))
-        return ImageEmbedding(features.float(), original_size, input_size)
+        features = []
+        for mirror_x, mirror_y in MIRRORS[: self.views]:  # mirrored after resizing: exact mirror images
+            view = resized[:: -1 if mirror_y else 1, :: -1 if mirror_x else 1]
+            pixels = torch.from_numpy(np.ascontiguousarray(view)).to(self.device)
+            pixels = pixels.permute(2, 0, 1)[None].float()
+            with torch.inference_mode(), autocast(self.precision, self.device):
+                features.append(self._encode(self.model.preprocess(pixels)).float())
+        return ImageEmbedding(torch.cat(features), original_size, input_size)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.precision != "int8":
@@ -146,16 +167,21 @@ class Predictor:
     def set_embedding(self, embedding: ImageEmbedding) -> None:
         """Use a precomputed embedding (e.g. from a cache) as the current image."""
         expected = (self.model.prompt_encoder.embed_dim, *self.model.prompt_encoder.image_embedding_size)
-        if tuple(embedding.features.shape[1:]) != expected or embedding.features.shape[0] != 1:
+        if embedding.features.ndim != 4 or tuple(embedding.features.shape[1:]) != expected:
             raise ValueError(
                 f"This embedding has shape {tuple(embedding.features.shape)}, but the model makes "
-                f"(1, {', '.join(map(str, expected))}): it was computed with another model."
+                f"({self.views}, {', '.join(map(str, expected))}): it was computed with another model."
+            )
+        if embedding.views != self.views:
+            raise ValueError(
+                f"This embedding holds {embedding.views} view(s) of its image, but this predictor decodes "
+                f"{self.views} (views={self.views}): compute the embedding with the same views setting."
             )
         features = embedding.features.to(self.device, torch.float32)
         self._use(ImageEmbedding(features, embedding.original_size, embedding.input_size))
 
     def get_image_embedding(self) -> torch.Tensor:
-        """The current image's (1, 256, h, w) embedding."""
+        """The current image's (V, 256, h, w) embedding: (1, 256, h, w) with one view."""
         return self._current().features
 
     def reset_image(self) -> None:
@@ -242,35 +268,67 @@ class Predictor:
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
         refine: bool = False,
+        views: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like `predict_torch`, without upscaling: for callers that keep only a few of many masks.
 
         `refine` is off unless asked for: the many-mask callers (automatic segmentation) are
-        calibrated on one pass.
+        calibrated on one pass. `views`: decode the first 1, 2 or 4 views of the embedding (None:
+        all it holds); the others are ignored.
 
         Returns:
             low-resolution logits (B, C, 256, 256) and scores (B, C); `upscale_logits` maps kept
             logits to the original image.
         """
         embedding = self._current()
-        points = None if point_coords is None else (point_coords, point_labels)
+        count = embedding.views if views is None else views
+        if count not in VIEWS or count > embedding.views:
+            raise ValueError(f"views must be one of {VIEWS}, at most the embedding's {embedding.views}, not {views!r}.")
         with torch.inference_mode():
-            # The dense embedding of a mask input is made by `decode_with_masks`, in low-rank form.
-            sparse, _ = self.model.prompt_encoder(points, boxes, None)
-            _, context = self._decoding(embedding)
-            if mask_input is None:
-                low_res, scores = decode_prompts(context, sparse, multimask_output)
-            else:
-                if points is None and boxes is None:  # one sparse row (no prompt) for every mask
-                    sparse = sparse.expand(len(mask_input), -1, -1)
-                low_res, scores = decode_with_masks(context, sparse, mask_input, multimask_output)
-            if not refine:
-                return low_res, scores
-            # Each candidate again, with its own logits and the same prompts: the single-mask output.
-            batch, count = scores.shape
-            again = sparse.expand(batch, -1, -1).repeat_interleave(count, dim=0)
-            low_res, scores = decode_with_masks(context, again, low_res.flatten(0, 1)[:, None], False)
-            return low_res.view(batch, count, *low_res.shape[-2:]), scores.view(batch, count)
+            _, contexts = self._decoding(embedding)
+            low_res = scores = None
+            for index in range(count):
+                mirror = Mirror(*MIRRORS[index], embedding.input_size, self.model)
+                points = None if point_coords is None else (mirror.points(point_coords), point_labels)
+                view_boxes = None if boxes is None else mirror.boxes(boxes)
+                view_masks = None if mask_input is None else mirror.logits(mask_input)
+                view_low_res, view_scores = self._decode(
+                    contexts[index], points, view_boxes, view_masks, multimask_output, refine
+                )
+                view_low_res = mirror.logits(view_low_res)
+                if low_res is None:
+                    low_res, scores = view_low_res, view_scores
+                else:
+                    low_res, scores = low_res + view_low_res, scores + view_scores
+            if count > 1:
+                low_res, scores = low_res / count, scores / count
+            return low_res, scores
+
+    def _decode(
+        self,
+        context: ImageContext,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        multimask_output: bool,
+        refine: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-resolution logits and scores of one view, from its decoder context."""
+        # The dense embedding of a mask input is made by `decode_with_masks`, in low-rank form.
+        sparse, _ = self.model.prompt_encoder(points, boxes, None)
+        if mask_input is None:
+            low_res, scores = decode_prompts(context, sparse, multimask_output)
+        else:
+            if points is None and boxes is None:  # one sparse row (no prompt) for every mask
+                sparse = sparse.expand(len(mask_input), -1, -1)
+            low_res, scores = decode_with_masks(context, sparse, mask_input, multimask_output)
+        if not refine:
+            return low_res, scores
+        # Each candidate again, with its own logits and the same prompts: the single-mask output.
+        batch, count = scores.shape
+        again = sparse.expand(batch, -1, -1).repeat_interleave(count, dim=0)
+        low_res, scores = decode_with_masks(context, again, low_res.flatten(0, 1)[:, None], False)
+        return low_res.view(batch, count, *low_res.shape[-2:]), scores.view(batch, count)
 
     def transform_coords(self, coords: np.ndarray) -> np.ndarray:
         """Map (..., 2) XY original-image pixels to model-input pixels."""
@@ -305,8 +363,8 @@ class Predictor:
             self._context = None
         self._embedding = embedding
 
-    def _decoding(self, embedding: ImageEmbedding) -> tuple[DecoderConstants, ImageContext]:
-        """The decoder's per-model constants and the image's context, made when first needed.
+    def _decoding(self, embedding: ImageEmbedding) -> tuple[DecoderConstants, list[ImageContext]]:
+        """The decoder's per-model constants and the image's contexts (one per view), made when first needed.
 
         Both are checked against the storage and in-place version counters of the tensors they derive
         from, so weights loaded or moved in place, or an embedding changed in place (outside inference
@@ -324,10 +382,13 @@ class Predictor:
         features = embedding.features
         if self._context is None or self._context[0] is not features or self._context[1] != _versions([features]):
             self._context = None  # its buffers are about to be reused
-            tokens = features[0].flatten(1) + prompt_encoder.no_mask_embed.weight.T  # the no-mask dense prompt
-            context = ImageContext(constants, tokens, constants.context_space)
+            no_mask = prompt_encoder.no_mask_embed.weight.T  # the no-mask dense prompt
+            contexts = [
+                ImageContext(constants, view.flatten(1) + no_mask, constants.context_space(index))
+                for index, view in enumerate(features)
+            ]
             # Holding `features` keeps its storage from being reused by another embedding.
-            self._context = (features, _versions([features]), context)
+            self._context = (features, _versions([features]), contexts)
         return constants, self._context[2]
 
     def _current(self) -> ImageEmbedding:
@@ -369,6 +430,67 @@ class Predictor:
                 f"prediction, not an array of shape {array.shape}."
             )
         return torch.as_tensor(array, device=self.device)[None]
+
+
+def check_views(views: int) -> int:
+    """`views` if it is a number of views a predictor can decode (see `VIEWS`)."""
+    if isinstance(views, bool) or views not in VIEWS:
+        raise ValueError(f"views must be one of {', '.join(map(str, VIEWS))}, not {views!r}.")
+    return int(views)
+
+
+class Mirror:
+    """One view's mirroring of prompts and low-resolution logits, in model-input coordinates.
+
+    The image fills the top-left (h', w') of the model input; a view reverses its x and/or y axis
+    within that area, the padding staying bottom-right. SAM places a point (x, y) at x + 0.5, so
+    the mirror of x is w' - 1 - x. A low-resolution cell i has its centre mirrored to cell
+    position c - 1 - i, c being the image's extent in cells (w' / 4 for SAM): a cell when c is
+    whole, otherwise the linear blend of two neighbours (what the bilinear upscaling would read
+    there). Mirroring twice gives back the logits exactly when c is whole.
+    """
+
+    def __init__(self, mirror_x: bool, mirror_y: bool, input_size: tuple[int, int], model: Sam) -> None:
+        self.mirror_x, self.mirror_y = mirror_x, mirror_y
+        self.input_size = input_size
+        self.cell = model.img_size / model.prompt_encoder.mask_input_size[0]  # input pixels per cell
+
+    def points(self, coords: torch.Tensor) -> torch.Tensor:
+        """(..., 2) XY model-input points, mirrored."""
+        if not (self.mirror_x or self.mirror_y):
+            return coords
+        out = coords.clone()
+        if self.mirror_x:
+            out[..., 0] = self.input_size[1] - 1 - coords[..., 0]
+        if self.mirror_y:
+            out[..., 1] = self.input_size[0] - 1 - coords[..., 1]
+        return out
+
+    def boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(B, 4) XYXY model-input boxes, mirrored (corners reordered to stay XYXY)."""
+        corners = self.points(boxes.reshape(-1, 2, 2))
+        return torch.cat([corners.amin(1), corners.amax(1)], dim=1)
+
+    def logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., S, S) low-resolution logits, mirrored (the padding cells are left as they are)."""
+        if self.mirror_y:
+            logits = _mirror_cells(logits, self.input_size[0] / self.cell, -2)
+        if self.mirror_x:
+            logits = _mirror_cells(logits, self.input_size[1] / self.cell, -1)
+        return logits
+
+
+def _mirror_cells(x: torch.Tensor, extent: float, dim: int) -> torch.Tensor:
+    """`x` with its first `extent` cells along `dim` mirrored (see `Mirror`)."""
+    whole = min(math.ceil(extent), x.shape[dim])
+    region = x.narrow(dim, 0, whole).flip(dim)  # cell i <- cell whole - 1 - i
+    fraction = whole - extent
+    if fraction > 0:  # the mirror of cell i lies `fraction` of a cell before whole - 1 - i
+        ahead = torch.cat([region.narrow(dim, 1, whole - 1), region.narrow(dim, whole - 1, 1)], dim)
+        region = torch.lerp(region, ahead, fraction)
+    out = x.clone()
+    out.narrow(dim, 0, whole).copy_(region)
+    return out
 
 
 def _versions(tensors: list[torch.Tensor]) -> tuple[tuple[int, int], ...]:

@@ -86,7 +86,8 @@ class StackDecoder:
         self.predictor = predictor
         self.view = image if isinstance(image, StackView) else StackView.of(image)
         if store is None:
-            store = EmbeddingStore(stack_key(self.view, model_key(predictor.model)), self.view.n_slices)
+            key = stack_key(self.view, model_key(predictor.model), predictor.views)
+            store = EmbeddingStore(key, self.view.n_slices)
         elif store.n_slices != self.view.n_slices:
             raise ValueError(
                 f"The embedding store holds {store.n_slices} slices, but the stack has {self.view.n_slices}: "

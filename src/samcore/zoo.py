@@ -27,6 +27,9 @@ from dataclasses import dataclass
 #: The name used when no model is named at all.
 DEFAULT_MODEL_NAME = "default"
 
+#: How many views of an image (itself, then mirror images) a predictor can average.
+VIEWS = (1, 2, 4)
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -50,6 +53,8 @@ class ModelEntry:
         refine: Interactive prompts decode twice by default, the second time with the first
             pass's logits as mask input (``samcore.Predictor``'s ``refine``), for weights that
             were measured to gain from it.
+        views: How many views of an image predictors average by default (one of ``VIEWS``;
+            ``samcore.Predictor``'s ``views``).
     """
 
     name: str
@@ -63,6 +68,7 @@ class ModelEntry:
     packaged: bool = False
     auto_thresholds: tuple[float, float] | None = None
     refine: bool = False
+    views: int = 1
 
     @property
     def hash_algorithm(self) -> str:

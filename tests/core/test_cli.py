@@ -55,9 +55,13 @@ def test_refine_is_the_models_choice_unless_asked(tmp_path, checkpoint, capsys):
     image = np.random.default_rng(3).integers(0, 255, (40, 60), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "image.tif", image)
     command = ["segment", str(tmp_path / "image.tif"), "--point", "20", "30", "--checkpoint", str(checkpoint)]
-    for extra, said in (([], "one pass"), (["--refine"], "refined"), (["--no-refine"], "one pass")):
+    for extra, said in (([], "one pass, 1 view"), (["--refine"], "refined, 1 view"),
+                        (["--no-refine", "--views", "2"], "one pass, 2 mirrored views")):
         assert main([*command, "-o", str(tmp_path / "o.tif"), *extra]) == 0
         assert f", {said})" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse refuses a number of views it cannot make
+        main([*command, "-o", str(tmp_path / "o.tif"), "--views", "3"])
+    assert "invalid choice" in capsys.readouterr().err
     prompts = tmp_path / "prompts.json"
     prompts.write_text('{"objects": [{"id": 1, "points": [[20, 30]]}]}')
     code = main(["segment", str(tmp_path / "image.tif"), "--prompts", str(prompts), "--refine",

@@ -60,6 +60,21 @@ def test_cache_of_other_data_or_model_is_refused(tmp_path, predictor, view):
         EmbeddingStore(stack_key(view, model_key(other_model)), view.n_slices, tmp_path / "cache.zarr")
 
 
+def test_a_store_keeps_every_view_and_its_key_names_how_many(tmp_path, predictor, view):
+    mirrored = Predictor(predictor.model, precision="fp32", views=2)
+    key = stack_key(view, model_key(mirrored.model), mirrored.views)
+    assert key != stack_key(view, model_key(mirrored.model))  # a one-view cache is another cache
+    store = EmbeddingStore(key, view.n_slices, tmp_path / "cache.zarr")
+    assert list(embed_slices(mirrored, view, store, [2])) == [2]
+    read_back = EmbeddingStore(key, view.n_slices, tmp_path / "cache.zarr").get(2)
+    assert read_back.views == 2
+    torch.testing.assert_close(read_back.features, store.get(2).features)
+    mirrored.set_embedding(read_back)  # decodes both views
+    assert mirrored.predict(box=np.array([5, 5, 30, 30]), multimask_output=False)[0].shape == (1, 40, 50)
+    with pytest.raises(ValueError, match="other data or another model"):
+        EmbeddingStore(stack_key(view, model_key(mirrored.model)), view.n_slices, tmp_path / "cache.zarr")
+
+
 def test_contrast_of_a_long_stack_comes_from_a_bounded_sample():
     from samcore.embeddings import contrast_sample
     from samcore.preprocess import MAX_PERCENTILE_PIXELS

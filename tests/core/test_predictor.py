@@ -159,3 +159,81 @@ def test_refining_follows_the_model_unless_the_caller_chooses():
     model.refine_masks = True  # what load_model sets for weights registered with refine
     assert Predictor(model, precision="fp32").refine
     assert not Predictor(model, precision="fp32", refine=False).refine
+
+
+def test_views_average_the_masks_of_the_mirror_images():
+    torch.manual_seed(1)
+    model = build_sam("vit_test")
+    mirrored = Predictor(model, precision="fp32", views=4)
+    single = Predictor(model, precision="fp32", views=1)
+    # The longest side is the model's (no resizing) and both sides are whole low-resolution cells,
+    # so the average can be rebuilt from single views of the mirrored images.
+    image = np.random.default_rng(6).integers(0, 255, (256, 200, 3), dtype=np.uint8)
+    height, width = image.shape[:2]
+    mirrored.set_image(image)
+    assert mirrored.get_image_embedding().shape[0] == 4
+    point = np.array([[70.0, 90.0]])
+    box = np.array([40.0, 60.0, 120.0, 150.0])
+    got_point = mirrored.predict(point_coords=point, point_labels=np.array([1]), return_logits=True)
+    got_box = mirrored.predict(box=box, multimask_output=False, return_logits=True)
+    sums = [np.zeros_like(got_point[0]), np.zeros(3), np.zeros_like(got_box[0]), np.zeros(1)]
+    for flip_x, flip_y in ((False, False), (True, False), (False, True), (True, True)):
+        view = image[:: -1 if flip_y else 1, :: -1 if flip_x else 1]
+        x_of = (lambda x: width - 1 - x) if flip_x else (lambda x: x)
+        y_of = (lambda y: height - 1 - y) if flip_y else (lambda y: y)
+        single.set_image(np.ascontiguousarray(view))
+        back = (slice(None), slice(None, None, -1 if flip_y else 1), slice(None, None, -1 if flip_x else 1))
+        masks, scores, _ = single.predict(
+            point_coords=np.array([[x_of(point[0, 0]), y_of(point[0, 1])]]), point_labels=np.array([1]),
+            return_logits=True,
+        )
+        sums[0] += masks[back]
+        sums[1] += scores
+        xs, ys = sorted([x_of(box[0]), x_of(box[2])]), sorted([y_of(box[1]), y_of(box[3])])
+        masks, scores, _ = single.predict(
+            box=np.array([xs[0], ys[0], xs[1], ys[1]]), multimask_output=False, return_logits=True
+        )
+        sums[2] += masks[back]
+        sums[3] += scores
+    np.testing.assert_allclose(got_point[0], sums[0] / 4, atol=1e-4)
+    np.testing.assert_allclose(got_point[1], sums[1] / 4, atol=1e-5)
+    np.testing.assert_allclose(got_box[0], sums[2] / 4, atol=1e-4)
+    np.testing.assert_allclose(got_box[1], sums[3] / 4, atol=1e-5)
+    single.set_image(image)  # the image alone gives other masks
+    alone = single.predict(box=box, multimask_output=False, return_logits=True)[0]
+    assert np.abs(alone - got_box[0]).max() > 1e-2
+    # The averaged low-resolution logits are a mask input in the image's own orientation.
+    _, _, low_res = got_box
+    again = mirrored.predict(box=box, mask_input=low_res, multimask_output=False)[0]
+    assert again.shape == (1, height, width)
+
+
+def test_a_mirror_between_cells_blends_the_two_neighbours():
+    from samcore.predictor import _mirror_cells
+
+    ramp = torch.arange(64, dtype=torch.float32).expand(2, 64)
+    mirrored = _mirror_cells(ramp, 49.5, -1)  # the image ends half-way through cell 49
+    # Cell i's centre mirrors to position 48.5 - i, read from the ramp by linear interpolation.
+    torch.testing.assert_close(mirrored[:, :49], (48.5 - torch.arange(49.0)).expand(2, 49))
+    torch.testing.assert_close(mirrored[:, 50:], ramp[:, 50:])  # the padding is left alone
+    whole = _mirror_cells(ramp, 50, -1)
+    torch.testing.assert_close(whole[:, :50], ramp[:, :50].flip(-1))
+    torch.testing.assert_close(_mirror_cells(whole, 50, -1), ramp)
+
+
+def test_views_follow_the_model_and_embeddings_must_match_them():
+    model = build_sam("vit_test")
+    assert Predictor(model, precision="fp32").views == 1  # as segment-anything
+    model.views = 2  # what load_model sets for weights registered with views
+    two = Predictor(model, precision="fp32")
+    assert two.views == 2 and Predictor(model, precision="fp32", views=1).views == 1
+    for bad in (3, 0, True, "2"):
+        with pytest.raises(ValueError, match="views must be one of 1, 2, 4"):
+            Predictor(model, precision="fp32", views=bad)
+    embedding = two.embed(np.zeros((30, 40), np.uint8))
+    assert embedding.views == 2 and embedding.features.shape[0] == 2
+    with pytest.raises(ValueError, match="holds 2 view"):
+        Predictor(model, precision="fp32", views=1).set_embedding(embedding)
+    two.set_embedding(embedding)
+    masks, _, _ = two.predict(point_coords=np.array([[10.0, 10.0]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 30, 40)

@@ -85,8 +85,8 @@ class DecoderConstants:
             self._prepare_mask_inputs(prompt_encoder)
         self._orders: dict[int, torch.Tensor] = {}
         self.workspace = _Workspace(pos.device, pos.dtype)
-        # For the one context its owner keeps at a time (see `ImageContext`); never the per-prompt one.
-        self.context_space = _Workspace(pos.device, pos.dtype)
+        # For the contexts its owner keeps at a time (see `ImageContext`); never the per-prompt one.
+        self._context_spaces: list[_Workspace] = []
         self.lock = threading.Lock()  # the workspace serves one prompt at a time
         self.mask_space = _Workspace(pos.device, pos.dtype)  # the context of one mask input at a time
         self.mask_lock = threading.Lock()
@@ -140,6 +140,12 @@ class DecoderConstants:
         if len(self.layers) > 1:
             for name, projection in zip(SECOND_NAMES, self.second_projections):
                 self.mask_maps[name] = projection.T @ centred
+
+    def context_space(self, index: int = 0) -> _Workspace:
+        """The workspace of the `index`-th image context an owner keeps (one per view of an image)."""
+        while len(self._context_spaces) <= index:
+            self._context_spaces.append(_Workspace(self.pos.device, self.pos.dtype))
+        return self._context_spaces[index]
 
     def mask_order(self, masks: int) -> torch.Tensor:
         """Indices taking (N * 16, M) token-ordered mask values to (M, 4H, 4W) image order."""
