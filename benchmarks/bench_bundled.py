@@ -4,10 +4,10 @@ For every labelled object of at least 30 pixels:
   * box prompt: the object's bounding box;
   * point prompt: one positive click at its most interior pixel (maximum of its distance transform);
 the predicted mask (single output for a box; for a click, the candidate with the best predicted IoU)
-is compared with the label: from the image alone in one decoder pass ("1 view") and refined (a
-second pass with the first's logits as mask input, `Predictor(refine=True)`), and averaged over the
-image and its mirror image left to right ("2 views", `Predictor(views=2)`) or its 3 mirror images
-("4 views"), in one pass each. The baseline on the same prompts: Otsu's threshold inside the box
+is compared with the label: from the image alone in one decoder pass ("1 view") and refined ("1v
+ref.": a second pass with the first's logits as mask input, `Predictor(refine=True)`), averaged over
+the image and its mirror image left to right ("2 views", `Predictor(views=2)`), the same refined
+in each view ("2v ref."), and averaged over the image and its 3 mirror images ("4 views"). The baseline on the same prompts: Otsu's threshold inside the box
 (computed over the box grown by a tenth of its longest side, so that the histogram holds some
 background), or in a window around the click (side twice the median object diameter of the image),
 keeping the connected component under the prompt (the box's largest one, within the box).
@@ -46,9 +46,10 @@ from machine import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_AREA = 30
-METHODS = ("1 view", "refined", "2 views", "4 views", "Otsu")
 # Each method but Otsu: (views, refine).
-SETTINGS = {"1 view": (1, False), "refined": (1, True), "2 views": (2, False), "4 views": (4, False)}
+SETTINGS = {"1 view": (1, False), "1v ref.": (1, True), "2 views": (2, False), "2v ref.": (2, True),
+            "4 views": (4, False)}
+METHODS = (*SETTINGS, "Otsu")
 
 
 def main() -> None:
