@@ -7,7 +7,8 @@ the predicted mask (single output for a box; for a click, the candidate with the
 is compared with the label: from the image alone in one decoder pass ("1 view") and refined ("1v
 ref.": a second pass with the first's logits as mask input, `Predictor(refine=True)`), averaged over
 the image and its mirror image left to right ("2 views", `Predictor(views=2)`), the same refined
-in each view ("2v ref."), and averaged over the image and its 3 mirror images ("4 views"). The baseline on the same prompts: Otsu's threshold inside the box
+in each view ("2v ref."), and averaged over the image and its 3 mirror images ("4 views").
+The baseline on the same prompts: Otsu's threshold inside the box
 (computed over the box grown by a tenth of its longest side, so that the histogram holds some
 background), or in a window around the click (side twice the median object diameter of the image),
 keeping the connected component under the prompt (the box's largest one, within the box).

@@ -60,7 +60,8 @@ def main() -> None:
     parser.add_argument("--generated", type=int, default=2, metavar="N",
                         help="also measure on N generated stacks of touching nuclei (0: none)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--views", type=int, choices=VIEWS, help="mirrored views averaged (default: the model's)")
+    parser.add_argument("--views", type=int, choices=VIEWS,
+                        help="views of each slice averaged (default: the model's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

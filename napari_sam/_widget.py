@@ -320,7 +320,9 @@ class SamWidget(Container):
             self._progress.refresh()
             predictor = payload.predictor
             views = "" if predictor.views == 1 else f", {predictor.views} mirrored views"
-            self._status.value = f"Model {payload.model_name} on {predictor.device}{views}; computing embeddings…"
+            self._status.value = (
+                f"Model {payload.model_name} on {predictor.device}{views}; computing embeddings…"
+            )
             from samcore.automatic import AutoSettings
 
             own = AutoSettings.for_model(payload.predictor.model)

@@ -24,7 +24,7 @@ from .slice_decoder import SlicePrompt
 MODES = ("box+mask", "box", "points")
 #: The mode used unless another is chosen: the one `benchmarks/bench_propagation.py` measures best
 #: (mean per-object 3D IoU) with the bundled model on generated stacks of touching nuclei.
-DEFAULT_MODE = "points"
+DEFAULT_MODE = "box+mask"
 #: Pieces of a mask smaller than this fraction of its largest piece are stray specks (`main_part`).
 MIN_PIECE = 0.2
 

@@ -283,7 +283,9 @@ class Predictor:
         embedding = self._current()
         count = embedding.views if views is None else views
         if count not in VIEWS or count > embedding.views:
-            raise ValueError(f"views must be one of {VIEWS}, at most the embedding's {embedding.views}, not {views!r}.")
+            raise ValueError(
+                f"views must be one of {VIEWS}, at most the embedding's {embedding.views}, not {views!r}."
+            )
         with torch.inference_mode():
             _, contexts = self._decoding(embedding)
             low_res = scores = None

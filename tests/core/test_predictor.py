@@ -237,3 +237,10 @@ def test_views_follow_the_model_and_embeddings_must_match_them():
     two.set_embedding(embedding)
     masks, _, _ = two.predict(point_coords=np.array([[10.0, 10.0]]), point_labels=np.array([1]))
     assert masks.shape == (3, 30, 40)
+    box = torch.tensor([[10.0, 10.0, 100.0, 100.0]])
+    first, _ = two.predict_low_res(None, None, box, multimask_output=False, views=1)  # the image alone
+    alone = Predictor(model, precision="fp32", views=1)
+    alone.set_image(np.zeros((30, 40), np.uint8))
+    torch.testing.assert_close(first, alone.predict_low_res(None, None, box, multimask_output=False)[0])
+    with pytest.raises(ValueError, match="at most the embedding's 2"):
+        two.predict_low_res(None, None, box, views=4)
