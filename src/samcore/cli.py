@@ -21,7 +21,7 @@ EXAMPLES = """examples:
   napari-sam models
   napari-sam segment cells.tif --box 40 60 120 150 -o cell.tif --model vit_b_lm
   napari-sam segment stack.tif --slice 12 --point 80 95 --negative 70 120 -o nucleus.tif
-  napari-sam segment --sample nuclei --box 40 40 120 120 -o nucleus.tif --model vit_b
+  napari-sam segment --sample nuclei --box 76 126 115 161 -o nucleus.tif --model vit_b
   napari-sam segment stack.tif --prompts nuclei.json --propagate -o labels.tif
   napari-sam embed stack.tif --cache-dir embeddings/
   napari-sam auto stack.tif -o stack_labels.tif --cache-dir embeddings/

@@ -5,6 +5,7 @@ import pytest
 import tifffile
 
 from samcore.cli import main
+from samcore.synthetic import nuclei_image
 
 
 def test_segment_writes_labels_of_the_slice_shape(tmp_path, checkpoint, capsys):
@@ -39,9 +40,11 @@ def test_segment_errors_are_one_clear_line(tmp_path, checkpoint, capsys, extra, 
 
 def test_the_quickstart_command_segments_the_sample_with_the_bundled_model(tmp_path, capsys):
     out = tmp_path / "nucleus.tif"
-    assert main(["segment", "--sample", "nuclei", "--box", "40", "40", "120", "120", "-o", str(out)]) == 0
-    labels = tifffile.imread(out)
-    assert labels.max() == 1 and 100 < (labels == 1).sum() < 80 * 80
+    assert main(["segment", "--sample", "nuclei", "--box", "76", "126", "115", "161", "-o", str(out)]) == 0
+    mask = tifffile.imread(out) == 1
+    _, truth = nuclei_image(seed=0)
+    nucleus = truth == truth[95, 143]  # the nucleus the box encloses
+    assert truth[95, 143] > 0 and (mask & nucleus).sum() / (mask | nucleus).sum() > 0.85
 
 
 def test_models_lists_every_name(capsys):
