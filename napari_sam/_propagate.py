@@ -87,7 +87,8 @@ class Propagation(BackgroundJob):
         if not ids:
             show_warning(f"SAM: slice {z} of '{layer.name}' holds no object; commit one on it first.")
             return False
-        decoder = StackDecoder(Predictor(session.predictor.model), session.view, session.store)
+        predictor = Predictor(session.predictor.model, views=session.predictor.views)  # as the stored embeddings
+        decoder = StackDecoder(predictor, session.view, session.store)
         try:
             job = propagate_iter(decoder, labels, ids, settings, self._cancel)
         except (ValueError, TypeError) as error:

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     import napari
 
 CHECKPOINT_CHOICE = "checkpoint file…"
+# The views menu: (label, Predictor views), 0 for the model's own number (2 for the bundled model).
+VIEW_CHOICES = [("model's choice", 0), ("1: the image", 1), ("2: + mirror image", 2), ("4: + 3 mirror images", 4)]
 POINT_COLORS = {POSITIVE: "lime", NEGATIVE: "red"}
 KEYS = {
     "s": ("segment", "update the preview"),
@@ -64,6 +66,11 @@ class SamWidget(Container):
         self._model = ComboBox(label="model", choices=model_choices())
         self._checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.pt *.pth *.ckpt", visible=False)
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"])
+        self._views = ComboBox(
+            label="views", choices=VIEW_CHOICES, value=0,
+            tooltip="average the masks of the image and its mirror images: better masks where one view's spill "
+            "into a neighbour, at one more embedding and decoding per view",
+        )
         self._cache_dir = FileEdit(label="disk cache", mode="d", value="", tooltip="optional zarr folder for embeddings")
         self._load_button = PushButton(text="Compute embeddings")
         self._cancel_button = PushButton(text="Cancel", enabled=False)
@@ -105,7 +112,7 @@ class SamWidget(Container):
         thresholds = Container(layout="horizontal", label="keep if")
         thresholds.extend([self._min_iou, self._min_stability])
         self.extend([
-            self._image, self._model, self._checkpoint, self._device, self._cache_dir,
+            self._image, self._model, self._checkpoint, self._device, self._views, self._cache_dir,
             self._load_button, self._cancel_button, self._output, self._overwrite, self._refine,
             buttons, automatic, thresholds, self._candidate, self._status, self._help,
         ])
@@ -134,8 +141,15 @@ class SamWidget(Container):
 
     # -- scripting ----------------------------------------------------------------------------
 
-    def set_model(self, name: str | None = None, checkpoint: str | Path | None = None, device: str | None = None) -> None:
-        """Choose the model by registry name or weight file (and optionally the device)."""
+    def set_model(
+        self,
+        name: str | None = None,
+        checkpoint: str | Path | None = None,
+        device: str | None = None,
+        views: int | None = None,
+    ) -> None:
+        """Choose the model by registry name or weight file (and optionally the device and the number
+        of views, 1, 2 or 4; 0 for the model's own)."""
         if checkpoint is not None:
             self._model.value = CHECKPOINT_CHOICE
             self._checkpoint.value = str(checkpoint)
@@ -145,6 +159,11 @@ class SamWidget(Container):
             self._model.value = name
         if device is not None:
             self._device.value = device
+        if views is not None:
+            allowed = [value for _, value in VIEW_CHOICES]
+            if views not in allowed:
+                raise ValueError(f"views must be one of {', '.join(map(str, allowed))} (0: the model's choice), not {views!r}.")
+            self._views.value = views
 
     def add_point(self, position, positive: bool = True) -> None:
         """Click at `position` ((z, y, x) or (y, x) in world coordinates), like a user would."""
@@ -247,14 +266,13 @@ class SamWidget(Container):
         from napari.utils import progress
 
         session = self._session
-        if session is not None and not session.matches(layer, model_source, self._device.value):
+        settings = (self._device.value, self._views.value or None)
+        if session is not None and not session.matches(layer, model_source, settings):
             session = None
         cache_dir = str(self._cache_dir.value) if str(self._cache_dir.value) not in ("", ".") else None
         center = self._current_z(layer) or 0
         # Errors go to _on_error (a notification), not back into the event loop.
-        worker = thread_worker(_compute, ignore_errors=True)(
-            session, layer, model_source, self._device.value, cache_dir, center
-        )
+        worker = thread_worker(_compute, ignore_errors=True)(session, layer, model_source, settings, cache_dir, center)
         self._progress = progress(total=0, desc="SAM embeddings")
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_done)
@@ -653,13 +671,13 @@ class SamWidget(Container):
 class _Session:
     """What belongs to one image layer and one model: the predictor, stack view and embeddings."""
 
-    def __init__(self, layer, model_source, device, predictor, view, store, model_name) -> None:
-        self.layer, self.model_source, self.device = layer, model_source, device
+    def __init__(self, layer, model_source, settings, predictor, view, store, model_name) -> None:
+        self.layer, self.model_source, self.settings = layer, model_source, settings  # settings: (device, views)
         self.predictor, self.view, self.store, self.model_name = predictor, view, store, model_name
         self._current: int | None = None
 
-    def matches(self, layer, model_source, device) -> bool:
-        return (layer, model_source, device) == (self.layer, self.model_source, self.device)
+    def matches(self, layer, model_source, settings) -> bool:
+        return (layer, model_source, settings) == (self.layer, self.model_source, self.settings)
 
     def use(self, z: int, embedding) -> None:
         if self._current != z:
@@ -667,21 +685,25 @@ class _Session:
             self._current = z
 
 
-def _compute(session, layer, model_source, device, cache_dir, center):
-    """Worker body: load the model (if needed) and embed every slice, nearest to `center` first."""
+def _compute(session, layer, model_source, settings, cache_dir, center):
+    """Worker body: load the model (if needed) and embed every slice, nearest to `center` first.
+
+    `settings` is (device, views), views None for the model's own number.
+    """
     from samcore import Predictor, load_model
     from samcore.embeddings import EmbeddingStore, StackView, embed_slices, model_key, nearest_first, stack_key
 
     if session is None:
         name, checkpoint = model_source
+        device, views = settings
         model = load_model(name, checkpoint, device)
         view = StackView.of(layer.data, rgb=layer.rgb)
-        predictor = Predictor(model)
+        predictor = Predictor(model, views=views)
         key = stack_key(view, model_key(model), predictor.views)
         path = None if cache_dir is None else Path(cache_dir) / f"{layer.name}-{key[:12]}.zarr"
         store = EmbeddingStore(key, view.n_slices, path)
         label = name or Path(checkpoint).name
-        session = _Session(layer, model_source, device, predictor, view, store, label)
+        session = _Session(layer, model_source, settings, predictor, view, store, label)
     yield ("session", session)
     for z in embed_slices(session.predictor, session.view, session.store, nearest_first(center, session.view.n_slices)):
         yield ("slice", z)

@@ -1,6 +1,7 @@
 """Propagation from the widget: objects of the displayed slice spread through the stack."""
 
 import numpy as np
+import pytest
 from samcore.propagation import PropagationSettings
 
 # Random weights predict nothing meaningful: stop only on empty masks, to test the mechanics.
@@ -98,3 +99,23 @@ def test_embeddings_paused_for_a_propagation_resume_after_it(make_napari_viewer,
     # ... and continue afterwards: the propagation alone embeds only slices 5 to 7.
     qtbot.waitUntil(lambda: len(widget._session.store) == 12, timeout=60_000)
     widget.wait()  # the resumed worker ends before the viewer closes
+
+
+def test_the_views_menu_makes_new_embeddings_that_propagation_uses(sam, messages):
+    viewer, widget = sam
+    existing = np.zeros((4, 96, 96), np.uint32)
+    existing[2, 30:60, 30:60] = 5
+    objects = _objects(viewer, widget, existing)
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    one_view = widget._session
+    assert one_view.predictor.views == 1  # test weights: one view, as segment-anything
+    widget.set_model(views=2)
+    widget.load(block=True)
+    session = widget._session
+    assert session is not one_view and session.predictor.views == 2
+    assert session.store.key != one_view.store.key and session.store.get(2).views == 2
+    widget.propagate(block=True)  # decodes the session's two-view embeddings
+    assert not messages["error"] and (np.asarray(objects.data)[[1, 3]] == 5).any()
+    with pytest.raises(ValueError, match="views must be one of 0, 1, 2, 4"):
+        widget.set_model(views=3)
