@@ -87,7 +87,8 @@ class Propagation(BackgroundJob):
         if not ids:
             show_warning(f"SAM: slice {z} of '{layer.name}' holds no object; commit one on it first.")
             return False
-        predictor = Predictor(session.predictor.model, views=session.predictor.views)  # as the stored embeddings
+        # The session's views: those of the embeddings it stored.
+        predictor = Predictor(session.predictor.model, views=session.predictor.views)
         decoder = StackDecoder(predictor, session.view, session.store)
         try:
             job = propagate_iter(decoder, labels, ids, settings, self._cancel)

@@ -118,7 +118,8 @@ class AutoSegmentation(BackgroundJob):
         self._layer, self._slices, self._flat = layer, slices, z is None
         self._min_visible, self._known, self._next_id = settings.min_visible, {}, 1
         self._found, self._full, self._painted = 0, 0, []
-        predictor = Predictor(session.predictor.model, views=session.predictor.views)  # as the stored embeddings
+        # The session's views: those of the embeddings it stored.
+        predictor = Predictor(session.predictor.model, views=session.predictor.views)
         self._launch(
             _segment, predictor, session.view, session.store, slices, settings, link_overlap, self._cancel,
             status=f"Segmenting all objects {self._where()}…",

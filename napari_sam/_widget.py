@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 
 CHECKPOINT_CHOICE = "checkpoint file…"
 # The views menu: (label, Predictor views), 0 for the model's own number (2 for the bundled model).
-VIEW_CHOICES = [("model's choice", 0), ("1: the image", 1), ("2: + mirror image", 2), ("4: + 3 mirror images", 4)]
+VIEW_CHOICES = [
+    ("model's choice", 0), ("1: the image", 1), ("2: + mirror image", 2), ("4: + 3 mirror images", 4),
+]
 POINT_COLORS = {POSITIVE: "lime", NEGATIVE: "red"}
 KEYS = {
     "s": ("segment", "update the preview"),
@@ -68,8 +70,8 @@ class SamWidget(Container):
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"])
         self._views = ComboBox(
             label="views", choices=VIEW_CHOICES, value=0,
-            tooltip="average the masks of the image and its mirror images: better masks where one view's spill "
-            "into a neighbour, at one more embedding and decoding per view",
+            tooltip="average the masks of the image and its mirror images: better masks where one view's "
+            "spill into a neighbour, at one more embedding and decoding per view",
         )
         self._cache_dir = FileEdit(label="disk cache", mode="d", value="", tooltip="optional zarr folder for embeddings")
         self._load_button = PushButton(text="Compute embeddings")
@@ -162,7 +164,8 @@ class SamWidget(Container):
         if views is not None:
             allowed = [value for _, value in VIEW_CHOICES]
             if views not in allowed:
-                raise ValueError(f"views must be one of {', '.join(map(str, allowed))} (0: the model's choice), not {views!r}.")
+                choices = ", ".join(map(str, allowed))
+                raise ValueError(f"views must be one of {choices} (0: the model's choice), not {views!r}.")
             self._views.value = views
 
     def add_point(self, position, positive: bool = True) -> None:
@@ -272,7 +275,9 @@ class SamWidget(Container):
         cache_dir = str(self._cache_dir.value) if str(self._cache_dir.value) not in ("", ".") else None
         center = self._current_z(layer) or 0
         # Errors go to _on_error (a notification), not back into the event loop.
-        worker = thread_worker(_compute, ignore_errors=True)(session, layer, model_source, settings, cache_dir, center)
+        worker = thread_worker(_compute, ignore_errors=True)(
+            session, layer, model_source, settings, cache_dir, center
+        )
         self._progress = progress(total=0, desc="SAM embeddings")
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_done)
@@ -672,7 +677,8 @@ class _Session:
     """What belongs to one image layer and one model: the predictor, stack view and embeddings."""
 
     def __init__(self, layer, model_source, settings, predictor, view, store, model_name) -> None:
-        self.layer, self.model_source, self.settings = layer, model_source, settings  # settings: (device, views)
+        self.layer, self.model_source = layer, model_source
+        self.settings = settings  # (device, views)
         self.predictor, self.view, self.store, self.model_name = predictor, view, store, model_name
         self._current: int | None = None
 
