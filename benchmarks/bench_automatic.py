@@ -206,7 +206,8 @@ def print_memory(args: argparse.Namespace, model: torch.nn.Module, slices: int) 
     from samcore.synthetic import nuclei_image
 
     base, _ = nuclei_image((512, 512), n_nuclei=40, seed=0)
-    features, _ = embedding_geometry(model, (512, 512))
+    views = Predictor(model, precision="fp32").views  # what `napari-sam embed` stores: the model's views
+    features, _ = embedding_geometry(model, (512, 512), views)
     source = ["--model", args.model or "default"]
     if args.checkpoint:
         source = ["--checkpoint", str(args.checkpoint)]

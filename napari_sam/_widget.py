@@ -697,7 +697,9 @@ def _compute(session, layer, model_source, settings, cache_dir, center):
     `settings` is (device, views), views None for the model's own number.
     """
     from samcore import Predictor, load_model
-    from samcore.embeddings import EmbeddingStore, StackView, embed_slices, model_key, nearest_first, stack_key
+    from samcore.embeddings import (
+        EmbeddingStore, StackView, embed_slices, model_key, nearest_first, stack_key, store_path,
+    )
 
     if session is None:
         name, checkpoint = model_source
@@ -706,7 +708,7 @@ def _compute(session, layer, model_source, settings, cache_dir, center):
         view = StackView.of(layer.data, rgb=layer.rgb)
         predictor = Predictor(model, views=views)
         key = stack_key(view, model_key(model), predictor.views)
-        path = None if cache_dir is None else Path(cache_dir) / f"{layer.name}-{key[:12]}.zarr"
+        path = None if cache_dir is None else store_path(cache_dir, layer.name, key)
         store = EmbeddingStore(key, view.n_slices, path)
         label = name or Path(checkpoint).name
         session = _Session(layer, model_source, settings, predictor, view, store, label)

@@ -131,13 +131,13 @@ class Predictor:
         input_size = resized_shape(*original_size, self.model.img_size)
         resized = resize_uint8(rgb, input_size)
         features = []
-        for mirror_x, mirror_y in MIRRORS[: self.views]:  # mirrored after resizing: exact mirror images
-            view = resized[:: -1 if mirror_y else 1, :: -1 if mirror_x else 1]
-            pixels = torch.from_numpy(np.ascontiguousarray(view)).to(self.device)
-            pixels = pixels.permute(2, 0, 1)[None].float()
-            with torch.inference_mode(), autocast(self.precision, self.device):
-                features.append(self._encode(self.model.preprocess(pixels)).float())
-        return ImageEmbedding(torch.cat(features), original_size, input_size)
+        with torch.inference_mode(), autocast(self.precision, self.device):
+            for mirror_x, mirror_y in MIRRORS[: self.views]:  # mirrored after resizing: exact mirror images
+                view = resized[:: -1 if mirror_y else 1, :: -1 if mirror_x else 1]
+                pixels = torch.from_numpy(np.ascontiguousarray(view)).to(self.device)
+                pixels = pixels.permute(2, 0, 1)[None].float()
+                features.append(self._encode(self.model.preprocess(pixels)))
+        return ImageEmbedding(torch.cat(features).float(), original_size, input_size)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.precision != "int8":
@@ -281,11 +281,9 @@ class Predictor:
             logits to the original image.
         """
         embedding = self._current()
-        count = embedding.views if views is None else views
-        if count not in VIEWS or count > embedding.views:
-            raise ValueError(
-                f"views must be one of {VIEWS}, at most the embedding's {embedding.views}, not {views!r}."
-            )
+        count = embedding.views if views is None else check_views(views)
+        if count > embedding.views:
+            raise ValueError(f"views={views}: at most the embedding's {embedding.views} can be decoded.")
         with torch.inference_mode():
             _, contexts = self._decoding(embedding)
             low_res = scores = None
