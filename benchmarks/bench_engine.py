@@ -18,10 +18,13 @@ Run:  python benchmarks/bench_engine.py [--repeats 3]
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +44,7 @@ from weights import randomize_  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="timed embeddings per variant (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of timed embeddings (after one warm-up)")
     parser.add_argument("--prompts", type=int, default=40, help="objects used for mask IoU and decode timing")
     args = parser.parse_args()
 
@@ -53,41 +56,45 @@ def main() -> None:
     print_machine(weights_name, image)
 
     official = SamPredictor(official_model)
-    rows = [("official fp32", measure_embedding(lambda: official.set_image(image), args.repeats)[0])]
+    predictors = {precision: Predictor(ours_model, precision=precision) for precision in ("fp32", "bf16", "int8")}
+    runs = {"official": lambda: official.set_image(image)}
+    runs.update({precision: functools.partial(p.set_image, image) for precision, p in predictors.items()})
+    timings = measure_embeddings(runs, args.repeats)
+
     outputs = [official.predict(box=box, multimask_output=False) for box in boxes]
     reference = [masks[0] for masks, _, _ in outputs]
     with_masks = [(box, low_res) for box, (_, _, low_res) in zip(boxes, outputs)]  # (box, mask input) pairs
-    decode_official = time_decoding(lambda box: official.predict(box=box, multimask_output=False), boxes)
-    masked_official = time_decoding(lambda pair: official.predict(**masked(pair)), with_masks)
-
-    ours_rows = []
-    for precision in ("fp32", "bf16", "int8"):
-        predictor = Predictor(ours_model, precision=precision)
-        seconds, first = measure_embedding(lambda: predictor.set_image(image), args.repeats)
-        masks = [predictor.predict(box=box, multimask_output=False)[0][0] for box in boxes]
-        ious = [iou(a, b) for a, b in zip(reference, masks)]
-        name = f"ours {predictor.precision}"
-        if predictor.precision != precision:
-            name += f" ({precision} failed)"
-        ours_rows.append((name, seconds, float(np.mean(ious)), float(np.min(ious)), first))
-        if precision == "fp32":
-            decode_ours = time_decoding(lambda box: predictor.predict(box=box, multimask_output=False), boxes)
-            masked_ours = time_decoding(lambda pair: predictor.predict(**masked(pair)), with_masks)
+    fp32 = predictors["fp32"]
+    decode = time_decoding({"official": lambda box: official.predict(box=box, multimask_output=False),
+                            "ours": lambda box: fp32.predict(box=box, multimask_output=False)}, boxes)
+    with_mask = time_decoding({"official": lambda pair: official.predict(**masked(pair)),
+                               "ours": lambda pair: fp32.predict(**masked(pair))}, with_masks)
 
     auto = Predictor(ours_model).precision
-    print(f"\nViT-B image embedding, {image.shape[0]}x{image.shape[1]} image (median of {args.repeats}):")
-    print(f"  {'variant':<16}{'seconds':>9}{'speed-up':>10}{'mask IoU mean':>15}{'min':>7}{'first call':>12}")
-    base = rows[0][1]
-    print(f"  {rows[0][0]:<16}{base:>9.2f}{1.0:>9.2f}x{'1.000':>15}{'1.000':>7}")
-    for name, seconds, mean_iou, min_iou, first in ours_rows:
-        ratio = base / seconds
-        print(f"  {name:<16}{seconds:>9.2f}{ratio:>9.2f}x{mean_iou:>15.3f}{min_iou:>7.3f}{first:>11.1f}s")
+    base = timings["official"]
+    print(f"\nViT-B image embedding, {image.shape[0]}x{image.shape[1]} image, {args.repeats} rounds that time "
+          "every variant in turn (medians):")
+    print(f"  {'variant':<16}{'seconds':>9}{'speed-up':>10}{'per round':>16}{'mask IoU mean':>15}{'min':>7}"
+          f"{'first call':>12}")
+    print(f"  {'official fp32':<16}{statistics.median(base.seconds):>9.2f}{1.0:>9.2f}x{'':>16}{'1.000':>15}"
+          f"{'1.000':>7}{base.first:>11.1f}s")
+    for precision, predictor in predictors.items():
+        masks = [predictor.predict(box=box, multimask_output=False)[0][0] for box in boxes]
+        ious = [iou(a, b) for a, b in zip(reference, masks)]
+        name = f"ours {predictor.precision}" + ("" if predictor.precision == precision else f" ({precision} failed)")
+        timing = timings[precision]
+        ratios = [a / b for a, b in zip(base.seconds, timing.seconds)]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}x"
+        print(f"  {name:<16}{statistics.median(timing.seconds):>9.2f}{statistics.median(ratios):>9.2f}x"
+              f"{spread:>16}{np.mean(ious):>15.3f}{np.min(ious):>7.3f}{timing.first:>11.1f}s")
     print(f"  precision='auto' picks {auto} on this machine")
-    print(f"\nOne box prompt to full-resolution mask, cached embedding (median of {len(boxes)} prompts):")
+    print(f"\nOne box prompt to full-resolution mask, cached embedding (median of {len(boxes)} prompts, "
+          "each decoded by both in turn):")
     print(f"  {'':10} {'box':>9} {'box + mask input':>27}")
-    print(f"  official   {decode_official * 1000:7.1f} ms {masked_official * 1000:16.1f} ms")
-    print(f"  ours       {decode_ours * 1000:7.1f} ms {masked_ours * 1000:16.1f} ms")
-    print(f"  speed-up   {decode_official / decode_ours:8.2f}x {masked_official / masked_ours:17.2f}x")
+    print(f"  official   {decode['official'] * 1000:7.1f} ms {with_mask['official'] * 1000:16.1f} ms")
+    print(f"  ours       {decode['ours'] * 1000:7.1f} ms {with_mask['ours'] * 1000:16.1f} ms")
+    print(f"  speed-up   {decode['official'] / decode['ours']:8.2f}x "
+          f"{with_mask['official'] / with_mask['ours']:17.2f}x")
 
 
 def load_image() -> tuple[np.ndarray, np.ndarray]:
@@ -121,18 +128,33 @@ def object_boxes(labels: np.ndarray) -> list[np.ndarray]:
     return boxes
 
 
-def measure_embedding(run, repeats: int) -> tuple[float, float]:
-    """Median seconds of `repeats` calls after a first one, and the first one's seconds."""
+@dataclass
+class Timing:
+    """Seconds of one variant: its first call and one per round."""
+
+    first: float
+    seconds: list[float] = field(default_factory=list)
+
+
+def measure_embeddings(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
+    """Time each run once (first call), then `repeats` rounds in which every run is timed in turn.
+
+    Interleaving puts every variant under the same load: on a shared machine the speed drifts
+    over minutes, and timing one variant's repeats after another's would put the drift in the
+    ratio.
+    """
     with torch.inference_mode():
-        start = time.perf_counter()
-        run()
-        first = time.perf_counter() - start
-        times = []
+        timings = {name: Timing(timed(run)) for name, run in runs.items()}
         for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), first
+            for name, run in runs.items():
+                timings[name].seconds.append(timed(run))
+    return timings
+
+
+def timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def masked(pair: tuple[np.ndarray, np.ndarray]) -> dict:
@@ -141,16 +163,17 @@ def masked(pair: tuple[np.ndarray, np.ndarray]) -> dict:
     return {"box": box, "mask_input": mask_input, "multimask_output": False}
 
 
-def time_decoding(run, prompts: list) -> float:
-    """Median seconds of `run(prompt)` over the prompts, after three warm-up calls."""
+def time_decoding(runs: dict[str, Callable[[object], object]], prompts: list) -> dict[str, float]:
+    """Median seconds of each `run(prompt)` over the prompts, every run in turn on each prompt,
+    after three warm-up prompts."""
     for prompt in prompts[:3]:
-        run(prompt)
-    times = []
+        for run in runs.values():
+            run(prompt)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for prompt in prompts:
-        start = time.perf_counter()
-        run(prompt)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, run in runs.items():
+            times[name].append(timed(functools.partial(run, prompt)))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
