@@ -10,6 +10,7 @@ import torch
 
 import samcore
 from samcore.build import ARCHITECTURES, MicroConfig, build_sam, infer_architecture
+from samcore.modeling.micro_encoder import SelfAttention
 from samcore.preprocess import to_rgb_uint8
 from samcore.training import prompts as prompt_sim
 from samcore.training.checkpoints import export_weights
@@ -326,6 +327,31 @@ def test_micro_encoder_serves_the_predictor_on_any_image_shape(tiny_arch: str) -
     with torch.no_grad():
         low_res, scores = decode(model, embedding, prompts, multimask=True)
     assert low_res.shape == (1, 3, 16, 16) and scores.shape == (1, 3)
+
+
+@pytest.mark.parametrize("side", [8, 20])  # a window (plain products) and a whole grid (fused kernel)
+def test_micro_attention_matches_the_fused_kernel_and_trains(side: int) -> None:
+    torch.manual_seed(0)
+    attention = SelfAttention(dim=32, num_heads=4)
+    x = torch.randn(3, side, side, 32, requires_grad=True)
+    qkv = attention.qkv(x).reshape(3, side * side, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    fused = torch.nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+    expected = attention.proj(fused.transpose(1, 2).reshape(3, side, side, 32))
+    out = attention(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    assert x.grad is not None and attention.qkv.weight.grad.abs().sum() > 0
+
+
+def test_the_micro_encoder_gives_the_same_embedding_for_any_input_layout(tiny_arch: str) -> None:
+    encoder = build_sam(tiny_arch).eval().image_encoder
+    x = torch.randn(2, 3, encoder.img_size, encoder.img_size)
+    with torch.inference_mode():
+        plain = encoder(x)
+        channels_last = encoder(x.contiguous(memory_format=torch.channels_last))
+        strided = encoder(x.permute(0, 1, 3, 2).contiguous().transpose(2, 3))  # same values, other strides
+    torch.testing.assert_close(channels_last, plain)
+    torch.testing.assert_close(strided, plain)
 
 
 def test_a_stride_8_micro_encoder_gives_a_finer_grid_the_predictor_uses(monkeypatch: pytest.MonkeyPatch) -> None:
