@@ -468,6 +468,8 @@ class Mirror:
 
     def boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """(B, 4) XYXY model-input boxes, mirrored (corners reordered to stay XYXY)."""
+        if not (self.mirror_x or self.mirror_y):
+            return boxes
         corners = self.points(boxes.reshape(-1, 2, 2))
         return torch.cat([corners.amin(1), corners.amax(1)], dim=1)
 
