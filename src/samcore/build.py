@@ -79,6 +79,10 @@ class MicroConfig:
     stem_blocks: tuple[int, int] = (1, 2)
     img_size: int = 512
     stride: int = 16
+    # Training shows these encoders square scenes only, never SAM's zero padding; a non-square image
+    # is best continued by its own mirror image (on generated scenes cropped to 128x512, a box
+    # scored 0.584 mean IoU with zero padding and 0.803 mirrored, as much as on whole scenes).
+    padding: str = "mirror"
 
     def build(self) -> nn.Module:
         from .modeling.micro_encoder import MicroEncoder
@@ -136,7 +140,7 @@ def build_sam(arch: str | EncoderConfig) -> Sam:
     )
     transformer = TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, num_heads=8, mlp_dim=2048)
     mask_decoder = MaskDecoder(PROMPT_EMBED_DIM, transformer, num_multimask_outputs=3)
-    model = Sam(config.build(), prompt_encoder, mask_decoder)
+    model = Sam(config.build(), prompt_encoder, mask_decoder, padding=getattr(config, "padding", "zeros"))
     model.architecture = arch if isinstance(arch, str) else ""
     return model
 

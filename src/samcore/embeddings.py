@@ -83,8 +83,11 @@ def contrast_sample(stack: np.ndarray) -> np.ndarray:
 
 
 def model_key(model: torch.nn.Module) -> str:
-    """A short hash of a model's architecture and every weight."""
+    """A short hash of a model's architecture, every weight and how it pads its input."""
     digest = hashlib.blake2b(digest_size=16)
+    padding = getattr(model, "padding", "zeros")
+    if padding != "zeros":  # SAM's padding leaves the keys of stores made before there was a choice
+        digest.update(f"padding={padding}".encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())

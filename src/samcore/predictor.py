@@ -21,6 +21,7 @@ from .preprocess import to_rgb_uint8
 from .zoo import VIEWS
 
 LOW_RES_SIDE = 256  # side of SAM's low-resolution mask logits for a 1024 px model
+POINT_LABELS = (1, 0, -1)  # on the object, background, a point to ignore (SAM's padding)
 MIRRORS = ((False, False), (True, False), (False, True), (True, True))  # (x, y) reversed, per view
 
 
@@ -165,7 +166,17 @@ class Predictor:
         self._use(self.embed(image, image_format, channel_axis))
 
     def set_embedding(self, embedding: ImageEmbedding) -> None:
-        """Use a precomputed embedding (e.g. from a cache) as the current image."""
+        """Use a precomputed embedding (e.g. from a cache) as the current image.
+
+        Args:
+            embedding: An `ImageEmbedding`, as `embed` makes it: its features and the image sizes
+                they belong to (`get_image_embedding` gives the features alone).
+        """
+        if not isinstance(embedding, ImageEmbedding):
+            raise TypeError(
+                f"set_embedding takes an ImageEmbedding, which records the image's size along with its "
+                f"features (make one with predictor.embed(image)), not {type(embedding).__name__}."
+            )
         expected = (self.model.prompt_encoder.embed_dim, *self.model.prompt_encoder.image_embedding_size)
         if embedding.features.ndim != 4 or tuple(embedding.features.shape[1:]) != expected:
             raise ValueError(
@@ -204,7 +215,7 @@ class Predictor:
 
         Args:
             point_coords: (N, 2) XY points in original-image pixels.
-            point_labels: (N,) labels, 1 foreground and 0 background.
+            point_labels: (N,) labels, 1 foreground and 0 background (-1: ignored).
             box: (4,) XYXY box in original-image pixels.
             mask_input: (1, 256, 256) low-resolution logits from a previous prediction.
             multimask_output: Return 3 candidate masks (best for a single ambiguous click).
@@ -515,6 +526,12 @@ def _check_points(
     labels = np.asarray(point_labels)
     if labels.shape != (len(coords),):
         raise ValueError(f"point_labels must hold one label per point: {len(coords)} points, labels {labels.shape}.")
+    unknown = ~np.isin(labels, POINT_LABELS) if labels.dtype.kind in "biuf" else np.ones(len(labels), bool)
+    if unknown.any():
+        raise ValueError(
+            f"Point labels are 1 (on the object) or 0 (background), or -1 for a point to ignore, "
+            f"not {labels[np.argmax(unknown)]!r}."
+        )
     if not np.all(np.isfinite(coords)):
         raise ValueError("point_coords contain NaN or infinite values.")
     outside = (coords[:, 0] < 0) | (coords[:, 0] > width) | (coords[:, 1] < 0) | (coords[:, 1] > height)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from samcore import ImageEmbedding, Predictor, build_sam
+from samcore.embeddings import model_key
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,12 @@ def test_precomputed_embedding_gives_the_same_masks(predictor):
     np.testing.assert_array_equal(predictor.predict(**prompt)[0], expected)
 
 
+def test_the_features_alone_are_refused_with_a_pointer_to_embed(predictor):
+    predictor.set_image(np.zeros((40, 50), dtype=np.uint8))
+    with pytest.raises(TypeError, match=r"predictor.embed\(image\)"):
+        predictor.set_embedding(predictor.get_image_embedding())
+
+
 def test_embedding_from_another_model_is_refused(predictor):
     foreign = ImageEmbedding(torch.zeros(1, 256, 64, 64), (512, 512), (1024, 1024))
     with pytest.raises(ValueError, match="another model"):
@@ -64,6 +71,9 @@ def test_embedding_from_another_model_is_refused(predictor):
         ({"point_coords": np.array([[5.0, 5.0]])}, "point_labels"),
         ({"point_coords": np.array([5.0, 5.0]), "point_labels": np.array([1])}, r"\(N, 2\)"),
         ({"point_coords": np.array([[5.0, 5.0]]), "point_labels": np.array([1, 0])}, "one label per point"),
+        ({"point_coords": np.array([[5.0, 5.0]]), "point_labels": np.array([7])}, "Point labels are 1"),
+        ({"point_coords": np.array([[5.0, 5.0]]), "point_labels": np.array([0.5])}, "Point labels are 1"),
+        ({"point_coords": np.array([[5.0, 5.0]]), "point_labels": np.array(["on"])}, "Point labels are 1"),
         ({"box": np.array([40, 40, 10, 10])}, "inverted"),
         ({"box": np.array([400, 400, 500, 500])}, "outside"),
         ({"box": np.array([1, 2, 3])}, "4 finite numbers"),
@@ -244,3 +254,23 @@ def test_views_follow_the_model_and_embeddings_must_match_them():
     torch.testing.assert_close(first, alone.predict_low_res(None, None, box, multimask_output=False)[0])
     with pytest.raises(ValueError, match="at most the embedding's 2"):
         two.predict_low_res(None, None, box, views=4)
+
+
+def test_a_model_that_pads_with_the_mirror_image_fills_the_square_with_reflections() -> None:
+    model = build_sam("vit_test")
+    assert model.padding == "zeros"  # SAM's own padding for SAM's architectures
+    pixels = torch.arange(2 * 3, dtype=torch.float32).view(1, 1, 2, 3).expand(1, 3, 2, 3) * 40
+    zeros = model.preprocess(pixels)
+    assert zeros.shape == (1, 3, 256, 256) and (zeros[..., 2:, :] == 0).all() and (zeros[..., :, 3:] == 0).all()
+    model.padding = "mirror"
+    mirrored = model.preprocess(pixels)
+    inside = (pixels - model.pixel_mean) / model.pixel_std
+    assert torch.equal(mirrored[..., :2, :3], inside)
+    # Columns 0 1 2 | 2 1 0 | 0 1 2 ..., rows 0 1 | 1 0 | 0 1 ...
+    assert torch.equal(mirrored[..., :2, 3:6], inside.flip(-1))
+    assert torch.equal(mirrored[..., 2:4, :3], inside.flip(-2))
+    assert torch.equal(mirrored[..., 4:6, 6:9], inside)
+    # A store of embeddings made with one padding is not taken for the other's.
+    mirrored_key = model_key(model)
+    model.padding = "zeros"
+    assert model_key(model) != mirrored_key

@@ -13,6 +13,10 @@ from .prompt_encoder import PromptEncoder
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+#: How a non-square image is filled out to the square input: "zeros" after normalisation (SAM's
+#: way, what its weights were trained with), or "mirror", the image reflected at its edges, again
+#: and again where the gap is wider than the image.
+PADDINGS = ("zeros", "mirror")
 
 
 class Sam(nn.Module):
@@ -25,6 +29,7 @@ class Sam(nn.Module):
         mask_decoder: Predicts masks and IoU scores.
         pixel_mean: Per-channel mean of 0-255 RGB input, subtracted before encoding.
         pixel_std: Per-channel standard deviation, divided before encoding.
+        padding: One of `PADDINGS`: what fills the input square beyond a non-square image.
     """
 
     mask_threshold: float = 0.0
@@ -36,8 +41,12 @@ class Sam(nn.Module):
         mask_decoder: MaskDecoder,
         pixel_mean: Sequence[float] = PIXEL_MEAN,
         pixel_std: Sequence[float] = PIXEL_STD,
+        padding: str = "zeros",
     ) -> None:
         super().__init__()
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, not {padding!r}.")
+        self.padding = padding
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
@@ -58,10 +67,14 @@ class Sam(nn.Module):
         return self.pixel_mean.device
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise (B, 3, h, w) 0-255 RGB and pad it bottom-right to (B, 3, S, S)."""
+        """Normalise (B, 3, h, w) 0-255 RGB and pad it bottom-right to (B, 3, S, S) (see `padding`)."""
         x = (x - self.pixel_mean) / self.pixel_std
         height, width = x.shape[-2:]
-        return F.pad(x, (0, self.img_size - width, 0, self.img_size - height))
+        size = self.img_size
+        if self.padding == "mirror":
+            rows, columns = (_mirrored_indices(n, size, x.device) for n in (height, width))
+            return x.index_select(-2, rows).index_select(-1, columns)
+        return F.pad(x, (0, size - width, 0, size - height))
 
     def postprocess_masks(
         self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
@@ -79,3 +92,9 @@ class Sam(nn.Module):
         masks = F.interpolate(masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+
+
+def _mirrored_indices(length: int, size: int, device: torch.device) -> torch.Tensor:
+    """Indices 0..length-1 followed by their reflection, edge pixel repeated, up to `size` entries."""
+    position = torch.arange(size, device=device) % (2 * length)
+    return torch.where(position < length, position, 2 * length - 1 - position)
