@@ -7,7 +7,9 @@ is the napari layer's name).
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,24 +20,72 @@ from .embeddings import EmbeddingStore, StackView, stack_key, store_path
 from .jobs import embed_stack, segment_stack
 from .predictor import Predictor
 from .progress import Job, Progress, T, run
+from .zoo import VIEWS
 
 if TYPE_CHECKING:
     from distributed import Client
 
 IMAGE_SUFFIXES = (".tif", ".tiff")
+LABELS_SUFFIX = "_labels"  # `NAME_labels.tif`: the labels `auto` writes beside `NAME.tif`
 
 
-def input_files(path: Path) -> list[Path]:
-    """The TIFF file at `path`, or the TIFF files of the folder `path`, sorted by name."""
+def input_files(path: Path) -> tuple[list[Path], dict[Path, Path]]:
+    """The TIFF file at `path`, or the TIFF files of the folder `path`, sorted by name.
+
+    Returns:
+        The inputs, and the files of the folder left out because napari-sam wrote them, each with
+        its image: the labels `NAME_labels.tif` of an image `NAME.tif` (or `.tiff`) beside them.
+    """
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        tiffs = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        by_stem = {p.stem: p for p in tiffs}
+        written = {p: by_stem[p.stem.removesuffix(LABELS_SUFFIX)] for p in tiffs
+                   if p.stem.endswith(LABELS_SUFFIX) and p.stem.removesuffix(LABELS_SUFFIX) in by_stem}
+        files = [p for p in tiffs if p not in written]
         if not files:
-            raise FileNotFoundError(f"The folder {path} holds no .tif or .tiff files.")
-        return files
+            raise FileNotFoundError(f"The folder {path} holds no .tif or .tiff files"
+                                    + (" other than labels napari-sam wrote." if written else "."))
+        return files, written
     if not path.is_file():
         raise FileNotFoundError(f"No file or folder at {path}.")
-    return [path]
+    return [path], {}
+
+
+def check_shape(shape: tuple[int, ...]) -> None:
+    """Refuse the shape of an image that napari-sam cannot segment, with the shapes it reads.
+
+    The message follows the file's name and a colon on the command line.
+    """
+    rgb = guess_rgb_shape(shape)
+    if len(shape) - rgb not in (2, 3):
+        raise ValueError(
+            f"this is a {len(shape)}D image of shape {tuple(shape)}, but napari-sam reads 2D images (Y, X), "
+            "RGB images (Y, X, 3 or 4), stacks (Z, Y, X) and RGB stacks (Z, Y, X, 3 or 4). "
+            "Save one channel or time point per file first."
+        )
+    height, width = shape[-3:-1] if rgb else shape[-2:]
+    if height < 2 or width < 2:
+        raise ValueError(f"the image of shape {tuple(shape)} is too small: each side needs 2 pixels or more.")
+
+
+def check_image_file(path: Path) -> tuple[int, ...]:
+    """The shape of a TIFF, read from its header only; refuses a file napari-sam cannot segment.
+
+    The message follows the file's name and a colon on the command line.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            series = tiff.series[0]
+            shape, dtype = tuple(series.shape), np.dtype(series.dtype)
+    except (ValueError, IndexError, OSError) as error:  # tifffile.TiffFileError is a ValueError
+        raise ValueError(f"it cannot be read as a TIFF file ({error}).") from None
+    if dtype.kind not in "buif":
+        raise ValueError(f"its pixels are of type {dtype}; napari-sam reads whole or real numbers.")
+    check_shape(shape)
+    return shape
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -50,7 +100,12 @@ def read_image(path: Path) -> np.ndarray:
 
 def guess_rgb(image: np.ndarray) -> bool:
     """napari's guess: an image of 3 or more axes whose last axis has 3 or 4 entries is RGB(A)."""
-    return image.ndim >= 3 and image.shape[-1] in (3, 4)
+    return guess_rgb_shape(image.shape)
+
+
+def guess_rgb_shape(shape: tuple[int, ...]) -> bool:
+    """`guess_rgb` from an image's shape alone."""
+    return len(shape) >= 3 and shape[-1] in (3, 4)
 
 
 def open_view(path: Path) -> tuple[StackView, tuple[int, ...]]:
@@ -77,17 +132,69 @@ def open_store(
         return None
     key = stack_key(view, model_id, views)
     path = store if store is not None else store_path(cache_dir, name, key)
+    _check_views(path, key, view, model_id, views)
     return EmbeddingStore(key, view.n_slices, path, cache_slices=2)
+
+
+def _check_views(path: Path, key: str, view: StackView, model_id: str, views: int) -> None:
+    """Refuse a store of this stack and model made with another number of views, saying so."""
+    if not Path(path).is_dir():
+        return
+    import zarr
+
+    try:
+        found = zarr.open_group(str(path), mode="r").attrs.get("key")
+    except (ValueError, OSError):  # no store: `EmbeddingStore` refuses the folder with its own message
+        return
+    if found == key:
+        return
+    for other in VIEWS:
+        if other != views and found == stack_key(view, model_id, other):
+            raise ValueError(
+                f"the embedding store {path} was made with --views {other}, and this run uses "
+                f"--views {views}. Give --views {other}, or another store."
+            )
 
 
 def labels_path(image: Path, output: Path | None, several: bool) -> Path:
     """Where the labels of `image` go: `output` itself for one file, else `<stem>_labels.tif` in a folder."""
-    name = f"{image.stem}_labels.tif"
+    name = f"{image.stem}{LABELS_SUFFIX}.tif"
     if output is None:
         return image.with_name(name)
     if several or output.is_dir() or output.suffix.lower() not in IMAGE_SUFFIXES:
         return output / name
     return output
+
+
+def refuse_input(output: Path, inputs: Iterable[Path], what: str | None = None) -> None:
+    """Refuse to write `output` over one of the command's inputs (the same file by any name).
+
+    `what` names the output in the message, e.g. "-o labels.tif"; by default its path.
+    """
+    if not output.exists():
+        return
+    for source in inputs:
+        if source.exists() and os.path.samefile(output, source):
+            same = "" if Path(output) == Path(source) else f" (the same file as {source})"
+            raise ValueError(
+                f"{what or output} is an input of this command{same}; napari-sam never writes over its "
+                "inputs, even with --overwrite. Choose another name."
+            )
+
+
+def check_writable(path: Path, folder: bool = False, what: str | None = None) -> None:
+    """Refuse a file (`folder`: a folder) that could not be written: a file where a folder of its
+    path has to be, or a folder without write permission. Missing folders are fine (they are made).
+
+    `what` names the path in the message, e.g. "--cache-dir emb"; by default the path itself.
+    """
+    existing = Path(path) if folder else Path(path).parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"Cannot write {what or path}: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"Cannot write {what or path}: no permission to write in the folder {existing}.")
 
 
 def write_labels(path: Path, labels: np.ndarray) -> None:
@@ -143,14 +250,18 @@ def auto_file(
     return int(labels.max(initial=0))
 
 
-def with_progress_bar(job: Job[T], description: str) -> T:
-    """Run a job with a progress bar on stderr: one tick per slice, the point batches alongside."""
+def with_progress_bar(job: Job[T], description: str, unit: str = "slice") -> T:
+    """Run a job with a progress bar on stderr: one tick per `unit` done, the point batches alongside.
+
+    Ticks count the steps of the stages "embedding", "slices" and "propagation" (`PropagationProgress`,
+    whose steps are object-slices).
+    """
     from tqdm import tqdm
 
-    with tqdm(desc=description, unit="slice", file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
 
         def show(step: Progress) -> None:
-            if step.stage in ("embedding", "slices"):
+            if step.stage in ("embedding", "slices", "propagation"):
                 bar.total = step.total
                 bar.update(step.done - bar.n)
             elif step.stage == "masks":

@@ -7,14 +7,26 @@ i.e. `--point Y X` and `--box Y0 X0 Y1 X1`, with `--slice Z` picking a slice of 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from .precision import PRECISIONS
 from .zoo import VIEWS
+
+if TYPE_CHECKING:
+    from .predictor import Predictor
+    from .progress import Job
+    from .slice_decoder import SliceDecoder
+
+TIFF_SUFFIXES = (".tif", ".tiff")  # samcore.batch.IMAGE_SUFFIXES, without importing torch for --help
 
 EXAMPLES = """examples:
   napari-sam demo --model vit_b_lm
@@ -39,19 +51,59 @@ BATCH_EXAMPLES = """examples:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `napari-sam`; returns the process exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
     try:
-        return args.run(args)
+        parser = _parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        code = args.run(args)
+        sys.stdout.flush()  # a reader that has gone is found here, not in Python's flush at exit
+        return code
+    except BrokenPipeError:  # `napari-sam models | head -3`: the reader is gone, nothing to say
+        _silence_stdout()
+        return 128 + 13  # as a program ended by SIGPIPE
     except (ValueError, TypeError, LookupError, OSError, RuntimeError) as error:
-        print(f"napari-sam: error: {error}", file=sys.stderr)
+        print(f"napari-sam: error: {_describe(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("napari-sam: interrupted", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so that Python's last flush at exit does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (tests capture it)
+        pass
+
+
+def _describe(error: BaseException) -> str:
+    """The error as a sentence; a system error names its path and the problem, not its errno."""
+    if not isinstance(error, OSError) or error.filename is None or error.strerror is None:
+        return str(error)
+    path = error.filename
+    if isinstance(error, FileExistsError):
+        text = f"{path} is a file, where napari-sam needs a folder"
+    elif isinstance(error, NotADirectoryError):
+        blocking = next((p for p in Path(path).parents if p.is_file()), None)
+        where = "a file is in the way" if blocking is None else f"{blocking} is a file"
+        text = f"Cannot use {path}: {where}, where napari-sam needs a folder"
+    elif isinstance(error, IsADirectoryError):
+        text = f"{path} is a folder, where napari-sam needs a file"
+    elif isinstance(error, FileNotFoundError):
+        text = f"{path} does not exist"
+    elif isinstance(error, PermissionError):
+        text = f"No permission to use {path}"
+    else:
+        text = f"Cannot use {path}: {error.strerror}"
+    from .download import CACHE_ENV_VAR
+
+    cache = os.environ.get(CACHE_ENV_VAR)
+    if cache and str(path).startswith(cache):
+        text += f" ({CACHE_ENV_VAR} is set to {cache}: it must name a folder for model weights)"
+    return text + "."
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,11 +115,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    models = commands.add_parser("models", help="list the models and whether their weights are on this computer")
+    models = commands.add_parser(
+        "models", help="list the models and whether their weights are on this computer"
+    )
     models.set_defaults(run=_run_models)
 
-    demo = commands.add_parser("demo", help="open napari on a sample stack with the SAM widget (needs napari)")
-    demo.add_argument("--sample", default="synthetic_nuclei_3d", choices=["synthetic_nuclei_3d", "synthetic_nuclei_2d"])
+    demo = commands.add_parser(
+        "demo", help="open napari on a sample stack with the SAM widget (needs napari)"
+    )
+    demo.add_argument(
+        "--sample", default="synthetic_nuclei_3d", choices=["synthetic_nuclei_3d", "synthetic_nuclei_2d"]
+    )
     _model_options(demo, precision=False)
     demo.set_defaults(run=_run_demo)
 
@@ -79,20 +137,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     source = segment.add_mutually_exclusive_group(required=True)
     source.add_argument("image", nargs="?", type=Path, help="a TIFF (or other image) file: YX, YXC or ZYX")
-    source.add_argument("--sample", choices=["nuclei"], help="use a built-in synthetic sample instead of a file")
+    source.add_argument("--sample", choices=["nuclei"],
+                        help="use a built-in synthetic sample instead of a file")
     segment.add_argument("--slice", type=int, help="Z index, for a (Z, Y, X) stack")
     segment.add_argument("--point", nargs=2, type=float, action="append", default=[], metavar=("Y", "X"),
                          help="a click on the object (repeatable)")
     segment.add_argument("--negative", nargs=2, type=float, action="append", default=[], metavar=("Y", "X"),
                          help="a click on background to exclude (repeatable)")
-    segment.add_argument("--box", nargs=4, type=float, metavar=("Y0", "X0", "Y1", "X1"), help="a box around the object")
+    segment.add_argument("--box", nargs=4, type=float, metavar=("Y0", "X0", "Y1", "X1"),
+                         help="a box around the object: its top-left corner, then its bottom-right one")
     segment.add_argument("--prompts", type=Path, metavar="PROMPTS.json",
                          help='objects to segment, as JSON: {"objects": [{"id": 1, "points": [[z, y, x]], '
                               '"negative": [[z, y, x]], "boxes": [[[z, y0, x0], [z, y1, x1]]]}]}; '
                               "writes labels of the image's shape")
     segment.add_argument("--propagate", action="store_true",
-                         help="with --prompts: extend each object up and down the stack from its prompted slices")
-    segment.add_argument("--mode", help="with --propagate: how each slice is prompted: box+mask, box or points")
+                         help="with --prompts: extend each object up and down the stack from its "
+                              "prompted slices")
+    segment.add_argument("--mode",
+                         help="with --propagate: how each slice is prompted: box+mask, box or points")
     segment.add_argument("--z-range", nargs=2, type=int, metavar=("FIRST", "LAST"),
                          help="with --propagate: the slices it may fill (inclusive)")
     segment.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
@@ -100,6 +162,8 @@ def _parser() -> argparse.ArgumentParser:
                               "(default: the model's choice, on for the bundled model; --prompts: once)")
     segment.add_argument("-o", "--output", type=Path, required=True,
                          help="labels TIFF to write (the image's shape; the slice's with --slice)")
+    segment.add_argument("--overwrite", action="store_true",
+                         help="replace the output file if it exists (never one of the inputs)")
     _model_options(segment)
     segment.set_defaults(run=_run_segment)
 
@@ -113,8 +177,10 @@ def _parser() -> argparse.ArgumentParser:
     option("--overwrite", action="store_true", help="redo inputs whose labels file exists")
     option("--points-per-side", type=int, help="point grid along each side (default 32)")
     option("--points-per-batch", type=int, help="points decoded at once (default 64)")
-    option("--min-iou", type=float, dest="min_predicted_iou", help="least predicted IoU (default 0.88, the model's own where it has one)")
-    option("--min-stability", type=float, help="least stability score (default 0.95, the model's own where it has one)")
+    option("--min-iou", type=float, dest="min_predicted_iou",
+           help="least predicted IoU (default 0.88, the model's own where it has one)")
+    option("--min-stability", type=float,
+           help="least stability score (default 0.95, the model's own where it has one)")
     option("--min-area", type=int, help="smaller holes and islands are removed (default 25 pixels)")
     option("--crop-layers", type=int, help="extra layers of 2x2, 4x4... crops for small objects (default 0)")
     option("--link-overlap", type=float, default=0.5,
@@ -147,8 +213,8 @@ def _model_options(parser: argparse.ArgumentParser, precision: bool = True) -> N
     if precision:
         parser.add_argument(
             "--precision", default="auto", choices=PRECISIONS,
-            help="encoder precision; auto: bf16 where this machine runs it faster than fp32, else fp32; int8: "
-            "ViT models on CPUs where auto gives fp32 (compiles on first use)",
+            help="encoder precision; auto: bf16 where this machine runs it faster than fp32, else fp32; "
+            "int8: ViT models on CPUs where auto gives fp32 (compiles on first use)",
         )
         parser.add_argument(
             "--views", type=int, choices=VIEWS,
@@ -163,7 +229,8 @@ def _run_models(args: argparse.Namespace) -> int:
     print(f"{'name':<22} {'architecture':<12} {'on disk':<8} description")
     for status in list_models():
         entry = status.entry
-        print(f"{entry.name:<22} {entry.architecture:<12} {'yes' if status.cached else 'no':<8} {entry.description}")
+        on_disk = "yes" if status.cached else "no"
+        print(f"{entry.name:<22} {entry.architecture:<12} {on_disk:<8} {entry.description}")
     return 0
 
 
@@ -173,7 +240,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     try:  # the plugin, by name: the engine itself never imports napari
         demo = importlib.import_module("napari_sam._demo")
     except ImportError as error:
-        raise RuntimeError(f"The demo needs napari and a Qt binding: pip install 'napari-sam[all]' ({error}).") from error
+        raise RuntimeError(
+            f"The demo needs napari and a Qt binding: pip install 'napari-sam[all]' ({error})."
+        ) from error
     checkpoint = None if args.checkpoint is None else str(args.checkpoint)
     return demo.main(args.model, checkpoint, args.device, args.sample)
 
@@ -181,36 +250,30 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _run_segment(args: argparse.Namespace) -> int:
     import tifffile
 
-    from .loading import load_model
-    from .predictor import Predictor
-
     if args.prompts is not None:
         if args.refine is not None:
             raise ValueError("--refine works on --point and --box; --prompts decodes each slice once.")
         return _run_prompts(args)
     if args.propagate or args.mode or args.z_range:
         raise ValueError("--propagate, --mode and --z-range work on the objects of a --prompts file.")
-    image = _read_slice(args)
     if not (args.point or args.negative or args.box):
         raise ValueError("Give at least one prompt: --point Y X, --negative Y X or --box Y0 X0 Y1 X1.")
-    coords = [(x, y) for y, x in args.point + args.negative]
-    labels = [1] * len(args.point) + [0] * len(args.negative)
-    box = None if args.box is None else np.array([args.box[1], args.box[0], args.box[3], args.box[2]])
+    if not (args.point or args.box):
+        raise ValueError("--negative marks background only: add a point on the object (--point Y X) "
+                         "or a box around it (--box Y0 X0 Y1 X1).")
+    _check_output(args)
+    image = _read_slice(args)
+    coords, labels, box = _engine_prompts(args, *image.shape[:2])
 
     started = time.perf_counter()
-    model = load_model(args.model, args.checkpoint, args.device)
-    predictor = Predictor(model, precision=args.precision, refine=args.refine, views=args.views)
-    passes = "refined" if predictor.refine else "one pass"
-    print(f"model {model.architecture or 'custom'} on {predictor.device} "
-          f"({predictor.precision}, {passes}, {_views_text(predictor.views)})", file=sys.stderr)
-    predictor.set_image(image)
-    embedded = time.perf_counter()
-    masks, scores, _ = predictor.predict(
-        point_coords=np.array(coords) if coords else None,
-        point_labels=np.array(labels) if coords else None,
-        box=box,
-        multimask_output=len(coords) == 1 and box is None,
-    )
+    predictor = _load_predictor(args, refine=args.refine, show_refine=True)
+    with _naming(args.image):
+        predictor.set_image(image)
+        embedded = time.perf_counter()
+        one_click = coords is not None and len(coords) == 1 and box is None  # ambiguous: best of 3 masks
+        masks, scores, _ = predictor.predict(
+            point_coords=coords, point_labels=labels, box=box, multimask_output=one_click
+        )
     best = int(np.argmax(scores))
     mask = masks[best]
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -226,32 +289,41 @@ def _run_segment(args: argparse.Namespace) -> int:
 def _run_prompts(args: argparse.Namespace) -> int:
     import tifffile
 
+    from .batch import guess_rgb, with_progress_bar
     from .embeddings import StackView
     from .key_slices import segment_key_slices
-    from .loading import load_model
-    from .predictor import Predictor
-    from .progress import run
     from .prompts_file import read_prompts
     from .propagation import PropagationSettings, check_z_range, propagate_iter
     from .slice_decoder import StackDecoder
 
     if args.slice is not None or args.point or args.negative or args.box:
-        raise ValueError("--prompts replaces --slice, --point, --negative and --box: put every prompt in the file.")
-    image = _read_slice(args)
-    rgb = image.ndim == 4 or (image.ndim == 3 and image.shape[-1] in (3, 4))
-    view = StackView.of(image, rgb=rgb)
+        raise ValueError("--prompts replaces --slice, --point, --negative and --box: "
+                         "put every prompt in the file.")
+    if not args.propagate and (args.mode or args.z_range):
+        raise ValueError("--mode and --z-range say how --propagate fills the stack: add --propagate, "
+                         "or leave them out.")
+    _check_output(args)
+    image = _read_image(args)
+    rgb = guess_rgb(image)
+    with _naming(args.image):
+        view = StackView.of(image, rgb=rgb)
     objects = read_prompts(args.prompts, image.shape[:-1] if rgb else image.shape)
     z_range = None if args.z_range is None else check_z_range(args.z_range, view.n_slices)
     settings = PropagationSettings(**({"mode": args.mode} if args.mode else {}), z_range=z_range)
-    model = load_model(args.model, args.checkpoint, args.device)
-    predictor = Predictor(model, precision=args.precision, views=args.views)
-    decoder = StackDecoder(predictor, view)
-    labels = segment_key_slices(decoder, objects)
+    decoder = StackDecoder(_load_predictor(args), view)
+    name = "sample" if args.image is None else args.image.name
+    prompted = sorted({s.z for o in objects for s in o.slices})
+    with _naming(args.image):
+        with_progress_bar(_embed_slices(decoder, prompted), f"{name}: prompted slices")
+        labels = segment_key_slices(decoder, objects)
     found = [o.object_id for o in objects if (labels == o.object_id).any()]
     for object_id in sorted({o.object_id for o in objects} - set(found)):
-        print(f"napari-sam: object {object_id}: its prompts gave an empty mask; it is left out.", file=sys.stderr)
+        print(f"napari-sam: object {object_id}: its prompts gave an empty mask; it is left out.",
+              file=sys.stderr)
     if args.propagate and found:
-        labels = run(propagate_iter(decoder, labels, found, settings)).labels
+        with _naming(args.image):
+            job = propagate_iter(decoder, labels, found, settings)
+            labels = with_progress_bar(job, f"{name}: propagation", unit="object-slice").labels
     labels = labels.reshape(image.shape[:-1] if rgb else image.shape)  # a 2D image stays 2D
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(args.output, labels, compression="zlib")
@@ -262,21 +334,51 @@ def _run_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _naming(image: Path | None) -> Iterator[None]:
+    """Name the image file in the errors of the work on it (the engine's messages say "the image")."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        if image is None:
+            raise
+        raise ValueError(f"{image}: {error}") from error
+
+
+def _embed_slices(decoder: SliceDecoder, slices: list[int]) -> Job[None]:
+    """Embed the slices a `StackDecoder` misses, yielding progress after each."""
+    from .progress import Progress
+
+    for done, z in enumerate(slices, start=1):
+        if not decoder.has_embedding(z):
+            decoder.embed(z)
+        yield Progress("embedding", done, len(slices), z)
+
+
+class _Setup(NamedTuple):
+    """What every file of a batch is processed with."""
+
+    predictor: Predictor
+    model_id: str
+    client: object  # a dask.distributed.Client, or None without --scheduler
+
+
 def _run_embed(args: argparse.Namespace) -> int:
     from . import batch
 
     if args.cache_dir is None and args.store is None:
         raise ValueError("Say where embeddings go: --cache-dir DIR or --store FOLDER.zarr.")
-    files, predictor, model_id, client = _batch_setup(args)
-    try:
-        for path in files:
-            job = batch.embed_file(path, predictor, model_id, args.cache_dir, args.store, client)
-            folder, computed = batch.with_progress_bar(job, path.name)
-            print(f"{folder}: {computed} slices computed", file=sys.stderr)
-    finally:
-        if client is not None:
-            client.close()
-    return 0
+    files = _batch_inputs(args)
+    readable, failed = _readable(files)
+
+    def embed(path: Path, setup: _Setup) -> None:
+        job = batch.embed_file(
+            path, setup.predictor, setup.model_id, args.cache_dir, args.store, setup.client
+        )
+        folder, computed = batch.with_progress_bar(job, path.name)
+        print(f"{folder}: {computed} slices computed", file=sys.stderr)
+
+    return _run_files(args, readable, failed, len(files), embed)
 
 
 def _run_auto(args: argparse.Namespace) -> int:
@@ -286,69 +388,262 @@ def _run_auto(args: argparse.Namespace) -> int:
     names = ("points_per_side", "points_per_batch", "min_predicted_iou", "min_stability", "min_area")
     given = {name: getattr(args, name) for name in (*names, "crop_layers") if getattr(args, name) is not None}
     AutoSettings(**given)  # bad values are refused before the model loads
-    files, predictor, model_id, client = _batch_setup(args)
-    settings = AutoSettings.for_model(predictor.model, **given)
-    try:
-        for path in files:
-            output = batch.labels_path(path, args.output, len(files) > 1 or args.input.is_dir())
-            if output.exists() and not args.overwrite:
-                print(f"{output} exists: skipped (--overwrite to redo it)", file=sys.stderr)
-                continue
-            job = batch.auto_file(path, output, predictor, model_id, settings, args.link_overlap,
-                                  args.cache_dir, args.store, client)
-            count = batch.with_progress_bar(job, path.name)
-            print(f"wrote {output}: {count} objects", file=sys.stderr)
-    finally:
-        if client is not None:
-            client.close()
-    return 0
+    if not 0 < args.link_overlap <= 1:
+        raise ValueError(f"--link-overlap is a fraction of the smaller object, above 0 and at most 1, "
+                         f"not {args.link_overlap:g}.")
+    files = _batch_inputs(args)
+    several = args.input.is_dir()
+    _check_labels_option(args, several)
+    sources = [*files, *([args.checkpoint] if args.checkpoint else [])]
+    outputs: dict[Path, Path] = {}
+    failed: list[Path] = []
+    for path in files:
+        output = batch.labels_path(path, args.output, several)
+        try:
+            batch.refuse_input(output, sources, f"its labels file {output}")
+            if output.is_dir():
+                raise ValueError(f"its labels go to {output}, which is a folder.")
+            taken = next((other for other, planned in outputs.items() if planned == output), None)
+            if taken is not None:
+                raise ValueError(f"its labels would go to {output}, as those of {taken.name}: "
+                                 "rename one of them.")
+        except ValueError as error:
+            _file_error(path, error)
+            failed.append(path)
+            continue
+        if output.exists() and not args.overwrite:
+            print(f"{output} exists: skipped (--overwrite to redo it)", file=sys.stderr)
+            continue
+        outputs[path] = output
+    readable, unreadable = _readable(list(outputs))
+
+    def segment(path: Path, setup: _Setup) -> None:
+        settings = AutoSettings.for_model(setup.predictor.model, **given)
+        job = batch.auto_file(path, outputs[path], setup.predictor, setup.model_id, settings,
+                              args.link_overlap, args.cache_dir, args.store, setup.client)
+        count = batch.with_progress_bar(job, path.name)
+        print(f"wrote {outputs[path]}: {count} objects", file=sys.stderr)
+
+    return _run_files(args, readable, failed + unreadable, len(files), segment)
 
 
-def _batch_setup(args: argparse.Namespace) -> tuple[list[Path], object, str, object]:
-    """The input files, a predictor, its model's key and a Dask client (None without --scheduler)."""
-    from .batch import input_files
-    from .embeddings import model_key
-    from .loading import load_model
-    from .predictor import Predictor
+def _batch_inputs(args: argparse.Namespace) -> list[Path]:
+    """The input files of `embed` and `auto`, once their store options are checked (before the model
+    loads)."""
+    from .batch import check_writable, input_files, refuse_input
 
-    files = input_files(args.input)
+    files, written = input_files(args.input)
+    for path, image in written.items():
+        print(f"skipped {path}: the labels napari-sam wrote for {image.name}", file=sys.stderr)
     if args.store is not None and args.cache_dir is not None:
         raise ValueError("Give --store (one input's store) or --cache-dir (a folder of stores), not both.")
     if args.store is not None and args.input.is_dir():
         raise ValueError("--store names the store of one input file; for a folder of inputs use --cache-dir.")
-    model = load_model(args.model, args.checkpoint, args.device)
-    predictor = Predictor(model, precision=args.precision, views=args.views)
-    print(f"model {model.architecture or 'custom'} on {predictor.device} "
-          f"({predictor.precision}, {_views_text(predictor.views)})", file=sys.stderr)
+    if args.store is not None:
+        refuse_input(args.store, files, f"--store {args.store}")
+        check_writable(args.store, folder=True, what=f"--store {args.store}")
+    if args.cache_dir is not None:
+        check_writable(args.cache_dir, folder=True, what=f"--cache-dir {args.cache_dir}")
+    return files
+
+
+def _readable(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """The files napari-sam can read, by their TIFF headers, and the others (reported)."""
+    from .batch import check_image_file
+
+    readable, failed = [], []
+    for path in files:
+        try:
+            check_image_file(path)
+        except ValueError as error:
+            _file_error(path, error)
+            failed.append(path)
+        else:
+            readable.append(path)
+    return readable, failed
+
+
+def _run_files(
+    args: argparse.Namespace, files: list[Path], failed: list[Path], total: int,
+    work: Callable[[Path, _Setup], None],
+) -> int:
+    """Load the model (if there is work) and do `work` on each file; a failed file is reported and
+    the others go on. Returns the exit code: 1 if any file failed, with a summary for a folder."""
+    failed = list(failed)
+    if files:
+        setup = _batch_setup(args)
+        try:
+            for path in files:
+                try:
+                    work(path, setup)
+                except (ValueError, TypeError, LookupError, OSError, RuntimeError) as error:
+                    _file_error(path, error)
+                    failed.append(path)
+        finally:
+            if setup.client is not None:
+                setup.client.close()
+    if failed and args.input.is_dir():
+        names = ", ".join(sorted(path.name for path in failed))
+        print(f"napari-sam: {len(failed)} of {total} files failed: {names}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _file_error(path: Path, error: BaseException) -> None:
+    print(f"napari-sam: error: {path}: {_describe(error)}", file=sys.stderr)
+
+
+def _batch_setup(args: argparse.Namespace) -> _Setup:
+    """A predictor, its model's key and a Dask client (None without --scheduler)."""
+    from .embeddings import model_key
+
+    predictor = _load_predictor(args)
     client = None
     if args.scheduler:
         from .distributed import connect
 
         client = connect(args.scheduler)
-    return files, predictor, model_key(model), client
+    return _Setup(predictor, model_key(predictor.model), client)
+
+
+def _load_predictor(
+    args: argparse.Namespace, refine: bool | None = None, show_refine: bool = False
+) -> Predictor:
+    """The model and predictor the options ask for, announced on stderr before any work."""
+    from .loading import load_model
+    from .predictor import Predictor
+
+    model = load_model(args.model, args.checkpoint, args.device)
+    predictor = Predictor(model, precision=args.precision, refine=refine, views=args.views)
+    passes = ("refined, " if predictor.refine else "one pass, ") if show_refine else ""
+    print(f"model {model.architecture or 'custom'} on {predictor.device} "
+          f"({predictor.precision}, {passes}{_views_text(predictor.views)})", file=sys.stderr)
+    return predictor
 
 
 def _views_text(views: int) -> str:
     return "1 view" if views == 1 else f"{views} mirrored views"
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse the -o of `segment` before any work: a folder, not a TIFF name, an input, an existing
+    file without --overwrite, or a place it cannot be written."""
+    from .batch import check_writable, refuse_input
+
+    output = args.output
+    if output.is_dir():
+        raise ValueError(f"-o {output} is a folder; give a file name, such as {output / 'labels.tif'}.")
+    if output.suffix.lower() not in TIFF_SUFFIXES:
+        raise ValueError(f"-o {output}: labels are written as TIFF; give a name ending in .tif or .tiff.")
+    inputs = [path for path in (args.image, args.prompts, args.checkpoint) if path is not None]
+    refuse_input(output, inputs, f"-o {output}")
+    if output.exists() and not args.overwrite:
+        raise ValueError(f"-o {output} exists; give another name, or --overwrite to replace it.")
+    check_writable(output, what=f"-o {output}")
+
+
+def _check_labels_option(args: argparse.Namespace, several: bool) -> None:
+    """Refuse an -o of `auto` that cannot hold its labels: a TIFF name for a folder of inputs, a
+    name of another format for one input, or a place it cannot be written."""
+    from .batch import check_writable
+
+    output = args.output
+    if output is None or output.is_dir():
+        return
+    tiff = output.suffix.lower() in TIFF_SUFFIXES
+    if several and (tiff or output.exists()):
+        raise ValueError(f"-o {output} names a file, but {args.input} is a folder of inputs: "
+                         "give a folder for their labels.")
+    if not several and not tiff and (output.exists() or output.suffix):
+        raise ValueError(f"-o {output}: labels are written as TIFF; give a file name ending in .tif or "
+                         ".tiff, or a folder.")
+    check_writable(output, folder=not tiff, what=f"-o {output}")
+
+
+def _engine_prompts(
+    args: argparse.Namespace, height: int, width: int
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The clicks and box of the options, checked against the image, in the engine's (x, y) order.
+
+    Returns:
+        (N, 2) XY points and their (N,) labels (None without clicks), and the (4,) XYXY box or None.
+    """
+    clicks = [("--point", y, x) for y, x in args.point] + [("--negative", y, x) for y, x in args.negative]
+    coords = [(_inside(f"{o} {y:g} {x:g}", "X", x, width), _inside(f"{o} {y:g} {x:g}", "Y", y, height))
+              for o, y, x in clicks]
+    labels = np.array([1] * len(args.point) + [0] * len(args.negative)) if clicks else None
+    box = None
+    if args.box is not None:
+        text = "--box " + " ".join(f"{v:g}" for v in args.box)
+        y0, x0, y1, x1 = (_inside(text, name, value, height if name[0] == "Y" else width)
+                          for name, value in zip(("Y0", "X0", "Y1", "X1"), args.box))
+        if args.box[2] < args.box[0] or args.box[3] < args.box[1]:
+            raise ValueError(f"{text} is inverted: give the top-left corner first (Y0 X0), then the "
+                             "bottom-right one (Y1 X1), so that Y0 <= Y1 and X0 <= X1.")
+        box = np.array([x0, y0, x1, y1])
+    return (np.array(coords) if coords else None), labels, box
+
+
+def _inside(text: str, name: str, value: float, size: int) -> float:
+    """One coordinate of an option, checked to lie on the image: on its pixels 0 to size - 1, or
+    within half a pixel of them, as in prompts files; a value in that half pixel is moved onto the edge."""
+    unit = "rows" if name[0] == "Y" else "columns"
+    if not math.isfinite(value):
+        raise ValueError(f"{text}: {name} must be a number, not {value:g}.")
+    if not -0.5 <= value <= size - 0.5:
+        raise ValueError(f"{text} lies outside the image: {name} = {value:g}, but the image has {size} "
+                         f"{unit} ({name[0]} from 0 to {size - 1}).")
+    return min(max(value, 0.0), size - 1.0)
+
+
 def _read_slice(args: argparse.Namespace) -> np.ndarray:
+    """The 2D image (Y, X) or (Y, X, C) that --point and --box prompt: the image, or its --slice."""
+    image = _read_image(args)
+    name = "the sample" if args.image is None else args.image
+    # The engine reads (Y, X, C) with at most 4 channels as one image, a longer last axis as a stack.
+    stack = image.ndim == 4 or (image.ndim == 3 and image.shape[-1] > 4)
+    if args.slice is None:
+        if not stack:
+            return image
+        raise ValueError(f"{name}: this is a stack of {image.shape[0]} slices (shape {image.shape}): "
+                         "pick one with --slice Z, or segment objects through the stack with "
+                         "--prompts FILE (and --propagate).")
+    if not stack:
+        kind = "2D image" if image.ndim == 2 else f"2D image with {image.shape[-1]} channels"
+        raise ValueError(f"{name}: --slice picks a slice of a stack, but this is a {kind} "
+                         f"(shape {image.shape}); leave --slice out.")
+    if not 0 <= args.slice < image.shape[0]:
+        raise ValueError(f"--slice {args.slice} is outside the stack's {image.shape[0]} slices "
+                         f"(0 to {image.shape[0] - 1}).")
+    return image[args.slice]
+
+
+def _read_image(args: argparse.Namespace) -> np.ndarray:
+    """The pixels of the image file (or the sample), refused if napari-sam cannot segment its shape."""
+    from .batch import check_shape
+
     if args.sample:
         from .synthetic import nuclei_image
 
         return nuclei_image(seed=0)[0]
     if not args.image.is_file():
         raise FileNotFoundError(f"No image file at {args.image}.")
+    tiff = args.image.suffix.lower() in TIFF_SUFFIXES
+    try:
+        image = _read_tiff(args.image) if tiff else _read_other(args.image)
+    except (ValueError, OSError) as error:
+        kind = "a TIFF file" if tiff else "an image"
+        raise ValueError(f"{args.image}: it cannot be read as {kind} ({error}).") from None
+    try:
+        check_shape(image.shape)
+    except ValueError as error:
+        raise ValueError(f"{args.image}: {error}") from None
+    return image
+
+
+def _read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
-    image = tifffile.imread(args.image) if args.image.suffix.lower() in (".tif", ".tiff") else _read_other(args.image)
-    if args.slice is not None:
-        if image.ndim != 3:
-            raise ValueError(f"--slice needs a (Z, Y, X) stack, but {args.image} has shape {image.shape}.")
-        if not 0 <= args.slice < image.shape[0]:
-            raise ValueError(f"--slice {args.slice} is outside the stack's {image.shape[0]} slices (0 to {image.shape[0] - 1}).")
-        return image[args.slice]
-    return image
+    return tifffile.imread(path)
 
 
 def _read_other(path: Path) -> np.ndarray:

@@ -7,13 +7,15 @@ Each task runs the same function as the single-machine run (`samcore.jobs.slice_
 labels are identical to it when workers use the same device and precision as the client.
 
 Workers need samcore installed and, when a store is used, the store's folder at the same path (a
-shared file system). Point the command line at a cluster with `--scheduler ADDRESS`, or pass a
+shared file system); a relative path is made absolute, in the client's working folder, before it is
+sent. Point the command line at a cluster with `--scheduler ADDRESS`, or pass a
 `dask.distributed.Client` to the Python API.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -131,7 +133,8 @@ def _stream(
 
 
 def _store_spec(store: EmbeddingStore) -> StoreSpec:
-    return store.key, store.n_slices, str(store.path), store.dtype
+    """The store as a worker opens it: its folder as an absolute path, since workers run in other folders."""
+    return store.key, store.n_slices, os.path.abspath(store.path), store.dtype
 
 
 def _open_spec(spec: StoreSpec | None) -> EmbeddingStore | None:

@@ -76,11 +76,15 @@ def read_prompts(path: str | os.PathLike, shape: tuple[int, ...]) -> list[Object
 
     Raises:
         FileNotFoundError: No such file.
-        ValueError: The file is not JSON, is not laid out as described in this module, or has a
-            prompt outside the image; the message names the object and the prompt.
+        ValueError: The file is not text or not JSON, is not laid out as described in this module,
+            or has a prompt outside the image; the message names the object and the prompt.
     """
     with open(path, encoding="utf-8") as file:
-        text = file.read()
+        try:
+            text = file.read()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a text file; a prompts file is JSON text such as "
+                             '{"objects": [{"id": 1, "points": [[12, 40, 52]]}]}.') from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -127,11 +131,14 @@ class _Grid:
         sizes = "3 numbers (z, y, x)" + (" or 2 (y, x)" if self.depth == 1 else "")
         if not isinstance(value, list) or len(value) not in ((2, 3) if self.depth == 1 else (3,)):
             raise ValueError(f"{self.name}: each {what} needs {sizes}, not {value!r}.")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in value):
             raise ValueError(f"{self.name}: the {what} {value!r} must hold finite numbers.")
         z, y, x = value if len(value) == 3 else (0, *value)
         if z != int(z):
-            raise ValueError(f"{self.name}: the {what} {value!r} has z = {z}; z must be a whole slice number.")
+            raise ValueError(
+                f"{self.name}: the {what} {value!r} has z = {z}; z must be a whole slice number."
+            )
         if not 0 <= z < self.depth:
             raise ValueError(
                 f"{self.name}: the {what} {value!r} is on slice {int(z)}, but the stack has {self.depth} "

@@ -60,7 +60,7 @@ def test_refine_is_the_models_choice_unless_asked(tmp_path, checkpoint, capsys):
     command = ["segment", str(tmp_path / "image.tif"), "--point", "20", "30", "--checkpoint", str(checkpoint)]
     for extra, said in (([], "one pass, 1 view"), (["--refine"], "refined, 1 view"),
                         (["--no-refine", "--views", "2"], "one pass, 2 mirrored views")):
-        assert main([*command, "-o", str(tmp_path / "o.tif"), *extra]) == 0
+        assert main([*command, "-o", str(tmp_path / "o.tif"), "--overwrite", *extra]) == 0
         assert f", {said})" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse refuses a number of views it cannot make
         main([*command, "-o", str(tmp_path / "o.tif"), "--views", "3"])
@@ -71,3 +71,113 @@ def test_refine_is_the_models_choice_unless_asked(tmp_path, checkpoint, capsys):
                  "-o", str(tmp_path / "p.tif"), "--checkpoint", str(checkpoint)])
     assert code == 1 and "decodes each slice once" in capsys.readouterr().err
     assert not (tmp_path / "p.tif").exists()
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the command loads a model: its errors must come before that."""
+    import samcore.loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(samcore.loading, "load_model", refuse)
+
+
+def test_segment_never_writes_over_its_input_and_asks_before_replacing(tmp_path, checkpoint, capsys):
+    image = tmp_path / "image.tif"
+    tifffile.imwrite(image, np.random.default_rng(1).integers(0, 255, (40, 60), dtype=np.uint8))
+    before = image.read_bytes()
+    command = ["segment", str(image), "--point", "20", "30", "--checkpoint", str(checkpoint)]
+    for extra in ([], ["--overwrite"]):
+        assert main([*command, "-o", str(image), *extra]) == 1
+        assert "is an input of this command" in capsys.readouterr().err
+    assert image.read_bytes() == before
+    out = tmp_path / "mask.tif"
+    out.write_bytes(b"keep me")
+    assert main([*command, "-o", str(out)]) == 1
+    assert "exists; give another name, or --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+    assert main([*command, "-o", str(out), "--overwrite"]) == 0
+    assert tifffile.imread(out).shape == (40, 60)
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Files of every kind the segment command meets, all 20 rows by 30 columns."""
+    rng = np.random.default_rng(2)
+    tifffile.imwrite(tmp_path / "image.tif", rng.integers(0, 255, (20, 30), dtype=np.uint8))
+    tifffile.imwrite(tmp_path / "stack.tif", rng.integers(0, 255, (5, 20, 30), dtype=np.uint8),
+                     photometric="minisblack")
+    tifffile.imwrite(tmp_path / "rgb.tif", rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    tifffile.imwrite(tmp_path / "fourd.tif", rng.integers(0, 255, (2, 5, 20, 30), dtype=np.uint8),
+                     photometric="minisblack")
+    (tmp_path / "text.tif").write_text("hello, not an image")
+    (tmp_path / "folder").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["image.tif", "--point", "5", "5", "-o", "x.png"], "-o x.png: labels are written as TIFF"),
+        (["image.tif", "--point", "5", "5", "-o", "folder"], "-o folder is a folder; give a file name"),
+        (["image.tif", "--point", "5", "5", "-o", "image.tif/x.tif"], "image.tif is a file, not a folder"),
+        (["image.tif", "--point", "25", "5", "-o", "x.tif"],
+         "--point 25 5 lies outside the image: Y = 25, but the image has 20 rows (Y from 0 to 19)"),
+        (["image.tif", "--box", "2", "3", "10", "35", "-o", "x.tif"],
+         "--box 2 3 10 35 lies outside the image: X1 = 35, but the image has 30 columns"),
+        (["image.tif", "--box", "12", "3", "10", "25", "-o", "x.tif"], "--box 12 3 10 25 is inverted"),
+        (["image.tif", "--box", "nan", "3", "10", "25", "-o", "x.tif"],
+         "--box nan 3 10 25: Y0 must be a number"),
+        (["image.tif", "--negative", "10", "10", "-o", "x.tif"], "add a point on the object"),
+        (["image.tif", "--slice", "0", "--point", "5", "5", "-o", "x.tif"], "leave --slice out"),
+        (["rgb.tif", "--slice", "0", "--point", "5", "5", "-o", "x.tif"],
+         "--slice picks a slice of a stack, but this is a 2D image with 3 channels"),
+        (["stack.tif", "--point", "5", "5", "-o", "x.tif"],
+         ("stack of 5 slices (shape (5, 20, 30)): pick one with --slice Z, or segment objects through the "
+          "stack with --prompts FILE (and --propagate)")),
+        (["fourd.tif", "--slice", "0", "--point", "5", "5", "-o", "x.tif"],
+         "this is a 4D image of shape (2, 5, 20, 30), but napari-sam reads 2D images (Y, X)"),
+        (["text.tif", "--point", "5", "5", "-o", "x.tif"], "text.tif: it cannot be read as a TIFF file"),
+    ],
+)
+def test_segment_refuses_bad_options_before_the_model_loads(images, no_model, capsys, monkeypatch, args,
+                                                            message):
+    monkeypatch.chdir(images)
+    assert main(["segment", *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "Errno" not in err
+    assert not (images / "x.tif").exists() and not (images / "x.png").exists()
+
+
+def test_a_system_error_is_a_sentence_that_names_the_path(tmp_path, monkeypatch, capsys):
+    tifffile.imwrite(tmp_path / "image.tif", np.zeros((20, 30), np.uint8))
+    not_a_folder = tmp_path / "weights.txt"
+    not_a_folder.write_text("a file")
+    monkeypatch.setenv("NAPARI_SAM_CACHE", str(not_a_folder))  # where downloaded weights go
+    code = main(["segment", str(tmp_path / "image.tif"), "--point", "5", "5", "-o", str(tmp_path / "x.tif"),
+                 "--model", "vit_t"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{not_a_folder} is a file, where napari-sam needs a folder" in err
+    assert "NAPARI_SAM_CACHE" in err and "Errno" not in err
+
+
+def test_a_closed_pipe_ends_the_listing_quietly():
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "samcore.cli", "models"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # as `napari-sam models | head -0` does, before the listing is written
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141 and err == ""
+
+
+def test_an_error_about_the_pixels_names_the_file(tmp_path, checkpoint, capsys):
+    image = tmp_path / "nan.tif"
+    tifffile.imwrite(image, np.full((20, 30), np.nan, np.float32))
+    code = main(["segment", str(image), "--point", "5", "5", "-o", str(tmp_path / "x.tif"),
+                 "--checkpoint", str(checkpoint)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"napari-sam: error: {image}: " in err and "Traceback" not in err

@@ -41,6 +41,17 @@ def cli(*args, checkpoint) -> int:
     return main([*map(str, args), "--checkpoint", str(checkpoint), "--precision", "fp32"])
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the command loads a model: its errors must come before that."""
+    import samcore.loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(samcore.loading, "load_model", refuse)
+
+
 def test_auto_writes_compressed_labels_of_the_stack_shape(tmp_path, stack_file, checkpoint, capsys):
     out = tmp_path / "out" / "labels.tif"
     assert cli("auto", stack_file, "-o", out, "--points-per-side", 4, checkpoint=checkpoint) == 0
@@ -124,14 +135,26 @@ def test_a_store_of_other_data_or_another_model_is_refused(tmp_path, stack_file,
         (["embed", "{folder}", "--store", "{folder}/s.zarr"], "for a folder of inputs use --cache-dir"),
         (["auto", "{folder}/missing.tif"], "No file or folder"),
         (["auto", "{empty}"], "holds no .tif"),
+        (["auto", "{folder}/stack.tif", "-o", "{folder}/stack.tif", "--overwrite"],
+         "stack.tif is an input of this command; napari-sam never writes over its inputs"),
+        (["auto", "{folder}/stack.tif", "-o", "{folder}/labels.png"], "labels are written as TIFF"),
+        (["auto", "{folder}", "-o", "{folder}/labels.tif"], "is a folder of inputs: give a folder"),
+        (["auto", "{folder}/stack.tif", "--link-overlap", "5"],
+         "--link-overlap is a fraction of the smaller object, above 0 and at most 1, not 5"),
+        (["embed", "{folder}/stack.tif", "--cache-dir", "{folder}/stack.tif"],
+         "Cannot write --cache-dir {folder}/stack.tif: {folder}/stack.tif is a file, not a folder"),
+        (["embed", "{folder}/stack.tif", "--store", "{folder}/stack.tif"],
+         "--store {folder}/stack.tif is an input of this command"),
     ],
 )
-def test_batch_errors_are_one_clear_line(tmp_path, stack_file, checkpoint, capsys, args, message):
+def test_batch_errors_are_one_clear_line(tmp_path, stack_file, checkpoint, capsys, no_model, args, message):
     (tmp_path / "empty").mkdir()
+    before = stack_file.read_bytes()
     filled = [a.format(folder=tmp_path, empty=tmp_path / "empty") for a in args]
     assert cli(*filled, checkpoint=checkpoint) == 1
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message.format(folder=tmp_path) in err and "Traceback" not in err and "min_overlap" not in err
+    assert stack_file.read_bytes() == before
 
 
 @pytest.mark.parametrize("command", ["embed", "auto"])
@@ -150,3 +173,62 @@ def test_a_folder_that_is_no_store_is_left_alone(tmp_path, stack_file, checkpoin
     assert cli("embed", stack_file, "--store", folder, checkpoint=checkpoint) == 1
     assert "is not an embedding store" in capsys.readouterr().err
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+def test_a_folder_run_twice_leaves_the_labels_it_wrote_alone(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", np.random.default_rng(0).integers(0, 4000, (40, 48), dtype=np.uint16))
+    for _ in range(2):
+        assert cli("auto", folder, "--points-per-side", 2, "--overwrite", checkpoint=checkpoint) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["a.tif", "a_labels.tif"]
+    err = capsys.readouterr().err
+    assert f"skipped {folder / 'a_labels.tif'}: the labels napari-sam wrote for a.tif" in err
+    assert cli("embed", folder, "--cache-dir", tmp_path / "cache", checkpoint=checkpoint) == 0
+    assert [p.name[:2] for p in (tmp_path / "cache").iterdir()] == ["a-"]
+
+
+def test_one_bad_file_does_not_stop_a_folder(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "0text.tif").write_text("hello, not an image")
+    tifffile.imwrite(folder / "1fourd.tif", np.zeros((2, 4, 40, 48), np.uint16), photometric="minisblack")
+    tifffile.imwrite(folder / "2good.tif", np.random.default_rng(0).integers(0, 4000, (40, 48), np.uint16))
+    assert cli("auto", folder, "-o", tmp_path / "labels", "--points-per-side", 2, checkpoint=checkpoint) == 1
+    assert [p.name for p in (tmp_path / "labels").iterdir()] == ["2good_labels.tif"]
+    err = capsys.readouterr().err
+    assert f"{folder / '0text.tif'}: it cannot be read as a TIFF file" in err
+    assert f"{folder / '1fourd.tif'}: this is a 4D image" in err
+    assert err.rstrip().endswith("2 of 3 files failed: 0text.tif, 1fourd.tif")
+
+
+def test_a_store_made_with_other_views_says_so(tmp_path, stack_file, checkpoint, capsys):
+    store = tmp_path / "stack.zarr"
+    assert cli("embed", stack_file, "--store", store, "--views", 1, checkpoint=checkpoint) == 0
+    capsys.readouterr()
+    assert cli("embed", stack_file, "--store", store, "--views", 2, checkpoint=checkpoint) == 1
+    err = capsys.readouterr().err
+    said = f"{stack_file}: the embedding store {store} was made with --views 1, and this run uses --views 2"
+    assert said in err
+
+
+def test_workers_get_absolute_store_paths(tmp_path, stack_file, checkpoint, monkeypatch):
+    import distributed
+
+    import samcore.distributed
+
+    opened = []
+    open_spec = samcore.distributed._open_spec
+
+    def recorded(spec):  # runs on the worker
+        opened.append(spec[2])
+        return open_spec(spec)
+
+    monkeypatch.setattr(samcore.distributed, "_open_spec", recorded)
+    monkeypatch.chdir(tmp_path)  # the store's folder is given relative to it
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        assert cli("embed", stack_file.name, "--cache-dir", "emb", "--scheduler", cluster.scheduler_address,
+                   checkpoint=checkpoint) == 0
+    (store,) = (tmp_path / "emb").iterdir()
+    assert len(opened) == 4 and set(opened) == {str(store)}

@@ -35,6 +35,17 @@ def segment(*args):
     return main(["segment", *map(str, args)])
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the command loads a model: its errors must come before that."""
+    import samcore.loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(samcore.loading, "load_model", refuse)
+
+
 def test_round_trip_writes_labels_of_the_stack_shape(tmp_path, stack_file, checkpoint, capsys, monkeypatch):
     stack, truth = stack_file
     z = 3
@@ -53,7 +64,8 @@ def test_round_trip_writes_labels_of_the_stack_shape(tmp_path, stack_file, check
 
     spread = tmp_path / "propagated.tif"
     relaxed = functools.partial(samcore.propagation.PropagationSettings, min_score=0, min_iou=0, min_area=0)
-    monkeypatch.setattr(samcore.propagation, "PropagationSettings", relaxed)  # random weights: keep every mask
+    # random weights: keep every mask
+    monkeypatch.setattr(samcore.propagation, "PropagationSettings", relaxed)
     code = segment(stack, "--prompts", prompts, "--propagate", "--mode", "box", "--z-range", 1, 5,
                    "-o", spread, "--checkpoint", checkpoint)
     err = capsys.readouterr().err
@@ -85,12 +97,17 @@ def test_a_2d_image_gives_2d_labels(tmp_path, stack_file, checkpoint, capsys):
         ([{"id": 1, "points": [[12, 5, 5]]}], [], "the point [12, 5, 5] is on slice 12, but the stack has 6"),
         ([{"id": 1, "boxes": [[[2, 5, 5], [2, 35, 60]]]}], [], "x = 60, but the image has 50 columns"),
         ([{"id": 1, "negative": [[2, 5, 5]]}], [], "only negative points on slice 2"),
-        ([{"id": 1, "points": [[2, 5, 5]]}], ["--z-range", "3", "9"], "outside the stack's 6 slices"),
-        ([{"id": 1, "points": [[2, 5, 5]]}], ["--mode", "boxes"], "Unknown propagation mode 'boxes'"),
+        ([{"id": 1, "points": [[2, 5, 5]]}], ["--propagate", "--z-range", "3", "9"],
+         "outside the stack's 6 slices"),
+        ([{"id": 1, "points": [[2, 5, 5]]}], ["--propagate", "--mode", "boxes"],
+         "Unknown propagation mode 'boxes'"),
         ([{"id": 1, "points": [[2, 5, 5]]}], ["--point", "3", "3"], "--prompts replaces"),
+        ([{"id": 1, "points": [[2, 5, 5]]}], ["--mode", "box"], "add --propagate, or leave them out"),
+        ([{"id": 1, "points": [[2, 5, 5]]}], ["--z-range", "1", "4"], "add --propagate, or leave them out"),
     ],
 )
-def test_bad_prompts_are_one_clear_line(tmp_path, stack_file, checkpoint, capsys, objects, extra, message):
+def test_bad_prompts_are_one_clear_line(tmp_path, stack_file, checkpoint, capsys, no_model, objects, extra,
+                                       message):
     stack, _ = stack_file
     prompts = write_prompts(tmp_path, objects)
     out = tmp_path / "labels.tif"
@@ -108,3 +125,31 @@ def test_malformed_json_and_propagate_without_prompts(tmp_path, stack_file, chec
     assert "broken.json is not a valid JSON file" in capsys.readouterr().err
     assert segment(stack, "--slice", 1, "--point", 3, 3, "--propagate", "-o", tmp_path / "b.tif") == 1
     assert "work on the objects of a --prompts file" in capsys.readouterr().err
+
+
+def test_a_binary_prompts_file_or_a_4d_image_is_named_and_explained(tmp_path, stack_file, no_model, capsys):
+    stack, _ = stack_file
+    binary = tmp_path / "prompts.json"
+    binary.write_bytes(bytes(range(256)))
+    assert segment(stack, "--prompts", binary, "-o", tmp_path / "a.tif") == 1
+    err = capsys.readouterr().err
+    assert f"{binary} is not a text file; a prompts file is JSON text" in err and "codec" not in err
+    fourd = tmp_path / "fourd.tif"
+    tifffile.imwrite(fourd, np.zeros((2, 4, 20, 30), np.uint16), photometric="minisblack")
+    prompts = write_prompts(tmp_path, [{"id": 1, "points": [[1, 5, 5]]}])
+    assert segment(fourd, "--prompts", prompts, "-o", tmp_path / "a.tif") == 1
+    err = capsys.readouterr().err
+    assert f"{fourd}: this is a 4D image of shape (2, 4, 20, 30)" in err and "RGB image needs" not in err
+    assert "stacks (Z, Y, X)" in err
+
+
+def test_prompts_show_the_model_first_then_progress(tmp_path, stack_file, checkpoint, capsys):
+    stack, truth = stack_file
+    prompts = write_prompts(tmp_path, [{"id": 1, "boxes": [box_of(truth[3] == truth[3].max(), 3)]}])
+    out = tmp_path / "labels.tif"
+    assert segment(stack, "--prompts", prompts, "--propagate", "-o", out, "--checkpoint", checkpoint) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("model ")  # said before any slice is embedded
+    embedding, propagation, wrote = (err.index(s) for s in ("prompted slices", "propagation", f"wrote {out}"))
+    assert embedding < propagation < wrote
+    assert "100%" in err[embedding:propagation]  # a tqdm bar, as `embed` and `auto` show
