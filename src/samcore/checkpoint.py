@@ -235,7 +235,8 @@ def resolve_architecture(
         asked = requested if requested_as in (None, requested) else f"{requested_as!r} (a {requested} model)"
         raise ArchitectureMismatchError(
             f"The file {path} holds a {found} model, but {asked} was requested. "
-            f"Use the name {found!r}, or leave the name out to detect it from the file.",
+            f"Load it with the name {found!r} and this file, or leave the name out to detect it "
+            "from the file.",
             path,
             requested=requested,
             found=found,

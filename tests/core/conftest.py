@@ -59,3 +59,14 @@ def checkpoint(tmp_path_factory):
     from tiny_models import save_tiny_vit
 
     return save_tiny_vit(tmp_path_factory.mktemp("weights") / "tiny.pth")
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the command loads a model: its errors must come before that."""
+    import samcore.loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(samcore.loading, "load_model", refuse)

@@ -73,17 +73,6 @@ def test_refine_is_the_models_choice_unless_asked(tmp_path, checkpoint, capsys):
     assert not (tmp_path / "p.tif").exists()
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if the command loads a model: its errors must come before that."""
-    import samcore.loading
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the options were checked")
-
-    monkeypatch.setattr(samcore.loading, "load_model", refuse)
-
-
 def test_segment_never_writes_over_its_input_and_asks_before_replacing(tmp_path, checkpoint, capsys):
     image = tmp_path / "image.tif"
     tifffile.imwrite(image, np.random.default_rng(1).integers(0, 255, (40, 60), dtype=np.uint8))

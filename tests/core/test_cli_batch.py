@@ -41,17 +41,6 @@ def cli(*args, checkpoint) -> int:
     return main([*map(str, args), "--checkpoint", str(checkpoint), "--precision", "fp32"])
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if the command loads a model: its errors must come before that."""
-    import samcore.loading
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the options were checked")
-
-    monkeypatch.setattr(samcore.loading, "load_model", refuse)
-
-
 def test_auto_writes_compressed_labels_of_the_stack_shape(tmp_path, stack_file, checkpoint, capsys):
     out = tmp_path / "out" / "labels.tif"
     assert cli("auto", stack_file, "-o", out, "--points-per-side", 4, checkpoint=checkpoint) == 0

@@ -35,17 +35,6 @@ def segment(*args):
     return main(["segment", *map(str, args)])
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if the command loads a model: its errors must come before that."""
-    import samcore.loading
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the options were checked")
-
-    monkeypatch.setattr(samcore.loading, "load_model", refuse)
-
-
 def test_round_trip_writes_labels_of_the_stack_shape(tmp_path, stack_file, checkpoint, capsys, monkeypatch):
     stack, truth = stack_file
     z = 3
