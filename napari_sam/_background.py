@@ -8,7 +8,9 @@ before the job) become one undo step, and embeddings the job paused resume unles
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +21,27 @@ if TYPE_CHECKING:
     from napari.layers import Labels
 
     from ._widget import SamWidget
+
+
+class JobError(Exception):
+    """An error of a worker body, passed on so that it reaches the widget's error handler.
+
+    superqt's workers take a RuntimeError raised in their body for a deleted worker and report
+    nothing (neither `errored` nor `finished`); samcore's download errors are RuntimeErrors.
+    """
+
+
+def reported(body: Callable[..., Generator]) -> Callable[..., Generator]:
+    """Wrap a worker's generator function so that every error it raises reaches `errored`."""
+
+    @functools.wraps(body)
+    def run(*args, **kwargs):
+        try:
+            return (yield from body(*args, **kwargs))
+        except RuntimeError as error:
+            raise JobError(str(error)) from error
+
+    return run
 
 
 class BackgroundJob:
@@ -47,13 +70,19 @@ class BackgroundJob:
         if self._worker is not None:
             self._cancel.set()
 
+    def forget_layer(self, layer: Labels) -> None:
+        """The labels layer was deleted: stop painting into it, cancel the run, record no undo step."""
+        if self._worker is not None and self._layer is not None and layer == self._layer:
+            self._cancel.set()
+            self._layer, self._painted = None, []
+
     def _launch(self, body, *args, status: str) -> None:
         """Run `body(*args)` in a worker; its yields go to `_on_step`, its return value to `_on_done`."""
         from napari.qt.threading import thread_worker
         from napari.utils import progress
 
         self._cancel.clear()
-        worker = thread_worker(body, ignore_errors=True)(*args)
+        worker = thread_worker(reported(body), ignore_errors=True)(*args)
         self._progress = progress(total=0, desc=self.progress_label)
         worker.yielded.connect(self._on_step)
         worker.returned.connect(self._on_done)
@@ -82,7 +111,7 @@ class BackgroundJob:
             self._progress.close()
             self._progress = None
         index = np.concatenate(self._painted) if self._painted else np.zeros(0, np.intp)
-        if index.size:
+        if index.size and self._layer is not None:
             object_id, note = self._undo_entry()
             previous = np.zeros(index.size, self._layer.data.dtype)  # only background was painted
             self._widget._history.append((self._layer, Commit(object_id, index, previous, note)))

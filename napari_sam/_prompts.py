@@ -41,6 +41,14 @@ class SlicePrompts:
         return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
 
 
+def spatial_ndim(image_layer) -> int:
+    """The number of spatial axes of an image layer: 2 (YX) or 3 (ZYX), an RGB colour axis left out.
+
+    Counted on the data, since napari versions differ in whether `layer.ndim` counts the colour axis.
+    """
+    return np.ndim(image_layer.data) - (1 if image_layer.rgb else 0)
+
+
 def to_image_pixels(layer, image_layer, coords: np.ndarray) -> np.ndarray:
     """Map (N, D) data coordinates of `layer` to the image layer's (N, D) pixel coordinates."""
     coords = np.atleast_2d(np.asarray(coords, dtype=float))

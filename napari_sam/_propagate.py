@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._background import BackgroundJob
+from ._prompts import spatial_ndim
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -71,7 +72,7 @@ class Propagation(BackgroundJob):
         except ValueError as error:
             show_error(str(error))
             return False
-        if image.ndim - (1 if image.rgb else 0) != 3:
+        if spatial_ndim(image) != 3:
             show_warning(f"SAM: propagation needs a 3D (Z, Y, X) stack; '{image.name}' is a 2D image.")
             return False
         session = widget._session

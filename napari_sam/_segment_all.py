@@ -169,7 +169,7 @@ class AutoSegmentation(BackgroundJob):
                 f"SAM: segment all found no object {self._where()}. On dim or noisy images, lower the "
                 "segment-all thresholds in the widget (stability first) and try again."
             )
-        elif not new:
+        elif not new and self._layer is not None:
             show_warning(
                 f"SAM: segment all found {self._found} object(s) {self._where()}, all on existing objects of "
                 f"'{self._layer.name}'; none was added."
@@ -182,7 +182,7 @@ class AutoSegmentation(BackgroundJob):
     def _before_reset(self) -> None:
         from ._widget import show_warning
 
-        if self._full:
+        if self._full and self._layer is not None:
             show_warning(
                 f"SAM: the labels layer '{self._layer.name}' ({self._layer.data.dtype}) holds no larger "
                 f"object id; {self._full} object(s) were left out."

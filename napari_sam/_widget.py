@@ -19,8 +19,9 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._annotations import Commit, commit_mask, undo_commit
+from ._background import reported
 from ._propagate import Propagation
-from ._prompts import NEGATIVE, POSITIVE, slice_prompts
+from ._prompts import NEGATIVE, POSITIVE, slice_prompts, spatial_ndim
 from ._segment_all import SCOPES, AutoSegmentation
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ CHECKPOINT_CHOICE = "checkpoint file…"
 VIEW_CHOICES = [
     ("model's choice", 0), ("1: the image", 1), ("2: + mirror image", 2), ("4: + 3 mirror images", 4),
 ]
+SAM_THRESHOLDS = (0.88, 0.95)  # segment all's (predicted IoU, stability) for models without their own
 POINT_COLORS = {POSITIVE: "lime", NEGATIVE: "red"}
 KEYS = {
     "s": ("segment", "update the preview"),
@@ -76,9 +78,12 @@ class SamWidget(Container):
         self._cache_dir = FileEdit(label="disk cache", mode="d", value="", tooltip="optional zarr folder for embeddings")
         self._load_button = PushButton(text="Compute embeddings")
         self._cancel_button = PushButton(text="Cancel", enabled=False)
-        self._output = create_widget(annotation=Labels | None, label="objects", options={"nullable": True})
+        self._output = create_widget(  # the labels layers, less the widget's own
+            annotation=Labels | None, label="objects",
+            options={"nullable": True, "choices": self._objects_choices},
+        )
         self._overwrite = CheckBox(text="overwrite other objects", value=False)
-        # Set to the model's own choice when it loads (on for the bundled model).
+        # Set to the model's own choice when a model is chosen (on for the bundled model).
         self._refine = CheckBox(
             text="refine masks (second decoder pass)", value=False,
             tooltip="decode each prompt again with its first mask as input: better masks from a click "
@@ -102,7 +107,7 @@ class SamWidget(Container):
         segment_all.changed.connect(self.segment_all)
         automatic = Container(layout="horizontal", labels=False, label="automatic")
         automatic.extend([segment_all, self._scope])
-        # Segment all keeps a candidate mask when both pass; set to the model's own values when it loads.
+        # Segment all keeps a candidate mask when both pass; set to the model's own values when it is chosen.
         self._min_iou = FloatSpinBox(
             label="predicted IoU ≥", min=0.0, max=1.0, step=0.05, value=0.88,
             tooltip="segment all: lower it to keep more (and worse) masks",
@@ -120,12 +125,17 @@ class SamWidget(Container):
         ])
         self._model.changed.connect(self._on_model_choice)
         self._image.changed.connect(self._on_image_change)
+        self._views.changed.connect(lambda: self._forget("Views changed: compute embeddings again."))
+        self._device.changed.connect(lambda: self._forget("Device changed: compute embeddings again."))
         self._load_button.changed.connect(self.load)
         self._cancel_button.changed.connect(self.cancel)
         self._viewer.dims.events.current_step.connect(self._on_slice_change)
+        self._viewer.layers.events.removed.connect(self._on_layer_removed)
 
         self._session = None  # samcore objects for the current (image, model): see _Session
         self._worker = None
+        self._worker_layer: Image | None = None  # the image the embedding worker computes
+        self._failed = False  # the embedding worker reported an error
         self._progress = None
         self._points = self._boxes = self._brush = self._preview = None
         self._candidates: tuple[np.ndarray, np.ndarray] | None = None
@@ -139,9 +149,20 @@ class SamWidget(Container):
         self._automatic = AutoSegmentation(self)
         self._embeddings_paused = False  # stopped for a propagation or segment all; resumed after it
         self.auto_settings = None  # a samcore AutoSettings for segment all; None: the threshold boxes
+        self._defaults_for: str | None = None  # the model whose own thresholds and refine are shown
+        self._show_registry_defaults(self._model.value)
         self._bind_keys()
 
     # -- scripting ----------------------------------------------------------------------------
+
+    def _objects_choices(self, _widget=None) -> list[tuple[str, Labels]]:
+        """The labels layers objects may be committed to: all but the widget's own preview and brush."""
+        widget_layers = (getattr(self, "_preview", None), getattr(self, "_brush", None))  # None in __init__
+        own = [layer for layer in widget_layers if layer is not None]
+        return [
+            (layer.name, layer) for layer in self._viewer.layers
+            if isinstance(layer, Labels) and not any(layer == other for other in own)
+        ]
 
     def set_model(
         self,
@@ -172,7 +193,7 @@ class SamWidget(Container):
         """Click at `position` ((z, y, x) or (y, x) in world coordinates), like a user would."""
         self._ensure_prompt_layers(self.image_layer())
         self._style_new_points(POSITIVE if positive else NEGATIVE)
-        self._points.add(np.asarray(position, dtype=float))
+        self._points.add(np.asarray(self._points.world_to_data(np.asarray(position, dtype=float))))
         self._style_new_points(self._polarity)
 
     def _style_new_points(self, polarity: int) -> None:
@@ -188,7 +209,8 @@ class SamWidget(Container):
     def add_box(self, corner, opposite) -> None:
         """Draw a box between two corners ((z, y, x) or (y, x) world coordinates, same z)."""
         self._ensure_prompt_layers(self.image_layer())
-        corner, opposite = np.asarray(corner, float), np.asarray(opposite, float)
+        to_data = self._boxes.world_to_data
+        corner, opposite = (np.asarray(to_data(np.asarray(c, float))) for c in (corner, opposite))
         rectangle = np.array([corner, corner, opposite, opposite])
         rectangle[1, -1], rectangle[3, -1] = opposite[-1], corner[-1]
         self._boxes.add_rectangles(rectangle)
@@ -208,13 +230,46 @@ class SamWidget(Container):
 
     def _on_model_choice(self, choice: str) -> None:
         self._checkpoint.visible = choice == CHECKPOINT_CHOICE
+        self._show_registry_defaults(choice)
         self._forget("Model changed: compute embeddings with it.")
+
+    def _show_registry_defaults(self, choice: str) -> None:
+        """Show the segment-all thresholds and refine choice of a model from its registry entry.
+
+        Weight files have SAM's thresholds and no refinement (as `samcore.load_model` gives them).
+        """
+        from samcore.zoo import get_entry
+
+        entry = None if choice == CHECKPOINT_CHOICE else get_entry(choice)
+        thresholds = entry.auto_thresholds if entry is not None and entry.auto_thresholds else SAM_THRESHOLDS
+        self._show_model_defaults(choice, thresholds, entry is not None and entry.refine)
+
+    def _show_model_defaults(self, name: str, thresholds: tuple[float, float], refine: bool) -> None:
+        """Set the "keep if" thresholds and "refine masks" to the model's own.
+
+        They then stay as the user sets them until another model is chosen (see `_on_progress`).
+        """
+        self._defaults_for = name
+        self._min_iou.value, self._min_stability.value = thresholds
+        self._refine.value = refine
 
     def _on_image_change(self, _=None) -> None:
         self._forget("Image changed: compute embeddings for it.")
 
+    def _on_layer_removed(self, event) -> None:
+        """Stop what works on a deleted layer: its image's embeddings, a job painting into it, its undo."""
+        layer = event.value  # compared with ==: the widget may hold napari's proxy of the same layer
+        embedding = self._session.layer if self._session is not None else self._worker_layer
+        working = self._session is not None or self._worker is not None
+        if embedding is not None and layer == embedding and working:
+            self._forget(f"The image '{layer.name}' was deleted: pick an image and compute embeddings.")
+        for job in (self._propagation, self._automatic):
+            job.forget_layer(layer)
+        self._history = [(target, done) for target, done in self._history if target != layer]
+
     def _forget(self, status: str) -> None:
         """Drop the current session (its embeddings belong to another image or model)."""
+        self._cancel_jobs("(the image, the model or its settings changed)")
         self.cancel()
         self._session = None
         self._candidates = None
@@ -230,7 +285,7 @@ class SamWidget(Container):
         layer = self._image.value
         if layer is None:
             raise ValueError("Open an image first, then pick it in the SAM widget.")
-        spatial = layer.ndim - (1 if layer.rgb else 0)
+        spatial = spatial_ndim(layer)
         if spatial not in (2, 3):
             raise ValueError(
                 f"'{layer.name}' has {layer.data.ndim} dimensions; SAM works on 2D images and 3D (Z, Y, X) "
@@ -250,6 +305,7 @@ class SamWidget(Container):
         except ValueError as error:
             show_error(str(error))
             return
+        self._cancel_jobs("to compute embeddings")
         self.cancel()
         self._ensure_prompt_layers(layer)
         self._start_worker(layer, model_source)
@@ -275,7 +331,7 @@ class SamWidget(Container):
         cache_dir = str(self._cache_dir.value) if str(self._cache_dir.value) not in ("", ".") else None
         center = self._current_z(layer) or 0
         # Errors go to _on_error (a notification), not back into the event loop.
-        worker = thread_worker(_compute, ignore_errors=True)(
+        worker = thread_worker(reported(_compute), ignore_errors=True)(
             session, layer, model_source, settings, cache_dir, center
         )
         self._progress = progress(total=0, desc="SAM embeddings")
@@ -283,7 +339,7 @@ class SamWidget(Container):
         worker.returned.connect(self._on_done)
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
-        self._worker = worker
+        self._worker, self._worker_layer, self._failed = worker, layer, False
         self._cancel_button.enabled = True
         self._status.value = "Loading the model…" if session is None else "Computing embeddings…"
         worker.start()
@@ -295,6 +351,31 @@ class SamWidget(Container):
         if self._worker is not None:
             self._worker.quit()
         self.wait()
+
+    def _running_job(self) -> str | None:
+        """The name of the running job on the objects layer (propagation, segment all), if any."""
+        if self._propagation.running:
+            return "propagation"
+        return "segment all" if self._automatic.running else None
+
+    def _cancel_jobs(self, why: str) -> None:
+        """Cancel a running propagation or segment all, and say so and `why`."""
+        job = self._running_job()
+        if job is not None:
+            self._propagation.cancel()
+            self._automatic.cancel()
+            self.wait()
+            show_info(f"SAM: {job} cancelled {why}; the objects it found so far are kept.")
+
+    def _refuse_while_job_runs(self, action: str) -> bool:
+        """Whether a propagation or segment all is running, which `action` would disturb (after a message)."""
+        job = self._running_job()
+        if job is None:
+            return False
+        message = f"{job} is running; wait for it to finish or press Cancel, then {action}."
+        show_warning(f"SAM: {message}")
+        self._status.value = message[0].upper() + message[1:]
+        return True
 
     def _pause_embeddings(self) -> None:
         """Stop the embedding job for a job that computes the embeddings it needs itself.
@@ -346,11 +427,15 @@ class SamWidget(Container):
             self._status.value = (
                 f"Model {payload.model_name} on {predictor.device}{views}; computing embeddings…"
             )
-            from samcore.automatic import AutoSettings
-
-            own = AutoSettings.for_model(payload.predictor.model)
-            self._min_iou.value, self._min_stability.value = own.min_predicted_iou, own.min_stability
-            self._refine.value = payload.predictor.refine
+            # The model's own settings, unless they are shown already: the user's values stay.
+            name = payload.model_source[0] or CHECKPOINT_CHOICE
+            if name != self._defaults_for:
+                own = getattr(payload.predictor.model, "auto_defaults", {})
+                thresholds = (
+                    own.get("min_predicted_iou", SAM_THRESHOLDS[0]),
+                    own.get("min_stability", SAM_THRESHOLDS[1]),
+                )
+                self._show_model_defaults(name, thresholds, payload.predictor.refine)
         elif kind == "slice":
             self._progress.update(1)
             if payload == self._current_z(self._session.layer) or self._session.view.n_slices == 1:
@@ -362,6 +447,7 @@ class SamWidget(Container):
     def _on_error(self, error: Exception) -> None:
         show_error(f"SAM: {error}")
         self._status.value = f"Error: {error}"
+        self._failed = True  # the error stays in the status line
 
     def _on_finished(self) -> None:
         if self._progress is not None:
@@ -369,7 +455,8 @@ class SamWidget(Container):
             self._progress = None
         self._worker = None
         self._cancel_button.enabled = self._busy()
-        if self._session is not None and len(self._session.store) < self._session.view.n_slices:
+        session, failed, self._failed = self._session, self._failed, False
+        if not failed and session is not None and len(session.store) < session.view.n_slices:
             self._status.value = (
                 f"Stopped: {len(self._session.store)}/{self._session.view.n_slices} slices have embeddings."
             )
@@ -378,7 +465,7 @@ class SamWidget(Container):
 
     def _ensure_prompt_layers(self, image: Image) -> None:
         """Create the points, boxes and preview layers for `image`, or re-align the existing ones."""
-        ndim = image.ndim - (1 if image.rgb else 0)
+        ndim = spatial_ndim(image)
         geometry = {"scale": image.scale[:ndim], "translate": image.translate[:ndim]}
         shape = image.data.shape[:ndim]
         if not self._usable(self._preview, ndim) or self._preview.data.shape != shape:
@@ -434,7 +521,7 @@ class SamWidget(Container):
         self.segment()
 
     def _current_z(self, layer: Image | None) -> int | None:
-        if layer is None or layer.ndim - (1 if layer.rgb else 0) == 2:
+        if layer is None or spatial_ndim(layer) == 2:
             return None
         world = self._viewer.dims.point
         z = layer.world_to_data(world[-layer.ndim:])[0]
@@ -461,7 +548,11 @@ class SamWidget(Container):
             return
         embedding = session.store.get(z or 0)
         if embedding is None:
-            self._status.value = f"Slice {z} has no embedding yet; it is being computed."
+            where = "The image" if z is None else f"Slice {z}"
+            self._status.value = (
+                f"{where} has no embedding yet; it is being computed." if self._busy()
+                else f"{where} has no embedding: press Compute embeddings."
+            )
             return
         session.use(z or 0, embedding)
         single_click = len(prompts.points) == 1 and prompts.box is None and prompts.mask is None
@@ -543,9 +634,12 @@ class SamWidget(Container):
             if layer.data.shape != shape:
                 raise ValueError(f"The labels layer '{layer.name}' has shape {layer.data.shape}, the image {shape}.")
             return layer
+        active = self._viewer.layers.selection.active  # napari selects a new layer: keep the user's one
         layer = self._viewer.add_labels(
             np.zeros(shape, np.uint32), name="SAM objects", scale=self._preview.scale, translate=self._preview.translate
         )
+        if active is not None and active in self._viewer.layers:
+            self._viewer.layers.selection.active = active  # the next click still adds a point
         self._output.reset_choices()
         self._output.value = layer
         return layer
@@ -554,6 +648,11 @@ class SamWidget(Container):
         """Make the preview a new object in the output labels layer, then clear the prompts."""
         if self._candidates is None:
             show_warning("SAM: nothing to commit; click on an object or draw a box first.")
+            return
+        if self._refuse_while_job_runs("commit"):
+            return
+        if not self._candidates[0][self._candidate_index].any():
+            show_warning("SAM: the mask is empty, nothing to commit; move the click or box, or add clicks.")
             return
         z = self._current_z(self._session.layer)
         try:
@@ -573,6 +672,8 @@ class SamWidget(Container):
 
     def undo(self, _=None) -> None:
         """Remove the last committed object, restoring what it covered."""
+        if self._refuse_while_job_runs("undo"):
+            return
         if not self._history:
             show_info("SAM: nothing to undo.")
             return

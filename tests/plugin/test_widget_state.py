@@ -1,0 +1,175 @@
+"""The widget's state across failures, RGB images, settings, layers and background jobs (headless napari)."""
+
+import numpy as np
+import pytest
+
+from napari_sam._widget import CHECKPOINT_CHOICE
+
+
+def test_a_model_that_cannot_be_downloaded_is_reported_and_the_widget_stays_usable(
+    sam, messages, monkeypatch, qtbot
+):
+    import samcore
+
+    _, widget = sam
+    widget.set_model("vit_b_lm")
+
+    def offline(*_args, **_kwargs):
+        # samcore's download errors are RuntimeErrors, which superqt's workers do not report.
+        raise RuntimeError("Could not download the model 'vit_b_lm'; copy the file to /cache/vit_b.pt")
+
+    monkeypatch.setattr(samcore, "load_model", offline)
+    widget.load()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=10_000)
+    assert any("/cache/vit_b.pt" in message for message in messages["error"])
+    assert "Could not download" in widget._status.value
+    assert not widget._cancel_button.enabled
+    monkeypatch.undo()
+    widget._model.value = CHECKPOINT_CHOICE  # the user picks weights on disk: it works at once
+    widget.load(block=True)
+    assert len(widget._session.store) == 4
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 3), (3, 64, 64, 3)], ids=["2D RGB", "RGB stack"])
+def test_rgb_images_are_segmented_like_grayscale_ones(make_napari_viewer, tiny_checkpoint, messages, shape):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8), rgb=True)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    widget.load(block=True)
+    assert not messages["error"]
+    spatial = shape[:-1]
+    assert widget._preview.data.shape == spatial
+    assert len(widget._session.store) == (1 if len(spatial) == 2 else spatial[0])
+    point = (30, 30) if len(spatial) == 2 else (1, 30, 30)
+    if len(spatial) == 3:
+        viewer.dims.set_current_step(0, 1)
+    widget.add_point(point)
+    assert widget._candidates is not None
+    widget.commit()
+    labels = widget.output_layer().data
+    assert labels.shape == spatial
+    assert (labels[1] if len(spatial) == 3 else labels).any()
+    assert image.rgb
+
+
+def test_thresholds_and_refine_follow_the_model_only_when_it_changes(sam):
+    viewer, widget = sam
+    widget.set_model("default")  # shown before anything loads: the registry's values
+    assert (widget._min_iou.value, widget._min_stability.value, widget._refine.value) == (0.4, 0.8, True)
+    widget.set_model("vit_b")
+    assert (widget._min_iou.value, widget._min_stability.value, widget._refine.value) == (0.88, 0.95, False)
+    widget._model.value = CHECKPOINT_CHOICE
+    widget.load(block=True)
+    widget._min_iou.value, widget._min_stability.value, widget._refine.value = 0.5, 0.6, True
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)  # Compute embeddings again: the same model
+    assert (widget._min_iou.value, widget._min_stability.value, widget._refine.value) == (0.5, 0.6, True)
+
+
+def commit_one(viewer, widget, z=1):
+    viewer.dims.set_current_step(0, z)
+    widget.load(block=True)
+    widget.add_point((z, 40, 40))
+    widget.commit()
+    return widget.output_layer()
+
+
+def test_after_a_commit_the_next_click_still_adds_a_point(sam):
+    viewer, widget = sam
+    commit_one(viewer, widget)
+    assert viewer.layers.selection.active.name == "SAM points"
+
+
+def test_undo_and_commit_are_refused_while_a_propagation_paints(sam, messages, qtbot):
+    viewer, widget = sam
+    objects = commit_one(viewer, widget)
+    before = np.array(objects.data)
+    widget.propagate()
+    widget.undo()  # the worker runs until its end is handled here, on the main thread
+    assert any("propagation is running" in message for message in messages["warning"])
+    np.testing.assert_array_equal(objects.data[1], before[1])
+    qtbot.waitUntil(lambda: not widget._busy(), timeout=20_000)
+    widget.propagate()
+    widget.load()  # Compute embeddings cancels the propagation, and says so
+    assert any("propagation cancelled" in message for message in messages["info"])
+    qtbot.waitUntil(lambda: not widget._busy(), timeout=20_000)
+
+
+def test_deleting_the_image_stops_its_embeddings(sam, qtbot):
+    viewer, widget = sam
+    widget.load()
+    viewer.layers.remove("nuclei")
+    assert widget._worker is None and widget._session is None
+    assert "deleted" in widget._status.value
+
+
+def test_deleting_the_objects_layer_during_segment_all_stops_painting_into_it(sam, messages, qtbot):
+    viewer, widget = sam
+    objects = commit_one(viewer, widget)
+    widget.segment_all("stack")
+    viewer.layers.remove(objects)
+    qtbot.waitUntil(lambda: not widget._busy(), timeout=60_000)
+    assert objects.data.max() == 1  # only the committed object: nothing painted after the deletion
+    assert not widget._history
+    widget.undo()
+    assert any("nothing to undo" in message for message in messages["info"])
+
+
+def test_an_empty_mask_is_not_committed(sam, messages):
+    viewer, widget = sam
+    viewer.dims.set_current_step(0, 1)
+    widget.load(block=True)
+    widget.add_point((1, 40, 40))
+    widget._candidates = (np.zeros((1, 96, 96), bool), np.array([0.5]))  # SAM found no pixel
+    widget._candidate_index = 0
+    widget.commit()
+    assert any("empty" in message for message in messages["warning"])
+    assert "SAM objects" not in viewer.layers
+
+
+def test_the_objects_choice_leaves_out_the_preview_and_the_brush(sam):
+    viewer, widget = sam
+    commit_one(viewer, widget)
+    viewer.add_labels(np.zeros((4, 96, 96), np.uint32), name="mine")
+    names = [name for name, _ in widget._objects_choices()]
+    assert names == ["SAM objects", "mine"]
+    widget._output.reset_choices()
+    assert [getattr(layer, "name", None) for layer in widget._output.choices] == [None, "SAM objects", "mine"]
+
+
+def test_a_click_without_embedding_says_to_compute_them(sam, qtbot):
+    viewer, widget = sam
+    widget.load()
+    qtbot.waitUntil(lambda: widget._session is not None and len(widget._session.store) >= 1, timeout=10_000)
+    widget.cancel()
+    missing = next(z for z in range(4) if z not in widget._session.store)
+    viewer.dims.set_current_step(0, missing)
+    widget.add_point((missing, 40, 40))
+    assert "press Compute embeddings" in widget._status.value
+
+
+@pytest.mark.parametrize("setting", ["views", "device"])
+def test_changing_views_or_device_drops_the_embeddings(sam, setting):
+    _, widget = sam
+    widget.load(block=True)
+    if setting == "views":
+        widget.set_model(views=1)
+    else:
+        widget.set_model(device="cpu")
+    assert widget._session is None
+    assert "compute embeddings again" in widget._status.value
+
+
+def test_scripted_clicks_and_boxes_are_in_world_coordinates(make_napari_viewer, tiny_checkpoint, stack):
+    viewer = make_napari_viewer()
+    viewer.add_image(stack, name="nuclei", scale=(4, 0.5, 0.5), translate=(10, 100, 200))
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    widget.load(block=True)
+    viewer.dims.set_point(0, 10 + 2 * 4)
+    widget.add_point((18, 120, 220))  # slice 2, pixel (40, 40)
+    np.testing.assert_allclose(widget._points.data, [[2, 40, 40]])
+    assert widget._candidates is not None
+    widget.add_box((18, 105, 205), (18, 125, 225))
+    np.testing.assert_allclose(widget._boxes.data[0][[0, 2]], [[2, 10, 10], [2, 50, 50]])
