@@ -421,6 +421,10 @@ def _run_auto(args: argparse.Namespace) -> int:
                               args.link_overlap, args.cache_dir, args.store, setup.client)
         count = batch.with_progress_bar(job, path.name)
         print(f"wrote {outputs[path]}: {count} objects", file=sys.stderr)
+        if count == 0:
+            print(f"  no mask was kept: none reached both a predicted IoU of {settings.min_predicted_iou:g} "
+                  f"and a stability of {settings.min_stability:g}; lower --min-iou or --min-stability "
+                  "to keep more", file=sys.stderr)
 
     return _run_files(args, readable, failed + unreadable, len(files), segment)
 

@@ -52,6 +52,14 @@ def test_auto_writes_compressed_labels_of_the_stack_shape(tmp_path, stack_file, 
     assert f"wrote {out}" in err and "stack.tif" in err  # the progress bar names the file
 
 
+def test_auto_says_which_thresholds_to_lower_when_it_keeps_nothing(tmp_path, stack_file, checkpoint, capsys):
+    out = tmp_path / "labels.tif"
+    options = ("--points-per-side", 2, "--min-iou", 1, "--min-stability", 1)
+    assert cli("auto", stack_file, "-o", out, *options, checkpoint=checkpoint) == 0
+    assert tifffile.imread(out).max() == 0
+    assert "lower --min-iou or --min-stability" in capsys.readouterr().err
+
+
 def test_auto_on_a_folder_of_2d_and_rgb_images_then_skips_finished_ones(tmp_path, checkpoint, capsys):
     folder = tmp_path / "images"
     folder.mkdir()
