@@ -20,7 +20,6 @@ from .embeddings import EmbeddingStore, StackView, stack_key, store_path
 from .jobs import embed_stack, segment_stack
 from .predictor import Predictor
 from .progress import Job, Progress, T, run
-from .zoo import VIEWS
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -132,28 +131,28 @@ def open_store(
         return None
     key = stack_key(view, model_id, views)
     path = store if store is not None else store_path(cache_dir, name, key)
-    _check_views(path, key, view, model_id, views)
+    _check_views(path, key, views)
     return EmbeddingStore(key, view.n_slices, path, cache_slices=2)
 
 
-def _check_views(path: Path, key: str, view: StackView, model_id: str, views: int) -> None:
-    """Refuse a store of this stack and model made with another number of views, saying so."""
+def _check_views(path: Path, key: str, views: int) -> None:
+    """Refuse a store made with another number of views, saying so (its features hold one row per view)."""
     if not Path(path).is_dir():
         return
     import zarr
 
     try:
-        found = zarr.open_group(str(path), mode="r").attrs.get("key")
+        group = zarr.open_group(str(path), mode="r")
     except (ValueError, OSError):  # no store: `EmbeddingStore` refuses the folder with its own message
         return
-    if found == key:
+    if group.attrs.get("key") == key or "features" not in group:
         return
-    for other in VIEWS:
-        if other != views and found == stack_key(view, model_id, other):
-            raise ValueError(
-                f"the embedding store {path} was made with --views {other}, and this run uses "
-                f"--views {views}. Give --views {other}, or another store."
-            )
+    stored = group["features"].shape[1]  # (slices, views, channels, h, w)
+    if stored != views:
+        raise ValueError(
+            f"the embedding store {path} was made with --views {stored}, and this run uses "
+            f"--views {views}. Give --views {stored}, or another store."
+        )
 
 
 def labels_path(image: Path, output: Path | None, several: bool) -> Path:
