@@ -7,7 +7,9 @@ the predicted mask (single output for a box; for a click, the candidate with the
 is compared with the label: from the image alone in one decoder pass ("1 view") and refined ("1v
 ref.": a second pass with the first's logits as mask input, `Predictor(refine=True)`), averaged over
 the image and its mirror image left to right ("2 views", `Predictor(views=2)`), the same refined
-in each view ("2v ref."), and averaged over the image and its 3 mirror images ("4 views").
+in each view ("2v ref."), averaged over the image and its 3 mirror images ("4 views"), and as
+"2v ref." with a box around a small object decoded on the crop around it, enlarged ("zoomed",
+`Predictor(zoom=True)`, see `samcore.zoom`; a click alone is decoded as in "2v ref.").
 The baseline on the same prompts: Otsu's threshold inside the box
 (computed over the box grown by a tenth of its longest side, so that the histogram holds some
 background), or in a window around the click (side twice the median object diameter of the image),
@@ -42,14 +44,15 @@ from skimage.filters import threshold_otsu
 
 from samcore import ImageEmbedding, Predictor, load_model
 from samcore import download, zoo
+from samcore.preprocess import to_rgb_uint8
 
 from machine import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_AREA = 30
-# Each method but Otsu: (views, refine).
-SETTINGS = {"1 view": (1, False), "1v ref.": (1, True), "2 views": (2, False), "2v ref.": (2, True),
-            "4 views": (4, False)}
+# Each method but Otsu: (views, refine, zoom).
+SETTINGS = {"1 view": (1, False, False), "1v ref.": (1, True, False), "2 views": (2, False, False),
+            "2v ref.": (2, True, False), "4 views": (4, False, False), "zoomed": (2, True, True)}
 METHODS = (*SETTINGS, "Otsu")
 
 
@@ -67,7 +70,8 @@ def main() -> None:
     print(machine_line())
     describe_weights(args)
     print(f"precision: {predictor.precision} (asked: {args.precision}); the model's default: "
-          f"{'refined' if predictor.refine else 'one pass'}, {predictor.views} view(s)")
+          f"{'refined' if predictor.refine else 'one pass'}, {predictor.views} view(s)"
+          f"{', zoomed on small boxes' if predictor.zoom else ''}")
 
     dsb_image, dsb_labels = read_pair(data / "dsb2018")
     stack, stack_labels = read_pair(data / "nuclei3d")
@@ -129,18 +133,19 @@ def evaluate(model, precision: str, slices: list[tuple[np.ndarray, np.ndarray]])
         embedding = predictors[4].embed(image)  # the first 1 and 2 of its views are the others'
         for views, predictor in predictors.items():
             features = embedding.features[:views]
-            predictor.set_embedding(ImageEmbedding(features, embedding.original_size, embedding.input_size))
+            sizes = (embedding.original_size, embedding.input_size)
+            predictor.set_embedding(ImageEmbedding(features, *sizes), image=to_rgb_uint8(image))
         diameters = [max(s.stop - s.start for s in box) for _, box in found]
         window = 2 * int(np.median(diameters))
         for mask, (rows, cols) in found:
             box = np.array([cols.start, rows.start, cols.stop - 1, rows.stop - 1])
             point = interior_point(mask)
-            for method, (views, refine) in SETTINGS.items():
+            for method, (views, refine, zoom) in SETTINGS.items():
                 predictor = predictors[views]
-                masks, _, _ = predictor.predict(box=box, multimask_output=False, refine=refine)
+                masks, _, _ = predictor.predict(box=box, multimask_output=False, refine=refine, zoom=zoom)
                 ious[f"box {method}"].append(iou(masks[0], mask))
                 masks, scores, _ = predictor.predict(
-                    point_coords=point[None], point_labels=np.array([1]), refine=refine
+                    point_coords=point[None], point_labels=np.array([1]), refine=refine, zoom=zoom
                 )
                 ious[f"point {method}"].append(iou(masks[int(np.argmax(scores))], mask))
             ious["box Otsu"].append(iou(otsu_in_box(image, box), mask))
@@ -202,13 +207,15 @@ def print_speed(model, precision: str, image: np.ndarray, labels: np.ndarray) ->
     boxes = [np.array([c.start, r.start, c.stop - 1, r.stop - 1]) for _, (r, c) in objects(labels)][:40]
     print(f"\nSpeed on the {image.shape[0]}x{image.shape[1]} DSB image (median of 5 embeddings, of "
           f"{len(boxes)} box prompts):")
-    for method, (views, refine) in SETTINGS.items():
+    for method, (views, refine, zoom) in SETTINGS.items():
         predictor = Predictor(model, precision=precision, views=views)
         embed = median_seconds(lambda: predictor.set_image(image), repeats=5)
-        decode_one = functools.partial(predictor.predict, multimask_output=False, refine=refine)
+        decode_one = functools.partial(predictor.predict, multimask_output=False, refine=refine, zoom=zoom)
         decode_one(box=boxes[0])  # warm-up
         decode = statistics.median(timed(lambda box=box: decode_one(box=box)) for box in boxes)
-        print(f"  {method:8} embedding {embed:.3f} s, box -> mask {decode * 1000:.1f} ms")
+        zoomed = sum(predictor.zoom_window(box) is not None for box in boxes) if zoom else 0
+        note = f" (embedding the crop included; {zoomed} of {len(boxes)} boxes zoomed)" if zoom else ""
+        print(f"  {method:8} embedding {embed:.3f} s, box -> mask {decode * 1000:.1f} ms{note}")
 
 
 def median_seconds(run: Callable[[], object], repeats: int) -> float:

@@ -23,6 +23,7 @@ from ._background import reported
 from ._propagate import Propagation
 from ._prompts import NEGATIVE, POSITIVE, slice_prompts, spatial_ndim
 from ._segment_all import SCOPES, AutoSegmentation
+from ._zoom import ZoomJob
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -90,6 +91,12 @@ class SamWidget(Container):
             "with the bundled model, at twice the decoding time",
         )
         self._refine.changed.connect(self.segment)
+        self._zoom = CheckBox(
+            text="zoom in on small boxes", value=False,
+            tooltip="decode a box around a small object again on the crop around it, enlarged: finer "
+            "outlines of small nuclei, at one more embedding (in the background) per box",
+        )
+        self._zoom.changed.connect(self.segment)
         self._candidate = Label(value="")
         self._status = Label(value="Pick an image and a model, then compute embeddings.")
         self._help = Label(value="\n".join([
@@ -120,7 +127,7 @@ class SamWidget(Container):
         thresholds.extend([self._min_iou, self._min_stability])
         self.extend([
             self._image, self._model, self._checkpoint, self._device, self._views, self._cache_dir,
-            self._load_button, self._cancel_button, self._output, self._overwrite, self._refine,
+            self._load_button, self._cancel_button, self._output, self._overwrite, self._refine, self._zoom,
             buttons, automatic, thresholds, self._candidate, self._status, self._help,
         ])
         self._model.changed.connect(self._on_model_choice)
@@ -141,12 +148,14 @@ class SamWidget(Container):
         self._candidates: tuple[np.ndarray, np.ndarray] | None = None
         self._unrefined: tuple[dict, np.ndarray, set[int]] | None = None  # see `segment`
         self._candidate_index = 0
+        self._zoomed = False  # the preview was decoded on the crop around a small box
         self._preview_slice: int | None = None  # the slice the preview was last drawn on
         self._history: list[tuple[Labels, Commit]] = []
         self._polarity = POSITIVE
         self._propagation = Propagation(self)
         self.propagation_settings = None  # a samcore PropagationSettings; None for its defaults
         self._automatic = AutoSegmentation(self)
+        self._zoom_job = ZoomJob(self)
         self._embeddings_paused = False  # stopped for a propagation or segment all; resumed after it
         self.auto_settings = None  # a samcore AutoSettings for segment all; None: the threshold boxes
         self._defaults_for: str | None = None  # the model whose own thresholds and refine are shown
@@ -242,16 +251,20 @@ class SamWidget(Container):
 
         entry = None if choice == CHECKPOINT_CHOICE else get_entry(choice)
         thresholds = entry.auto_thresholds if entry is not None and entry.auto_thresholds else SAM_THRESHOLDS
-        self._show_model_defaults(choice, thresholds, entry is not None and entry.refine)
+        own = entry is not None
+        self._show_model_defaults(choice, thresholds, own and entry.refine, own and entry.zoom)
 
-    def _show_model_defaults(self, name: str, thresholds: tuple[float, float], refine: bool) -> None:
-        """Set the "keep if" thresholds and "refine masks" to the model's own.
+    def _show_model_defaults(
+        self, name: str, thresholds: tuple[float, float], refine: bool, zoom: bool
+    ) -> None:
+        """Set the "keep if" thresholds, "refine masks" and "zoom in" to the model's own.
 
         They then stay as the user sets them until another model is chosen (see `_on_progress`).
         """
         self._defaults_for = name
         self._min_iou.value, self._min_stability.value = thresholds
         self._refine.value = refine
+        self._zoom.value = zoom
 
     def _on_image_change(self, _=None) -> None:
         self._forget("Image changed: compute embeddings for it.")
@@ -405,7 +418,7 @@ class SamWidget(Container):
 
         timer = QElapsedTimer()
         timer.start()
-        while self._busy() and timer.elapsed() < timeout_ms:
+        while (self._busy() or self._zoom_job.running) and timer.elapsed() < timeout_ms:
             QCoreApplication.processEvents()
             self._worker_thread_sleep()
 
@@ -435,7 +448,7 @@ class SamWidget(Container):
                     own.get("min_predicted_iou", SAM_THRESHOLDS[0]),
                     own.get("min_stability", SAM_THRESHOLDS[1]),
                 )
-                self._show_model_defaults(name, thresholds, payload.predictor.refine)
+                self._show_model_defaults(name, thresholds, payload.predictor.refine, payload.predictor.zoom)
         elif kind == "slice":
             self._progress.update(1)
             if payload == self._current_z(self._session.layer) or self._session.view.n_slices == 1:
@@ -554,7 +567,7 @@ class SamWidget(Container):
                 else f"{where} has no embedding: press Compute embeddings."
             )
             return
-        session.use(z or 0, embedding)
+        session.use(z or 0, embedding, pixels=self._zoom.value)
         single_click = len(prompts.points) == 1 and prompts.box is None and prompts.mask is None
         # A single click's three candidates are refined one at a time, when shown: the best one
         # now, the others on N (refining all three first takes twice as long, as good on
@@ -569,13 +582,21 @@ class SamWidget(Container):
                 "box": prompts.decoder_box(),
             }
             mask_input = None if prompts.mask is None else session.predictor.logits_from_mask(prompts.mask)
+            # A small box is decoded on the crop around it once that is embedded (in the background).
+            window = None
+            if self._zoom.value and prompt["box"] is not None:
+                window = session.predictor.zoom_window(prompt["box"], prompt["point_coords"])
+            zoomed = window is not None and session.predictor.has_crop(window)
             masks, scores, low_res = session.predictor.predict(
                 **prompt, mask_input=mask_input, multimask_output=single_click,
-                refine=self._refine.value and not lazy,
+                refine=self._refine.value and not lazy, zoom=zoomed,
             )
         except ValueError as error:
             show_warning(f"SAM: {error}")
             return
+        if window is not None and not zoomed:
+            self._zoom_job.start(session.predictor, window)
+        self._zoomed = zoomed
         self._candidates = (masks, scores)
         self._candidate_index = int(np.argmax(scores))
         self._unrefined = (prompt, low_res, set(range(len(scores)))) if lazy else None
@@ -609,7 +630,7 @@ class SamWidget(Container):
             self._candidate.value = (
                 f"candidate {self._candidate_index + 1}/{count}, predicted IoU {scores[self._candidate_index]:.2f}"
                 if count > 1 else f"predicted IoU {scores[0]:.2f}"
-            )
+            ) + (", zoomed in" if self._zoomed else ", zooming in…" if self._zoom_job.running else "")
         else:
             self._candidates = None
             self._candidate.value = ""
@@ -781,15 +802,17 @@ class _Session:
         self.layer, self.model_source = layer, model_source
         self.settings = settings  # (device, views)
         self.predictor, self.view, self.store, self.model_name = predictor, view, store, model_name
-        self._current: int | None = None
+        self._current: tuple[int, bool] | None = None  # the slice set in the predictor, and if with pixels
 
     def matches(self, layer, model_source, settings) -> bool:
         return (layer, model_source, settings) == (self.layer, self.model_source, self.settings)
 
-    def use(self, z: int, embedding) -> None:
-        if self._current != z:
-            self.predictor.set_embedding(embedding)
-            self._current = z
+    def use(self, z: int, embedding, pixels: bool = False) -> None:
+        """Make slice z current in the predictor, with its pixels if asked (to zoom in on boxes)."""
+        if self._current != (z, pixels) and self._current != (z, True):
+            image = self.view.rgb_slice(z) if pixels else None
+            self.predictor.set_embedding(embedding, image=image)
+            self._current = (z, pixels)
 
 
 def _compute(session, layer, model_source, settings, cache_dir, center):

@@ -158,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                          help="with --point/--box: decode again with the first mask as input "
                               "(default: the model's choice, on for the bundled model; --prompts: once)")
+    segment.add_argument("--zoom", action=argparse.BooleanOptionalAction, default=None,
+                         help="with --box: decode a box around a small object on the crop around it, "
+                              "enlarged (default: the model's choice, on for the bundled model)")
     segment.add_argument("-o", "--output", type=Path, required=True,
                          help="labels TIFF to write (the image's shape; the slice's with --slice)")
     segment.add_argument("--overwrite", action="store_true",
@@ -249,8 +252,9 @@ def _run_segment(args: argparse.Namespace) -> int:
     import tifffile
 
     if args.prompts is not None:
-        if args.refine is not None:
-            raise ValueError("--refine works on --point and --box; --prompts decodes each slice once.")
+        if args.refine is not None or args.zoom is not None:
+            option = "--refine" if args.refine is not None else "--zoom"
+            raise ValueError(f"{option} works on --point and --box; --prompts decodes each slice once.")
         return _run_prompts(args)
     if args.propagate or args.mode or args.z_range:
         raise ValueError("--propagate, --mode and --z-range work on the objects of a --prompts file.")
@@ -264,7 +268,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     coords, labels, box = engine_prompts(args, *image.shape[:2])
 
     started = time.perf_counter()
-    predictor = _load_predictor(args, refine=args.refine, show_refine=True)
+    predictor = _load_predictor(args, refine=args.refine, show_refine=True, zoom=args.zoom)
     with _naming(args.image):
         predictor.set_image(image)
         embedded = time.perf_counter()
@@ -508,15 +512,20 @@ def _batch_setup(args: argparse.Namespace) -> _Setup:
 
 
 def _load_predictor(
-    args: argparse.Namespace, refine: bool | None = None, show_refine: bool = False
+    args: argparse.Namespace, refine: bool | None = None, show_refine: bool = False, zoom: bool | None = False
 ) -> Predictor:
-    """The model and predictor the options ask for, announced on stderr before any work."""
+    """The model and predictor the options ask for, announced on stderr before any work.
+
+    `zoom` None follows the model; the jobs on stacks and folders decode without it.
+    """
     from .loading import load_model
     from .predictor import Predictor
 
     model = load_model(args.model, args.checkpoint, args.device)
-    predictor = Predictor(model, precision=args.precision, refine=refine, views=args.views)
+    predictor = Predictor(model, precision=args.precision, refine=refine, views=args.views, zoom=zoom)
     passes = ("refined, " if predictor.refine else "one pass, ") if show_refine else ""
+    if show_refine and predictor.zoom and args.box:
+        passes += "zoomed on small boxes, "
     print(f"model {model.architecture or 'custom'} on {predictor.device} "
           f"({predictor.precision}, {passes}{_views_text(predictor.views)})", file=sys.stderr)
     return predictor

@@ -77,6 +77,7 @@ def load_model(
             model.auto_defaults = dict(zip(("min_predicted_iou", "min_stability"), entry.auto_thresholds))
         model.refine_masks = entry.refine
         model.views = entry.views
+        model.zoom_boxes = entry.zoom
     return model.to(target).eval()
 
 

@@ -19,6 +19,7 @@ from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_prompt
 from .precision import autocast, resolve_precision
 from .preprocess import to_rgb_uint8
 from .zoo import VIEWS
+from .zoom import Window, to_low_res, zoom_window
 
 LOW_RES_SIDE = 256  # side of SAM's low-resolution mask logits for a 1024 px model
 POINT_LABELS = (1, 0, -1)  # on the object, background, a point to ignore (SAM's padding)
@@ -71,16 +72,31 @@ class Predictor:
             average cancels it. None follows the model (`samcore.zoo.ModelEntry.views`: 2 for the
             bundled model, 1 otherwise, as in segment-anything). It costs one embedding and one
             decoding per view.
+        zoom: Look again at small boxed objects (see `samcore.zoom`): where a box prompt covers a
+            small part of the image, the crop around it is embedded on its own, enlarged to the
+            model's input size, and decoded. It needs the image's pixels (`set_image`, or
+            `set_embedding` with ``image``) and costs one embedding of the crop per new box. None
+            follows the model (`samcore.zoo.ModelEntry.zoom`: on for the bundled model, off
+            otherwise, as in segment-anything). `predict` takes it per call too.
     """
 
     def __init__(
-        self, model: Sam, precision: str = "auto", refine: bool | None = None, views: int | None = None
+        self,
+        model: Sam,
+        precision: str = "auto",
+        refine: bool | None = None,
+        views: int | None = None,
+        zoom: bool | None = None,
     ) -> None:
         self.model = model.eval()
         self.precision = resolve_precision(precision, model)
         self.refine = bool(getattr(model, "refine_masks", False)) if refine is None else bool(refine)
         self.views = check_views(getattr(model, "views", 1) if views is None else views)
+        self.zoom = bool(getattr(model, "zoom_boxes", False)) if zoom is None else bool(zoom)
         self._embedding: ImageEmbedding | None = None
+        self._pixels: np.ndarray | None = None  # the current image as (H, W, 3) uint8, for zooming in
+        self._crop: tuple[np.ndarray, Window, ImageEmbedding] | None = None  # the last zoomed crop
+        self._crop_decoder: Predictor | None = None  # decodes zoomed crops
         # Decoder work that does not depend on the prompt, kept between prompts (see `_decoding`).
         self._decoder_tensors: list[torch.Tensor] | None = None
         self._constants: tuple[tuple, DecoderConstants] | None = None
@@ -119,12 +135,7 @@ class Predictor:
         Returns:
             The embedding, with features on the model's device.
         """
-        if image_format not in ("RGB", "BGR"):
-            raise ValueError(f"image_format must be 'RGB' or 'BGR', not {image_format!r}.")
-        rgb = to_rgb_uint8(np.asarray(image), channel_axis=channel_axis)
-        if image_format == "BGR":
-            rgb = rgb[..., ::-1]
-        return self.embed_rgb(rgb)
+        return self.embed_rgb(_rgb(image, image_format, channel_axis))
 
     def embed_rgb(self, rgb: np.ndarray) -> ImageEmbedding:
         """Embedding of a (H, W, 3) uint8 RGB image."""
@@ -163,14 +174,18 @@ class Predictor:
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB", channel_axis: int | None = None) -> None:
         """Compute and keep the embedding of `image` (see `embed`) for the following predictions."""
-        self._use(self.embed(image, image_format, channel_axis))
+        rgb = _rgb(image, image_format, channel_axis)
+        self._use(self.embed_rgb(rgb), rgb)
 
-    def set_embedding(self, embedding: ImageEmbedding) -> None:
+    def set_embedding(self, embedding: ImageEmbedding, image: np.ndarray | None = None) -> None:
         """Use a precomputed embedding (e.g. from a cache) as the current image.
 
         Args:
             embedding: An `ImageEmbedding`, as `embed` makes it: its features and the image sizes
                 they belong to (`get_image_embedding` gives the features alone).
+            image: The (H, W, 3) uint8 RGB image the embedding was computed from (as
+                `samcore.preprocess.to_rgb_uint8` or `StackView.rgb_slice` give it), for `zoom`;
+                without it, boxes are decoded on the whole image only.
         """
         if not isinstance(embedding, ImageEmbedding):
             raise TypeError(
@@ -188,8 +203,16 @@ class Predictor:
                 f"This embedding holds {embedding.views} view(s) of its image, but this predictor decodes "
                 f"{self.views} (views={self.views}): compute the embedding with the same views setting."
             )
+        if image is not None:
+            image = np.asarray(image)
+            if image.dtype != np.uint8 or image.shape != (*embedding.original_size, 3):
+                height, width = embedding.original_size
+                raise ValueError(
+                    f"image must be the embedding's {height}x{width} image as (H, W, 3) uint8 RGB, not an "
+                    f"array of shape {image.shape} and dtype {image.dtype}."
+                )
         features = embedding.features.to(self.device, torch.float32)
-        self._use(ImageEmbedding(features, embedding.original_size, embedding.input_size))
+        self._use(ImageEmbedding(features, embedding.original_size, embedding.input_size), image)
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current image's (V, 256, h, w) embedding: (1, 256, h, w) with one view."""
@@ -210,6 +233,7 @@ class Predictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         refine: bool | None = None,
+        zoom: bool | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predict masks for one object on the current image.
 
@@ -222,6 +246,8 @@ class Predictor:
             return_logits: Return logits instead of boolean masks.
             refine: Decode each candidate a second time with its own logits as mask input (see
                 the class); None: this predictor's `refine`.
+            zoom: Decode a box around a small object on the crop around it (see the class);
+                None: this predictor's `zoom`.
 
         Returns:
             masks (C, H, W) bool (float32 logits with return_logits), scores (C,) predicted IoUs,
@@ -231,10 +257,91 @@ class Predictor:
         coords, labels, boxes, masks = self._prompts_to_tensors(
             embedding, point_coords, point_labels, box, mask_input
         )
-        out_masks, scores, low_res = self.predict_torch(
-            coords, labels, boxes, masks, multimask_output, return_logits, refine
+        zoom = self.zoom if zoom is None else zoom
+        window = None
+        if zoom and box is not None:
+            window = self.zoom_window(box, point_coords)
+        if window is None:
+            out_masks, scores, low_res = self.predict_torch(
+                coords, labels, boxes, masks, multimask_output, return_logits, refine
+            )
+            return (
+                out_masks[0].cpu().numpy(), scores[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
+            )
+        return self._predict_zoomed(
+            window, (coords, labels, boxes, masks), (point_coords, point_labels, box, mask_input),
+            multimask_output, return_logits, refine,
         )
-        return out_masks[0].cpu().numpy(), scores[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
+
+    def _predict_zoomed(
+        self, window: Window, tensors: tuple, prompts: tuple, multimask_output: bool, return_logits: bool,
+        refine: bool | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`predict` on the crop `window` of the image, its logits pasted into the whole image's."""
+        embedding = self._current()
+        point_coords, point_labels, box, mask_input = prompts
+        refine = self.refine if refine is None else refine
+        # The whole image's logits stand outside the crop, and in the low-resolution frame.
+        low_res, _ = self.predict_low_res(*tensors, multimask_output, refine)
+        crop = self._crop_predictor(window)
+        sizes = (self.model.img_size, embedding.input_size, embedding.original_size)
+        with torch.inference_mode():
+            logits = upscale_logits(low_res, *sizes)[0]
+            crop_mask = None
+            if mask_input is not None:  # the given logits, in the crop's frame
+                given = torch.as_tensor(np.asarray(mask_input, np.float32), device=logits.device)
+                given = given.reshape(1, 1, *low_res.shape[-2:])
+                given = upscale_logits(given, *sizes)[0]
+                crop_mask = to_low_res(
+                    given[(slice(None), *window.slices)], math.log(MASK_LOGIT_EPS), self.model.img_size,
+                    crop.input_size, low_res.shape[-1],
+                ).cpu().numpy()
+        crop_logits, scores, _ = crop.predict(
+            None if point_coords is None else window.points(point_coords), point_labels, window.box(box),
+            crop_mask, multimask_output, return_logits=True, refine=refine, zoom=False,
+        )
+        with torch.inference_mode():
+            logits[(slice(None), *window.slices)] = torch.from_numpy(crop_logits).to(logits.device)
+            low_res = to_low_res(logits, low_res[0], *sizes[:2], low_res.shape[-1])
+            masks = logits if return_logits else logits > self.model.mask_threshold
+        return masks.cpu().numpy(), scores, low_res.float().cpu().numpy()
+
+    def zoom_window(self, box: np.ndarray, point_coords: np.ndarray | None = None) -> Window | None:
+        """The crop a zoomed `predict` of these prompts decodes on; None where it would not zoom in.
+
+        None too without the image's pixels (see `set_embedding`).
+        """
+        if self._pixels is None:
+            return None
+        points = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)
+        return zoom_window(box, points, self._current().original_size)
+
+    def embed_crop(self, window: Window) -> ImageEmbedding:
+        """Embed the crop `window` of the current image and keep it for zoomed predictions.
+
+        This is the slow part of a zoomed `predict`, and the only part that may run in another thread
+        while this predictor decodes (an interactive front end calls it in a worker, then predicts).
+        """
+        pixels = self._pixels
+        if pixels is None:
+            raise RuntimeError("Zooming in needs the image's pixels: set_image, or set_embedding(image=...).")
+        crop = self.embed_rgb(np.ascontiguousarray(pixels[window.slices]))
+        if pixels is self._pixels:  # still the current image
+            self._crop = (pixels, window, crop)
+        return crop
+
+    def has_crop(self, window: Window) -> bool:
+        """Whether the crop `window` of the current image is embedded (a zoomed `predict` is then fast)."""
+        held = self._crop
+        return held is not None and held[0] is self._pixels and held[1] == window
+
+    def _crop_predictor(self, window: Window) -> Predictor:
+        """A predictor decoding the embedding of the crop `window` of the current image."""
+        embedding = self._crop[2] if self.has_crop(window) else self.embed_crop(window)
+        if self._crop_decoder is None:
+            self._crop_decoder = Predictor(self.model, self.precision, self.refine, self.views, zoom=False)
+        self._crop_decoder.set_embedding(embedding)
+        return self._crop_decoder
 
     def predict_torch(
         self,
@@ -368,11 +475,13 @@ class Predictor:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _use(self, embedding: ImageEmbedding | None) -> None:
-        """Make `embedding` the current image; the decoder context of another image is dropped."""
+    def _use(self, embedding: ImageEmbedding | None, pixels: np.ndarray | None = None) -> None:
+        """Make `embedding` (of `pixels`, if known) the current image; what belongs to another is dropped."""
         if self._context is not None and (embedding is None or self._context[0] is not embedding.features):
             self._context = None
-        self._embedding = embedding
+        if pixels is not self._pixels:
+            self._crop = None  # another image's
+        self._embedding, self._pixels = embedding, pixels
 
     def _decoding(self, embedding: ImageEmbedding) -> tuple[DecoderConstants, list[ImageContext]]:
         """The decoder's per-model constants and the image's contexts (one per view), made when first needed.
@@ -441,6 +550,13 @@ class Predictor:
                 f"prediction, not an array of shape {array.shape}."
             )
         return torch.as_tensor(array, device=self.device)[None]
+
+
+def _rgb(image: np.ndarray, image_format: str, channel_axis: int | None) -> np.ndarray:
+    if image_format not in ("RGB", "BGR"):
+        raise ValueError(f"image_format must be 'RGB' or 'BGR', not {image_format!r}.")
+    rgb = to_rgb_uint8(np.asarray(image), channel_axis=channel_axis)
+    return np.ascontiguousarray(rgb[..., ::-1]) if image_format == "BGR" else rgb
 
 
 def check_views(views: int) -> int:

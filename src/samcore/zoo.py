@@ -55,6 +55,8 @@ class ModelEntry:
             were measured to gain from it.
         views: How many views of an image predictors average by default (one of ``VIEWS``;
             ``samcore.Predictor``'s ``views``).
+        zoom: Boxes around small objects are decoded on the crop around them by default
+            (``samcore.Predictor``'s ``zoom``, see ``samcore.zoom``).
     """
 
     name: str
@@ -69,6 +71,7 @@ class ModelEntry:
     auto_thresholds: tuple[float, float] | None = None
     refine: bool = False
     views: int = 1
+    zoom: bool = False
 
     @property
     def hash_algorithm(self) -> str:
@@ -215,6 +218,10 @@ BUNDLED_MODEL: ModelEntry | None = ModelEntry(
     # each), averaging with the mirror image raised a box from 0.756 to 0.811 and a refined
     # click from 0.701 to 0.764; 4 views gave 0.817 and 0.756 (one pass) for twice the time.
     views=2,
+    # On 24 generated scenes each of three more seeds (185 to 192 boxes), decoding small boxes on
+    # the crop around them raised a box from 0.791 to 0.868, 0.813 to 0.875 and 0.844 to 0.894 (one
+    # view, crops of 8, 8 and 6 box sides); nearly all the gain is on objects under 400 pixels.
+    zoom=True,
 )
 
 #: Names people may know from micro-sam whose weights micro-sam does not

@@ -73,6 +73,26 @@ def test_refine_is_the_models_choice_unless_asked(tmp_path, checkpoint, capsys):
     assert not (tmp_path / "p.tif").exists()
 
 
+def test_zoom_on_a_small_box_is_asked_for_or_the_models_choice(tmp_path, checkpoint, capsys):
+    image = np.random.default_rng(4).integers(0, 255, (300, 400), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    command = ["segment", str(tmp_path / "image.tif"), "--box", "120", "150", "131", "165",
+               "--checkpoint", str(checkpoint), "--overwrite"]
+    masks = {}
+    for extra in ([], ["--zoom"], ["--no-zoom"]):
+        out = tmp_path / f"{''.join(extra) or 'default'}.tif"
+        assert main([*command, "-o", str(out), *extra]) == 0
+        masks[tuple(extra)] = tifffile.imread(out)
+        assert ("zoomed on small boxes" in capsys.readouterr().err) == (extra == ["--zoom"])
+    np.testing.assert_array_equal(masks[()], masks[("--no-zoom",)])  # a weight file: SAM's way, no zoom
+    assert not np.array_equal(masks[("--zoom",)], masks[("--no-zoom",)])
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('{"objects": [{"id": 1, "box": [120, 150, 131, 165]}]}')
+    code = main(["segment", str(tmp_path / "image.tif"), "--prompts", str(prompts), "--zoom",
+                 "-o", str(tmp_path / "p.tif"), "--checkpoint", str(checkpoint)])
+    assert code == 1 and "--zoom works on --point and --box" in capsys.readouterr().err
+
+
 def test_segment_never_writes_over_its_input_and_asks_before_replacing(tmp_path, checkpoint, capsys):
     image = tmp_path / "image.tif"
     tifffile.imwrite(image, np.random.default_rng(1).integers(0, 255, (40, 60), dtype=np.uint8))

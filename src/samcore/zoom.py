@@ -1,0 +1,106 @@
+"""A closer look at small boxed objects: the crop around the box, embedded on its own.
+
+The model sees a whole image at its input size (512 px for the bundled model, 1024 for SAM's), where a
+nucleus of 15 px spans a cell or two of the embedding grid and its outline is guessed. For a box
+prompt, `zoom_window` picks a square crop around the box (`ZOOM_CONTEXT` times its longest side, so
+that the model still sees the object's neighbours and background), the crop is embedded enlarged to
+the model's input size, and the prompts are decoded there. The crop's logits replace the whole image's
+inside the crop (`samcore.Predictor.predict` with ``zoom``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ZOOM_CONTEXT = 8.0  # the crop's side in longest sides of the prompts' extent
+MIN_CROP_SIDE = 64  # pixels: below this, the crop holds too little background
+MIN_GAIN = 1.5  # zoom only where the crop is enlarged this much more than the whole image is
+
+
+@dataclass(frozen=True)
+class Window:
+    """A crop of an image, in its pixels: columns x0 to x0 + width, rows y0 to y0 + height."""
+
+    x0: int
+    y0: int
+    width: int
+    height: int
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        """(rows, columns) of the crop, to index a (H, W, ...) array."""
+        return slice(self.y0, self.y0 + self.height), slice(self.x0, self.x0 + self.width)
+
+    def points(self, coords: np.ndarray) -> np.ndarray:
+        """(N, 2) XY image pixels to the crop's pixels."""
+        return np.asarray(coords, dtype=np.float64) - (self.x0, self.y0)
+
+    def box(self, box: np.ndarray) -> np.ndarray:
+        """An XYXY image box to the crop's pixels."""
+        return np.asarray(box, dtype=np.float64).reshape(4) - (self.x0, self.y0, self.x0, self.y0)
+
+
+def zoom_window(
+    box: np.ndarray,
+    points: np.ndarray | None,
+    image_size: tuple[int, int],
+    context: float = ZOOM_CONTEXT,
+    min_gain: float = MIN_GAIN,
+) -> Window | None:
+    """The crop to look at a boxed object closely, or None where zooming in would not enlarge it much.
+
+    Args:
+        box: XYXY box in image pixels.
+        points: (N, 2) XY clicks given with the box, or None; the crop holds them too.
+        image_size: (H, W) of the image.
+        context: The crop's side in longest sides of the box and points' extent.
+        min_gain: The least enlargement of the crop over the whole image (both are resized to the
+            model's input size: the gain is the image's longest side over the crop's).
+
+    Returns:
+        A square window (or as square as the image allows) centred on the prompts, inside the image.
+    """
+    height, width = image_size
+    corners = np.asarray(box, dtype=np.float64).reshape(2, 2)
+    if points is not None and len(points):
+        corners = np.concatenate([corners, np.asarray(points, dtype=np.float64).reshape(-1, 2)])
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    side = max(float((high - low).max()) + 1, 1.0) * context
+    side = int(np.ceil(max(side, MIN_CROP_SIDE, *(high - low + 2))))
+    crop_w, crop_h = min(side, width), min(side, height)
+    if max(height, width) < min_gain * max(crop_w, crop_h):
+        return None
+    center = (low + high) / 2
+    x0 = int(np.clip(round(center[0] - crop_w / 2), 0, width - crop_w))
+    y0 = int(np.clip(round(center[1] - crop_h / 2), 0, height - crop_h))
+    return Window(x0, y0, crop_w, crop_h)
+
+
+def to_low_res(
+    logits: torch.Tensor,
+    background: torch.Tensor | float,
+    img_size: int,
+    input_size: tuple[int, int],
+    side: int,
+) -> torch.Tensor:
+    """(C, H, W) image logits to the (C, side, side) low-resolution frame a model decodes into.
+
+    The image is resized to `input_size` within the model's padded `img_size` square, as the
+    model sees it; the padding takes the values of `background`, low-resolution logits (C, side,
+    side) of the same image, or a constant.
+    """
+    count = logits.shape[0]
+    if isinstance(background, torch.Tensor):
+        square = (img_size, img_size)
+        frame = F.interpolate(background[None].float(), square, mode="bilinear", align_corners=False)[0]
+    else:
+        frame = torch.full((count, img_size, img_size), float(background), device=logits.device)
+    resized = F.interpolate(
+        logits[None].float(), input_size, mode="bilinear", align_corners=False, antialias=True
+    )
+    frame[:, : input_size[0], : input_size[1]] = resized[0]
+    return F.interpolate(frame[None], (side, side), mode="area")[0]

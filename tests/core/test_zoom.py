@@ -1,0 +1,118 @@
+"""Zooming in on small boxed objects: the crop chosen, and its masks pasted into the whole image's."""
+
+import numpy as np
+import pytest
+import torch
+
+from samcore import Predictor, build_sam
+from samcore.zoom import ZOOM_CONTEXT, Window, zoom_window
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(3)
+    return build_sam("vit_test")
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(5)
+    return rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+
+
+def test_the_crop_is_centred_on_the_box_with_context_around_it():
+    window = zoom_window(np.array([200, 100, 209, 111]), None, (600, 800))  # 10 x 12 px
+    side = int(np.ceil(12 * ZOOM_CONTEXT))
+    assert (window.width, window.height) == (side, side)
+    assert abs(window.x0 + side / 2 - 204.5) <= 1 and abs(window.y0 + side / 2 - 105.5) <= 1
+
+
+def test_a_crop_at_the_border_moves_inside_the_image_and_holds_the_clicks():
+    window = zoom_window(np.array([0, 590, 9, 599]), np.array([[30.0, 560.0]]), (600, 800))
+    assert window.x0 == 0 and window.y0 + window.height == 600
+    assert window.width == window.height >= 40 * ZOOM_CONTEXT
+
+
+@pytest.mark.parametrize(
+    ("box", "size"),
+    [((10, 10, 300, 200), (600, 800)),  # a large object: the whole image is as close a look
+     ((5, 5, 10, 10), (60, 80))],  # a small image: the crop would be most of it
+)
+def test_no_crop_where_it_would_not_enlarge_the_object(box, size):
+    assert zoom_window(np.array(box), None, size) is None
+
+
+def test_a_zoomed_box_is_decoded_on_its_crop_and_pasted_into_the_image(model, image):
+    predictor = Predictor(model, precision="fp32", zoom=True)
+    predictor.set_image(image)
+    box = np.array([150, 120, 165, 131])
+    decode = {"box": box, "multimask_output": False, "return_logits": True}
+    logits, scores, low_res = predictor.predict(**decode)
+    whole, _, whole_low_res = predictor.predict(**decode, zoom=False)
+
+    window = zoom_window(box, None, image.shape[:2])
+    rows, cols = window.slices
+    crop = Predictor(model, precision="fp32", zoom=False)
+    crop.set_image(np.ascontiguousarray(image[rows, cols]))
+    crop_logits, crop_scores, _ = crop.predict(**{**decode, "box": window.box(box)})
+
+    np.testing.assert_allclose(logits[0][rows, cols], crop_logits[0], atol=1e-5)
+    np.testing.assert_allclose(scores, crop_scores, atol=1e-6)
+    outside = np.ones(image.shape[:2], bool)
+    outside[rows, cols] = False
+    np.testing.assert_array_equal(logits[0][outside], whole[0][outside])
+    assert low_res.shape == whole_low_res.shape and np.isfinite(low_res).all()
+    masks, _, _ = predictor.predict(box=box, multimask_output=False)
+    np.testing.assert_array_equal(masks[0], logits[0] > 0)
+
+
+def test_the_crop_is_embedded_once_for_the_prompts_of_one_box(model, image):
+    predictor = Predictor(model, precision="fp32", zoom=True)
+    predictor.set_image(image)
+    calls = []
+    hook = model.image_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        box = np.array([150, 120, 165, 131])
+        _, _, low_res = predictor.predict(box=box, multimask_output=False)
+        predictor.predict(box=box, mask_input=low_res, multimask_output=False)  # the next round, same box
+        assert len(calls) == 1
+        predictor.predict(box=box + 40, multimask_output=False)
+        assert len(calls) == 2
+    finally:
+        hook.remove()
+
+
+def test_without_the_pixels_a_cached_embedding_decodes_boxes_on_the_whole_image(model, image):
+    predictor = Predictor(model, precision="fp32", zoom=True)
+    embedding = predictor.embed(image)
+    box = np.array([150, 120, 165, 131])
+    predictor.set_embedding(embedding)
+    plain = predictor.predict(box=box, multimask_output=False, return_logits=True)[0]
+    predictor.set_embedding(embedding, image=image)
+    zoomed = predictor.predict(box=box, multimask_output=False, return_logits=True)[0]
+    unzoomed = predictor.predict(box=box, multimask_output=False, return_logits=True, zoom=False)[0]
+    np.testing.assert_array_equal(plain, unzoomed)
+    assert not np.allclose(zoomed, unzoomed)
+
+
+def test_the_pixels_given_with_an_embedding_must_be_its_image(model, image):
+    predictor = Predictor(model, precision="fp32")
+    embedding = predictor.embed(image)
+    with pytest.raises(ValueError, match="300x400 image as .H, W, 3. uint8 RGB"):
+        predictor.set_embedding(embedding, image=image[:100])
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        predictor.set_embedding(embedding, image=image.astype(np.float32))
+
+
+def test_zoom_follows_the_model_unless_the_caller_chooses():
+    model = build_sam("vit_test")
+    assert not Predictor(model, precision="fp32").zoom  # as segment-anything
+    model.zoom_boxes = True  # what load_model sets for weights registered with zoom
+    assert Predictor(model, precision="fp32").zoom
+    assert not Predictor(model, precision="fp32", zoom=False).zoom
+
+
+def test_a_window_maps_prompts_into_the_crop():
+    window = Window(x0=30, y0=20, width=64, height=64)
+    np.testing.assert_array_equal(window.points(np.array([[40.0, 25.0]])), [[10.0, 5.0]])
+    np.testing.assert_array_equal(window.box(np.array([31, 21, 50, 60])), [1, 1, 20, 40])
