@@ -163,12 +163,13 @@ def test_refining_decodes_each_candidate_again_with_its_own_logits(predictor, mu
     assert not np.allclose(masks, first, atol=1e-3)  # the second pass changed something
 
 
-def test_refining_follows_the_model_unless_the_caller_chooses():
+@pytest.mark.parametrize(("option", "registered"), [("refine", "refine_masks"), ("zoom", "zoom_boxes")])
+def test_refining_and_zoom_follow_the_model_unless_the_caller_chooses(option, registered):
     model = build_sam("vit_test")
-    assert not Predictor(model, precision="fp32").refine  # as segment-anything
-    model.refine_masks = True  # what load_model sets for weights registered with refine
-    assert Predictor(model, precision="fp32").refine
-    assert not Predictor(model, precision="fp32", refine=False).refine
+    assert not getattr(Predictor(model, precision="fp32"), option)  # as segment-anything
+    setattr(model, registered, True)  # what load_model sets for weights registered with it
+    assert getattr(Predictor(model, precision="fp32"), option)
+    assert not getattr(Predictor(model, precision="fp32", **{option: False}), option)
 
 
 def test_views_average_the_masks_of_the_mirror_images():

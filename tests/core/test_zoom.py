@@ -104,14 +104,6 @@ def test_the_pixels_given_with_an_embedding_must_be_its_image(model, image):
         predictor.set_embedding(embedding, image=image.astype(np.float32))
 
 
-def test_zoom_follows_the_model_unless_the_caller_chooses():
-    model = build_sam("vit_test")
-    assert not Predictor(model, precision="fp32").zoom  # as segment-anything
-    model.zoom_boxes = True  # what load_model sets for weights registered with zoom
-    assert Predictor(model, precision="fp32").zoom
-    assert not Predictor(model, precision="fp32", zoom=False).zoom
-
-
 def test_a_window_maps_prompts_into_the_crop():
     window = Window(x0=30, y0=20, width=64, height=64)
     np.testing.assert_array_equal(window.points(np.array([[40.0, 25.0]])), [[10.0, 5.0]])
