@@ -276,13 +276,15 @@ def _run_segment(args: argparse.Namespace) -> int:
         masks, scores, _ = predictor.predict(
             point_coords=coords, point_labels=labels, box=box, multimask_output=one_click
         )
+        zoomed = predictor.zoom and box is not None and predictor.zoom_window(box, coords) is not None
     best = int(np.argmax(scores))
     mask = masks[best]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(args.output, mask.astype(np.uint16), compression="zlib")
+    how = "; decoded zoomed in on the box" if zoomed else ""
     print(
         f"wrote {args.output}: {int(mask.sum())} pixels, predicted IoU {scores[best]:.3f} "
-        f"(embedding {embedded - started:.1f} s incl. model load)",
+        f"(embedding {embedded - started:.1f} s incl. model load{how})",
         file=sys.stderr,
     )
     return 0
@@ -525,7 +527,7 @@ def _load_predictor(
     predictor = Predictor(model, precision=args.precision, refine=refine, views=args.views, zoom=zoom)
     passes = ("refined, " if predictor.refine else "one pass, ") if show_refine else ""
     if show_refine and predictor.zoom and args.box:
-        passes += "zoomed on small boxes, "
+        passes += "zoom on small boxes, "
     print(f"model {model.architecture or 'custom'} on {predictor.device} "
           f"({predictor.precision}, {passes}{_views_text(predictor.views)})", file=sys.stderr)
     return predictor

@@ -83,7 +83,8 @@ def test_zoom_on_a_small_box_is_asked_for_or_the_models_choice(tmp_path, checkpo
         out = tmp_path / f"{''.join(extra) or 'default'}.tif"
         assert main([*command, "-o", str(out), *extra]) == 0
         masks[tuple(extra)] = tifffile.imread(out)
-        assert ("zoomed on small boxes" in capsys.readouterr().err) == (extra == ["--zoom"])
+        err = capsys.readouterr().err
+        assert ("zoom on small boxes" in err) == ("zoomed in on the box" in err) == (extra == ["--zoom"])
     np.testing.assert_array_equal(masks[()], masks[("--no-zoom",)])  # a weight file: SAM's way, no zoom
     assert not np.array_equal(masks[("--zoom",)], masks[("--no-zoom",)])
     prompts = tmp_path / "prompts.json"
