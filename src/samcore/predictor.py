@@ -19,7 +19,7 @@ from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_prompt
 from .precision import autocast, resolve_precision
 from .preprocess import to_rgb_uint8
 from .zoo import VIEWS
-from .zoom import Window, to_low_res, zoom_window
+from .zoom import Window, zoom_window
 
 LOW_RES_SIDE = 256  # side of SAM's low-resolution mask logits for a 1024 px model
 POINT_LABELS = (1, 0, -1)  # on the object, background, a point to ignore (SAM's padding)
@@ -687,12 +687,35 @@ def mask_logits(mask: np.ndarray, model: Sam, input_size: tuple[int, int]) -> np
     The mask is resized and padded the way the model sees its image, averaged over each
     low-resolution cell, and the covered fraction p becomes the logit log(p / (1 - p)).
     """
-    side = model.prompt_encoder.mask_input_size
-    pixels = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None]
-    resized = F.interpolate(pixels, size=input_size, mode="bilinear", align_corners=False, antialias=True)
-    padded = F.pad(resized, (0, model.img_size - input_size[1], 0, model.img_size - input_size[0]))
-    fraction = F.interpolate(padded, size=tuple(side), mode="area")
-    return torch.logit(fraction[0], eps=MASK_LOGIT_EPS).numpy().astype(np.float32)
+    pixels = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None]
+    fraction = to_low_res(pixels, 0.0, model.img_size, input_size, model.prompt_encoder.mask_input_size[0])
+    return torch.logit(fraction, eps=MASK_LOGIT_EPS).numpy().astype(np.float32)
+
+
+def to_low_res(
+    values: torch.Tensor,
+    background: torch.Tensor | float,
+    img_size: int,
+    input_size: tuple[int, int],
+    side: int,
+) -> torch.Tensor:
+    """(C, H, W) image values to the (C, side, side) low-resolution frame a model decodes into.
+
+    The image is resized to `input_size` within the model's padded `img_size` square, as the
+    model sees it; the padding takes the values of `background`, low-resolution logits (C, side,
+    side) of the same image, or a constant.
+    """
+    count = values.shape[0]
+    if isinstance(background, torch.Tensor):
+        square = (img_size, img_size)
+        frame = F.interpolate(background[None].float(), square, mode="bilinear", align_corners=False)[0]
+    else:
+        frame = torch.full((count, img_size, img_size), float(background), device=values.device)
+    resized = F.interpolate(
+        values[None].float(), input_size, mode="bilinear", align_corners=False, antialias=True
+    )
+    frame[:, : input_size[0], : input_size[1]] = resized[0]
+    return F.interpolate(frame[None], (side, side), mode="area")[0]
 
 
 def upscale_logits(

@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 ZOOM_CONTEXT = 8.0  # the crop's side in longest sides of the prompts' extent
 MIN_CROP_SIDE = 64  # pixels: below this, the crop holds too little background
@@ -69,8 +67,7 @@ def zoom_window(
     if points is not None and len(points):
         corners = np.concatenate([corners, np.asarray(points, dtype=np.float64).reshape(-1, 2)])
     low, high = corners.min(axis=0), corners.max(axis=0)
-    side = max(float((high - low).max()) + 1, 1.0) * context
-    side = int(np.ceil(max(side, MIN_CROP_SIDE, *(high - low + 2))))
+    side = int(np.ceil(max((float((high - low).max()) + 1) * context, MIN_CROP_SIDE)))
     crop_w, crop_h = min(side, width), min(side, height)
     if max(height, width) < min_gain * max(crop_w, crop_h):
         return None
@@ -79,28 +76,3 @@ def zoom_window(
     y0 = int(np.clip(round(center[1] - crop_h / 2), 0, height - crop_h))
     return Window(x0, y0, crop_w, crop_h)
 
-
-def to_low_res(
-    logits: torch.Tensor,
-    background: torch.Tensor | float,
-    img_size: int,
-    input_size: tuple[int, int],
-    side: int,
-) -> torch.Tensor:
-    """(C, H, W) image logits to the (C, side, side) low-resolution frame a model decodes into.
-
-    The image is resized to `input_size` within the model's padded `img_size` square, as the
-    model sees it; the padding takes the values of `background`, low-resolution logits (C, side,
-    side) of the same image, or a constant.
-    """
-    count = logits.shape[0]
-    if isinstance(background, torch.Tensor):
-        square = (img_size, img_size)
-        frame = F.interpolate(background[None].float(), square, mode="bilinear", align_corners=False)[0]
-    else:
-        frame = torch.full((count, img_size, img_size), float(background), device=logits.device)
-    resized = F.interpolate(
-        logits[None].float(), input_size, mode="bilinear", align_corners=False, antialias=True
-    )
-    frame[:, : input_size[0], : input_size[1]] = resized[0]
-    return F.interpolate(frame[None], (side, side), mode="area")[0]
