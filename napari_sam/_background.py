@@ -118,4 +118,4 @@ class BackgroundJob:
         self._before_reset()
         self._worker, self._layer, self._painted = None, None, []
         self._widget._cancel_button.enabled = self._widget._busy()
-        self._widget._resume_embeddings(cancelled=self._cancel.is_set())
+        self._widget._embedding.resume(cancelled=self._cancel.is_set())

@@ -112,7 +112,7 @@ class AutoSegmentation(BackgroundJob):
             return False
         z = widget._current_z(image)
         slices = list(range(session.view.n_slices)) if scope == "stack" and z is not None else [z or 0]
-        widget._pause_embeddings()  # this run computes the embeddings it needs itself
+        widget._embedding.pause()  # this run computes the embeddings it needs itself
 
         settings = settings or AutoSettings.for_model(session.predictor.model)
         self._layer, self._slices, self._flat = layer, slices, z is None

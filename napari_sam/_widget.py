@@ -19,9 +19,10 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._annotations import Commit, commit_mask, undo_commit
-from ._background import reported
+from ._embedding_job import EmbeddingJob, Session
+from ._prompt_layers import PromptLayers
+from ._prompts import POSITIVE, spatial_ndim
 from ._propagate import Propagation
-from ._prompts import NEGATIVE, POSITIVE, slice_prompts, spatial_ndim
 from ._segment_all import SCOPES, AutoSegmentation
 from ._zoom import ZoomJob
 
@@ -36,7 +37,6 @@ VIEW_CHOICES = [
     ("model's choice", 0), ("1: the image", 1), ("2: + mirror image", 2), ("4: + 3 mirror images", 4),
 ]
 SAM_THRESHOLDS = (0.88, 0.95)  # segment all's (predicted IoU, stability) for models without their own
-POINT_COLORS = {POSITIVE: "lime", NEGATIVE: "red"}
 KEYS = {
     "s": ("segment", "update the preview"),
     "c": ("commit", "commit the preview as a new object"),
@@ -139,24 +139,19 @@ class SamWidget(Container):
         self._viewer.dims.events.current_step.connect(self._on_slice_change)
         self._viewer.layers.events.removed.connect(self._on_layer_removed)
 
-        self._session = None  # samcore objects for the current (image, model): see _Session
-        self._worker = None
-        self._worker_layer: Image | None = None  # the image the embedding worker computes
-        self._failed = False  # the embedding worker reported an error
-        self._progress = None
-        self._points = self._boxes = self._brush = self._preview = None
+        self._session: Session | None = None  # samcore objects for the current (image, model)
+        self._embedding = EmbeddingJob(self)
+        self._prompt_layers = PromptLayers(viewer, self.segment, self._bind_layer_keys)
         self._candidates: tuple[np.ndarray, np.ndarray] | None = None
         self._unrefined: tuple[dict, np.ndarray, set[int]] | None = None  # see `segment`
         self._candidate_index = 0
         self._zoomed = False  # the preview was decoded on the crop around a small box
         self._preview_slice: int | None = None  # the slice the preview was last drawn on
         self._history: list[tuple[Labels, Commit]] = []
-        self._polarity = POSITIVE
         self._propagation = Propagation(self)
         self.propagation_settings = None  # a samcore PropagationSettings; None for its defaults
         self._automatic = AutoSegmentation(self)
         self._zoom_job = ZoomJob(self)
-        self._embeddings_paused = False  # stopped for a propagation or segment all; resumed after it
         self.auto_settings = None  # a samcore AutoSettings for segment all; None: the threshold boxes
         self._defaults_for: str | None = None  # the model whose own thresholds and refine are shown
         self._show_registry_defaults(self._model.value)
@@ -166,11 +161,10 @@ class SamWidget(Container):
 
     def _objects_choices(self, _widget=None) -> list[tuple[str, Labels]]:
         """The labels layers objects may be committed to: all but the widget's own preview and brush."""
-        widget_layers = (getattr(self, "_preview", None), getattr(self, "_brush", None))  # None in __init__
-        own = [layer for layer in widget_layers if layer is not None]
+        own = getattr(self, "_prompt_layers", None)  # None while __init__ makes the widgets
         return [
             (layer.name, layer) for layer in self._viewer.layers
-            if isinstance(layer, Labels) and not any(layer == other for other in own)
+            if isinstance(layer, Labels) and (own is None or not own.owns(layer))
         ]
 
     def set_model(
@@ -200,39 +194,15 @@ class SamWidget(Container):
 
     def add_point(self, position, positive: bool = True) -> None:
         """Click at `position` ((z, y, x) or (y, x) in world coordinates), like a user would."""
-        self._ensure_prompt_layers(self.image_layer())
-        self._style_new_points(POSITIVE if positive else NEGATIVE)
-        self._points.add(np.asarray(self._points.world_to_data(np.asarray(position, dtype=float))))
-        self._style_new_points(self._polarity)
-
-    def _style_new_points(self, polarity: int) -> None:
-        """Label and colour of the next points, without recolouring the selected ones.
-
-        napari applies a new current colour to the selected points too; a selected positive
-        click would then look negative while staying positive. The selection is dropped first.
-        """
-        self._points.selected_data = set()
-        self._points.feature_defaults["label"] = polarity
-        self._points.current_face_color = POINT_COLORS[polarity]
+        self._prompt_layers_for(self.image_layer()).add_point(position, positive)
 
     def add_box(self, corner, opposite) -> None:
         """Draw a box between two corners ((z, y, x) or (y, x) world coordinates, same z)."""
-        self._ensure_prompt_layers(self.image_layer())
-        to_data = self._boxes.world_to_data
-        corner, opposite = (np.asarray(to_data(np.asarray(c, float))) for c in (corner, opposite))
-        rectangle = np.array([corner, corner, opposite, opposite])
-        rectangle[1, -1], rectangle[3, -1] = opposite[-1], corner[-1]
-        self._boxes.add_rectangles(rectangle)
+        self._prompt_layers_for(self.image_layer()).add_box(corner, opposite)
 
     def paint(self, mask, z: int | None = None) -> None:
         """Paint a (Y, X) bool mask on slice z of the brush layer (2D: z None) as a mask prompt."""
-        self._ensure_prompt_layers(self.image_layer())
-        region = self._brush.data if z is None else self._brush.data[z]
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != region.shape:
-            raise ValueError(f"The mask has shape {mask.shape}; the image's slices are {region.shape}.")
-        region[mask] = 1
-        self._brush.refresh()
+        self._prompt_layers_for(self.image_layer()).paint(mask, z)
         self.segment()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -259,7 +229,7 @@ class SamWidget(Container):
     ) -> None:
         """Set the "keep if" thresholds, "refine masks" and "zoom in" to the model's own.
 
-        They then stay as the user sets them until another model is chosen (see `_on_progress`).
+        They then stay as the user sets them until another model is chosen (see `_on_session`).
         """
         self._defaults_for = name
         self._min_iou.value, self._min_stability.value = thresholds
@@ -272,8 +242,8 @@ class SamWidget(Container):
     def _on_layer_removed(self, event) -> None:
         """Stop what works on a deleted layer: its image's embeddings, a job painting into it, its undo."""
         layer = event.value  # compared with ==: the widget may hold napari's proxy of the same layer
-        embedding = self._session.layer if self._session is not None else self._worker_layer
-        working = self._session is not None or self._worker is not None
+        embedding = self._session.layer if self._session is not None else self._embedding.layer
+        working = self._session is not None or self._embedding.running
         if embedding is not None and layer == embedding and working:
             self._forget(f"The image '{layer.name}' was deleted: pick an image and compute embeddings.")
         for job in (self._propagation, self._automatic):
@@ -286,9 +256,9 @@ class SamWidget(Container):
         self.cancel()
         self._session = None
         self._candidates = None
-        if self._preview is not None:
-            self._preview.data[...] = 0
-            self._preview.refresh()
+        if self._prompt_layers.preview is not None:
+            self._prompt_layers.preview.data[...] = 0
+            self._prompt_layers.preview.refresh()
         self._preview_slice = None
         self._candidate.value = ""
         self._status.value = status
@@ -320,8 +290,10 @@ class SamWidget(Container):
             return
         self._cancel_jobs("to compute embeddings")
         self.cancel()
-        self._ensure_prompt_layers(layer)
-        self._start_worker(layer, model_source)
+        self._prompt_layers_for(layer)
+        settings = (self._device.value, self._views.value or None)
+        center = self._current_z(layer) or 0
+        self._embedding.start(self._session, layer, model_source, settings, center, self.cache_dir())
         if block:
             self.wait()
 
@@ -333,36 +305,16 @@ class SamWidget(Container):
             raise ValueError("Choose a checkpoint file, or pick a model by name.")
         return None, str(path)
 
-    def _start_worker(self, layer: Image, model_source: tuple[str | None, str | None]) -> None:
-        from napari.qt.threading import thread_worker
-        from napari.utils import progress
-
-        session = self._session
-        settings = (self._device.value, self._views.value or None)
-        if session is not None and not session.matches(layer, model_source, settings):
-            session = None
-        cache_dir = str(self._cache_dir.value) if str(self._cache_dir.value) not in ("", ".") else None
-        center = self._current_z(layer) or 0
-        # Errors go to _on_error (a notification), not back into the event loop.
-        worker = thread_worker(reported(_compute), ignore_errors=True)(
-            session, layer, model_source, settings, cache_dir, center
-        )
-        self._progress = progress(total=0, desc="SAM embeddings")
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_done)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self._worker, self._worker_layer, self._failed = worker, layer, False
-        self._cancel_button.enabled = True
-        self._status.value = "Loading the model…" if session is None else "Computing embeddings…"
-        worker.start()
+    def cache_dir(self) -> str | None:
+        """The disk cache folder for embeddings, if one is chosen."""
+        value = str(self._cache_dir.value)
+        return None if value in ("", ".") else value
 
     def cancel(self, _=None) -> None:
         """Stop computing embeddings, propagating or segmenting all (what is done is kept)."""
         self._propagation.cancel()
         self._automatic.cancel()
-        if self._worker is not None:
-            self._worker.quit()
+        self._embedding.quit()
         self.wait()
 
     def _running_job(self) -> str | None:
@@ -390,27 +342,9 @@ class SamWidget(Container):
         self._status.value = message[0].upper() + message[1:]
         return True
 
-    def _pause_embeddings(self) -> None:
-        """Stop the embedding job for a job that computes the embeddings it needs itself.
-
-        The embeddings resume once that job ends, unless the user cancelled it (`_resume_embeddings`).
-        """
-        if self._worker is not None:
-            self.cancel()
-            self._embeddings_paused = True
-
-    def _resume_embeddings(self, cancelled: bool) -> None:
-        """After a job that paused the embeddings: continue computing the missing ones."""
-        paused, self._embeddings_paused = self._embeddings_paused, False
-        session = self._session
-        if not paused or cancelled or self._busy() or session is None:
-            return
-        if len(session.store) < session.view.n_slices:
-            self._start_worker(session.layer, session.model_source)
-
     def _busy(self) -> bool:
         """Whether any background work is running."""
-        return self._worker is not None or self._propagation.running or self._automatic.running
+        return self._embedding.running or self._propagation.running or self._automatic.running
 
     def wait(self, timeout_ms: int = 600_000) -> None:
         """Block until the background work has stopped, processing Qt events meanwhile."""
@@ -428,98 +362,33 @@ class SamWidget(Container):
 
         time.sleep(0.005)
 
-    def _on_progress(self, event: tuple) -> None:
-        kind, payload = event
-        if kind == "session":
-            self._session = payload
-            self._progress.total = payload.view.n_slices
-            self._progress.n = len(payload.store)
-            self._progress.refresh()
-            predictor = payload.predictor
-            views = "" if predictor.views == 1 else f", {predictor.views} mirrored views"
-            self._status.value = (
-                f"Model {payload.model_name} on {predictor.device}{views}; computing embeddings…"
+    def _on_session(self, session: Session) -> None:
+        """The embedding job loaded the model (or kept it): say so, show the model's own settings."""
+        predictor = session.predictor
+        views = "" if predictor.views == 1 else f", {predictor.views} mirrored views"
+        self._status.value = f"Model {session.model_name} on {predictor.device}{views}; computing embeddings…"
+        # The model's own settings, unless they are shown already: the user's values stay.
+        name = session.model_source[0] or CHECKPOINT_CHOICE
+        if name != self._defaults_for:
+            own = getattr(predictor.model, "auto_defaults", {})
+            thresholds = (
+                own.get("min_predicted_iou", SAM_THRESHOLDS[0]),
+                own.get("min_stability", SAM_THRESHOLDS[1]),
             )
-            # The model's own settings, unless they are shown already: the user's values stay.
-            name = payload.model_source[0] or CHECKPOINT_CHOICE
-            if name != self._defaults_for:
-                own = getattr(payload.predictor.model, "auto_defaults", {})
-                thresholds = (
-                    own.get("min_predicted_iou", SAM_THRESHOLDS[0]),
-                    own.get("min_stability", SAM_THRESHOLDS[1]),
-                )
-                self._show_model_defaults(name, thresholds, payload.predictor.refine, payload.predictor.zoom)
-        elif kind == "slice":
-            self._progress.update(1)
-            if payload == self._current_z(self._session.layer) or self._session.view.n_slices == 1:
-                self.segment()
-
-    def _on_done(self, session) -> None:
-        self._status.value = f"Embeddings ready ({len(session.store)}/{session.view.n_slices} slices)."
+            self._show_model_defaults(name, thresholds, predictor.refine, predictor.zoom)
 
     def _on_error(self, error: Exception) -> None:
+        """A background job failed: tell the user, and keep the error in the status line."""
         show_error(f"SAM: {error}")
         self._status.value = f"Error: {error}"
-        self._failed = True  # the error stays in the status line
-
-    def _on_finished(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        self._worker = None
-        self._cancel_button.enabled = self._busy()
-        session, failed, self._failed = self._session, self._failed, False
-        if not failed and session is not None and len(session.store) < session.view.n_slices:
-            self._status.value = (
-                f"Stopped: {len(self._session.store)}/{self._session.view.n_slices} slices have embeddings."
-            )
 
     # -- prompts and preview ----------------------------------------------------------------
 
-    def _ensure_prompt_layers(self, image: Image) -> None:
-        """Create the points, boxes and preview layers for `image`, or re-align the existing ones."""
-        ndim = spatial_ndim(image)
-        geometry = {"scale": image.scale[:ndim], "translate": image.translate[:ndim]}
-        shape = image.data.shape[:ndim]
-        if not self._usable(self._preview, ndim) or self._preview.data.shape != shape:
-            self._remove(self._preview)
-            self._preview = self._viewer.add_labels(np.zeros(shape, np.uint8), name="SAM preview", opacity=0.5)
-            self._preview_slice = None
-        if not self._usable(self._brush, ndim) or self._brush.data.shape != shape:
-            self._remove(self._brush)
-            self._brush = self._viewer.add_labels(np.zeros(shape, np.uint8), name="SAM brush", opacity=0.4)
-            self._brush.mode = "paint"  # ready to paint once the user selects it
-            self._brush.events.paint.connect(self._on_prompts_changed)
-            self._brush.events.data.connect(self._on_prompts_changed)
-            self._bind_layer_keys(self._brush)
-        if not self._usable(self._boxes, ndim):
-            self._remove(self._boxes)
-            self._boxes = self._viewer.add_shapes(
-                ndim=ndim, name="SAM boxes", edge_color="yellow", face_color="transparent", edge_width=2
-            )
-            self._boxes.events.data.connect(self._on_prompts_changed)
-            self._bind_layer_keys(self._boxes)
-        if not self._usable(self._points, ndim):
-            self._remove(self._points)
-            self._points = self._viewer.add_points(ndim=ndim, name="SAM points", size=8, features={"label": np.zeros(0, int)})
-            self._style_new_points(self._polarity)
-            self._points.events.data.connect(self._on_prompts_changed)
-            self._bind_layer_keys(self._points)
-            self._points.mode = "add"
-        for layer in (self._preview, self._brush, self._boxes, self._points):
-            layer.scale, layer.translate = geometry["scale"], geometry["translate"]
-
-    def _usable(self, layer, ndim: int) -> bool:
-        return layer is not None and layer in self._viewer.layers and layer.ndim == ndim
-
-    def _remove(self, layer) -> None:
-        if layer is not None and layer in self._viewer.layers:
-            self._viewer.layers.remove(layer)
-
-    def _on_prompts_changed(self, event=None) -> None:
-        if getattr(event, "action", None) in ("adding", "removing", "changing"):
-            return  # the matching "added"/"removed"/"changed" event follows
-        self.segment()
+    def _prompt_layers_for(self, image: Image) -> PromptLayers:
+        """The prompt and preview layers, made for `image` or re-aligned with it."""
+        if self._prompt_layers.ensure(image):
+            self._preview_slice = None  # a new preview layer holds nothing yet
+        return self._prompt_layers
 
     def _on_slice_change(self, _=None) -> None:
         session = self._session
@@ -527,10 +396,11 @@ class SamWidget(Container):
             return
         self._candidates = None
         z = self._current_z(session.layer)
-        if z is not None and z not in session.store and self._worker is not None:
+        if z is not None and z not in session.store and self._embedding.running:
             # Compute the slice the user is looking at next, then continue outwards from it.
-            self.cancel()
-            self._start_worker(session.layer, session.model_source)
+            self._embedding.quit()
+            self.wait()
+            self._embedding.restart(session)
         self.segment()
 
     def _current_z(self, layer: Image | None) -> int | None:
@@ -542,19 +412,17 @@ class SamWidget(Container):
 
     def toggle_polarity(self, _=None) -> None:
         """Switch between placing positive and negative clicks."""
-        self._polarity = NEGATIVE if self._polarity == POSITIVE else POSITIVE
-        if self._points is not None:
-            self._style_new_points(self._polarity)
-        show_info("SAM: next clicks are " + ("positive" if self._polarity == POSITIVE else "negative"))
+        positive = self._prompt_layers.toggle_polarity() == POSITIVE
+        show_info("SAM: next clicks are " + ("positive" if positive else "negative"))
 
     def segment(self, _=None) -> None:
         """Predict the mask of the current prompts on the displayed slice into the preview layer."""
         session = self._session
-        if session is None or self._preview is None:
+        if session is None or self._prompt_layers.preview is None:
             return
         z = self._current_z(session.layer)
-        prompts = slice_prompts(self._points, self._boxes, session.layer, z, self._brush)
-        region = self._preview.data if z is None else self._preview.data[z]
+        prompts = self._prompt_layers.prompts(session.layer, z)
+        region = self._prompt_layers.preview.data if z is None else self._prompt_layers.preview.data[z]
         if prompts.empty:
             self._candidates = None
             self._show_candidate(region, z)
@@ -621,7 +489,7 @@ class SamWidget(Container):
     def _show_candidate(self, region: np.ndarray, z: int | None) -> None:
         # Only the slice drawn last can hold a preview: clear it rather than the whole stack.
         drawn = self._preview_slice
-        (self._preview.data if drawn is None else self._preview.data[drawn])[...] = 0
+        (self._prompt_layers.preview.data if drawn is None else self._prompt_layers.preview.data[drawn])[...] = 0
         self._preview_slice = z
         if self._candidates is not None and z == self._current_z(self._session.layer if self._session else None):
             masks, scores = self._candidates
@@ -634,7 +502,7 @@ class SamWidget(Container):
         else:
             self._candidates = None
             self._candidate.value = ""
-        self._preview.refresh()
+        self._prompt_layers.preview.refresh()
 
     def next_candidate(self, _=None) -> None:
         """Show the next of the candidate masks of an ambiguous single click."""
@@ -643,21 +511,21 @@ class SamWidget(Container):
         self._candidate_index = (self._candidate_index + 1) % len(self._candidates[1])
         z = self._current_z(self._session.layer)
         self._refine_shown()  # the predictor still holds this slice: a slice change drops the candidates
-        self._show_candidate(self._preview.data if z is None else self._preview.data[z], z)
+        self._show_candidate(self._prompt_layers.preview.data if z is None else self._prompt_layers.preview.data[z], z)
 
     # -- committing -------------------------------------------------------------------------
 
     def output_layer(self) -> Labels:
         """The labels layer objects are committed to: the chosen one, else a new one."""
         layer = self._output.value
-        shape = self._preview.data.shape
+        shape = self._prompt_layers.preview.data.shape
         if layer is not None and layer in self._viewer.layers:
             if layer.data.shape != shape:
                 raise ValueError(f"The labels layer '{layer.name}' has shape {layer.data.shape}, the image {shape}.")
             return layer
         active = self._viewer.layers.selection.active  # napari selects a new layer: keep the user's one
         layer = self._viewer.add_labels(
-            np.zeros(shape, np.uint32), name="SAM objects", scale=self._preview.scale, translate=self._preview.translate
+            np.zeros(shape, np.uint32), name="SAM objects", scale=self._prompt_layers.preview.scale, translate=self._prompt_layers.preview.translate
         )
         if active is not None and active in self._viewer.layers:
             self._viewer.layers.selection.active = active  # the next click still adds a point
@@ -718,7 +586,7 @@ class SamWidget(Container):
         if self._automatic.running:
             show_info("SAM: segment all is running; wait for it or cancel it first.")
             return
-        self._pause_embeddings()  # the propagation computes the embeddings it needs itself
+        self._embedding.pause()  # the propagation computes the embeddings it needs itself
         if self._propagation.start(object_ids, self.propagation_settings) and block:
             self.wait()
 
@@ -759,23 +627,10 @@ class SamWidget(Container):
     def clear(self, _=None) -> None:
         """Remove the prompts of the displayed slice and the preview."""
         z = self._current_z(self._session.layer) if self._session else None
-        for layer in (self._points, self._boxes):
-            if layer is None or len(layer.data) == 0:
-                continue
-            keep = [i for i, item in enumerate(layer.data) if z is not None and round(np.asarray(item)[..., 0].min()) != z]
-            layer.selected_data = set()  # indices into the old data
-            with layer.events.data.blocker():
-                if isinstance(layer.data, list):
-                    layer.data = [layer.data[i] for i in keep]
-                else:
-                    layer.data = layer.data[keep]
-        painted = None if self._brush is None else self._brush.data if z is None else self._brush.data[z]
-        if painted is not None and painted.any():  # this slice only: a stack's brush may be large
-            painted[...] = 0
-            self._brush.refresh()
+        self._prompt_layers.clear(z)
         self._candidates = None
-        if self._preview is not None:
-            self._show_candidate(self._preview.data, z)
+        if self._prompt_layers.preview is not None:
+            self._show_candidate(self._prompt_layers.preview.data, z)
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -793,50 +648,3 @@ class SamWidget(Container):
 
         handler.__name__ = f"sam_{method}"
         return handler
-
-
-class _Session:
-    """What belongs to one image layer and one model: the predictor, stack view and embeddings."""
-
-    def __init__(self, layer, model_source, settings, predictor, view, store, model_name) -> None:
-        self.layer, self.model_source = layer, model_source
-        self.settings = settings  # (device, views)
-        self.predictor, self.view, self.store, self.model_name = predictor, view, store, model_name
-        self._current: tuple[int, bool] | None = None  # the slice set in the predictor, and if with pixels
-
-    def matches(self, layer, model_source, settings) -> bool:
-        return (layer, model_source, settings) == (self.layer, self.model_source, self.settings)
-
-    def use(self, z: int, embedding, pixels: bool = False) -> None:
-        """Make slice z current in the predictor, with its pixels if asked (to zoom in on boxes)."""
-        if self._current != (z, pixels) and self._current != (z, True):
-            image = self.view.rgb_slice(z) if pixels else None
-            self.predictor.set_embedding(embedding, image=image)
-            self._current = (z, pixels)
-
-
-def _compute(session, layer, model_source, settings, cache_dir, center):
-    """Worker body: load the model (if needed) and embed every slice, nearest to `center` first.
-
-    `settings` is (device, views), views None for the model's own number.
-    """
-    from samcore import Predictor, load_model
-    from samcore.embeddings import (
-        EmbeddingStore, StackView, embed_slices, model_key, nearest_first, stack_key, store_path,
-    )
-
-    if session is None:
-        name, checkpoint = model_source
-        device, views = settings
-        model = load_model(name, checkpoint, device)
-        view = StackView.of(layer.data, rgb=layer.rgb)
-        predictor = Predictor(model, views=views)
-        key = stack_key(view, model_key(model), predictor.views)
-        path = None if cache_dir is None else store_path(cache_dir, layer.name, key)
-        store = EmbeddingStore(key, view.n_slices, path)
-        label = name or Path(checkpoint).name
-        session = _Session(layer, model_source, settings, predictor, view, store, label)
-    yield ("session", session)
-    for z in embed_slices(session.predictor, session.view, session.store, nearest_first(center, session.view.n_slices)):
-        yield ("slice", z)
-    return session

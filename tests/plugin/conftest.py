@@ -45,4 +45,4 @@ def sam(make_napari_viewer, tiny_checkpoint, stack):
 
 
 def preview_mask(widget, z):
-    return np.asarray(widget._preview.data[z]) > 0
+    return np.asarray(widget._prompt_layers.preview.data[z]) > 0

@@ -26,7 +26,7 @@ def test_propagation_fills_background_only_and_is_one_undo_step(sam):
     viewer.dims.set_current_step(0, 2)
     widget.load(block=True)
     widget.propagate(block=True)
-    assert not widget._propagation.running and widget._worker is None
+    assert not widget._propagation.running and not widget._embedding.running
     labels = np.asarray(objects.data)
     np.testing.assert_array_equal(labels[2], existing[2])  # the key slice is untouched
     taken = existing != 0
@@ -94,7 +94,7 @@ def test_embeddings_paused_for_a_propagation_resume_after_it(make_napari_viewer,
     qtbot.waitUntil(lambda: widget._session is not None and 6 in widget._session.store, timeout=60_000)
     assert len(widget._session.store) < 12
     widget.propagate()
-    assert widget._propagation.running and widget._worker is None  # the embeddings wait meanwhile
+    assert widget._propagation.running and not widget._embedding.running  # the embeddings wait meanwhile
     qtbot.waitUntil(lambda: not widget._propagation.running, timeout=60_000)
     # ... and continue afterwards: the propagation alone embeds only slices 5 to 7.
     qtbot.waitUntil(lambda: len(widget._session.store) == 12, timeout=60_000)

@@ -20,10 +20,10 @@ def test_embeddings_cover_the_stack_and_follow_the_displayed_slice(sam):
     widget.load(block=True)
     store = widget._session.store
     assert len(store) == 4
-    widget._points.add([2, 40, 40])
+    widget._prompt_layers.points.add([2, 40, 40])
     assert torch.equal(widget._session.predictor.get_image_embedding(), store.get(2).features)
     viewer.dims.set_current_step(0, 1)
-    widget._points.add([1, 40, 40])
+    widget._prompt_layers.points.add([1, 40, 40])
     assert torch.equal(widget._session.predictor.get_image_embedding(), store.get(1).features)
 
 
@@ -31,14 +31,14 @@ def test_click_previews_on_its_slice_only_and_negative_clicks_change_it(sam):
     viewer, widget = sam
     viewer.dims.set_current_step(0, 2)
     widget.load(block=True)
-    widget._points.add([2, 40, 40])
+    widget._prompt_layers.points.add([2, 40, 40])
     first = preview_mask(widget, 2).copy()
     assert first.any()
     assert not any(preview_mask(widget, z).any() for z in (0, 1, 3))
     assert widget._candidate.value.startswith("candidate")
     widget.toggle_polarity()
-    widget._points.add([2, 60, 60])
-    assert list(widget._points.features["label"]) == [1, 0]
+    widget._prompt_layers.points.add([2, 60, 60])
+    assert list(widget._prompt_layers.points.features["label"]) == [1, 0]
     assert widget._candidate.value.startswith("predicted IoU")  # two clicks: one mask
 
 
@@ -50,18 +50,18 @@ def test_clicks_after_a_commit_on_a_2d_image_and_selected_points_keep_their_colo
     widget.load(block=True)
     for y, x in ((30, 30), (60, 60)):  # the second click came after the first was committed and cleared
         widget.add_point((y, x))
-        assert len(widget._points.data) == 1
+        assert len(widget._prompt_layers.points.data) == 1
         widget.commit()
     assert len(np.unique(widget.output_layer().data)) == 3
     widget.add_point((20, 70))
-    positive = widget._points.face_color[0].copy()
-    widget._points.selected_data = {0}
+    positive = widget._prompt_layers.points.face_color[0].copy()
+    widget._prompt_layers.points.selected_data = {0}
     widget.toggle_polarity()  # the next clicks are negative; the selected positive one stays as it was
-    np.testing.assert_array_equal(widget._points.face_color[0], positive)
-    assert list(widget._points.features["label"]) == [1]
-    widget._points.add([70, 20])  # a click in the viewer
-    assert list(widget._points.features["label"]) == [1, 0]
-    assert not np.array_equal(widget._points.face_color[1], positive)
+    np.testing.assert_array_equal(widget._prompt_layers.points.face_color[0], positive)
+    assert list(widget._prompt_layers.points.features["label"]) == [1]
+    widget._prompt_layers.points.add([70, 20])  # a click in the viewer
+    assert list(widget._prompt_layers.points.features["label"]) == [1, 0]
+    assert not np.array_equal(widget._prompt_layers.points.face_color[1], positive)
 
 
 def test_box_commit_undo_keep_other_objects(sam):
@@ -73,7 +73,7 @@ def test_box_commit_undo_keep_other_objects(sam):
     widget._output.value = objects
     viewer.dims.set_current_step(0, 2)
     widget.load(block=True)
-    widget._boxes.add_rectangles(np.array([[2, 5, 5], [2, 5, 80], [2, 80, 80], [2, 80, 5]]))
+    widget._prompt_layers.boxes.add_rectangles(np.array([[2, 5, 5], [2, 5, 80], [2, 80, 80], [2, 80, 5]]))
     preview = preview_mask(widget, 2).copy()
     assert preview.any()
     widget.commit()
@@ -81,7 +81,7 @@ def test_box_commit_undo_keep_other_objects(sam):
     assert new.any() and not new[[0, 1, 3]].any()
     assert (objects.data == 7).sum() == (existing == 7).sum()  # the other object is untouched
     np.testing.assert_array_equal(new[2], preview & (existing[2] == 0))
-    assert len(widget._boxes.data) == 0 and not preview_mask(widget, 2).any()
+    assert len(widget._prompt_layers.boxes.data) == 0 and not preview_mask(widget, 2).any()
     widget.undo()
     np.testing.assert_array_equal(objects.data, existing)
 
@@ -90,7 +90,7 @@ def test_painting_with_the_brush_prompts_with_its_box_and_mask(sam):
     viewer, widget = sam
     viewer.dims.set_current_step(0, 2)
     widget.load(block=True)
-    brush = widget._brush
+    brush = widget._prompt_layers.brush
     brush.selected_label, brush.brush_size = 1, 9
     with brush.block_history():  # one stroke: napari reports it once, when the mouse is released
         for y, x in ((40, 30), (40, 36), (42, 42)):
@@ -106,13 +106,13 @@ def test_painting_with_the_brush_prompts_with_its_box_and_mask(sam):
     np.testing.assert_array_equal(preview_mask(widget, 2), expected[0])
     assert not any(preview_mask(widget, z).any() for z in (0, 1, 3))
     assert widget._candidate.value.startswith("predicted IoU")  # one mask, nothing to cycle
-    widget._boxes.add_rectangles(np.array([[2, 10, 10], [2, 10, 60], [2, 60, 60], [2, 60, 10]]))
+    widget._prompt_layers.boxes.add_rectangles(np.array([[2, 10, 10], [2, 10, 60], [2, 60, 60], [2, 60, 10]]))
     expected, _, _ = predictor.predict(  # a drawn box replaces the painting's box
         box=np.array([10, 10, 60, 60]), mask_input=predictor.logits_from_mask(painted), multimask_output=False
     )
     np.testing.assert_array_equal(preview_mask(widget, 2), expected[0])
     widget.commit()
-    assert not brush.data.any() and len(widget._boxes.data) == 0
+    assert not brush.data.any() and len(widget._prompt_layers.boxes.data) == 0
     assert (widget.output_layer().data[2] == 1).sum() == expected[0].sum()
 
 
@@ -122,7 +122,7 @@ def test_a_scripted_painting_must_match_the_slices(sam):
     mask = np.zeros((96, 96), bool)
     mask[30:50, 30:50] = True
     widget.paint(mask, z=1)
-    assert (np.asarray(widget._brush.data[1]) > 0).sum() == mask.sum()
+    assert (np.asarray(widget._prompt_layers.brush.data[1]) > 0).sum() == mask.sum()
     with np.testing.assert_raises_regex(ValueError, "slices are"):
         widget.paint(mask[:50], z=1)
 
@@ -131,7 +131,7 @@ def test_next_candidate_cycles_the_three_masks(sam):
     viewer, widget = sam
     viewer.dims.set_current_step(0, 0)
     widget.load(block=True)
-    widget._points.add([0, 50, 50])
+    widget._prompt_layers.points.add([0, 50, 50])
     seen = set()
     for _ in range(3):
         seen.add(widget._candidate_index)
@@ -151,7 +151,7 @@ def test_cancel_stops_the_worker_and_keeps_what_was_computed(make_napari_viewer,
     while widget._session is None or len(widget._session.store) < 2:
         QCoreApplication.processEvents()
     widget.cancel()
-    assert widget._worker is None
+    assert not widget._embedding.running
     done = len(widget._session.store)
     assert 2 <= done < 40
     assert "Stopped" in widget._status.value
@@ -196,22 +196,22 @@ def test_an_objects_layer_of_another_shape_is_refused_and_kept(sam, messages):
     widget._output.value = other
     viewer.dims.set_current_step(0, 1)
     widget.load(block=True)
-    widget._points.add([1, 40, 40])
+    widget._prompt_layers.points.add([1, 40, 40])
     preview = preview_mask(widget, 1).copy()
     widget.commit()
     assert messages["error"] and "shape (4, 50, 50)" in messages["error"][0]
     assert (other.data == 5).all()
     np.testing.assert_array_equal(preview_mask(widget, 1), preview)  # the prompt is still there to commit
-    assert len(widget._points.data) == 1
+    assert len(widget._prompt_layers.points.data) == 1
 
 
 def test_click_outside_the_image_warns_and_keeps_the_preview(sam, messages):
     viewer, widget = sam
     viewer.dims.set_current_step(0, 0)
     widget.load(block=True)
-    widget._points.add([0, 50, 50])
+    widget._prompt_layers.points.add([0, 50, 50])
     before = preview_mask(widget, 0).copy()
-    widget._points.add([0, 50, 500])
+    widget._prompt_layers.points.add([0, 50, 500])
     assert messages["warning"] and "outside" in messages["warning"][0]
     np.testing.assert_array_equal(preview_mask(widget, 0), before)
 
@@ -246,7 +246,7 @@ def test_changing_the_model_drops_the_embeddings(sam, tmp_path):
     viewer, widget = sam
     viewer.dims.set_current_step(0, 0)
     widget.load(block=True)
-    widget._points.add([0, 50, 50])
+    widget._prompt_layers.points.add([0, 50, 50])
     assert preview_mask(widget, 0).any()
     widget._model.value = "vit_b"
     assert widget._session is None and not preview_mask(widget, 0).any()
@@ -277,10 +277,10 @@ def test_switching_from_a_stack_to_a_2d_image_gives_2d_prompts(sam):
     flat = viewer.add_image(np.random.default_rng(2).random((64, 80)).astype(np.float32), name="flat", scale=(0.5, 0.5))
     widget._image.value = flat
     widget.load(block=True)
-    assert widget._points.ndim == 2 and tuple(widget._points.scale) == (0.5, 0.5)
-    widget._points.add([10, 20])  # world coordinates: pixel (20, 40)
-    assert (np.asarray(widget._preview.data) > 0).any()
-    assert widget._preview.data.shape == (64, 80)
+    assert widget._prompt_layers.points.ndim == 2 and tuple(widget._prompt_layers.points.scale) == (0.5, 0.5)
+    widget._prompt_layers.points.add([10, 20])  # world coordinates: pixel (20, 40)
+    assert (np.asarray(widget._prompt_layers.preview.data) > 0).any()
+    assert widget._prompt_layers.preview.data.shape == (64, 80)
 
 
 def test_the_refine_box_follows_the_model_and_decides_the_preview(sam):
@@ -288,7 +288,7 @@ def test_the_refine_box_follows_the_model_and_decides_the_preview(sam):
     viewer.dims.set_current_step(0, 1)
     widget.load(block=True)
     assert widget._refine.value is False  # test weights: one pass, as segment-anything
-    widget._points.add([1, 40, 40])
+    widget._prompt_layers.points.add([1, 40, 40])
     one_pass = [mask.copy() for mask in widget._candidates[0]]
     predictor = widget._session.predictor
     click = {"point_coords": np.array([[40.0, 40.0]]), "point_labels": np.array([1])}
@@ -308,7 +308,7 @@ def test_the_refine_box_follows_the_model_and_decides_the_preview(sam):
         widget.next_candidate()
     assert shown == {0, 1, 2}
     assert any(not np.array_equal(widget._candidates[0][i], one_pass[i]) for i in range(3))
-    widget._points.add([1, 60, 20])  # two clicks: one mask, refined in the same call
+    widget._prompt_layers.points.add([1, 60, 20])  # two clicks: one mask, refined in the same call
     two = {"point_coords": np.array([[40.0, 40.0], [20.0, 60.0]]), "point_labels": np.array([1, 1])}
     expected, _, _ = predictor.predict(**two, multimask_output=False, refine=True)
     np.testing.assert_array_equal(widget._candidates[0][0], expected[0])

@@ -20,7 +20,7 @@ def test_a_model_that_cannot_be_downloaded_is_reported_and_the_widget_stays_usab
 
     monkeypatch.setattr(samcore, "load_model", offline)
     widget.load()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=10_000)
+    qtbot.waitUntil(lambda: not widget._embedding.running, timeout=10_000)
     assert any("/cache/vit_b.pt" in message for message in messages["error"])
     assert "Could not download" in widget._status.value
     assert not widget._cancel_button.enabled
@@ -39,7 +39,7 @@ def test_rgb_images_are_segmented_like_grayscale_ones(make_napari_viewer, tiny_c
     widget.load(block=True)
     assert not messages["error"]
     spatial = shape[:-1]
-    assert widget._preview.data.shape == spatial
+    assert widget._prompt_layers.preview.data.shape == spatial
     assert len(widget._session.store) == (1 if len(spatial) == 2 else spatial[0])
     point = (30, 30) if len(spatial) == 2 else (1, 30, 30)
     if len(spatial) == 3:
@@ -100,7 +100,7 @@ def test_deleting_the_image_stops_its_embeddings(sam, qtbot):
     viewer, widget = sam
     widget.load()
     viewer.layers.remove("nuclei")
-    assert widget._worker is None and widget._session is None
+    assert not widget._embedding.running and widget._session is None
     assert "deleted" in widget._status.value
 
 
@@ -169,7 +169,7 @@ def test_scripted_clicks_and_boxes_are_in_world_coordinates(make_napari_viewer, 
     widget.load(block=True)
     viewer.dims.set_point(0, 10 + 2 * 4)
     widget.add_point((18, 120, 220))  # slice 2, pixel (40, 40)
-    np.testing.assert_allclose(widget._points.data, [[2, 40, 40]])
+    np.testing.assert_allclose(widget._prompt_layers.points.data, [[2, 40, 40]])
     assert widget._candidates is not None
     widget.add_box((18, 105, 205), (18, 125, 225))
-    np.testing.assert_allclose(widget._boxes.data[0][[0, 2]], [[2, 10, 10], [2, 50, 50]])
+    np.testing.assert_allclose(widget._prompt_layers.boxes.data[0][[0, 2]], [[2, 10, 10], [2, 50, 50]])

@@ -33,11 +33,11 @@ def test_the_preview_of_a_small_box_is_redrawn_from_the_crop_around_it(wide):
     apart = (zoomed != whole).sum()
     assert apart > 1000
     # The embeddings were computed in other threads than the reference's: a few pixels may differ.
-    shown = np.asarray(widget._preview.data) > 0
+    shown = np.asarray(widget._prompt_layers.preview.data) > 0
     assert widget._candidate.value.endswith("zoomed in"), widget._candidate.value
     assert (shown != zoomed).sum() < 0.01 * apart, ((shown != zoomed).sum(), apart)
     widget._zoom.value = False  # unticked: the whole image's mask again
-    assert ((np.asarray(widget._preview.data) > 0) != whole).sum() < 0.01 * apart
+    assert ((np.asarray(widget._prompt_layers.preview.data) > 0) != whole).sum() < 0.01 * apart
 
 
 def test_a_failed_zoom_is_reported_and_turned_off(wide, monkeypatch):

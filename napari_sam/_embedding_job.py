@@ -1,0 +1,190 @@
+"""Computing an image's embeddings for the SAM widget, displayed slice first, in the background.
+
+Loading the weights and embedding every slice run in a `thread_worker` with a napari progress
+bar. The first thing the worker hands back is the `Session` (model, predictor, stack view and
+embedding store of one image layer); each slice embedded after that is reported, and the widget
+draws its preview again when the displayed slice's embedding arrives. Jobs that compute the
+embeddings they need themselves (propagation, segment all) pause this one; it resumes after them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ._background import reported
+
+if TYPE_CHECKING:
+    from napari.layers import Image
+
+    from ._widget import SamWidget
+
+# (registry name, None) or (None, checkpoint path): where the model's weights come from.
+ModelSource = tuple[str | None, str | None]
+
+
+class Session:
+    """What belongs to one image layer and one model: the predictor, stack view and embeddings.
+
+    Args:
+        layer: The image layer.
+        model_source: The model's (registry name, checkpoint path), one of them None.
+        settings: (device, views), views None for the model's own number.
+        predictor: The `samcore.Predictor` on the model.
+        view: The layer's `samcore.embeddings.StackView`.
+        store: The layer's `samcore.embeddings.EmbeddingStore`.
+        model_name: The model's name for the status line.
+    """
+
+    def __init__(self, layer, model_source, settings, predictor, view, store, model_name: str) -> None:
+        self.layer, self.model_source = layer, model_source
+        self.settings = settings
+        self.predictor, self.view, self.store, self.model_name = predictor, view, store, model_name
+        self._current: tuple[int, bool] | None = None  # the slice set in the predictor, and if with pixels
+
+    def matches(self, layer, model_source, settings) -> bool:
+        return (layer, model_source, settings) == (self.layer, self.model_source, self.settings)
+
+    def use(self, z: int, embedding, pixels: bool = False) -> None:
+        """Make slice z current in the predictor, with its pixels if asked (to zoom in on boxes)."""
+        if self._current != (z, pixels) and self._current != (z, True):
+            image = self.view.rgb_slice(z) if pixels else None
+            self.predictor.set_embedding(embedding, image=image)
+            self._current = (z, pixels)
+
+
+class EmbeddingJob:
+    """One widget's embedding worker: started, cancelled, paused for other jobs and resumed.
+
+    Args:
+        widget: The SAM widget it reports to (session, status label, progress, preview).
+    """
+
+    def __init__(self, widget: SamWidget) -> None:
+        self._widget = widget
+        self.worker = None
+        self.layer: Image | None = None  # the image the worker computes
+        self._failed = False  # the worker reported an error, which stays in the status line
+        self._progress = None
+        self._paused = False  # stopped for a propagation or segment all; resumed after it
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def start(self, session: Session | None, layer: Image, model_source: ModelSource, settings, center: int,
+              cache_dir: str | None) -> None:
+        """Embed the slices of `layer` without an embedding, nearest to slice `center` first.
+
+        `session` is reused if it belongs to the same layer, model and settings; otherwise the
+        worker loads the model and makes a new one.
+        """
+        from napari.qt.threading import thread_worker
+        from napari.utils import progress
+
+        if session is not None and not session.matches(layer, model_source, settings):
+            session = None
+        # Errors go to _on_error (a notification), not back into the event loop.
+        worker = thread_worker(reported(_compute), ignore_errors=True)(
+            session, layer, model_source, settings, cache_dir, center
+        )
+        self._progress = progress(total=0, desc="SAM embeddings")
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_done)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self.worker, self.layer, self._failed = worker, layer, False
+        widget = self._widget
+        widget._cancel_button.enabled = True
+        widget._status.value = "Loading the model…" if session is None else "Computing embeddings…"
+        worker.start()
+
+    def quit(self) -> None:
+        """Ask the worker to stop after the slice it is embedding (the widget waits for it)."""
+        if self.worker is not None:
+            self.worker.quit()
+
+    def pause(self) -> None:
+        """Stop for a job that computes the embeddings it needs itself; see `resume`."""
+        if self.worker is not None:
+            self.quit()
+            self._widget.wait()
+            self._paused = True
+
+    def resume(self, cancelled: bool) -> None:
+        """After a job that paused the embeddings: compute the missing ones, unless it was cancelled."""
+        paused, self._paused = self._paused, False
+        widget = self._widget
+        session = widget._session
+        if not paused or cancelled or widget._busy() or session is None:
+            return
+        if len(session.store) < session.view.n_slices:
+            self.restart(session)
+
+    def restart(self, session: Session) -> None:
+        """Compute the session's missing embeddings, from the displayed slice outwards."""
+        center = self._widget._current_z(session.layer) or 0
+        self.start(session, session.layer, session.model_source, session.settings, center,
+                   self._widget.cache_dir())
+
+    def _on_progress(self, event: tuple) -> None:
+        widget = self._widget
+        kind, payload = event
+        if kind == "session":
+            widget._session = payload
+            self._progress.total = payload.view.n_slices
+            self._progress.n = len(payload.store)
+            self._progress.refresh()
+            widget._on_session(payload)
+        elif kind == "slice":
+            self._progress.update(1)
+            session = widget._session
+            if payload == widget._current_z(session.layer) or session.view.n_slices == 1:
+                widget.segment()
+
+    def _on_done(self, session: Session) -> None:
+        self._widget._status.value = f"Embeddings ready ({len(session.store)}/{session.view.n_slices} slices)."
+
+    def _on_error(self, error: Exception) -> None:
+        self._failed = True
+        self._widget._on_error(error)
+
+    def _on_finished(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.worker = None
+        widget = self._widget
+        widget._cancel_button.enabled = widget._busy()
+        session, failed, self._failed = widget._session, self._failed, False
+        if not failed and session is not None and len(session.store) < session.view.n_slices:
+            widget._status.value = (
+                f"Stopped: {len(session.store)}/{session.view.n_slices} slices have embeddings."
+            )
+
+
+def _compute(session, layer, model_source, settings, cache_dir, center):
+    """Worker body: load the model (if needed) and embed every slice, nearest to `center` first.
+
+    `settings` is (device, views), views None for the model's own number.
+    """
+    from samcore import Predictor, load_model
+    from samcore.embeddings import (
+        EmbeddingStore, StackView, embed_slices, model_key, nearest_first, stack_key, store_path,
+    )
+
+    if session is None:
+        name, checkpoint = model_source
+        device, views = settings
+        model = load_model(name, checkpoint, device)
+        view = StackView.of(layer.data, rgb=layer.rgb)
+        predictor = Predictor(model, views=views)
+        key = stack_key(view, model_key(model), predictor.views)
+        path = None if cache_dir is None else store_path(cache_dir, layer.name, key)
+        store = EmbeddingStore(key, view.n_slices, path)
+        label = name or Path(checkpoint).name
+        session = Session(layer, model_source, settings, predictor, view, store, label)
+    yield ("session", session)
+    for z in embed_slices(session.predictor, session.view, session.store, nearest_first(center, session.view.n_slices)):
+        yield ("slice", z)
+    return session

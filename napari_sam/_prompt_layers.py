@@ -1,0 +1,152 @@
+"""The SAM widget's own layers over the image it segments: clicks, boxes, a brush and the preview.
+
+The user prompts in the first three ("SAM points", "SAM boxes", "SAM brush"); the widget draws the
+mask of the displayed slice into "SAM preview". They follow the image's scale and translate, so
+prompts line up with it however the image is placed in the world.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ._prompts import NEGATIVE, POSITIVE, SlicePrompts, slice_prompts, spatial_ndim
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import napari
+    from napari.layers import Image, Layer
+
+POINT_COLORS = {POSITIVE: "lime", NEGATIVE: "red"}
+
+
+class PromptLayers:
+    """The points, boxes, brush and preview layers of one widget.
+
+    Args:
+        viewer: The viewer the layers live in.
+        on_change: Called after the user adds, moves or removes a prompt, or paints.
+        bind_keys: Binds the widget's keys on a layer, so they work while it is selected.
+    """
+
+    def __init__(
+        self, viewer: napari.viewer.Viewer, on_change: Callable[[], None], bind_keys: Callable[[Layer], None]
+    ) -> None:
+        self._viewer = viewer
+        self._on_change = on_change
+        self._bind_keys = bind_keys
+        self.points = self.boxes = self.brush = self.preview = None
+        self.polarity = POSITIVE  # of the next click
+
+    def ensure(self, image: Image) -> bool:
+        """Create the layers for `image`, or re-align the existing ones; True if the preview is new."""
+        ndim = spatial_ndim(image)
+        shape = image.data.shape[:ndim]
+        viewer = self._viewer
+        new_preview = not self._usable(self.preview, ndim) or self.preview.data.shape != shape
+        if new_preview:
+            self._remove(self.preview)
+            self.preview = viewer.add_labels(np.zeros(shape, np.uint8), name="SAM preview", opacity=0.5)
+        if not self._usable(self.brush, ndim) or self.brush.data.shape != shape:
+            self._remove(self.brush)
+            self.brush = viewer.add_labels(np.zeros(shape, np.uint8), name="SAM brush", opacity=0.4)
+            self.brush.mode = "paint"  # ready to paint once the user selects it
+            self.brush.events.paint.connect(self._changed)
+            self.brush.events.data.connect(self._changed)
+            self._bind_keys(self.brush)
+        if not self._usable(self.boxes, ndim):
+            self._remove(self.boxes)
+            self.boxes = viewer.add_shapes(
+                ndim=ndim, name="SAM boxes", edge_color="yellow", face_color="transparent", edge_width=2
+            )
+            self.boxes.events.data.connect(self._changed)
+            self._bind_keys(self.boxes)
+        if not self._usable(self.points, ndim):
+            self._remove(self.points)
+            self.points = viewer.add_points(ndim=ndim, name="SAM points", size=8, features={"label": np.zeros(0, int)})
+            self._style_new_points(self.polarity)
+            self.points.events.data.connect(self._changed)
+            self._bind_keys(self.points)
+            self.points.mode = "add"
+        for layer in (self.preview, self.brush, self.boxes, self.points):
+            layer.scale, layer.translate = image.scale[:ndim], image.translate[:ndim]
+        return new_preview
+
+    def owns(self, layer: Layer) -> bool:
+        """Whether `layer` is one of these (compared with ==: napari may hand out a proxy of it)."""
+        return any(own is not None and layer == own for own in (self.points, self.boxes, self.brush, self.preview))
+
+    def prompts(self, image: Image, z: int | None) -> SlicePrompts:
+        """The prompts on slice z of `image` (None for a 2D image), in SAM's XY pixel coordinates."""
+        return slice_prompts(self.points, self.boxes, image, z, self.brush)
+
+    def add_point(self, position, positive: bool = True) -> None:
+        """Add a click at `position` ((z, y, x) or (y, x) world coordinates), positive or negative."""
+        self._style_new_points(POSITIVE if positive else NEGATIVE)
+        self.points.add(np.asarray(self.points.world_to_data(np.asarray(position, dtype=float))))
+        self._style_new_points(self.polarity)
+
+    def toggle_polarity(self) -> int:
+        """Make the next clicks negative if they were positive and the other way round; the new polarity."""
+        self.polarity = NEGATIVE if self.polarity == POSITIVE else POSITIVE
+        if self.points is not None:
+            self._style_new_points(self.polarity)
+        return self.polarity
+
+    def add_box(self, corner, opposite) -> None:
+        """Draw a box between two corners ((z, y, x) or (y, x) world coordinates, same z)."""
+        to_data = self.boxes.world_to_data
+        corner, opposite = (np.asarray(to_data(np.asarray(c, float))) for c in (corner, opposite))
+        rectangle = np.array([corner, corner, opposite, opposite])
+        rectangle[1, -1], rectangle[3, -1] = opposite[-1], corner[-1]
+        self.boxes.add_rectangles(rectangle)
+
+    def paint(self, mask, z: int | None = None) -> None:
+        """Paint a (Y, X) bool mask on slice z of the brush layer (2D: z None)."""
+        region = self.brush.data if z is None else self.brush.data[z]
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != region.shape:
+            raise ValueError(f"The mask has shape {mask.shape}; the image's slices are {region.shape}.")
+        region[mask] = 1
+        self.brush.refresh()
+
+    def clear(self, z: int | None) -> None:
+        """Remove the clicks, boxes and painting of slice z (all of them for a 2D image, z None)."""
+        for layer in (self.points, self.boxes):
+            if layer is None or len(layer.data) == 0:
+                continue
+            keep = [i for i, item in enumerate(layer.data) if z is not None and round(np.asarray(item)[..., 0].min()) != z]
+            layer.selected_data = set()  # indices into the old data
+            with layer.events.data.blocker():
+                if isinstance(layer.data, list):
+                    layer.data = [layer.data[i] for i in keep]
+                else:
+                    layer.data = layer.data[keep]
+        painted = None if self.brush is None else self.brush.data if z is None else self.brush.data[z]
+        if painted is not None and painted.any():  # this slice only: a stack's brush may be large
+            painted[...] = 0
+            self.brush.refresh()
+
+    def _style_new_points(self, polarity: int) -> None:
+        """Label and colour of the next points, without recolouring the selected ones.
+
+        napari applies a new current colour to the selected points too; a selected positive
+        click would then look negative while staying positive. The selection is dropped first.
+        """
+        self.points.selected_data = set()
+        self.points.feature_defaults["label"] = polarity
+        self.points.current_face_color = POINT_COLORS[polarity]
+
+    def _changed(self, event=None) -> None:
+        if getattr(event, "action", None) in ("adding", "removing", "changing"):
+            return  # the matching "added"/"removed"/"changed" event follows
+        self._on_change()
+
+    def _usable(self, layer, ndim: int) -> bool:
+        return layer is not None and layer in self._viewer.layers and layer.ndim == ndim
+
+    def _remove(self, layer) -> None:
+        if layer is not None and layer in self._viewer.layers:
+            self._viewer.layers.remove(layer)
