@@ -24,8 +24,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .logits import upscale_logits
 from .maskops import Masks, box_nms, clean_masks, concat, mask_nms, paint_labels, stability_score
-from .predictor import ImageEmbedding, Predictor, upscale_logits
+from .predictor import ImageEmbedding, Predictor
 from .progress import Job, Progress
 
 Box = tuple[int, int, int, int]

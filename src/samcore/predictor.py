@@ -12,18 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .logits import MASK_LOGIT_EPS, mask_logits, to_low_res, upscale_logits
 from .modeling import Sam
 from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_prompts, decode_with_masks
 from .precision import autocast, resolve_precision
-from .preprocess import to_rgb_uint8
-from .zoo import VIEWS
+from .preprocess import resize_uint8, to_rgb_uint8
+from .views import MIRRORS, Mirror, check_views
 from .zoom import Window, zoom_window
 
-LOW_RES_SIDE = 256  # side of SAM's low-resolution mask logits for a 1024 px model
 POINT_LABELS = (1, 0, -1)  # on the object, background, a point to ignore (SAM's padding)
-MIRRORS = ((False, False), (True, False), (False, True), (True, True))  # (x, y) reversed, per view
 
 
 @dataclass(frozen=True)
@@ -559,69 +557,6 @@ def _rgb(image: np.ndarray, image_format: str, channel_axis: int | None) -> np.n
     return np.ascontiguousarray(rgb[..., ::-1]) if image_format == "BGR" else rgb
 
 
-def check_views(views: int) -> int:
-    """`views` if it is a number of views a predictor can decode (see `VIEWS`)."""
-    if isinstance(views, bool) or views not in VIEWS:
-        raise ValueError(f"views must be one of {', '.join(map(str, VIEWS))}, not {views!r}.")
-    return int(views)
-
-
-class Mirror:
-    """One view's mirroring of prompts and low-resolution logits, in model-input coordinates.
-
-    The image fills the top-left (h', w') of the model input; a view reverses its x and/or y axis
-    within that area, the padding staying bottom-right. SAM places a point (x, y) at x + 0.5, so
-    the mirror of x is w' - 1 - x. A low-resolution cell i has its centre mirrored to cell
-    position c - 1 - i, c being the image's extent in cells (w' / 4 for SAM): a cell when c is
-    whole, otherwise the linear blend of two neighbours (what the bilinear upscaling would read
-    there). Mirroring twice gives back the logits exactly when c is whole.
-    """
-
-    def __init__(self, mirror_x: bool, mirror_y: bool, input_size: tuple[int, int], model: Sam) -> None:
-        self.mirror_x, self.mirror_y = mirror_x, mirror_y
-        self.input_size = input_size
-        self.cell = model.img_size / model.prompt_encoder.mask_input_size[0]  # input pixels per cell
-
-    def points(self, coords: torch.Tensor) -> torch.Tensor:
-        """(..., 2) XY model-input points, mirrored."""
-        if not (self.mirror_x or self.mirror_y):
-            return coords
-        out = coords.clone()
-        if self.mirror_x:
-            out[..., 0] = self.input_size[1] - 1 - coords[..., 0]
-        if self.mirror_y:
-            out[..., 1] = self.input_size[0] - 1 - coords[..., 1]
-        return out
-
-    def boxes(self, boxes: torch.Tensor) -> torch.Tensor:
-        """(B, 4) XYXY model-input boxes, mirrored (corners reordered to stay XYXY)."""
-        if not (self.mirror_x or self.mirror_y):
-            return boxes
-        corners = self.points(boxes.reshape(-1, 2, 2))
-        return torch.cat([corners.amin(1), corners.amax(1)], dim=1)
-
-    def logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """(..., S, S) low-resolution logits, mirrored (the padding cells are left as they are)."""
-        if self.mirror_y:
-            logits = _mirror_cells(logits, self.input_size[0] / self.cell, -2)
-        if self.mirror_x:
-            logits = _mirror_cells(logits, self.input_size[1] / self.cell, -1)
-        return logits
-
-
-def _mirror_cells(x: torch.Tensor, extent: float, dim: int) -> torch.Tensor:
-    """`x` with its first `extent` cells along `dim` mirrored (see `Mirror`)."""
-    whole = min(math.ceil(extent), x.shape[dim])
-    region = x.narrow(dim, 0, whole).flip(dim)  # cell i <- cell whole - 1 - i
-    fraction = whole - extent
-    if fraction > 0:  # the mirror of cell i lies `fraction` of a cell before whole - 1 - i
-        ahead = torch.cat([region.narrow(dim, 1, whole - 1), region.narrow(dim, whole - 1, 1)], dim)
-        region = torch.lerp(region, ahead, fraction)
-    out = x.clone()
-    out.narrow(dim, 0, whole).copy_(region)
-    return out
-
-
 def _versions(tensors: list[torch.Tensor]) -> tuple[tuple[int, int], ...]:
     """Where each tensor's data lives and how often it was modified in place.
 
@@ -667,82 +602,3 @@ def _check_box(box: np.ndarray, height: int, width: int) -> np.ndarray:
     if x1 < 0 or y1 < 0 or x0 > width or y0 > height:
         raise ValueError(f"The box {array.tolist()} lies outside the {width}x{height} image.")
     return array[None]
-
-
-def resize_uint8(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear, antialiased resize of a (H, W, 3) uint8 image to (h, w), as PIL does it."""
-    from PIL import Image
-
-    if rgb.shape[:2] == tuple(size):
-        return rgb
-    return np.array(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))
-
-
-MASK_LOGIT_EPS = 1e-3  # a pixel fully in (out of) a mask becomes a logit of about +6.9 (-6.9)
-
-
-def mask_logits(mask: np.ndarray, model: Sam, input_size: tuple[int, int]) -> np.ndarray:
-    """(1, 256, 256) logits standing for a (H, W) bool mask of an image resized to `input_size`.
-
-    The mask is resized and padded the way the model sees its image, averaged over each
-    low-resolution cell, and the covered fraction p becomes the logit log(p / (1 - p)).
-    """
-    pixels = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None]
-    fraction = to_low_res(pixels, 0.0, model.img_size, input_size, model.prompt_encoder.mask_input_size[0])
-    return torch.logit(fraction, eps=MASK_LOGIT_EPS).numpy().astype(np.float32)
-
-
-def to_low_res(
-    values: torch.Tensor,
-    background: torch.Tensor | float,
-    img_size: int,
-    input_size: tuple[int, int],
-    side: int,
-) -> torch.Tensor:
-    """(C, H, W) image values to the (C, side, side) low-resolution frame a model decodes into.
-
-    The image is resized to `input_size` within the model's padded `img_size` square, as the
-    model sees it; the padding takes the values of `background`, low-resolution logits (C, side,
-    side) of the same image, or a constant.
-    """
-    count = values.shape[0]
-    if isinstance(background, torch.Tensor):
-        square = (img_size, img_size)
-        frame = F.interpolate(background[None].float(), square, mode="bilinear", align_corners=False)[0]
-    else:
-        frame = torch.full((count, img_size, img_size), float(background), device=values.device)
-    resized = F.interpolate(
-        values[None].float(), input_size, mode="bilinear", align_corners=False, antialias=True
-    )
-    frame[:, : input_size[0], : input_size[1]] = resized[0]
-    return F.interpolate(frame[None], (side, side), mode="area")[0]
-
-
-def upscale_logits(
-    low_res: torch.Tensor, img_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
-) -> torch.Tensor:
-    """Low-resolution logits (B, C, h, w) to (B, C, H, W) logits of the original image.
-
-    Goes straight from the part of the low-resolution grid that covers the image to the original
-    size in one bilinear step, rather than through the padded model-input size.
-    """
-    side = low_res.shape[-1]
-    crop_h = input_size[0] * side / img_size
-    crop_w = input_size[1] * side / img_size
-    if crop_h.is_integer() and crop_w.is_integer():
-        cropped = low_res[..., : int(crop_h), : int(crop_w)]
-        return _bilinear(cropped.float(), original_size)
-    masks = _bilinear(low_res.float(), (img_size, img_size))
-    masks = masks[..., : input_size[0], : input_size[1]]
-    return _bilinear(masks, original_size)
-
-
-def _bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (B, C, h, w) to (B, C, *size), one channel at a time.
-
-    Channels are folded into the batch: with several channels, `F.interpolate` on a CPU takes a
-    channels-last path with two extra copies of the output, twice as slow for three masks.
-    """
-    batch, channels = x.shape[:2]
-    resized = F.interpolate(x.reshape(batch * channels, 1, *x.shape[-2:]), size, mode="bilinear", align_corners=False)
-    return resized.view(batch, channels, *size)

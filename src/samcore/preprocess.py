@@ -221,3 +221,12 @@ def _finite_values(data: np.ndarray) -> np.ndarray:
     if data.dtype.kind == "f":
         return data[np.isfinite(data)].astype(np.float64)
     return data.ravel().astype(np.float64)
+
+
+def resize_uint8(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear, antialiased resize of a (H, W, 3) uint8 image to (h, w), as PIL does it."""
+    from PIL import Image
+
+    if rgb.shape[:2] == tuple(size):
+        return rgb
+    return np.array(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .embeddings import EmbeddingStore, StackView, model_key, stack_key
-from .predictor import Predictor, mask_logits, resized_shape
+from .logits import mask_logits
+from .predictor import Predictor, resized_shape
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import torch
 from conftest import randomize_
 
 from samcore import ImageEmbedding, Predictor, build_sam
+from samcore.logits import upscale_logits
 from samcore.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from samcore.modeling.fast_decoder import (
     DecoderConstants,
@@ -14,7 +15,6 @@ from samcore.modeling.fast_decoder import (
     decode_prompts,
     decode_with_masks,
 )
-from samcore.predictor import upscale_logits
 
 GRID = 64  # the 64x64 image embedding of every 1024 px SAM model
 SIDE = 16 * GRID

@@ -49,7 +49,8 @@ def test_int8_embedding_stays_close_to_fp32(model, image):
 
 
 def fp32_input(predictor: Predictor, image: np.ndarray) -> torch.Tensor:
-    from samcore.predictor import resize_uint8, resized_shape
+    from samcore.predictor import resized_shape
+    from samcore.preprocess import resize_uint8
 
     rgb = np.repeat(image[..., None], 3, axis=2)
     resized = resize_uint8(rgb, resized_shape(*image.shape, predictor.model.img_size))

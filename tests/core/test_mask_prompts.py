@@ -7,7 +7,7 @@ from scipy import ndimage
 
 from samcore import Predictor, build_sam
 from samcore.mask_prompts import bounding_box, interior_points, main_part, prompt_from_mask, surrounding_points
-from samcore.predictor import upscale_logits
+from samcore.logits import upscale_logits
 from samcore.slice_decoder import StackDecoder
 
 

@@ -220,7 +220,7 @@ def test_views_average_the_masks_of_the_mirror_images():
 
 
 def test_a_mirror_between_cells_blends_the_two_neighbours():
-    from samcore.predictor import _mirror_cells
+    from samcore.views import _mirror_cells
 
     ramp = torch.arange(64, dtype=torch.float32).expand(2, 64)
     mirrored = _mirror_cells(ramp, 49.5, -1)  # the image ends half-way through cell 49

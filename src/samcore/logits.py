@@ -1,0 +1,82 @@
+"""Mask logits between the image's pixels and the model's low-resolution frame.
+
+SAM decodes into a (side, side) grid of logits over its padded, resized input square; these
+functions take a mask or logits of the original image into that frame and back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .modeling import Sam
+
+MASK_LOGIT_EPS = 1e-3  # a pixel fully in (out of) a mask becomes a logit of about +6.9 (-6.9)
+
+
+def mask_logits(mask: np.ndarray, model: Sam, input_size: tuple[int, int]) -> np.ndarray:
+    """(1, 256, 256) logits standing for a (H, W) bool mask of an image resized to `input_size`.
+
+    The mask is resized and padded the way the model sees its image, averaged over each
+    low-resolution cell, and the covered fraction p becomes the logit log(p / (1 - p)).
+    """
+    pixels = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None]
+    fraction = to_low_res(pixels, 0.0, model.img_size, input_size, model.prompt_encoder.mask_input_size[0])
+    return torch.logit(fraction, eps=MASK_LOGIT_EPS).numpy().astype(np.float32)
+
+
+def to_low_res(
+    values: torch.Tensor,
+    background: torch.Tensor | float,
+    img_size: int,
+    input_size: tuple[int, int],
+    side: int,
+) -> torch.Tensor:
+    """(C, H, W) image values to the (C, side, side) low-resolution frame a model decodes into.
+
+    The image is resized to `input_size` within the model's padded `img_size` square, as the
+    model sees it; the padding takes the values of `background`, low-resolution logits (C, side,
+    side) of the same image, or a constant.
+    """
+    count = values.shape[0]
+    if isinstance(background, torch.Tensor):
+        square = (img_size, img_size)
+        frame = F.interpolate(background[None].float(), square, mode="bilinear", align_corners=False)[0]
+    else:
+        frame = torch.full((count, img_size, img_size), float(background), device=values.device)
+    resized = F.interpolate(
+        values[None].float(), input_size, mode="bilinear", align_corners=False, antialias=True
+    )
+    frame[:, : input_size[0], : input_size[1]] = resized[0]
+    return F.interpolate(frame[None], (side, side), mode="area")[0]
+
+
+def upscale_logits(
+    low_res: torch.Tensor, img_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> torch.Tensor:
+    """Low-resolution logits (B, C, h, w) to (B, C, H, W) logits of the original image.
+
+    Goes straight from the part of the low-resolution grid that covers the image to the original
+    size in one bilinear step, rather than through the padded model-input size.
+    """
+    side = low_res.shape[-1]
+    crop_h = input_size[0] * side / img_size
+    crop_w = input_size[1] * side / img_size
+    if crop_h.is_integer() and crop_w.is_integer():
+        cropped = low_res[..., : int(crop_h), : int(crop_w)]
+        return _bilinear(cropped.float(), original_size)
+    masks = _bilinear(low_res.float(), (img_size, img_size))
+    masks = masks[..., : input_size[0], : input_size[1]]
+    return _bilinear(masks, original_size)
+
+
+def _bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) to (B, C, *size), one channel at a time.
+
+    Channels are folded into the batch: with several channels, `F.interpolate` on a CPU takes a
+    channels-last path with two extra copies of the output, twice as slow for three masks.
+    """
+    batch, channels = x.shape[:2]
+    resized = F.interpolate(x.reshape(batch * channels, 1, *x.shape[-2:]), size, mode="bilinear", align_corners=False)
+    return resized.view(batch, channels, *size)
