@@ -27,6 +27,19 @@ class LayerNorm2d(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
+def encoder_neck(embed_dim: int, out_chans: int) -> nn.Sequential:
+    """SAM's image-encoder neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (keys `neck.0` to `neck.3`).
+
+    Takes (B, embed_dim, h, w) tokens to the (B, out_chans, h, w) image embedding.
+    """
+    return nn.Sequential(
+        nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
+        LayerNorm2d(out_chans),
+        nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+        LayerNorm2d(out_chans),
+    )
+
+
 class MLPBlock(nn.Module):
     """Two linear layers with an activation between them (the transformer feed-forward)."""
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock
+from .common import MLPBlock, encoder_neck
 
 
 class ImageEncoderViT(nn.Module):
@@ -55,12 +55,7 @@ class ImageEncoderViT(nn.Module):
             )
             for i in range(depth)
         )
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(out_chans),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_chans),
-        )
+        self.neck = encoder_neck(embed_dim, out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed images.

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock
+from .common import MLPBlock, encoder_neck
 
 STRIDES = (8, 16)  # token strides the stem can produce
 
@@ -77,12 +77,7 @@ class MicroEncoder(nn.Module):
             HybridBlock(embed_dim, num_heads, mlp_ratio, 0 if i in global_attn_indexes else window_size)
             for i in range(depth)
         )
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(out_chans),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_chans),
-        )
+        self.neck = encoder_neck(embed_dim, out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed images.

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import encoder_neck
 
 
 class ConvBN(nn.Sequential):
@@ -292,12 +292,7 @@ class TinyViT(nn.Module):
         self.norm_head = nn.LayerNorm(embed_dims[-1])
         self.head: nn.Module = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dims[-1], out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(out_chans),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_chans),
-        )
+        self.neck = encoder_neck(embed_dims[-1], out_chans)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
