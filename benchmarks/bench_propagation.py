@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--views", type=int, choices=VIEWS,
                         help="views of each slice averaged (default: the model's)")
+    parser.add_argument("--zoom-propagation", action="store_true",
+                        help="decode the propagated slices' small boxes on the crop around them too "
+                             "(the prompted central boxes follow the model's choice, as in the CLI)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,11 +73,11 @@ def main() -> None:
     image, truth = load_stack()
     predictor = Predictor(model, views=args.views)
     decoder = StackDecoder(predictor, StackView.of(image))
-    print_machine(model, predictor)
+    print_machine(model, predictor, args.zoom_propagation)
 
     embedding_seconds = embed_all(decoder)
     print(f"\nnuclei3d {image.shape} {image.dtype}")
-    print_rows(measure(decoder, truth, args.modes))
+    print_rows(measure(decoder, truth, args.modes, args.zoom_propagation))
     print(f"\nwhole-stack embedding: {embedding_seconds:.1f} s for {image.shape[0]} slices "
           f"({embedding_seconds / image.shape[0] * 1000:.0f} ms per slice)")
 
@@ -87,7 +90,7 @@ def main() -> None:
                                          z_radius=(8.0, 14.0), max_overlap=0.03)
             generated = StackDecoder(Predictor(model, views=args.views), StackView.of(stack))
             embed_all(generated)
-            tables.append(measure(generated, labels, args.modes))
+            tables.append(measure(generated, labels, args.modes, args.zoom_propagation))
         rows = []
         for i, (name, _, per_slice) in enumerate(tables[0]):
             scores = np.concatenate([table[i][1] for table in tables])
@@ -111,10 +114,16 @@ def embed_all(decoder: StackDecoder) -> float:
 Row = tuple[str, np.ndarray, float | None]  # method, per-object 3D IoUs, seconds per object-slice
 
 
-def measure(decoder: StackDecoder, truth: np.ndarray, modes: list[str]) -> list[Row]:
-    """Per-object 3D IoUs of the copy baseline and of each mode, with seconds per object-slice."""
+def measure(decoder: StackDecoder, truth: np.ndarray, modes: list[str], zoom_propagation: bool) -> list[Row]:
+    """Per-object 3D IoUs of the copy baseline and of each mode, with seconds per object-slice.
+
+    The central boxes are decoded as `napari-sam segment --prompts` does (zoomed in on small ones
+    where the model says so); the propagation on whole slices unless `zoom_propagation`.
+    """
     objects, extents = central_boxes(truth)
-    seeds = segment_key_slices(decoder, objects)
+    predictor = decoder.predictor
+    seeds = segment_key_slices(StackDecoder(predictor, decoder.view, decoder.store, zoom=predictor.zoom), objects)
+    decoder = StackDecoder(predictor, decoder.view, decoder.store, zoom=zoom_propagation)
     seed_ious = [iou(seeds[o.slices[0].z] == o.object_id, truth[o.slices[0].z] == o.object_id) for o in objects]
     print(f"{len(objects)} nuclei; 2D IoU of the box-prompted central masks: mean {np.mean(seed_ious):.3f}, "
           f"worst {np.min(seed_ious):.3f}")
@@ -188,10 +197,12 @@ def baseline(seeds: np.ndarray, extents: dict[int, tuple[int, int]]) -> np.ndarr
     return labels
 
 
-def print_machine(model: torch.nn.Module, predictor: Predictor) -> None:
+def print_machine(model: torch.nn.Module, predictor: Predictor, zoom_propagation: bool) -> None:
     print(machine_line())
     name = getattr(model, "architecture", "") or "custom"
-    print(f"model: {name} on {predictor.device} ({predictor.precision}, {predictor.views} view(s))")
+    zoom = ", central boxes: zoom on small ones" if predictor.zoom else ""
+    zoom += ", propagation zoomed too" if zoom_propagation else ""
+    print(f"model: {name} on {predictor.device} ({predictor.precision}, {predictor.views} view(s){zoom})")
 
 
 if __name__ == "__main__":

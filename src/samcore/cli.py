@@ -159,8 +159,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="with --point/--box: decode again with the first mask as input "
                               "(default: the model's choice, on for the bundled model; --prompts: once)")
     segment.add_argument("--zoom", action=argparse.BooleanOptionalAction, default=None,
-                         help="with --box: decode a box around a small object on the crop around it, "
-                              "enlarged (default: the model's choice, on for the bundled model)")
+                         help="with --box or --prompts: decode a box around a small object on the crop "
+                              "around it, enlarged (default: the model's choice, on for the bundled model)")
     segment.add_argument("-o", "--output", type=Path, required=True,
                          help="labels TIFF to write (the image's shape; the slice's with --slice)")
     segment.add_argument("--overwrite", action="store_true",
@@ -252,9 +252,8 @@ def _run_segment(args: argparse.Namespace) -> int:
     import tifffile
 
     if args.prompts is not None:
-        if args.refine is not None or args.zoom is not None:
-            option = "--refine" if args.refine is not None else "--zoom"
-            raise ValueError(f"{option} works on --point and --box; --prompts decodes each slice once.")
+        if args.refine is not None:
+            raise ValueError("--refine works on --point and --box; --prompts decodes each slice once.")
         return _run_prompts(args)
     if args.propagate or args.mode or args.z_range:
         raise ValueError("--propagate, --mode and --z-range work on the objects of a --prompts file.")
@@ -314,7 +313,10 @@ def _run_prompts(args: argparse.Namespace) -> int:
     objects = read_prompts(args.prompts, image.shape[:-1] if rgb else image.shape)
     z_range = None if args.z_range is None else check_z_range(args.z_range, view.n_slices)
     settings = PropagationSettings(**({"mode": args.mode} if args.mode else {}), z_range=z_range)
-    decoder = StackDecoder(_load_predictor(args), view)
+    predictor = _load_predictor(args, zoom=args.zoom, boxes=any(
+        prompted.box is not None for entry in objects for prompted in entry.slices
+    ))
+    decoder = StackDecoder(predictor, view, zoom=predictor.zoom)
     name = "sample" if args.image is None else args.image.name
     prompted = sorted({s.z for o in objects for s in o.slices})
     with _naming(args.image):
@@ -326,7 +328,9 @@ def _run_prompts(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if args.propagate and found:
         with _naming(args.image):
-            job = propagate_iter(decoder, labels, found, settings)
+            # Whole slices only: zoomed slices made propagation worse on the real nuclei3d stack.
+            whole = StackDecoder(predictor, view, decoder.store)
+            job = propagate_iter(whole, labels, found, settings)
             labels = with_progress_bar(job, f"{name}: propagation", unit="object-slice").labels
     labels = labels.reshape(image.shape[:-1] if rgb else image.shape)  # a 2D image stays 2D
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -514,11 +518,16 @@ def _batch_setup(args: argparse.Namespace) -> _Setup:
 
 
 def _load_predictor(
-    args: argparse.Namespace, refine: bool | None = None, show_refine: bool = False, zoom: bool | None = False
+    args: argparse.Namespace,
+    refine: bool | None = None,
+    show_refine: bool = False,
+    zoom: bool | None = False,
+    boxes: bool | None = None,
 ) -> Predictor:
     """The model and predictor the options ask for, announced on stderr before any work.
 
-    `zoom` None follows the model; the jobs on stacks and folders decode without it.
+    `zoom` None follows the model; the jobs on stacks and folders decode without it. `boxes`:
+    whether any box is decoded (for the announcement; default whether `--box` was given).
     """
     from .loading import load_model
     from .predictor import Predictor
@@ -526,7 +535,7 @@ def _load_predictor(
     model = load_model(args.model, args.checkpoint, args.device)
     predictor = Predictor(model, precision=args.precision, refine=refine, views=args.views, zoom=zoom)
     passes = ("refined, " if predictor.refine else "one pass, ") if show_refine else ""
-    if show_refine and predictor.zoom and args.box:
+    if predictor.zoom and (bool(getattr(args, "box", None)) if boxes is None else boxes):
         passes += "zoom on small boxes, "
     print(f"model {model.architecture or 'custom'} on {predictor.device} "
           f"({predictor.precision}, {passes}{_views_text(predictor.views)})", file=sys.stderr)

@@ -81,10 +81,19 @@ class StackDecoder:
             beside interactive use wants a `Predictor` of its own (on the same model).
         image: (Z, Y, X) stack, (Y, X) image, or a `StackView` (e.g. for RGB stacks).
         store: Where embeddings are looked up and kept; a new in-memory store by default.
+        zoom: Decode a box around a small object on the crop around it, like `Predictor.predict`
+            with zoom: one more embedding per such prompt, decoded on its own rather than in a batch.
     """
 
-    def __init__(self, predictor: Predictor, image: np.ndarray | StackView, store: EmbeddingStore | None = None):
+    def __init__(
+        self,
+        predictor: Predictor,
+        image: np.ndarray | StackView,
+        store: EmbeddingStore | None = None,
+        zoom: bool = False,
+    ) -> None:
         self.predictor = predictor
+        self.zoom = zoom
         self.view = image if isinstance(image, StackView) else StackView.of(image)
         if store is None:
             key = stack_key(self.view, model_key(predictor.model), predictor.views)
@@ -112,11 +121,15 @@ class StackDecoder:
         """
         if not self.has_embedding(z):
             self.embed(z)
-        self.predictor.set_embedding(self.store.get(z))
+        pixels = self.view.rgb_slice(z) if self.zoom else None  # only a zoomed decode needs them
+        self.predictor.set_embedding(self.store.get(z), image=pixels)
         outputs: list[SliceOutput | None] = [None] * len(prompts)
         groups: dict[tuple[bool, ...], list[int]] = {}
         for index, prompt in enumerate(prompts):
-            groups.setdefault(prompt.structure(), []).append(index)
+            if self.zoom and self._zooms(prompt):
+                outputs[index] = self._decode_zoomed(prompt)
+            else:
+                groups.setdefault(prompt.structure(), []).append(index)
         for indices in groups.values():
             for index, output in zip(indices, self._decode_batch([prompts[i] for i in indices])):
                 outputs[index] = output
@@ -126,6 +139,20 @@ class StackDecoder:
         """Low-resolution logits standing for a (Y, X) bool mask of a slice, as a `mask_input`."""
         model = self.predictor.model
         return mask_logits(mask, model, resized_shape(self.shape[1], self.shape[2], model.img_size))
+
+    def _zooms(self, prompt: SlicePrompt) -> bool:
+        """Whether the prompt is a box the predictor would decode zoomed in (see `samcore.zoom`)."""
+        if prompt.box is None or prompt.multimask:
+            return False
+        return self.predictor.zoom_window(prompt.box, prompt.points if len(prompt.points) else None) is not None
+
+    def _decode_zoomed(self, prompt: SlicePrompt) -> SliceOutput:
+        points = len(prompt.points) > 0
+        logits, scores, low_res = self.predictor.predict(
+            prompt.points if points else None, prompt.labels if points else None, prompt.box,
+            prompt.mask_input, multimask_output=False, return_logits=True, refine=False, zoom=True,
+        )
+        return SliceOutput(np.asarray(logits[0], np.float32), float(scores[0]), low_res[0][None])
 
     def _decode_batch(self, prompts: list[SlicePrompt]) -> list[SliceOutput]:
         predictor, device = self.predictor, self.predictor.device

@@ -108,3 +108,26 @@ def test_a_window_maps_prompts_into_the_crop():
     window = Window(x0=30, y0=20, width=64, height=64)
     np.testing.assert_array_equal(window.points(np.array([[40.0, 25.0]])), [[10.0, 5.0]])
     np.testing.assert_array_equal(window.box(np.array([31, 21, 50, 60])), [1, 1, 20, 40])
+
+
+def test_a_stack_decoder_zooms_in_on_small_boxes_and_batches_the_rest(model):
+    from samcore.embeddings import StackView
+    from samcore.slice_decoder import SlicePrompt, StackDecoder
+
+    rng = np.random.default_rng(8)
+    stack = rng.integers(0, 256, (2, 300, 400), dtype=np.uint8)
+    small, large = np.array([150.0, 120, 165, 131]), np.array([20.0, 30, 300, 250])
+    prompts = [SlicePrompt(box=small), SlicePrompt(box=large)]
+    plain = StackDecoder(Predictor(model, precision="fp32", zoom=False), StackView.of(stack))
+    zoomed = StackDecoder(plain.predictor, plain.view, plain.store, zoom=True)
+    flat = plain.decode(1, prompts)
+    near = zoomed.decode(1, prompts)
+
+    reference = Predictor(model, precision="fp32", zoom=True)
+    reference.set_image(plain.view.rgb_slice(1))  # the pixels the stack's embeddings were made from
+    logits, scores, _ = reference.predict(box=small, multimask_output=False, return_logits=True)
+    np.testing.assert_allclose(near[0].logits, logits[0], atol=1e-4)
+    assert near[0].score == pytest.approx(float(scores[0]), abs=1e-5)
+    assert not np.allclose(near[0].logits, flat[0].logits, atol=1e-3)  # decoded on the crop
+    np.testing.assert_allclose(near[1].logits, flat[1].logits, atol=1e-5)  # too large to zoom
+    assert near[0].low_res.shape == flat[0].low_res.shape

@@ -119,3 +119,26 @@ def test_the_views_menu_makes_new_embeddings_that_propagation_uses(sam, messages
     assert not messages["error"] and (np.asarray(objects.data)[[1, 3]] == 5).any()
     with pytest.raises(ValueError, match="views must be one of 0, 1, 2, 4"):
         widget.set_model(views=3)
+
+
+def test_propagation_decodes_whole_slices_even_with_zoom_ticked(make_napari_viewer, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    stack = np.random.default_rng(6).integers(0, 255, (3, 300, 400), dtype=np.uint8)
+    viewer.add_image(stack, name="wide")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    existing = np.zeros(stack.shape, np.uint32)
+    existing[1, 120:132, 150:166] = 3  # a 12 x 16 px object: small enough to zoom in on
+    _objects(viewer, widget, existing)
+    viewer.dims.set_current_step(0, 1)
+    widget.load(block=True)  # every slice's embedding: the encoder runs again only for crops
+    widget._zoom.value = True  # for the preview; propagation stays on whole slices (fast, better on nuclei3d)
+    encoder = widget._session.predictor.model.image_encoder
+    calls = []
+    hook = encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        widget.propagate(block=True)
+    finally:
+        hook.remove()
+    assert widget._status.value.startswith("Propagated")
+    assert not calls
