@@ -72,21 +72,24 @@ class EmbeddingJob:
     def running(self) -> bool:
         return self.worker is not None
 
-    def start(self, session: Session | None, layer: Image, model_source: ModelSource, settings, center: int,
-              cache_dir: str | None) -> None:
-        """Embed the slices of `layer` without an embedding, nearest to slice `center` first.
+    def start(self, layer: Image, model_source: ModelSource, settings) -> None:
+        """Embed the slices of `layer` without an embedding, nearest to the displayed slice first.
 
-        `session` is reused if it belongs to the same layer, model and settings; otherwise the
-        worker loads the model and makes a new one.
+        `settings` is (device, views), views None for the model's own number. The widget's session
+        is reused if it belongs to the same layer, model and settings; otherwise the worker loads
+        the model and makes a new one.
         """
         from napari.qt.threading import thread_worker
         from napari.utils import progress
 
+        widget = self._widget
+        session = widget._session
         if session is not None and not session.matches(layer, model_source, settings):
             session = None
+        center = widget._current_z(layer) or 0
         # Errors go to _on_error (a notification), not back into the event loop.
         worker = thread_worker(reported(_compute), ignore_errors=True)(
-            session, layer, model_source, settings, cache_dir, center
+            session, layer, model_source, settings, widget._embedding_cache(), center
         )
         self._progress = progress(total=0, desc="SAM embeddings")
         worker.yielded.connect(self._on_progress)
@@ -94,7 +97,6 @@ class EmbeddingJob:
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self.worker, self.layer, self._failed = worker, layer, False
-        widget = self._widget
         widget._cancel_button.enabled = True
         widget._status.value = "Loading the model…" if session is None else "Computing embeddings…"
         worker.start()
@@ -119,13 +121,7 @@ class EmbeddingJob:
         if not paused or cancelled or widget._busy() or session is None:
             return
         if len(session.store) < session.view.n_slices:
-            self.restart(session)
-
-    def restart(self, session: Session) -> None:
-        """Compute the session's missing embeddings, from the displayed slice outwards."""
-        center = self._widget._current_z(session.layer) or 0
-        self.start(session, session.layer, session.model_source, session.settings, center,
-                   self._widget.cache_dir())
+            self.start(session.layer, session.model_source, session.settings)
 
     def _on_progress(self, event: tuple) -> None:
         widget = self._widget

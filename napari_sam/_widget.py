@@ -291,9 +291,7 @@ class SamWidget(Container):
         self._cancel_jobs("to compute embeddings")
         self.cancel()
         self._prompt_layers_for(layer)
-        settings = (self._device.value, self._views.value or None)
-        center = self._current_z(layer) or 0
-        self._embedding.start(self._session, layer, model_source, settings, center, self.cache_dir())
+        self._embedding.start(layer, model_source, (self._device.value, self._views.value or None))
         if block:
             self.wait()
 
@@ -305,7 +303,7 @@ class SamWidget(Container):
             raise ValueError("Choose a checkpoint file, or pick a model by name.")
         return None, str(path)
 
-    def cache_dir(self) -> str | None:
+    def _embedding_cache(self) -> str | None:
         """The disk cache folder for embeddings, if one is chosen."""
         value = str(self._cache_dir.value)
         return None if value in ("", ".") else value
@@ -400,7 +398,7 @@ class SamWidget(Container):
             # Compute the slice the user is looking at next, then continue outwards from it.
             self._embedding.quit()
             self.wait()
-            self._embedding.restart(session)
+            self._embedding.start(session.layer, session.model_source, session.settings)
         self.segment()
 
     def _current_z(self, layer: Image | None) -> int | None:

@@ -267,7 +267,9 @@ def _run_segment(args: argparse.Namespace) -> int:
     coords, labels, box = engine_prompts(args, *image.shape[:2])
 
     started = time.perf_counter()
-    predictor = _load_predictor(args, refine=args.refine, show_refine=True, zoom=args.zoom)
+    predictor = _load_predictor(
+        args, refine=args.refine, show_refine=True, zoom=args.zoom, boxes=box is not None
+    )
     with _naming(args.image):
         predictor.set_image(image)
         embedded = time.perf_counter()
@@ -522,12 +524,12 @@ def _load_predictor(
     refine: bool | None = None,
     show_refine: bool = False,
     zoom: bool | None = False,
-    boxes: bool | None = None,
+    boxes: bool = False,
 ) -> Predictor:
     """The model and predictor the options ask for, announced on stderr before any work.
 
     `zoom` None follows the model; the jobs on stacks and folders decode without it. `boxes`:
-    whether any box is decoded (for the announcement; default whether `--box` was given).
+    whether any box will be decoded (zoom is announced only then).
     """
     from .loading import load_model
     from .predictor import Predictor
@@ -535,7 +537,7 @@ def _load_predictor(
     model = load_model(args.model, args.checkpoint, args.device)
     predictor = Predictor(model, precision=args.precision, refine=refine, views=args.views, zoom=zoom)
     passes = ("refined, " if predictor.refine else "one pass, ") if show_refine else ""
-    if predictor.zoom and (bool(getattr(args, "box", None)) if boxes is None else boxes):
+    if predictor.zoom and boxes:
         passes += "zoom on small boxes, "
     print(f"model {model.architecture or 'custom'} on {predictor.device} "
           f"({predictor.precision}, {passes}{_views_text(predictor.views)})", file=sys.stderr)
