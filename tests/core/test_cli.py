@@ -86,8 +86,10 @@ def test_zoom_on_a_small_box_is_asked_for_or_the_models_choice(tmp_path, checkpo
         err = capsys.readouterr().err
         assert ("zoom on small boxes" in err) == ("zoomed in on the box" in err) == (extra == ["--zoom"])
     np.testing.assert_array_equal(masks[()], masks[("--no-zoom",)])  # a weight file: SAM's way, no zoom
-    assert not np.array_equal(masks[("--zoom",)], masks[("--no-zoom",)])
-    # The same box in a prompts file: zoomed in as asked, the same mask as --box gives.
+    # The same box in a prompts file: zoomed in as asked, the same mask as --box gives. The prompts file is
+    # decoded in a batch, --box alone: a few pixels whose logit is within rounding of 0 may fall either way
+    # on another CPU, far fewer than the pixels zooming changes.
+    assert (masks[("--zoom",)] != masks[("--no-zoom",)]).mean() > 0.01
     prompts = tmp_path / "prompts.json"
     prompts.write_text('{"objects": [{"id": 7, "boxes": [[[120, 150], [131, 165]]]}]}')
     for extra in (["--zoom"], ["--no-zoom"]):
@@ -95,7 +97,7 @@ def test_zoom_on_a_small_box_is_asked_for_or_the_models_choice(tmp_path, checkpo
         assert main(["segment", str(tmp_path / "image.tif"), "--prompts", str(prompts), *extra,
                      "-o", str(out), "--checkpoint", str(checkpoint)]) == 0
         assert ("zoom on small boxes" in capsys.readouterr().err) == (extra == ["--zoom"])
-        np.testing.assert_array_equal(tifffile.imread(out) == 7, masks[tuple(extra)] > 0)
+        assert ((tifffile.imread(out) == 7) != (masks[tuple(extra)] > 0)).mean() < 0.001
 
 
 def test_segment_never_writes_over_its_input_and_asks_before_replacing(tmp_path, checkpoint, capsys):
