@@ -101,6 +101,6 @@ class MaskDecoder(nn.Module):
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
-        _, up_channels, up_height, up_width = upscaled.shape
+        up_height, up_width = upscaled.shape[-2:]
         masks = (hyper_in @ upscaled.flatten(2)).view(batch, -1, up_height, up_width)
         return masks, self.iou_prediction_head(iou_token_out)
