@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from napari.layers import Image, Layer
 
 POINT_COLORS = {POSITIVE: "lime", NEGATIVE: "red"}
+PREVIEW_ID = 1
 
 
 class PromptLayers:
@@ -39,9 +40,10 @@ class PromptLayers:
         self._bind_keys = bind_keys
         self.points = self.boxes = self.brush = self.preview = None
         self.polarity = POSITIVE  # of the next click
+        self._preview_slice: int | None = None  # the slice the preview was last drawn on
 
-    def ensure(self, image: Image) -> bool:
-        """Create the layers for `image`, or re-align the existing ones; True if the preview is new."""
+    def ensure(self, image: Image) -> None:
+        """Create the layers for `image`, or re-align the existing ones."""
         ndim = spatial_ndim(image)
         shape = image.data.shape[:ndim]
         viewer = self._viewer
@@ -49,6 +51,7 @@ class PromptLayers:
         if new_preview:
             self._remove(self.preview)
             self.preview = viewer.add_labels(np.zeros(shape, np.uint8), name="SAM preview", opacity=0.5)
+            self._preview_slice = None
         if not self._usable(self.brush, ndim) or self.brush.data.shape != shape:
             self._remove(self.brush)
             self.brush = viewer.add_labels(np.zeros(shape, np.uint8), name="SAM brush", opacity=0.4)
@@ -72,11 +75,26 @@ class PromptLayers:
             self.points.mode = "add"
         for layer in (self.preview, self.brush, self.boxes, self.points):
             layer.scale, layer.translate = image.scale[:ndim], image.translate[:ndim]
-        return new_preview
 
     def owns(self, layer: Layer) -> bool:
         """Whether `layer` is one of these (compared with ==: napari may hand out a proxy of it)."""
         return any(own is not None and layer == own for own in (self.points, self.boxes, self.brush, self.preview))
+
+    def show_preview(self, mask: np.ndarray | None, z: int | None) -> None:
+        """Draw a (Y, X) bool mask on slice z of the preview (2D: z None), or nothing; what was drawn goes."""
+        # Only the slice drawn last can hold a preview: clear it rather than the whole stack.
+        drawn = self._preview_slice
+        (self.preview.data if drawn is None else self.preview.data[drawn])[...] = 0
+        self._preview_slice = z
+        if mask is not None:
+            (self.preview.data if z is None else self.preview.data[z])[mask] = PREVIEW_ID
+        self.preview.refresh()
+
+    def clear_preview(self) -> None:
+        """Clear the whole preview, if there is one."""
+        if self.preview is not None:
+            self._preview_slice = None
+            self.show_preview(None, None)
 
     def prompts(self, image: Image, z: int | None) -> SlicePrompts:
         """The prompts on slice z of `image` (None for a 2D image), in SAM's XY pixel coordinates."""

@@ -19,6 +19,7 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._annotations import Commit, commit_mask, undo_commit
+from ._candidates import Candidates
 from ._embedding_job import EmbeddingJob, Session
 from ._prompt_layers import PromptLayers
 from ._prompts import POSITIVE, spatial_ndim
@@ -46,7 +47,6 @@ KEYS = {
     "u": ("undo", "undo the last commit"),
     "p": ("propagate", "propagate the objects of this slice through the stack"),
 }
-PREVIEW_ID = 1
 
 
 def model_choices() -> list[str]:
@@ -142,11 +142,7 @@ class SamWidget(Container):
         self._session: Session | None = None  # samcore objects for the current (image, model)
         self._embedding = EmbeddingJob(self)
         self._prompt_layers = PromptLayers(viewer, self.segment, self._bind_layer_keys)
-        self._candidates: tuple[np.ndarray, np.ndarray] | None = None
-        self._unrefined: tuple[dict, np.ndarray, set[int]] | None = None  # see `segment`
-        self._candidate_index = 0
-        self._zoomed = False  # the preview was decoded on the crop around a small box
-        self._preview_slice: int | None = None  # the slice the preview was last drawn on
+        self._candidates: Candidates | None = None  # of the prompts on the displayed slice
         self._history: list[tuple[Labels, Commit]] = []
         self._propagation = Propagation(self)
         self.propagation_settings = None  # a samcore PropagationSettings; None for its defaults
@@ -256,10 +252,7 @@ class SamWidget(Container):
         self.cancel()
         self._session = None
         self._candidates = None
-        if self._prompt_layers.preview is not None:
-            self._prompt_layers.preview.data[...] = 0
-            self._prompt_layers.preview.refresh()
-        self._preview_slice = None
+        self._prompt_layers.clear_preview()
         self._candidate.value = ""
         self._status.value = status
 
@@ -384,8 +377,7 @@ class SamWidget(Container):
 
     def _prompt_layers_for(self, image: Image) -> PromptLayers:
         """The prompt and preview layers, made for `image` or re-aligned with it."""
-        if self._prompt_layers.ensure(image):
-            self._preview_slice = None  # a new preview layer holds nothing yet
+        self._prompt_layers.ensure(image)
         return self._prompt_layers
 
     def _on_slice_change(self, _=None) -> None:
@@ -420,10 +412,9 @@ class SamWidget(Container):
             return
         z = self._current_z(session.layer)
         prompts = self._prompt_layers.prompts(session.layer, z)
-        region = self._prompt_layers.preview.data if z is None else self._prompt_layers.preview.data[z]
         if prompts.empty:
             self._candidates = None
-            self._show_candidate(region, z)
+            self._show_candidate(z)
             return
         embedding = session.store.get(z or 0)
         if embedding is None:
@@ -435,10 +426,7 @@ class SamWidget(Container):
             return
         session.use(z or 0, embedding, pixels=self._zoom.value)
         single_click = len(prompts.points) == 1 and prompts.box is None and prompts.mask is None
-        # A single click's three candidates are refined one at a time, when shown: the best one
-        # now, the others on N (refining all three first takes twice as long, as good on
-        # generated scenes).
-        lazy = self._refine.value and single_click
+        lazy = self._refine.value and single_click  # refined when shown (see `Candidates`)
         try:
             # A painted mask prompts with its bounding box (unless a box is drawn) and as SAM's
             # mask input: a mask input alone decodes poorly.
@@ -462,54 +450,25 @@ class SamWidget(Container):
             return
         if window is not None and not zoomed:
             self._zoom_job.start(session.predictor, window)
-        self._zoomed = zoomed
-        self._candidates = (masks, scores)
-        self._candidate_index = int(np.argmax(scores))
-        self._unrefined = (prompt, low_res, set(range(len(scores)))) if lazy else None
-        self._refine_shown()
-        self._show_candidate(region, z)
+        self._candidates = Candidates(masks, scores, zoomed, (prompt, low_res) if lazy else None)
+        self._candidates.refine_shown(session.predictor)
+        self._show_candidate(z)
 
-    def _refine_shown(self) -> None:
-        """Refine the shown candidate of a single click if it is not yet (see `segment`)."""
-        if self._candidates is None or self._unrefined is None:
-            return
-        prompt, low_res, pending = self._unrefined
-        index = self._candidate_index
-        if index not in pending:
-            return
-        masks, scores = self._candidates
-        refined, score, _ = self._session.predictor.predict(
-            **prompt, mask_input=low_res[index][None], multimask_output=False, refine=False
-        )
-        masks[index], scores[index] = refined[0], score[0]
-        pending.discard(index)
-
-    def _show_candidate(self, region: np.ndarray, z: int | None) -> None:
-        # Only the slice drawn last can hold a preview: clear it rather than the whole stack.
-        drawn = self._preview_slice
-        (self._prompt_layers.preview.data if drawn is None else self._prompt_layers.preview.data[drawn])[...] = 0
-        self._preview_slice = z
-        if self._candidates is not None and z == self._current_z(self._session.layer if self._session else None):
-            masks, scores = self._candidates
-            region[masks[self._candidate_index]] = PREVIEW_ID
-            count = len(scores)
-            self._candidate.value = (
-                f"candidate {self._candidate_index + 1}/{count}, predicted IoU {scores[self._candidate_index]:.2f}"
-                if count > 1 else f"predicted IoU {scores[0]:.2f}"
-            ) + (", zoomed in" if self._zoomed else ", zooming in…" if self._zoom_job.running else "")
-        else:
+    def _show_candidate(self, z: int | None) -> None:
+        """Draw the shown candidate on slice z of the preview while z is the displayed slice; else none."""
+        if self._candidates is not None and z != self._current_z(self._session.layer if self._session else None):
             self._candidates = None
-            self._candidate.value = ""
-        self._prompt_layers.preview.refresh()
+        candidates = self._candidates
+        self._prompt_layers.show_preview(None if candidates is None else candidates.shown, z)
+        self._candidate.value = "" if candidates is None else candidates.describe(self._zoom_job.running)
 
     def next_candidate(self, _=None) -> None:
         """Show the next of the candidate masks of an ambiguous single click."""
-        if self._candidates is None or len(self._candidates[1]) < 2:
+        if self._candidates is None or not self._candidates.next():
             return
-        self._candidate_index = (self._candidate_index + 1) % len(self._candidates[1])
-        z = self._current_z(self._session.layer)
-        self._refine_shown()  # the predictor still holds this slice: a slice change drops the candidates
-        self._show_candidate(self._prompt_layers.preview.data if z is None else self._prompt_layers.preview.data[z], z)
+        # The predictor still holds this slice: a slice change drops the candidates.
+        self._candidates.refine_shown(self._session.predictor)
+        self._show_candidate(self._current_z(self._session.layer))
 
     # -- committing -------------------------------------------------------------------------
 
@@ -538,14 +497,13 @@ class SamWidget(Container):
             return
         if self._refuse_while_job_runs("commit"):
             return
-        if not self._candidates[0][self._candidate_index].any():
+        if not self._candidates.shown.any():
             show_warning("SAM: the mask is empty, nothing to commit; move the click or box, or add clicks.")
             return
         z = self._current_z(self._session.layer)
         try:
             layer = self.output_layer()
-            mask = self._candidates[0][self._candidate_index]
-            done = commit_mask(layer.data, mask, () if z is None else (z,), self._overwrite.value)
+            done = commit_mask(layer.data, self._candidates.shown, () if z is None else (z,), self._overwrite.value)
         except ValueError as error:
             show_error(f"SAM: {error}")
             return
@@ -628,7 +586,7 @@ class SamWidget(Container):
         self._prompt_layers.clear(z)
         self._candidates = None
         if self._prompt_layers.preview is not None:
-            self._show_candidate(self._prompt_layers.preview.data, z)
+            self._show_candidate(z)
 
     # -- keys -------------------------------------------------------------------------------
 

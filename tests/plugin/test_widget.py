@@ -134,7 +134,7 @@ def test_next_candidate_cycles_the_three_masks(sam):
     widget._prompt_layers.points.add([0, 50, 50])
     seen = set()
     for _ in range(3):
-        seen.add(widget._candidate_index)
+        seen.add(widget._candidates.index)
         widget.next_candidate()
     assert seen == {0, 1, 2}
 
@@ -289,29 +289,29 @@ def test_the_refine_box_follows_the_model_and_decides_the_preview(sam):
     widget.load(block=True)
     assert widget._refine.value is False  # test weights: one pass, as segment-anything
     widget._prompt_layers.points.add([1, 40, 40])
-    one_pass = [mask.copy() for mask in widget._candidates[0]]
+    one_pass = [mask.copy() for mask in widget._candidates.masks]
     predictor = widget._session.predictor
     click = {"point_coords": np.array([[40.0, 40.0]]), "point_labels": np.array([1])}
     first, scores, low_res = predictor.predict(**click, refine=False)
     widget._refine.value = True  # the preview is decoded again at once
     # A click's candidates are refined as they are shown: the best one first, the others on N.
-    assert widget._candidate_index == int(np.argmax(scores))
+    assert widget._candidates.index == int(np.argmax(scores))
     shown = set()
     for _ in range(3):
-        shown.add(widget._candidate_index)
+        shown.add(widget._candidates.index)
         for i in range(3):
             if i in shown:
                 again, _, _ = predictor.predict(**click, mask_input=low_res[i][None], multimask_output=False)
-                np.testing.assert_array_equal(widget._candidates[0][i], again[0])
+                np.testing.assert_array_equal(widget._candidates.masks[i], again[0])
             else:
-                np.testing.assert_array_equal(widget._candidates[0][i], first[i])
+                np.testing.assert_array_equal(widget._candidates.masks[i], first[i])
         widget.next_candidate()
     assert shown == {0, 1, 2}
-    assert any(not np.array_equal(widget._candidates[0][i], one_pass[i]) for i in range(3))
+    assert any(not np.array_equal(widget._candidates.masks[i], one_pass[i]) for i in range(3))
     widget._prompt_layers.points.add([1, 60, 20])  # two clicks: one mask, refined in the same call
     two = {"point_coords": np.array([[40.0, 40.0], [20.0, 60.0]]), "point_labels": np.array([1, 1])}
     expected, _, _ = predictor.predict(**two, multimask_output=False, refine=True)
-    np.testing.assert_array_equal(widget._candidates[0][0], expected[0])
+    np.testing.assert_array_equal(widget._candidates.masks[0], expected[0])
     widget.set_model("default")
     widget.load(block=True)
     assert widget._refine.value is True  # the bundled model's own choice

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from napari_sam._candidates import Candidates
 from napari_sam._widget import CHECKPOINT_CHOICE
 
 
@@ -121,8 +122,7 @@ def test_an_empty_mask_is_not_committed(sam, messages):
     viewer.dims.set_current_step(0, 1)
     widget.load(block=True)
     widget.add_point((1, 40, 40))
-    widget._candidates = (np.zeros((1, 96, 96), bool), np.array([0.5]))  # SAM found no pixel
-    widget._candidate_index = 0
+    widget._candidates = Candidates(np.zeros((1, 96, 96), bool), np.array([0.5]))  # SAM found no pixel
     widget.commit()
     assert any("empty" in message for message in messages["warning"])
     assert "SAM objects" not in viewer.layers
