@@ -18,10 +18,9 @@ from .modeling import Sam
 from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_prompts, decode_with_masks
 from .precision import autocast, resolve_precision
 from .preprocess import resize_uint8, to_rgb_uint8
+from .prompt_checks import check_box, check_mask_input, check_points
 from .views import MIRRORS, Mirror, check_views
 from .zoom import Window, zoom_window
-
-POINT_LABELS = (1, 0, -1)  # on the object, background, a point to ignore (SAM's padding)
 
 
 @dataclass(frozen=True)
@@ -525,29 +524,18 @@ class Predictor:
         height, width = embedding.original_size
         coords = labels = boxes = masks = None
         if point_coords is not None:
-            points = _check_points(point_coords, point_labels, height, width)
+            points = check_points(point_coords, point_labels, height, width)
             coords = torch.as_tensor(self.transform_coords(points[0]), dtype=torch.float32, device=self.device)[None]
             labels = torch.as_tensor(points[1], dtype=torch.int64, device=self.device)[None]
         elif point_labels is not None:
             raise ValueError("point_labels were given without point_coords.")
         if box is not None:
-            checked = _check_box(box, height, width)
+            checked = check_box(box, height, width)
             boxes = torch.as_tensor(self.transform_boxes(checked), dtype=torch.float32, device=self.device)
         if mask_input is not None:
-            masks = self._check_mask_input(mask_input)
+            side = self.model.prompt_encoder.mask_input_size
+            masks = check_mask_input(mask_input, side).to(self.device)
         return coords, labels, boxes, masks
-
-    def _check_mask_input(self, mask_input: np.ndarray) -> torch.Tensor:
-        side = self.model.prompt_encoder.mask_input_size
-        array = np.asarray(mask_input, dtype=np.float32)
-        if array.ndim == 2:
-            array = array[None]
-        if array.shape != (1, *side):
-            raise ValueError(
-                f"mask_input must be the (1, {side[0]}, {side[1]}) low-resolution logits of a previous "
-                f"prediction, not an array of shape {array.shape}."
-            )
-        return torch.as_tensor(array, device=self.device)[None]
 
 
 def _rgb(image: np.ndarray, image_format: str, channel_axis: int | None) -> np.ndarray:
@@ -564,41 +552,3 @@ def _versions(tensors: list[torch.Tensor]) -> tuple[tuple[int, int], ...]:
     location is compared.
     """
     return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
-
-
-def _check_points(
-    point_coords: np.ndarray, point_labels: np.ndarray | None, height: int, width: int
-) -> tuple[np.ndarray, np.ndarray]:
-    coords = np.asarray(point_coords, dtype=np.float64)
-    if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) == 0:
-        raise ValueError(f"point_coords must be an (N, 2) array of (x, y) points, not shape {coords.shape}.")
-    if point_labels is None:
-        raise ValueError("point_labels are needed with point_coords (1 = foreground, 0 = background).")
-    labels = np.asarray(point_labels)
-    if labels.shape != (len(coords),):
-        raise ValueError(f"point_labels must hold one label per point: {len(coords)} points, labels {labels.shape}.")
-    unknown = ~np.isin(labels, POINT_LABELS) if labels.dtype.kind in "biuf" else np.ones(len(labels), bool)
-    if unknown.any():
-        raise ValueError(
-            f"Point labels are 1 (on the object) or 0 (background), or -1 for a point to ignore, "
-            f"not {labels[np.argmax(unknown)]!r}."
-        )
-    if not np.all(np.isfinite(coords)):
-        raise ValueError("point_coords contain NaN or infinite values.")
-    outside = (coords[:, 0] < 0) | (coords[:, 0] > width) | (coords[:, 1] < 0) | (coords[:, 1] > height)
-    if outside.any():
-        x, y = coords[np.argmax(outside)]
-        raise ValueError(f"The point (x={x:g}, y={y:g}) lies outside the {width}x{height} image.")
-    return coords, labels
-
-
-def _check_box(box: np.ndarray, height: int, width: int) -> np.ndarray:
-    array = np.asarray(box, dtype=np.float64).reshape(-1)
-    if array.shape != (4,) or not np.all(np.isfinite(array)):
-        raise ValueError(f"box must be 4 finite numbers (x0, y0, x1, y1), not {np.asarray(box)!r}.")
-    x0, y0, x1, y1 = array
-    if x1 < x0 or y1 < y0:
-        raise ValueError(f"The box {array.tolist()} is inverted: it needs x0 <= x1 and y0 <= y1.")
-    if x1 < 0 or y1 < 0 or x0 > width or y0 > height:
-        raise ValueError(f"The box {array.tolist()} lies outside the {width}x{height} image.")
-    return array[None]
