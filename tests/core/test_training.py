@@ -31,7 +31,8 @@ from samcore.training.scenes import FAMILIES, make_scene, relabel_consecutive
 from samcore.training.schedule import WarmupCosine
 from samcore.training.settings import TrainSettings
 from samcore.training.shapes import BlobSpec, RodSpec, blob_stamp, rod_stamp
-from samcore.training.train import main, train
+from samcore.training.command import main
+from samcore.training.train import train
 from tiny_models import TINY_MICRO
 
 TINY = "micro_tiny_test"

@@ -9,7 +9,7 @@ Modules, one concept each:
 * `losses`: focal + dice mask losses and the IoU-score loss;
 * `interactive`: one step's forward pass over several prompting rounds;
 * `schedule`, `settings`, `checkpoints`: learning-rate schedule, run settings, resume and export;
-* `train`: the loop and the command line.
+* `train`: the loop; `command`: its command line.
 
 Command line (``python -m samcore.training --help``)::
 

@@ -1,7 +1,7 @@
-"""``python -m samcore.training``: see `samcore.training.train`."""
+"""``python -m samcore.training``: see `samcore.training.command`."""
 
 import sys
 
-from .train import main
+from .command import main
 
 sys.exit(main())
