@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from segment_anything import SamPredictor, sam_model_registry  # noqa: E402
 
 from samcore import Predictor, build_sam  # noqa: E402
+from samcore.precision import SLOW_SPEEDUP, cpu_bf16_speedup, cpu_int8_speedup  # noqa: E402
 from samcore.preprocess import to_rgb_uint8  # noqa: E402
 from machine import machine_line  # noqa: E402
 from weights import randomize_  # noqa: E402
@@ -46,6 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of timed embeddings (after one warm-up)")
     parser.add_argument("--prompts", type=int, default=40, help="objects used for mask IoU and decode timing")
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "int8"), default=None,
+                        help="our variants to time (default: those this CPU has the instructions for)")
     args = parser.parse_args()
 
     image, labels = load_image()
@@ -56,7 +59,9 @@ def main() -> None:
     print_machine(weights_name, image)
 
     official = SamPredictor(official_model)
-    predictors = {precision: Predictor(ours_model, precision=precision) for precision in ("fp32", "bf16", "int8")}
+    # fp32 is always timed: decoding is timed on it, and it is the baseline for the others.
+    precisions = ["fp32", *(p for p in args.precisions or default_precisions() if p != "fp32")]
+    predictors = {precision: Predictor(ours_model, precision=precision) for precision in precisions}
     runs = {"official": lambda: official.set_image(image)}
     runs.update({precision: functools.partial(p.set_image, image) for precision, p in predictors.items()})
     timings = measure_embeddings(runs, args.repeats)
@@ -95,6 +100,18 @@ def main() -> None:
     print(f"  ours       {decode['ours'] * 1000:7.1f} ms {with_mask['ours'] * 1000:16.1f} ms")
     print(f"  speed-up   {decode['official'] / decode['ours']:8.2f}x "
           f"{with_mask['official'] / with_mask['ours']:17.2f}x")
+
+
+def default_precisions() -> list[str]:
+    """fp32, bf16 and int8, less those this CPU emulates without their instructions (one ViT-B
+    embedding would take many minutes, and `Predictor` would run fp32 instead anyway)."""
+    precisions = ["fp32"]
+    for name, speedup in (("bf16", cpu_bf16_speedup()), ("int8", cpu_int8_speedup())):
+        if speedup >= SLOW_SPEEDUP:
+            precisions.append(name)
+        else:
+            print(f"{name} not timed: this CPU runs {name} products {1 / speedup:.0f}x slower than fp32")
+    return precisions
 
 
 def load_image() -> tuple[np.ndarray, np.ndarray]:

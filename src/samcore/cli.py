@@ -173,7 +173,9 @@ def model_options(parser: argparse.ArgumentParser, precision: bool = True) -> No
         parser.add_argument(
             "--precision", default="auto", choices=PRECISIONS,
             help="encoder precision; auto: bf16 where this machine runs it faster than fp32, else fp32; "
-            "int8: ViT models on CPUs where auto gives fp32 (compiles on first use)",
+            "int8: ViT models on CPUs with int8 dot products (VNNI) where auto gives fp32 "
+            "(compiles on first use); bf16 or int8 on a CPU without their instructions "
+            "runs fp32, with a warning",
         )
         parser.add_argument(
             "--views", type=int, choices=VIEWS,

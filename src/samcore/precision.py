@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 BF16_MIN_SPEEDUP = 1.3  # below this, bf16 costs accuracy for too little time
+# Below this, an explicit bf16 or int8 is emulated without the instructions it needs: fp32 instead.
+SLOW_SPEEDUP = 0.25
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -31,22 +34,66 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_speedup() -> float:
-    """fp32 time over bf16 time of an encoder-sized matrix product on this CPU (best of 5 each)."""
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(1024, 768, generator=generator)
-    b = torch.randn(768, 768, generator=generator)
+    """fp32 time over bf16 time of an encoder-sized matrix product on this CPU.
 
-    def best(x: torch.Tensor, y: torch.Tensor) -> float:
-        torch.mm(x, y)  # first call: kernel selection and allocation
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            torch.mm(x, y)
-            times.append(time.perf_counter() - start)
-        return min(times)
+    A CPU without bf16 instructions emulates them 10 to 100 times slower than fp32; a small probe
+    product tells that in milliseconds, where the encoder-sized one would take seconds.
+    """
+    return _cpu_speedup(lambda x: x.bfloat16(), torch.mm)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_int8_speedup() -> float:
+    """fp32 time over int8 time (`torch._int_mm`) of an encoder-sized matrix product on this CPU.
+
+    Fast with int8 dot-product instructions (VNNI); 30 to 50 times slower than fp32 without them
+    (measured on a 2-core AMD EPYC Zen 3, AVX2 only).
+    """
+    if not hasattr(torch, "_int_mm"):
+        return 0.0
+
+    def to_int8(x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * 40).clamp(-127, 127).to(torch.int8)
+
+    return _cpu_speedup(to_int8, torch._int_mm)
+
+
+# (rows, inner, columns) of the probe and of the encoder-sized product (ViT-B's width).
+PROBE_PRODUCT = (128, 512, 512)
+ENCODER_PRODUCT = (1024, 768, 768)
+
+
+def _cpu_speedup(
+    convert: Callable[[torch.Tensor], torch.Tensor],
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> float:
+    """fp32 `torch.mm` time over `product` time on `convert`ed operands (best of several each)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def ratio(shape: tuple[int, int, int], repeats: int) -> float:
+        rows, inner, columns = shape
+        a = torch.randn(rows, inner, generator=generator)
+        b = torch.randn(inner, columns, generator=generator)
+        return _best(torch.mm, a, b, repeats) / _best(product, convert(a), convert(b), repeats)
 
     with torch.inference_mode():
-        return best(a, b) / best(a.bfloat16(), b.bfloat16())
+        probe = ratio(PROBE_PRODUCT, 2)
+        if probe < SLOW_SPEEDUP:  # no need to wait for the large product
+            return probe
+        return ratio(ENCODER_PRODUCT, 5)
+
+
+def _best(
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor, repeats: int
+) -> float:
+    """Fastest of `repeats` timed calls of `product(a, b)`, in seconds, after one untimed call."""
+    product(a, b)  # first call: kernel selection and allocation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product(a, b)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def resolve_precision(precision: str, model: torch.nn.Module) -> str:
@@ -70,6 +117,8 @@ def resolve_precision(precision: str, model: torch.nn.Module) -> str:
         return "bf16" if bf16_is_fast(device) else "fp32"
     if precision == "bf16" and device.type not in ("cpu", "cuda"):
         raise ValueError(f"bf16 is not available on {device.type}; use precision='fp32'.")
+    if precision == "bf16" and device.type == "cpu" and cpu_bf16_speedup() < SLOW_SPEEDUP:
+        return _slow_on_this_cpu("bf16", cpu_bf16_speedup(), "bf16 instructions (AVX-512 BF16 or AMX)")
     if precision == "int8":
         from .modeling.image_encoder import ImageEncoderViT
 
@@ -83,7 +132,19 @@ def resolve_precision(precision: str, model: torch.nn.Module) -> str:
                 f"int8 encoding is for SAM's ViT encoders (vit_b, vit_l, vit_h and their finetunes), not "
                 f"{type(encoder).__name__}; use precision='fp32'."
             )
+        if cpu_int8_speedup() < SLOW_SPEEDUP:
+            return _slow_on_this_cpu("int8", cpu_int8_speedup(), "int8 dot-product instructions (VNNI)")
     return precision
+
+
+def _slow_on_this_cpu(precision: str, speedup: float, instructions: str) -> str:
+    """Warn that `precision` runs `1 / speedup` times slower than fp32 here; returns "fp32"."""
+    warnings.warn(
+        f"precision='{precision}' would make the image encoder about {1 / max(speedup, 1e-3):.0f} times "
+        f"slower than fp32 on this CPU, which lacks {instructions}: using fp32 instead.",
+        stacklevel=4,  # the caller of Predictor(...)
+    )
+    return "fp32"
 
 
 @contextlib.contextmanager

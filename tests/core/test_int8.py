@@ -57,8 +57,16 @@ def fp32_input(predictor: Predictor, image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(resized).permute(2, 0, 1)[None].float()
 
 
+@pytest.fixture()
+def int8_is_fast(monkeypatch):
+    """Take int8 as fast on any CPU, so that its path runs (slowly on CPUs without VNNI)."""
+    from samcore import precision
+
+    monkeypatch.setattr(precision, "cpu_int8_speedup", lambda: 3.0)
+
+
 @pytest.mark.slow
-def test_compiled_int8_predictor_gives_the_fp32_masks(model, image):
+def test_compiled_int8_predictor_gives_the_fp32_masks(model, image, int8_is_fast):
     fp32, fast = Predictor(model, precision="fp32"), Predictor(model, precision="int8")
     fp32.set_image(image)
     fast.set_image(image)
@@ -83,7 +91,9 @@ def test_int8_is_refused_for_encoders_it_does_not_cover():
         Predictor(build_sam("micro_v1"), precision="int8")
 
 
-def test_int8_falls_back_to_fp32_with_a_warning_when_it_cannot_compile(model, image, monkeypatch):
+def test_int8_falls_back_to_fp32_with_a_warning_when_it_cannot_compile(
+    model, image, monkeypatch, int8_is_fast
+):
     def no_compiler(*args, **kwargs):
         raise torch._inductor.exc.InductorError(RuntimeError("C++ compiler not found"), None)
 
@@ -94,3 +104,14 @@ def test_int8_falls_back_to_fp32_with_a_warning_when_it_cannot_compile(model, im
     assert predictor.precision == "fp32"
     expected = Predictor(model, precision="fp32").embed(image).features
     assert torch.equal(predictor.get_image_embedding(), expected)
+
+
+def test_int8_on_a_cpu_without_int8_instructions_warns_and_uses_fp32(model, monkeypatch):
+    from samcore import precision
+
+    speedup = precision.cpu_int8_speedup()  # the real measurement runs on any machine
+    assert np.isfinite(speedup) and speedup >= 0
+    monkeypatch.setattr(precision, "cpu_int8_speedup", lambda: 0.02)  # as measured on an AVX2-only EPYC
+    with pytest.warns(UserWarning, match="int8.*50 times slower than fp32.*VNNI.*using fp32"):
+        predictor = Predictor(model, precision="int8")
+    assert predictor.precision == "fp32"

@@ -102,7 +102,10 @@ def test_unknown_precision_is_refused():
         Predictor(build_sam("vit_test"), precision="int4")
 
 
-def test_bf16_path_runs_and_stays_close_to_fp32():
+def test_bf16_path_runs_and_stays_close_to_fp32(monkeypatch):
+    from samcore import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 1.0)  # runs bf16 on any CPU, if slowly
     torch.manual_seed(0)
     model = build_sam("vit_test")
     image = np.random.default_rng(4).integers(0, 255, size=(64, 64, 3), dtype=np.uint8)
@@ -123,6 +126,40 @@ def test_auto_precision_follows_the_measured_bf16_speed_of_the_cpu(monkeypatch):
     monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 2.4)  # bf16 faster, as on Zen 4
     assert Predictor(model).precision == "bf16"
     assert Predictor(model, precision="fp32").precision == "fp32"  # an explicit choice is kept
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.6)
+    assert Predictor(model, precision="bf16").precision == "bf16"  # slower, but not emulated: as asked
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_and_uses_fp32(monkeypatch):
+    from samcore import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.0125)  # as measured on an AVX2-only EPYC
+    with pytest.warns(UserWarning, match="bf16.*80 times slower than fp32.*using fp32") as caught:
+        predictor = Predictor(build_sam("vit_test"), precision="bf16")
+    assert predictor.precision == "fp32"
+    assert caught[0].filename == __file__  # points at the user's line, not the library's
+
+
+def test_the_cpu_speed_probe_skips_the_large_product_where_bf16_is_emulated(monkeypatch):
+    from samcore import precision
+
+    timed_rows = []
+    best = precision._best
+
+    def recording(product, a, b, repeats):
+        timed_rows.append(len(a))
+        return best(product, a, b, repeats)
+
+    monkeypatch.setattr(precision, "_best", recording)
+    precision.cpu_bf16_speedup.cache_clear()
+    try:
+        speedup = precision.cpu_bf16_speedup()
+    finally:
+        precision.cpu_bf16_speedup.cache_clear()  # other tests measure without the recorder
+    assert np.isfinite(speedup) and speedup > 0
+    large = precision.ENCODER_PRODUCT[0]
+    # Emulated bf16 takes seconds for the encoder-sized product: the probe alone decides then.
+    assert (large in timed_rows) == (speedup >= precision.SLOW_SPEEDUP)
 
 
 def test_a_painted_mask_becomes_a_mask_input_of_this_image(predictor):
