@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--zoom-propagation", action="store_true",
                         help="decode the propagated slices' small boxes on the crop around them too "
                              "(the prompted central boxes follow the model's choice, as in the CLI)")
+    parser.add_argument("--min-contrast", type=float, default=PropagationSettings.min_contrast,
+                        help="the contrast stop rule's fraction (0: off; default %(default)s, the engine's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,11 +75,11 @@ def main() -> None:
     image, truth = load_stack()
     predictor = Predictor(model, views=args.views)
     decoder = StackDecoder(predictor, StackView.of(image))
-    print_machine(model, predictor, args.zoom_propagation)
+    print_machine(model, predictor, args.zoom_propagation, args.min_contrast)
 
     embedding_seconds = embed_all(decoder)
     print(f"\nnuclei3d {image.shape} {image.dtype}")
-    print_rows(measure(decoder, truth, args.modes, args.zoom_propagation))
+    print_rows(measure(decoder, truth, args.modes, args.zoom_propagation, args.min_contrast))
     print(f"\nwhole-stack embedding: {embedding_seconds:.1f} s for {image.shape[0]} slices "
           f"({embedding_seconds / image.shape[0] * 1000:.0f} ms per slice)")
 
@@ -90,7 +92,7 @@ def main() -> None:
                                          z_radius=(8.0, 14.0), max_overlap=0.03)
             generated = StackDecoder(Predictor(model, views=args.views), StackView.of(stack))
             embed_all(generated)
-            tables.append(measure(generated, labels, args.modes, args.zoom_propagation))
+            tables.append(measure(generated, labels, args.modes, args.zoom_propagation, args.min_contrast))
         rows = []
         for i, (name, _, per_slice) in enumerate(tables[0]):
             scores = np.concatenate([table[i][1] for table in tables])
@@ -114,7 +116,9 @@ def embed_all(decoder: StackDecoder) -> float:
 Row = tuple[str, np.ndarray, float | None]  # method, per-object 3D IoUs, seconds per object-slice
 
 
-def measure(decoder: StackDecoder, truth: np.ndarray, modes: list[str], zoom_propagation: bool) -> list[Row]:
+def measure(
+    decoder: StackDecoder, truth: np.ndarray, modes: list[str], zoom_propagation: bool, min_contrast: float
+) -> list[Row]:
     """Per-object 3D IoUs of the copy baseline and of each mode, with seconds per object-slice.
 
     The central boxes are decoded as `napari-sam segment --prompts` does (zoomed in on small ones
@@ -130,7 +134,8 @@ def measure(decoder: StackDecoder, truth: np.ndarray, modes: list[str], zoom_pro
     found = [o.object_id for o in objects if (seeds == o.object_id).any()]
     outcomes = [("copy central mask", baseline(seeds, extents), None)]
     for mode in modes:
-        steps = propagate_iter(decoder, seeds, found, PropagationSettings(mode=mode))
+        settings = PropagationSettings(mode=mode, min_contrast=min_contrast)
+        steps = propagate_iter(decoder, seeds, found, settings)
         started = time.perf_counter()
         decided = 0
         try:
@@ -197,12 +202,15 @@ def baseline(seeds: np.ndarray, extents: dict[int, tuple[int, int]]) -> np.ndarr
     return labels
 
 
-def print_machine(model: torch.nn.Module, predictor: Predictor, zoom_propagation: bool) -> None:
+def print_machine(
+    model: torch.nn.Module, predictor: Predictor, zoom_propagation: bool, min_contrast: float
+) -> None:
     print(machine_line())
     name = getattr(model, "architecture", "") or "custom"
     zoom = ", central boxes: zoom on small ones" if predictor.zoom else ""
     zoom += ", propagation zoomed too" if zoom_propagation else ""
-    print(f"model: {name} on {predictor.device} ({predictor.precision}, {predictor.views} view(s){zoom})")
+    print(f"model: {name} on {predictor.device} ({predictor.precision}, {predictor.views} view(s){zoom}); "
+          f"contrast stop rule: {min_contrast:g}" + (" (off)" if min_contrast == 0 else ""))
 
 
 if __name__ == "__main__":

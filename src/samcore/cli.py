@@ -145,6 +145,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="with --propagate: how each slice is prompted: box+mask, box or points")
     segment.add_argument("--z-range", nargs=2, type=int, metavar=("FIRST", "LAST"),
                          help="with --propagate: the slices it may fill (inclusive)")
+    segment.add_argument("--min-contrast", type=float, metavar="FRACTION",
+                         help="with --propagate: end an object where it stands out from its surroundings "
+                              "by less than this fraction of its contrast on its prompted slice "
+                              "(default 0.5; 0: never)")
     segment.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                          help="with --point/--box: decode again with the first mask as input "
                               "(default: the model's choice, on for the bundled model; --prompts: once)")
@@ -215,8 +219,10 @@ def _run_segment(args: argparse.Namespace) -> int:
         if args.refine is not None:
             raise ValueError("--refine works on --point and --box; --prompts decodes each slice once.")
         return _run_prompts(args)
-    if args.propagate or args.mode or args.z_range:
-        raise ValueError("--propagate, --mode and --z-range work on the objects of a --prompts file.")
+    if args.propagate or args.mode or args.z_range or args.min_contrast is not None:
+        raise ValueError(
+            "--propagate, --mode, --z-range and --min-contrast work on the objects of a --prompts file."
+        )
     if not (args.point or args.negative or args.box):
         raise ValueError("Give at least one prompt: --point Y X, --negative Y X or --box Y0 X0 Y1 X1.")
     if not (args.point or args.box):
@@ -264,9 +270,9 @@ def _run_prompts(args: argparse.Namespace) -> int:
     if args.slice is not None or args.point or args.negative or args.box:
         raise ValueError("--prompts replaces --slice, --point, --negative and --box: "
                          "put every prompt in the file.")
-    if not args.propagate and (args.mode or args.z_range):
-        raise ValueError("--mode and --z-range say how --propagate fills the stack: add --propagate, "
-                         "or leave them out.")
+    if not args.propagate and (args.mode or args.z_range or args.min_contrast is not None):
+        raise ValueError("--mode, --z-range and --min-contrast say how --propagate fills the stack: "
+                         "add --propagate, or leave them out.")
     check_output(args)
     image = read_image(args)
     rgb = guess_rgb(image)
@@ -274,7 +280,8 @@ def _run_prompts(args: argparse.Namespace) -> int:
         view = StackView.of(image, rgb=rgb)
     objects = read_prompts(args.prompts, image.shape[:-1] if rgb else image.shape)
     z_range = None if args.z_range is None else check_z_range(args.z_range, view.n_slices)
-    settings = PropagationSettings(**({"mode": args.mode} if args.mode else {}), z_range=z_range)
+    options = {"mode": args.mode, "min_contrast": args.min_contrast}
+    settings = PropagationSettings(**{k: v for k, v in options.items() if v is not None}, z_range=z_range)
     predictor = load_predictor(args, zoom=args.zoom, boxes=any(
         prompted.box is not None for entry in objects for prompted in entry.slices
     ))

@@ -254,3 +254,33 @@ def paint_labels(masks: Masks, shape: tuple[int, int], min_visible: float = 0.5)
     lookup = np.zeros(len(order) + 1, np.int32)
     lookup[1:][kept] = np.arange(1, int(kept.sum()) + 1)
     return lookup[labels]
+
+
+def ring_contrast(
+    image: np.ndarray, mask: np.ndarray, exclude: np.ndarray | None = None, width: int = 3
+) -> float | None:
+    """Mean intensity inside a mask minus the mean of the ring of `width` pixels around it.
+
+    Args:
+        image: (Y, X) float intensities.
+        mask: (Y, X) bool mask of one object.
+        exclude: (Y, X) bool pixels left out of the ring (other objects); None for none.
+        width: The ring's width in pixels.
+
+    Returns:
+        The contrast (negative for an object darker than its surroundings), or None for an empty
+        mask or an empty ring.
+    """
+    rows, cols = np.nonzero(mask)
+    if len(rows) == 0:
+        return None
+    y0, x0 = max(rows.min() - width, 0), max(cols.min() - width, 0)
+    y1, x1 = rows.max() + width + 1, cols.max() + width + 1
+    inside = mask[y0:y1, x0:x1]
+    ring = ndimage.binary_dilation(inside, iterations=width) & ~inside
+    if exclude is not None:
+        ring &= ~exclude[y0:y1, x0:x1]
+    if not ring.any():
+        return None
+    window = image[y0:y1, x0:x1]
+    return float(window[inside].mean() - window[ring].mean())

@@ -12,8 +12,9 @@ object, a preview, or several annotations of the same object). From them the obj
   its remaining slices to the other run, which then goes on past the middle.
 
 The object ends (its run stops, and the slice where it stops stays empty) when the new mask is
-empty or smaller than `min_area` pixels, when the model's predicted IoU is below `min_score`, or
-when its IoU with the previous slice's mask is below `min_iou`.
+empty or smaller than `min_area` pixels, when the model's predicted IoU is below `min_score`, when
+its IoU with the previous slice's mask is below `min_iou`, or when it stands out from its
+surroundings by less than `min_contrast` of the object's contrast on its key slice.
 
 Overlaps: a propagated mask only fills pixels that are background when its slice is decided, so
 existing objects, and pixels an earlier step of the run gave to another object, are never
@@ -144,7 +145,9 @@ def _steps(
             if cancel is not None and cancel.is_set():
                 return _result(out, filled, stops, cancelled=True)
         outputs = decoder.decode(z, [chain.prompt(settings) for chain in group])
-        written, new_stops = decide_slice(out, z, group, outputs, settings)
+        contrast = settings.min_contrast > 0 and any(chain.reference is not None for chain in group)
+        image = decoder.intensities(z) if contrast else None
+        written, new_stops = decide_slice(out, z, group, outputs, settings, image)
         for object_id in written:
             filled[object_id].append(z)
         done += len(written)

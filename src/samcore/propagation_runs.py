@@ -12,7 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .mask_prompts import DEFAULT_MODE, MODES, main_part, prompt_from_mask
+from .maskops import ring_contrast
 from .slice_decoder import SliceDecoder, SliceOutput, SlicePrompt
+
+# The contrast rule applies to objects that differ from their surroundings on the key slice by at
+# least this fraction of the slice's intensity range (1st to 99th percentile).
+CONTRAST_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,10 @@ class PropagationSettings:
         min_iou: Stop when the new mask's IoU with the previous slice's mask is lower (0: never).
         min_score: Stop when the model's predicted IoU of the new mask is lower (0: never).
         min_area: Stop when the new mask has fewer pixels (an empty mask always stops).
+        min_contrast: Stop when the new mask stands out from the ring of pixels around it by less
+            than this fraction of the contrast the object had on its key slice (0: never): a nucleus
+            fading out of focus at its top and bottom still looks like a nucleus to the model. Only
+            for objects whose key-slice contrast is at least `CONTRAST_FLOOR` of the slice's range.
         z_range: (first, last) slices the propagation may fill, inclusive; None for the whole stack.
         box_margin: Widening of the previous mask's bounding box on each side, as a fraction of its size.
         positive_points: Most points inside the previous mask ("points" mode).
@@ -34,6 +43,7 @@ class PropagationSettings:
     min_iou: float = 0.5
     min_score: float = 0.5
     min_area: int = 16
+    min_contrast: float = 0.5
     z_range: tuple[int, int] | None = None
     box_margin: float = 0.1
     positive_points: int = 3
@@ -45,6 +55,8 @@ class PropagationSettings:
         for name in ("min_iou", "min_score"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is an IoU between 0 and 1, not {getattr(self, name)}.")
+        if not 0.0 <= self.min_contrast <= 1.0:
+            raise ValueError(f"min_contrast is a fraction between 0 and 1, not {self.min_contrast}.")
         if self.min_area < 0 or self.box_margin < 0 or self.positive_points < 1 or self.negative_points < 0:
             raise ValueError(
                 "min_area, box_margin and negative_points cannot be negative; positive_points is at least 1."
@@ -61,8 +73,9 @@ class Stop:
         object_id: The object.
         direction: +1 for a run going up in z, -1 going down.
         z: The slice where the object was found to end (left empty).
-        reason: "empty", "small" (below min_area), "score" (below min_score) or "iou" (below min_iou).
-        value: The measured pixels, predicted IoU or IoU.
+        reason: "empty", "small" (below min_area), "score" (below min_score), "iou" (below min_iou)
+            or "contrast" (below min_contrast).
+        value: The measured pixels, predicted IoU, IoU or contrast (a fraction of the key slice's).
     """
 
     object_id: int
@@ -110,11 +123,23 @@ def plan_runs(key_slices: Iterable[int], z_range: tuple[int, int]) -> list[Run]:
 
 
 class Chain:
-    """A run in progress: the object's mask (and low-resolution logits) on the last slice it reached."""
+    """A run in progress: the object's mask (and low-resolution logits) on the last slice it reached.
 
-    def __init__(self, object_id: int, run: Run, mask: np.ndarray, low_res: np.ndarray | None) -> None:
+    `reference` is the object's contrast to its surroundings on the key slice the run starts from
+    (`maskops.ring_contrast`), or None where the contrast rule does not apply.
+    """
+
+    def __init__(
+        self,
+        object_id: int,
+        run: Run,
+        mask: np.ndarray,
+        low_res: np.ndarray | None,
+        reference: float | None = None,
+    ) -> None:
         self.object_id, self.direction, self.limit = object_id, run.direction, run.limit
         self.z, self.mask, self.low_res = run.start, mask, low_res
+        self.reference = reference
         self.partner: Chain | None = None
         self.stopped = False
 
@@ -161,6 +186,7 @@ def start_chains(
         settings: The mode and its parameters.
     """
     chains: list[Chain] = []
+    images: dict[int, tuple[np.ndarray, float]] = {}  # key slice -> intensities, their robust range
     for object_id, present in key_slices.items():
         plan = plan_runs(present, z_range)
         if not plan and not any(z_range[0] <= z <= z_range[1] for z in present):
@@ -172,7 +198,17 @@ def start_chains(
         for run in plan:
             mask = labels[run.start] == object_id
             low_res = decoder.logits_from_mask(mask) if settings.mode == "box+mask" else None
-            started.append(Chain(object_id, run, mask, low_res))
+            reference = None
+            if settings.min_contrast > 0:
+                if run.start not in images:
+                    image = decoder.intensities(run.start)
+                    low, high = np.percentile(image, (1, 99))
+                    images[run.start] = (image, float(high - low))
+                image, spread = images[run.start]
+                reference = ring_contrast(image, mask, labels[run.start] > 0)
+                if reference is not None and abs(reference) <= CONTRAST_FLOOR * spread:
+                    reference = None  # too faint to tell an object's end by
+            started.append(Chain(object_id, run, mask, low_res, reference))
         for chain, run in zip(started, plan):
             chain.partner = None if run.partner is None else started[run.partner]
         chains += started
@@ -180,22 +216,33 @@ def start_chains(
 
 
 def decide_slice(
-    out: np.ndarray, z: int, group: list[Chain], outputs: list[SliceOutput], settings: PropagationSettings
+    out: np.ndarray,
+    z: int,
+    group: list[Chain],
+    outputs: list[SliceOutput],
+    settings: PropagationSettings,
+    image: np.ndarray | None = None,
 ) -> tuple[dict[int, np.ndarray], list[Stop]]:
     """Apply the overlap rule and the stop rules to one batch on slice z; write the masks that pass.
 
     The stop rules see each mask restricted to background pixels, without its specks (`main_part`);
     those that pass share contested pixels by the higher logit, and the rules are checked again on
-    what each one keeps.
+    what each one keeps. `image`: slice z's intensities, for the contrast rule (None: not checked).
     """
     free = out[z] == 0
     stops: list[Stop] = []
-    candidates = [(chain, output, main_part((output.logits > 0) & free)) for chain, output in zip(group, outputs)]
-    survivors = _apply_stop_rules(candidates, z, settings, stops)
+    candidates = [
+        (chain, output, main_part((output.logits > 0) & free)) for chain, output in zip(group, outputs)
+    ]
+    # Rings around each mask leave out the objects already on the slice and the batch's other masks.
+    occupied = np.logical_or.reduce([~free, *(mask for _, _, mask in candidates)])
+    rules = _StopRules(settings, z, image, occupied)
+    survivors = rules.apply(candidates, stops)
     if len(survivors) > 1:
-        kept = share_by_logit([mask for _, _, mask in survivors], [output.logits for _, output, _ in survivors])
+        logits = [output.logits for _, output, _ in survivors]
+        kept = share_by_logit([mask for _, _, mask in survivors], logits)
         shared = [(chain, output, mask) for (chain, output, _), mask in zip(survivors, kept)]
-        survivors = _apply_stop_rules(shared, z, settings, stops)
+        survivors = rules.apply(shared, stops)
     written = {}
     for chain, output, mask in survivors:
         out[z][mask] = chain.object_id
@@ -218,33 +265,44 @@ def share_by_logit(masks: list[np.ndarray], logits: list[np.ndarray]) -> list[np
     return [mask & (winner == i) for i, mask in enumerate(masks)]
 
 
-def _apply_stop_rules(candidates: list, z: int, settings: PropagationSettings, stops: list[Stop]) -> list:
-    """The (chain, output, mask) candidates that go on; the others are stopped and listed in `stops`."""
-    survivors = []
-    for chain, output, mask in candidates:
-        stop = _stop_rule(chain, mask, output.score, z, settings)
-        if stop is None:
-            survivors.append((chain, output, mask))
-        else:
-            stops.append(stop)
-            chain.stop()
-    return survivors
+class _StopRules:
+    """The stop rules on slice z; `occupied` pixels are left out of the rings around masks."""
 
+    def __init__(
+        self, settings: PropagationSettings, z: int, image: np.ndarray | None, occupied: np.ndarray
+    ) -> None:
+        self.settings, self.z, self.image, self.occupied = settings, z, image, occupied
 
-def _stop_rule(
-    chain: Chain, mask: np.ndarray, score: float, z: int, settings: PropagationSettings
-) -> Stop | None:
-    area = int(mask.sum())
-    if area == 0:
-        return Stop(chain.object_id, chain.direction, z, "empty", 0.0)
-    if area < settings.min_area:
-        return Stop(chain.object_id, chain.direction, z, "small", float(area))
-    if settings.min_score > 0 and score < settings.min_score:
-        return Stop(chain.object_id, chain.direction, z, "score", float(score))
-    overlap = iou(mask, chain.mask)
-    if overlap < settings.min_iou:
-        return Stop(chain.object_id, chain.direction, z, "iou", overlap)
-    return None
+    def apply(self, candidates: list, stops: list[Stop]) -> list:
+        """The (chain, output, mask) candidates that go on; the others stop and are listed in `stops`."""
+        survivors = []
+        for chain, output, mask in candidates:
+            stop = self._stop(chain, mask, output.score)
+            if stop is None:
+                survivors.append((chain, output, mask))
+            else:
+                stops.append(stop)
+                chain.stop()
+        return survivors
+
+    def _stop(self, chain: Chain, mask: np.ndarray, score: float) -> Stop | None:
+        settings, z = self.settings, self.z
+        area = int(mask.sum())
+        if area == 0:
+            return Stop(chain.object_id, chain.direction, z, "empty", 0.0)
+        if area < settings.min_area:
+            return Stop(chain.object_id, chain.direction, z, "small", float(area))
+        if settings.min_score > 0 and score < settings.min_score:
+            return Stop(chain.object_id, chain.direction, z, "score", float(score))
+        overlap = iou(mask, chain.mask)
+        if overlap < settings.min_iou:
+            return Stop(chain.object_id, chain.direction, z, "iou", overlap)
+        if settings.min_contrast > 0 and chain.reference is not None and self.image is not None:
+            contrast = ring_contrast(self.image, mask, self.occupied)
+            fraction = None if contrast is None else contrast / chain.reference
+            if fraction is not None and fraction < settings.min_contrast:
+                return Stop(chain.object_id, chain.direction, z, "contrast", fraction)
+        return None
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

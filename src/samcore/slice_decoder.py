@@ -72,6 +72,8 @@ class SliceDecoder(Protocol):
 
     def logits_from_mask(self, mask: np.ndarray) -> np.ndarray: ...
 
+    def intensities(self, z: int) -> np.ndarray: ...
+
 
 class StackDecoder:
     """A `SliceDecoder` on a `Predictor`, with the stack's embeddings kept in an `EmbeddingStore`.
@@ -139,6 +141,11 @@ class StackDecoder:
         """Low-resolution logits standing for a (Y, X) bool mask of a slice, as a `mask_input`."""
         model = self.predictor.model
         return mask_logits(mask, model, resized_shape(self.shape[1], self.shape[2], model.img_size))
+
+    def intensities(self, z: int) -> np.ndarray:
+        """Slice z's own (Y, X) float32 intensities (RGB: the mean of its channels)."""
+        plane = np.asarray(self.view.data[z], dtype=np.float32)
+        return plane[..., :3].mean(axis=-1) if self.view.rgb else plane
 
     def _zooms(self, prompt: SlicePrompt) -> bool:
         """Whether the prompt is a box the predictor would decode zoomed in (see `samcore.zoom`)."""

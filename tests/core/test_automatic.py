@@ -23,6 +23,7 @@ from samcore.maskops import (
     mask_nms,
     paint_labels,
     remove_small_regions,
+    ring_contrast,
     stability_score,
 )
 from samcore.progress import Progress, run
@@ -87,6 +88,23 @@ def test_masks_cut_by_an_inner_crop_edge_are_flagged():
     boxes = np.array([[0, 10, 20, 30], [10, 10, 20, 30], [30, 0, 50, 20]])
     # touches the inner left edge / inside / touches the image's top and right edges only
     assert cut_by_crop(boxes, crop, (60, 100)).tolist() == [True, False, False]
+
+
+def test_ring_contrast_is_the_mean_inside_less_the_mean_of_the_ring():
+    image = np.full((20, 20), 10.0)
+    mask = np.zeros((20, 20), bool)
+    mask[8:12, 8:12] = True
+    image[mask] = 50.0
+    image[0:6, :] = 90.0  # a bright neighbour above, more than 2 pixels away
+    assert ring_contrast(image, mask, width=2) == 40.0
+    neighbour = np.zeros((20, 20), bool)
+    neighbour[6:8, 8:12] = True  # inside the ring: left out when excluded
+    image[neighbour] = 90.0
+    assert ring_contrast(image, mask, width=2) < 40.0
+    assert ring_contrast(image, mask, neighbour, width=2) == 40.0
+    assert ring_contrast(-image, mask, neighbour, width=2) == -40.0  # a dark object
+    assert ring_contrast(image, np.zeros((20, 20), bool)) is None
+    assert ring_contrast(image, mask, ~mask) is None  # nothing around it to compare with
 
 
 def test_stability_is_the_area_ratio_of_the_shifted_thresholds():

@@ -38,14 +38,19 @@ class Oracle:
     pixels in it; points select the object under most positive points. The mask logits are 1 plus
     the depth inside the object, -1 outside; with `leak`, the mask reaches `leak` pixels beyond the
     object and its logits fall with the distance from it. With `speck`, every mask also holds that
-    (y, x) pixel, as SAM's masks often hold a stray speck far from the object.
+    (y, x) pixel, as SAM's masks often hold a stray speck far from the object. The stack's
+    intensities are `image`; by default the objects are bright (100) on a dim background (10).
     """
 
-    def __init__(self, truth, score=0.95, low_score_slices=(), leak=0, speck=None):
+    def __init__(self, truth, score=0.95, low_score_slices=(), leak=0, speck=None, image=None):
         self.truth, self.shape = truth, truth.shape
         self.score, self.low_score_slices, self.leak = score, set(low_score_slices), leak
         self.speck = speck
+        self.image = np.where(truth > 0, 100.0, 10.0) if image is None else image
         self.embedded, self.calls = set(), []
+
+    def intensities(self, z):
+        return np.asarray(self.image[z], dtype=np.float32)
 
     def has_embedding(self, z):
         return z in self.embedded
@@ -229,6 +234,27 @@ def test_a_run_that_stops_between_key_slices_leaves_the_rest_to_the_other():
         np.testing.assert_array_equal(result.labels[z] == 7, truth[z] == 1)
 
 
+def test_an_object_ends_where_it_fades_though_the_model_still_finds_it():
+    # The model finds the nucleus on slices 4 to 19; the image shows it bright on 8 to 15 only, and
+    # dim (a fifth of its contrast) beyond, as a nucleus out of focus at its top and bottom.
+    found = np.zeros(SHAPE, np.uint16)
+    found[4:20][ellipsoid((12, 24, 24), (30, 10, 10))[4:20]] = 1
+    image = np.where(found > 0, 28.0, 10.0)
+    image[8:16][found[8:16] > 0] = 100.0
+    labels = seeded(found, {1: [12]})
+    oracle = Oracle(found, image=image)
+    result = run(propagate_iter(oracle, labels))
+    assert result.filled[1] == (8, 9, 10, 11, 13, 14, 15)
+    stops = sorted((s.direction, s.z, s.reason, round(s.value, 2)) for s in result.stops)
+    assert stops == [(-1, 7, "contrast", 0.2), (1, 16, "contrast", 0.2)]
+    # Without the rule, the run goes on as far as the model finds it.
+    result = run(propagate_iter(oracle, labels, settings=PropagationSettings(min_contrast=0)))
+    assert result.filled[1] == (4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19)
+    # An object as dim as its surroundings on its key slice has no contrast to lose: no rule.
+    flat = run(propagate_iter(Oracle(found, image=np.full(SHAPE, 10.0)), labels))
+    assert flat.filled[1] == (4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19)
+
+
 def test_several_objects_in_one_run_never_overwrite_others():
     truth = np.zeros(SHAPE, np.uint16)
     truth[ellipsoid((12, 24, 13), (8, 10, 9))] = 1
@@ -237,7 +263,9 @@ def test_several_objects_in_one_run_never_overwrite_others():
     labels = seeded(truth, {1: [12], 2: [12]})
     labels[truth == 3] = 3  # a committed object on every slice, not propagated
     oracle = Oracle(truth, leak=3)  # masks spill 3 pixels beyond their object
-    result = run(propagate_iter(oracle, labels, object_ids=[1, 2]))
+    # Near the tips such a mask is mostly spill, dimmer than the object: no contrast rule here.
+    no_contrast = PropagationSettings(min_contrast=0)
+    result = run(propagate_iter(oracle, labels, object_ids=[1, 2], settings=no_contrast))
     np.testing.assert_array_equal(result.labels == 3, truth == 3)
     # Pixels two leaky masks both claim go to the higher logit: the true owner.
     for object_id in (1, 2):
@@ -331,6 +359,8 @@ def test_settings_are_checked():
         PropagationSettings(mode="boxes")
     with pytest.raises(ValueError, match="between 0 and 1"):
         PropagationSettings(min_iou=1.5)
+    with pytest.raises(ValueError, match="min_contrast is a fraction between 0 and 1"):
+        PropagationSettings(min_contrast=-0.1)
     with pytest.raises(ValueError, match="first <= last"):
         PropagationSettings(z_range=(5, 2))
 
@@ -341,7 +371,8 @@ TINY = MicroConfig(
     embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=2,
     stem_dims=(8, 16, 24), stem_blocks=(1, 1), img_size=64,
 )
-EVERYTHING = {"min_iou": 0.0, "min_score": 0.0, "min_area": 0}  # random weights: keep every nonempty mask
+# Random weights: keep every nonempty mask.
+EVERYTHING = {"min_iou": 0.0, "min_score": 0.0, "min_area": 0, "min_contrast": 0.0}
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,9 @@ def test_round_trip_writes_labels_of_the_stack_shape(tmp_path, stack_file, check
     assert not labels[[0, 2, 4, 5]].any()  # without --propagate, only the prompted slices
 
     spread = tmp_path / "propagated.tif"
-    relaxed = functools.partial(samcore.propagation.PropagationSettings, min_score=0, min_iou=0, min_area=0)
+    relaxed = functools.partial(
+        samcore.propagation.PropagationSettings, min_score=0, min_iou=0, min_area=0, min_contrast=0
+    )
     # random weights: keep every mask
     monkeypatch.setattr(samcore.propagation, "PropagationSettings", relaxed)
     code = segment(stack, "--prompts", prompts, "--propagate", "--mode", "box", "--z-range", 1, 5,
@@ -93,6 +95,9 @@ def test_a_2d_image_gives_2d_labels(tmp_path, stack_file, checkpoint, capsys):
         ([{"id": 1, "points": [[2, 5, 5]]}], ["--point", "3", "3"], "--prompts replaces"),
         ([{"id": 1, "points": [[2, 5, 5]]}], ["--mode", "box"], "add --propagate, or leave them out"),
         ([{"id": 1, "points": [[2, 5, 5]]}], ["--z-range", "1", "4"], "add --propagate, or leave them out"),
+        ([{"id": 1, "points": [[2, 5, 5]]}], ["--min-contrast", "0"], "add --propagate, or leave them out"),
+        ([{"id": 1, "points": [[2, 5, 5]]}], ["--propagate", "--min-contrast", "1.5"],
+         "min_contrast is a fraction between 0 and 1"),
     ],
 )
 def test_bad_prompts_are_one_clear_line(tmp_path, stack_file, checkpoint, capsys, no_model, objects, extra,
