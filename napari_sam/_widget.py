@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     import napari
+    from samcore.propagation import PropagationSettings
 
 CHECKPOINT_CHOICE = "checkpoint file…"
 # The views menu: (label, Predictor views), 0 for the model's own number (2 for the bundled model).
@@ -97,6 +98,12 @@ class SamWidget(Container):
             "outlines of small nuclei, at one more embedding (in the background) per box",
         )
         self._zoom.changed.connect(self.segment)
+        self._fade = CheckBox(
+            text="end propagated objects where they fade", value=True,
+            tooltip="propagate: stop an object on the slice where it stands out from its surroundings by "
+            "less than half its contrast on the slice it started from (a nucleus out of focus); "
+            "untick for objects meant to dim along z",
+        )
         self._candidate = Label(value="")
         self._status = Label(value="Pick an image and a model, then compute embeddings.")
         self._help = Label(value="\n".join([
@@ -128,7 +135,7 @@ class SamWidget(Container):
         self.extend([
             self._image, self._model, self._checkpoint, self._device, self._views, self._cache_dir,
             self._load_button, self._cancel_button, self._output, self._overwrite, self._refine, self._zoom,
-            buttons, automatic, thresholds, self._candidate, self._status, self._help,
+            self._fade, buttons, automatic, thresholds, self._candidate, self._status, self._help,
         ])
         self._model.changed.connect(self._on_model_choice)
         self._image.changed.connect(self._on_image_change)
@@ -543,8 +550,18 @@ class SamWidget(Container):
             show_info("SAM: segment all is running; wait for it or cancel it first.")
             return
         self._embedding.pause()  # the propagation computes the embeddings it needs itself
-        if self._propagation.start(object_ids, self.propagation_settings) and block:
+        if self._propagation.start(object_ids, self._propagation_settings()) and block:
             self.wait()
+
+    def _propagation_settings(self) -> PropagationSettings | None:
+        """`propagation_settings` (None: the engine's defaults), without the contrast rule when unticked."""
+        if self._fade.value:
+            return self.propagation_settings
+        import dataclasses
+
+        from samcore.propagation import PropagationSettings
+
+        return dataclasses.replace(self.propagation_settings or PropagationSettings(), min_contrast=0.0)
 
     def segment_all(self, scope: str | None = None, *, block: bool = False) -> None:
         """Find every object automatically and add them as new objects, in the background.

@@ -142,3 +142,32 @@ def test_propagation_decodes_whole_slices_even_with_zoom_ticked(make_napari_view
         hook.remove()
     assert widget._status.value.startswith("Propagated")
     assert not calls
+
+
+def test_unticking_fade_turns_the_contrast_rule_off_and_keeps_the_other_settings(sam, monkeypatch):
+    import samcore.propagation
+
+    viewer, widget = sam
+    existing = np.zeros((4, 96, 96), np.uint32)
+    existing[2, 30:60, 30:60] = 5
+    _objects(viewer, widget, existing)
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    used = []
+    real = samcore.propagation.propagate_iter
+
+    def spy(decoder, labels, object_ids=None, settings=None, cancel=None):
+        used.append(settings)
+        return real(decoder, labels, object_ids, settings, cancel)
+
+    monkeypatch.setattr(samcore.propagation, "propagate_iter", spy)
+    assert widget._fade.value  # ticked by default: the engine's rule applies
+    widget.propagate(block=True)
+    assert used[-1] is ANY_MASK and ANY_MASK.min_contrast > 0
+    widget._fade.value = False
+    widget.propagate(block=True)
+    assert used[-1].min_contrast == 0
+    assert (used[-1].min_iou, used[-1].min_score, used[-1].min_area) == (0.0, 0.0, 0)
+    widget.propagation_settings = None  # the engine's defaults, less the contrast rule
+    widget.propagate(block=True)
+    assert used[-1] == PropagationSettings(min_contrast=0.0)
