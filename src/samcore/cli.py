@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        code = args.run(args)
+        with warnings.catch_warnings():  # restores Python's own display when done
+            warnings.showwarning = _print_warning
+            code = args.run(args)
         sys.stdout.flush()  # a reader that has gone is found here, not in Python's flush at exit
         return code
     except BrokenPipeError:  # `napari-sam models | head -3`: the reader is gone, nothing to say
@@ -57,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("napari-sam: interrupted", file=sys.stderr)
         return 130
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    """A warning as one line for the user, instead of Python's file, line and source."""
+    print(f"napari-sam: warning: {message}", file=sys.stderr)
 
 
 def _silence_stdout() -> None:

@@ -197,3 +197,17 @@ def test_an_error_about_the_pixels_names_the_file(tmp_path, checkpoint, capsys):
                  "--checkpoint", str(checkpoint)])
     err = capsys.readouterr().err
     assert code == 1 and f"napari-sam: error: {image}: " in err and "Traceback" not in err
+
+
+def test_a_precision_this_cpu_lacks_is_one_warning_line_and_runs_fp32(tmp_path, capsys, monkeypatch):
+    from samcore import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.0125)  # as on an AVX2-only CPU
+    out = tmp_path / "nucleus.tif"
+    code = main(["segment", "--sample", "nuclei", "--box", "76", "126", "115", "161", "--precision", "bf16",
+                 "-o", str(out)])
+    assert code == 0 and out.exists()
+    err = capsys.readouterr().err
+    assert "napari-sam: warning: precision='bf16' would make the image encoder about 80 times slower" in err
+    assert "UserWarning" not in err and "cli.py" not in err  # no Python source lines for the user
+    assert "(fp32," in err  # the model line says what ran
