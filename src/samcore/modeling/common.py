@@ -50,7 +50,15 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+        hidden = self.lin1(x)
+        if isinstance(self.act, nn.GELU) and not hidden.requires_grad:
+            # Inference: GELU in place spares the block's widest tensor a second buffer, and on a
+            # CPU a fresh multi-megabyte buffer costs a page fault per 4 KiB (7 % of the bundled
+            # encoder's time on a 2-core EPYC; same values).
+            hidden = torch._C._nn.gelu_(hidden, approximate=self.act.approximate)
+        else:
+            hidden = self.act(hidden)
+        return self.lin2(hidden)
 
 
 class MLP(nn.Module):
