@@ -8,6 +8,7 @@ The same actions are methods (`load`, `segment`, `commit`, `next_candidate`, `un
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -557,8 +558,6 @@ class SamWidget(Container):
         """`propagation_settings` (None: the engine's defaults), without the contrast rule when unticked."""
         if self._fade.value:
             return self.propagation_settings
-        import dataclasses
-
         from samcore.propagation import PropagationSettings
 
         return dataclasses.replace(self.propagation_settings or PropagationSettings(), min_contrast=0.0)

@@ -234,8 +234,9 @@ def decide_slice(
     candidates = [
         (chain, output, main_part((output.logits > 0) & free)) for chain, output in zip(group, outputs)
     ]
-    # Rings around each mask leave out the objects already on the slice and the batch's other masks.
-    occupied = np.logical_or.reduce([~free, *(mask for _, _, mask in candidates)])
+    occupied = None  # for the contrast rule's rings: the slice's objects and the batch's masks
+    if image is not None:
+        occupied = np.logical_or.reduce([~free, *(mask for _, _, mask in candidates)])
     rules = _StopRules(settings, z, image, occupied)
     survivors = rules.apply(candidates, stops)
     if len(survivors) > 1:
@@ -269,7 +270,7 @@ class _StopRules:
     """The stop rules on slice z; `occupied` pixels are left out of the rings around masks."""
 
     def __init__(
-        self, settings: PropagationSettings, z: int, image: np.ndarray | None, occupied: np.ndarray
+        self, settings: PropagationSettings, z: int, image: np.ndarray | None, occupied: np.ndarray | None
     ) -> None:
         self.settings, self.z, self.image, self.occupied = settings, z, image, occupied
 
