@@ -70,17 +70,19 @@ def _cpu_speedup(
     """fp32 `torch.mm` time over `product` time on `convert`ed operands (best of several each)."""
     generator = torch.Generator().manual_seed(0)
 
-    def ratio(shape: tuple[int, int, int], repeats: int) -> float:
+    def ratio(shape: tuple[int, int, int], repeats: int, fp32_repeats: int) -> float:
         rows, inner, columns = shape
         a = torch.randn(rows, inner, generator=generator)
         b = torch.randn(inner, columns, generator=generator)
-        return _best(torch.mm, a, b, repeats) / _best(product, convert(a), convert(b), repeats)
+        return _best(torch.mm, a, b, fp32_repeats) / _best(product, convert(a), convert(b), repeats)
 
     with torch.inference_mode():
-        probe = ratio(PROBE_PRODUCT, 2)
+        # The fp32 probe takes under a millisecond: a busy machine can stall every one of a few
+        # calls, and a slow fp32 time would hide an emulated product. Its best of 8 costs nothing.
+        probe = ratio(PROBE_PRODUCT, 2, 8)
         if probe < SLOW_SPEEDUP:  # no need to wait for the large product
             return probe
-        return ratio(ENCODER_PRODUCT, 5)
+        return ratio(ENCODER_PRODUCT, 5, 5)
 
 
 def _best(

@@ -140,26 +140,27 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns_and_uses_fp32(monkeypatch
     assert caught[0].filename == __file__  # points at the user's line, not the library's
 
 
-def test_the_cpu_speed_probe_skips_the_large_product_where_bf16_is_emulated(monkeypatch):
+@pytest.mark.parametrize("bf16_slowdown, large_timed", [(40.0, False), (0.5, True), (3.0, True)])
+def test_the_cpu_speed_probe_skips_the_large_product_where_bf16_is_emulated(
+    monkeypatch, bf16_slowdown, large_timed
+):
     from samcore import precision
 
     timed_rows = []
-    best = precision._best
 
-    def recording(product, a, b, repeats):
+    def timing(product, a, b, repeats):  # fp32 takes 1 unit per row, bf16 `bf16_slowdown` units
         timed_rows.append(len(a))
-        return best(product, a, b, repeats)
+        return len(a) * (bf16_slowdown if a.dtype == torch.bfloat16 else 1.0)
 
-    monkeypatch.setattr(precision, "_best", recording)
+    monkeypatch.setattr(precision, "_best", timing)
     precision.cpu_bf16_speedup.cache_clear()
     try:
         speedup = precision.cpu_bf16_speedup()
     finally:
-        precision.cpu_bf16_speedup.cache_clear()  # other tests measure without the recorder
-    assert np.isfinite(speedup) and speedup > 0
-    large = precision.ENCODER_PRODUCT[0]
-    # Emulated bf16 takes seconds for the encoder-sized product: the probe alone decides then.
-    assert (large in timed_rows) == (speedup >= precision.SLOW_SPEEDUP)
+        precision.cpu_bf16_speedup.cache_clear()  # other tests measure without the stand-in
+    assert speedup == pytest.approx(1 / bf16_slowdown)
+    assert (precision.ENCODER_PRODUCT[0] in timed_rows) == large_timed
+    assert timed_rows[:2] == [precision.PROBE_PRODUCT[0]] * 2  # the probe comes first
 
 
 def test_a_painted_mask_becomes_a_mask_input_of_this_image(predictor):
