@@ -16,12 +16,14 @@ class Commit:
         index: Flat indices into the labels array that were written.
         previous: Their values before the commit.
         note: What the step was, for the status line, if not one new object.
+        written: The values written at `index`; None if `object_id` everywhere.
     """
 
     object_id: int
     index: np.ndarray
     previous: np.ndarray
     note: str = ""
+    written: np.ndarray | None = None
 
 
 def commit_mask(labels: np.ndarray, mask: np.ndarray, where: tuple, overwrite: bool = False) -> Commit | None:
@@ -55,6 +57,16 @@ def commit_mask(labels: np.ndarray, mask: np.ndarray, where: tuple, overwrite: b
     return Commit(object_id, index, previous)
 
 
-def undo_commit(labels: np.ndarray, commit: Commit) -> None:
-    """Restore what `commit` overwrote, in place."""
-    labels.reshape(-1)[commit.index] = commit.previous
+def undo_commit(labels: np.ndarray, commit: Commit) -> int:
+    """Restore what `commit` overwrote, in place, where its pixels still hold what it wrote.
+
+    Pixels edited since (painted by hand, erased, restored by napari's own undo) are kept.
+
+    Returns:
+        The number of the commit's pixels that were edited since, and so kept.
+    """
+    flat = labels.reshape(-1)
+    written = commit.object_id if commit.written is None else commit.written
+    still = flat[commit.index] == written
+    flat[commit.index[still]] = commit.previous[still]
+    return int(still.size - np.count_nonzero(still))

@@ -60,6 +60,12 @@ class BackgroundJob:
         self._progress = None
         self._layer: Labels | None = None
         self._painted: list[np.ndarray] = []
+        self._written: list[np.ndarray] = []  # the values written at `_painted`, for undo
+
+    def _record(self, index: np.ndarray) -> None:
+        """Keep the flat indices just painted into `_layer`, and what was painted there."""
+        self._painted.append(index)
+        self._written.append(self._layer.data.reshape(-1)[index].copy())
 
     @property
     def running(self) -> bool:
@@ -74,7 +80,7 @@ class BackgroundJob:
         """The labels layer was deleted: stop painting into it, cancel the run, record no undo step."""
         if self._worker is not None and self._layer is not None and layer == self._layer:
             self._cancel.set()
-            self._layer, self._painted = None, []
+            self._layer, self._painted, self._written = None, [], []
 
     def _launch(self, body, *args, status: str) -> None:
         """Run `body(*args)` in a worker; its yields go to `_on_step`, its return value to `_on_done`."""
@@ -114,8 +120,9 @@ class BackgroundJob:
         if index.size and self._layer is not None:
             object_id, note = self._undo_entry()
             previous = np.zeros(index.size, self._layer.data.dtype)  # only background was painted
-            self._widget._history.append((self._layer, Commit(object_id, index, previous, note)))
+            written = np.concatenate(self._written)
+            self._widget._history.append((self._layer, Commit(object_id, index, previous, note, written)))
         self._before_reset()
-        self._worker, self._layer, self._painted = None, None, []
+        self._worker, self._layer, self._painted, self._written = None, None, [], []
         self._widget._cancel_button.enabled = self._widget._busy()
         self._widget._embedding.resume(cancelled=self._cancel.is_set())

@@ -33,7 +33,10 @@ class Candidates:
         unrefined: tuple[dict, np.ndarray] | None = None,
     ) -> None:
         self.masks, self.scores, self.zoomed = masks, scores, zoomed
-        self.index = int(np.argmax(scores))
+        # Shown best first, then by falling predicted IoU (as first decoded: refining changes scores).
+        self._order = [int(i) for i in np.argsort(-np.asarray(scores), kind="stable")]
+        self._rank = 0
+        self.index = self._order[0]
         self._prompt, self._low_res = unrefined if unrefined is not None else (None, None)
         self._pending = set(range(len(scores))) if unrefined is not None else set()
 
@@ -46,7 +49,8 @@ class Candidates:
         """Show the next candidate; False if there is only one."""
         if len(self.scores) < 2:
             return False
-        self.index = (self.index + 1) % len(self.scores)
+        self._rank = (self._rank + 1) % len(self._order)
+        self.index = self._order[self._rank]
         return True
 
     def refine_shown(self, predictor: Predictor) -> None:
@@ -62,7 +66,8 @@ class Candidates:
     def describe(self, zooming: bool) -> str:
         """The line under the buttons: which candidate, its predicted IoU, and whether it is zoomed in."""
         count, score = len(self.scores), self.scores[self.index]
-        text = f"candidate {self.index + 1}/{count}, predicted IoU {score:.2f}" if count > 1 else (
+        best = " (best)" if self._rank == 0 else ""
+        text = f"candidate {self._rank + 1}/{count}{best}, predicted IoU {score:.2f}" if count > 1 else (
             f"predicted IoU {score:.2f}"
         )
         return text + (", zoomed in" if self.zoomed else ", zooming in…" if zooming else "")

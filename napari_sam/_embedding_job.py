@@ -40,10 +40,16 @@ class Session:
         self.layer, self.model_source = layer, model_source
         self.settings = settings
         self.predictor, self.view, self.store, self.model_name = predictor, view, store, model_name
+        self.source = layer.data  # the array embedded: a layer whose .data is replaced needs new embeddings
         self._current: tuple[int, bool] | None = None  # the slice set in the predictor, and if with pixels
 
     def matches(self, layer, model_source, settings) -> bool:
-        return (layer, model_source, settings) == (self.layer, self.model_source, self.settings)
+        same = (layer, model_source, settings) == (self.layer, self.model_source, self.settings)
+        return same and not self.stale()
+
+    def stale(self) -> bool:
+        """Whether the layer's data was replaced since it was embedded."""
+        return self.layer.data is not self.source
 
     def use(self, z: int, embedding, pixels: bool = False) -> None:
         """Make slice z current in the predictor, with its pixels if asked (to zoom in on boxes)."""
@@ -118,9 +124,14 @@ class EmbeddingJob:
         paused, self._paused = self._paused, False
         widget = self._widget
         session = widget._session
-        if not paused or cancelled or widget._busy() or session is None:
+        if not paused or widget._busy() or session is None:
             return
-        if len(session.store) < session.view.n_slices:
+        done, total = len(session.store), session.view.n_slices
+        if done == total:
+            return
+        if cancelled:  # Cancel stops everything: say what is left
+            widget._status.value += f" Embeddings stopped at {done}/{total} slices: press Compute embeddings."
+        else:
             self.start(session.layer, session.model_source, session.settings)
 
     def _on_progress(self, event: tuple) -> None:
@@ -135,6 +146,9 @@ class EmbeddingJob:
         elif kind == "slice":
             self._progress.update(1)
             session = widget._session
+            if self.worker is not None:  # a slice reported after the worker stopped keeps "Stopped: …"
+                done, total = len(session.store), session.view.n_slices
+                widget._status.value = f"Computing embeddings: {done}/{total} slices…"
             if payload == widget._current_z(session.layer) or session.view.n_slices == 1:
                 widget.segment()
 

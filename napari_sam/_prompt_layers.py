@@ -76,9 +76,13 @@ class PromptLayers:
         for layer in (self.preview, self.brush, self.boxes, self.points):
             layer.scale, layer.translate = image.scale[:ndim], image.translate[:ndim]
 
+    def layers(self) -> list[Layer]:
+        """The layers made so far."""
+        return [layer for layer in (self.points, self.boxes, self.brush, self.preview) if layer is not None]
+
     def owns(self, layer: Layer) -> bool:
         """Whether `layer` is one of these (compared with ==: napari may hand out a proxy of it)."""
-        return any(own is not None and layer == own for own in (self.points, self.boxes, self.brush, self.preview))
+        return any(layer == own for own in self.layers())
 
     def show_preview(self, mask: np.ndarray | None, z: int | None) -> None:
         """Draw a (Y, X) bool mask on slice z of the preview (2D: z None), or nothing; what was drawn goes."""

@@ -64,7 +64,8 @@ class Propagation(BackgroundJob):
         from samcore.propagation import propagate_iter
         from samcore.slice_decoder import StackDecoder
 
-        from ._widget import show_error, show_warning  # the widget's notifications (tests replace them)
+        # The widget's notifications (tests replace them).
+        from ._widget import editable, show_error, show_warning
 
         widget = self._widget
         try:
@@ -76,12 +77,17 @@ class Propagation(BackgroundJob):
             show_warning(f"SAM: propagation needs a 3D (Z, Y, X) stack; '{image.name}' is a 2D image.")
             return False
         session = widget._session
-        if session is None or session.layer is not image:
+        if session is None or session.layer is not image or session.stale():
             show_warning("SAM: compute embeddings first (this loads the model), then propagate.")
             return False
         layer, z = widget._output.value, widget._current_z(image)
         if layer is None or layer not in widget._viewer.layers or layer.data.shape != session.view.data.shape[:3]:
             show_warning("SAM: no objects to propagate; commit an object on this slice first.")
+            return False
+        try:
+            editable(layer)
+        except ValueError as error:
+            show_error(f"SAM: {error}")
             return False
         labels = np.array(layer.data)  # a snapshot: the user may edit the layer meanwhile
         ids = objects_on_slice(labels, z) if object_ids is None else [int(i) for i in object_ids]
@@ -99,7 +105,7 @@ class Propagation(BackgroundJob):
             show_error(f"SAM: {error}")
             return False
 
-        self._layer, self._painted, self._ids = layer, [], ids
+        self._layer, self._painted, self._written, self._ids = layer, [], [], ids
         plural = "s" if len(ids) > 1 else ""
         self._launch(_drive, job, status=f"Propagating object{plural} {', '.join(map(str, ids))}…")
         return True
@@ -109,7 +115,7 @@ class Propagation(BackgroundJob):
         self._progress.n = step.done
         self._progress.refresh()
         if step.written and self._layer is not None:
-            self._painted.append(paint(self._layer.data, step.z, step.written))
+            self._record(paint(self._layer.data, step.z, step.written))
             self._layer.refresh()
         self._widget._status.value = f"Propagating: slice {step.z}, {step.done}/{step.total} object-slices."
 

@@ -102,7 +102,7 @@ class AutoSegmentation(BackgroundJob):
             show_error(str(error))
             return False
         session = widget._session
-        if session is None or session.layer is not image:
+        if session is None or session.layer is not image or session.stale():
             show_warning("SAM: compute embeddings first (this loads the model), then segment all.")
             return False
         try:
@@ -117,7 +117,7 @@ class AutoSegmentation(BackgroundJob):
         settings = settings or AutoSettings.for_model(session.predictor.model)
         self._layer, self._slices, self._flat = layer, slices, z is None
         self._min_visible, self._known, self._next_id = settings.min_visible, {}, 1
-        self._found, self._full, self._painted = 0, 0, []
+        self._found, self._full, self._painted, self._written = 0, 0, [], []
         # The session's views: those of the embeddings it stored.
         predictor = Predictor(session.predictor.model, views=session.predictor.views)
         self._launch(
@@ -153,7 +153,7 @@ class AutoSegmentation(BackgroundJob):
         self._found = max(self._found, int(objects.max(initial=0)))  # the linker numbers objects 1, 2, …
         self._full += full
         if index.size:
-            self._painted.append(z * region.size + index)
+            self._record(z * region.size + index)
             self._layer.refresh()
 
     def _on_done(self, finished: int) -> None:

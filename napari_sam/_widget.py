@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from qtpy.QtCore import QEvent, QObject
 from magicgui.widgets import (
     CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, create_widget,
 )
-from napari.layers import Image, Labels
+from napari.layers import Image, Labels, Points, Shapes
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._annotations import Commit, commit_mask, undo_commit
@@ -47,7 +48,14 @@ KEYS = {
     "n": ("next_candidate", "next of the 3 candidate masks"),
     "Shift-C": ("clear", "clear the prompts"),
     "u": ("undo", "undo the last commit"),
-    "p": ("propagate", "propagate the objects of this slice through the stack"),
+    "Shift-P": ("propagate", "propagate the objects of this slice through the stack"),
+}
+# napari's own keys for the layer types of the SAM layers (napari.utils.shortcuts): in those layers they
+# keep napari's meaning (S selects points, P paints in the brush layer, T draws paths...), not ours.
+NAPARI_LAYER_KEYS = {
+    Points: {"s", "p"},
+    Shapes: {"s", "p", "t", "Shift-P"},
+    Labels: {"p"},
 }
 
 
@@ -111,6 +119,7 @@ class SamWidget(Container):
             "click in 'SAM points', draw rectangles in 'SAM boxes',",
             "or paint roughly over an object in 'SAM brush'",
             *(f"{key.upper():>8}  {action}" for key, (_, action) in KEYS.items()),
+            "(in the SAM layers, napari's own S, P and T keep their meaning)",
         ]))
         buttons = Container(layout="horizontal", labels=False)
         for name in ("segment", "commit", "next_candidate", "undo", "clear", "propagate"):
@@ -160,6 +169,7 @@ class SamWidget(Container):
         self._defaults_for: str | None = None  # the model whose own thresholds and refine are shown
         self._show_registry_defaults(self._model.value)
         self._bind_keys()
+        self._close_watch = _CloseWatch(self.native, self._on_closed)
 
     # -- scripting ----------------------------------------------------------------------------
 
@@ -254,6 +264,21 @@ class SamWidget(Container):
             job.forget_layer(layer)
         self._history = [(target, done) for target, done in self._history if target != layer]
 
+    def _on_image_data(self, _event=None) -> None:
+        """An image layer's data was replaced: the session's embeddings no longer belong to it."""
+        session = self._session
+        if session is not None and session.stale():
+            self._forget(f"The data of '{session.layer.name}' changed: compute embeddings again.")
+
+    def _on_closed(self) -> None:
+        """The dock was closed: stop the background work and give napari its keys back."""
+        self._cancel_jobs("(the SAM widget was closed)")
+        self.cancel()
+        self._unbind_keys()
+        self._viewer.dims.events.current_step.disconnect(self._on_slice_change)
+        self._viewer.layers.events.removed.disconnect(self._on_layer_removed)
+        self._session = None
+
     def _forget(self, status: str) -> None:
         """Drop the current session (its embeddings belong to another image or model)."""
         self._cancel_jobs("(the image, the model or its settings changed)")
@@ -288,9 +313,15 @@ class SamWidget(Container):
             model_source = self._model_source()
         except ValueError as error:
             show_error(str(error))
+            self._status.value = str(error)
             return
         self._cancel_jobs("to compute embeddings")
         self.cancel()
+        if spatial_ndim(layer) == 3 and layer.data.shape[0] <= 4:
+            show_info(
+                f"SAM: '{layer.name}' is taken as a stack of {layer.data.shape[0]} slices. If they are "
+                "channels, open the image with channel_axis (one layer per channel) and pick one."
+            )
         self._prompt_layers_for(layer)
         self._embedding.start(layer, model_source, (self._device.value, self._views.value or None))
         if block:
@@ -363,6 +394,7 @@ class SamWidget(Container):
 
     def _on_session(self, session: Session) -> None:
         """The embedding job loaded the model (or kept it): say so, show the model's own settings."""
+        session.layer.events.data.connect(self._on_image_data)  # connected once, however often called
         predictor = session.predictor
         views = "" if predictor.views == 1 else f", {predictor.views} mirrored views"
         self._status.value = f"Model {session.model_name} on {predictor.device}{views}; computing embeddings…"
@@ -417,6 +449,11 @@ class SamWidget(Container):
         """Predict the mask of the current prompts on the displayed slice into the preview layer."""
         session = self._session
         if session is None or self._prompt_layers.preview is None:
+            if session is None and not self._embedding.running and self._prompt_layers.preview is not None:
+                self._status.value = "No embeddings yet: press Compute embeddings."
+            return
+        if session.stale():
+            self._forget(f"The data of '{session.layer.name}' changed: compute embeddings again.")
             return
         z = self._current_z(session.layer)
         prompts = self._prompt_layers.prompts(session.layer, z)
@@ -487,6 +524,7 @@ class SamWidget(Container):
         if layer is not None and layer in self._viewer.layers:
             if layer.data.shape != shape:
                 raise ValueError(f"The labels layer '{layer.name}' has shape {layer.data.shape}, the image {shape}.")
+            editable(layer)
             return layer
         active = self._viewer.layers.selection.active  # napari selects a new layer: keep the user's one
         layer = self._viewer.add_labels(
@@ -501,7 +539,10 @@ class SamWidget(Container):
     def commit(self, _=None) -> None:
         """Make the preview a new object in the output labels layer, then clear the prompts."""
         if self._candidates is None:
-            show_warning("SAM: nothing to commit; click on an object or draw a box first.")
+            if self._session is None:
+                show_warning("SAM: no embeddings yet; press Compute embeddings, then click on an object.")
+            else:
+                show_warning("SAM: nothing to commit; click on an object or draw a box first.")
             return
         if self._refuse_while_job_runs("commit"):
             return
@@ -531,9 +572,11 @@ class SamWidget(Container):
             show_info("SAM: nothing to undo.")
             return
         layer, done = self._history.pop()
-        undo_commit(layer.data, done)
+        kept = undo_commit(layer.data, done)
         layer.refresh()
         self._status.value = f"Undid the {done.note}." if done.note else f"Removed object {done.object_id}."
+        if kept:
+            self._status.value += f" {kept} of its pixels, edited since, were kept."
 
     def propagate(self, object_ids: Iterable[int] | None = None, *, block: bool = False) -> None:
         """Propagate objects of the objects layer through the stack, in the background.
@@ -611,12 +654,61 @@ class SamWidget(Container):
             self._viewer.bind_key(key, self._key_handler(method), overwrite=True)
 
     def _bind_layer_keys(self, layer) -> None:
+        # isinstance, not type(): napari hands plugins proxies of its layers.
+        taken = next((keys for kind, keys in NAPARI_LAYER_KEYS.items() if isinstance(layer, kind)), set())
         for key, (method, _) in KEYS.items():
-            layer.bind_key(key, self._key_handler(method), overwrite=True)
+            if key not in taken:
+                layer.bind_key(key, self._key_handler(method), overwrite=True)
+
+    def _unbind_keys(self) -> None:
+        """Remove this widget's keys from the viewer and the SAM layers (where they are still its own)."""
+        layers = [layer for layer in self._prompt_layers.layers() if layer in self._viewer.layers]
+        for owner in (self._viewer, *layers):
+            for key, handler in list(owner.keymap.items()):
+                if getattr(handler, "sam_widget", None) is self:
+                    owner.bind_key(key, None)
 
     def _key_handler(self, method: str):
         def handler(_viewer_or_layer) -> None:
             getattr(self, method)()
 
         handler.__name__ = f"sam_{method}"
+        handler.sam_widget = self  # whose key it is, to unbind it when the widget closes
         return handler
+
+
+def editable(layer: Labels) -> None:
+    """Make sure objects can be written into `layer` in place; ValueError (for the user) if not.
+
+    A NumPy array that is a strided view or read-only is replaced by a copy (the user's array is left
+    as it was); lazy arrays (dask, zarr) are refused: writing into them would be lost or write to disk.
+    """
+    data = layer.data
+    if not isinstance(data, np.ndarray):
+        raise ValueError(
+            f"The labels layer '{layer.name}' holds a {type(data).__name__}, not an array in memory, so "
+            "SAM cannot add objects to it. Choose another objects layer (or none, for a new one), or "
+            "load it into memory first (layer.data = numpy.asarray(layer.data))."
+        )
+    if not (data.flags.c_contiguous and data.flags.writeable):
+        layer.data = np.array(data, order="C")
+        show_info(f"SAM: '{layer.name}' was copied into a plain array so that objects can be added to it.")
+
+
+class _CloseWatch(QObject):
+    """Calls `on_closed` once the widget, after being docked, loses its parent (napari closed the dock)."""
+
+    def __init__(self, widget, on_closed) -> None:
+        super().__init__(widget)
+        self._on_closed = on_closed
+        self._docked = False
+        widget.installEventFilter(self)
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() == QEvent.Type.ParentChange:
+            if watched.parent() is not None:
+                self._docked = True
+            elif self._docked:
+                self._docked = False
+                self._on_closed()
+        return False

@@ -114,10 +114,19 @@ def as_stored(embedding: ImageEmbedding, dtype: str = "float16") -> ImageEmbeddi
     return ImageEmbedding(features.float(), embedding.original_size, embedding.input_size)
 
 
+# Characters that some file system does not allow in a file name.
+UNSAFE_IN_NAMES = frozenset('/\\<>:"|?*')
+
+
 def store_path(folder: str | Path, name: str, key: str) -> Path:
     """The store of the stack `name` (a layer's name, a file's stem) in `folder`, as the widget and
-    `napari-sam embed` name it."""
-    return Path(folder) / f"{name}-{key[:12]}.zarr"
+    `napari-sam embed` name it.
+
+    Characters a file name cannot hold on some system (path separators, ``<>:"|?*``, control
+    characters) become ``_``, so a layer named "exp1/cell A" is stored in `folder` itself.
+    """
+    safe = "".join("_" if ch in UNSAFE_IN_NAMES or ord(ch) < 32 else ch for ch in name).strip(" .") or "_"
+    return Path(folder) / f"{safe}-{key[:12]}.zarr"
 
 
 class EmbeddingStore:

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from samcore import Predictor, build_sam
-from samcore.embeddings import EmbeddingStore, StackView, embed_slices, model_key, nearest_first, stack_key
+from samcore.embeddings import (
+    EmbeddingStore, StackView, embed_slices, model_key, nearest_first, stack_key, store_path,
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +88,10 @@ def test_contrast_of_a_long_stack_comes_from_a_bounded_sample():
     np.testing.assert_allclose(StackView.of(stack).value_range, exact, rtol=0.02)
     small = stack[:2]
     assert contrast_sample(small) is small  # small stacks: every voxel, as before
+
+
+def test_store_names_stay_inside_the_cache_folder(tmp_path):
+    key = "0123456789abcdef"
+    for name, stem in [("exp1/cell A", "exp1_cell A"), ("a\\b:c?", "a_b_c_"), ("..", "_"), ("nuclei", "nuclei")]:
+        path = store_path(tmp_path, name, key)
+        assert path.parent == tmp_path and path.name == f"{stem}-{key[:12]}.zarr"

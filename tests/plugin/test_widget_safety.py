@@ -1,0 +1,152 @@
+"""What the widget does when the user works around it: hand edits, replaced data, lazy layers, closing it."""
+
+import dask.array as da
+import numpy as np
+from conftest import preview_mask
+from test_propagate import ANY_MASK
+
+from napari_sam._candidates import Candidates
+
+BOX = np.array([[2, 5, 5], [2, 5, 80], [2, 80, 80], [2, 80, 5]])
+
+
+def _commit_box(viewer, widget):
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget._prompt_layers.boxes.add_rectangles(BOX)
+    widget.commit()
+    return widget.output_layer()
+
+
+def test_undo_keeps_what_the_user_painted_after_the_commit(sam):
+    viewer, widget = sam
+    objects = _commit_box(viewer, widget)
+    committed = objects.data == 1
+    assert committed.sum() > 20
+    ys, xs = np.nonzero(committed[2])
+    objects.selected_label, objects.brush_size = 7, 5
+    objects.paint((2, int(ys.mean()), int(xs.mean())), 7)  # a hand correction over the new object
+    painted = objects.data == 7
+    assert painted.any()
+    widget.undo()
+    np.testing.assert_array_equal(objects.data == 7, painted)  # the hand edit stays
+    assert not (objects.data == 1).any()  # the rest of the object is gone
+    assert f"{(painted & committed).sum()} of its pixels" in widget._status.value
+
+
+def test_undo_of_a_propagation_keeps_later_hand_edits(sam):
+    viewer, widget = sam
+    existing = np.zeros((4, 96, 96), np.uint32)
+    existing[2, 30:60, 30:60] = 5
+    objects = viewer.add_labels(existing.copy(), name="mine")
+    widget._output.reset_choices()
+    widget._output.value = objects
+    widget.propagation_settings = ANY_MASK
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget.propagate(block=True)
+    propagated = (objects.data == 5) & (existing == 0)
+    assert propagated.sum() > 10
+    edited = np.zeros_like(propagated)
+    edited.reshape(-1)[np.flatnonzero(propagated)[:10]] = True
+    objects.data[edited] = 9  # the user relabels part of a propagated object by hand
+    widget.undo()
+    assert (objects.data[edited] == 9).all()
+    np.testing.assert_array_equal(objects.data[~edited], existing[~edited])
+
+
+def test_replacing_the_image_data_drops_its_embeddings(sam):
+    viewer, widget = sam
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    image = widget._image.value
+    old = widget._session.store.get(2).features.clone()
+    image.data = np.ascontiguousarray(image.data[:, ::-1])  # same shape, other pixels
+    assert widget._session is None
+    assert "changed: compute embeddings again" in widget._status.value
+    widget.load(block=True)
+    assert not np.allclose(widget._session.store.get(2).features.numpy(), old.numpy())
+
+
+def test_a_lazy_labels_layer_is_refused_and_left_as_it_was(sam, messages):
+    viewer, widget = sam
+    lazy = viewer.add_labels(da.zeros((4, 96, 96), dtype=np.uint32, chunks=(1, 96, 96)), name="on disk")
+    widget._output.reset_choices()
+    widget._output.value = lazy
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget._prompt_layers.boxes.add_rectangles(BOX)
+    assert preview_mask(widget, 2).any()
+    widget.commit()
+    assert any("not an array in memory" in message for message in messages["error"])
+    assert isinstance(lazy.data, da.Array) and not lazy.data.any().compute()
+    assert preview_mask(widget, 2).any()  # the preview is kept, to commit elsewhere
+
+
+def test_a_strided_labels_layer_is_copied_before_objects_are_added(sam, messages):
+    viewer, widget = sam
+    base = np.zeros((96, 96, 4), np.uint32)
+    mine = viewer.add_labels(base.transpose(2, 0, 1), name="transposed")  # a strided view of `base`
+    widget._output.reset_choices()
+    widget._output.value = mine
+    objects = _commit_box(viewer, widget)
+    assert objects is mine and (mine.data == 1).any()
+    assert mine.data.flags.c_contiguous
+    assert not base.any()  # the user's own array is left as it was
+    assert any("copied" in message for message in messages["info"])
+
+
+def test_closing_the_dock_stops_the_embeddings_and_gives_the_keys_back(make_napari_viewer, tiny_checkpoint, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((40, 64, 64)).astype(np.float32), name="big")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    widget.load()
+    qtbot.waitUntil(lambda: widget._session is not None and len(widget._session.store) >= 1, timeout=60_000)
+    layers = widget._prompt_layers.layers()
+    assert any(_sam_keys(layer) for layer in layers) and _sam_keys(viewer)
+    viewer.window.remove_dock_widget(widget.native)
+    assert not widget._busy()
+    assert len(widget._session.store if widget._session else []) < 40
+    assert not _sam_keys(viewer) and not any(_sam_keys(layer) for layer in layers)
+
+
+def test_the_sam_layers_keep_napari_s_own_keys(sam):
+    viewer, widget = sam
+    widget.load(block=True)
+    layers = widget._prompt_layers
+    assert {"S", "P"}.isdisjoint(_sam_keys(layers.points))  # select and add points
+    assert {"S", "P", "T", "Shift+P"}.isdisjoint(_sam_keys(layers.boxes))  # select, polygon, path
+    assert "P" not in _sam_keys(layers.brush)  # paint
+    for layer in (layers.points, layers.boxes, layers.brush):
+        assert {"C", "U", "N", "Shift+C"} <= _sam_keys(layer).keys()
+    assert _sam_keys(viewer)["Shift+P"] == "sam_propagate"
+    assert _sam_keys(layers.points)["Shift+P"] == "sam_propagate"
+
+
+def _sam_keys(owner) -> dict[str, str]:
+    """The keys of `owner` (viewer or layer) bound to the SAM widget, with their handlers' names."""
+    return {
+        str(key): handler.__name__
+        for key, handler in owner.keymap.items()
+        if getattr(handler, "sam_widget", None) is not None
+    }
+
+
+def test_candidates_are_shown_and_numbered_best_first():
+    candidates = Candidates(np.zeros((3, 4, 4), bool), np.array([0.2, 0.9, 0.5]))
+    shown = [candidates.index]
+    assert candidates.describe(False).startswith("candidate 1/3 (best), predicted IoU 0.90")
+    while candidates.next() and len(shown) < 3:
+        shown.append(candidates.index)
+    assert shown == [1, 2, 0]
+    assert candidates.describe(False).startswith("candidate 1/3 (best)")  # back round to the best
+
+
+def test_a_click_before_any_embedding_says_what_to_do(sam, messages):
+    viewer, widget = sam
+    widget._prompt_layers_for(widget._image.value)
+    widget.add_point((2, 40, 40))
+    assert widget._status.value == "No embeddings yet: press Compute embeddings."
+    widget.commit()
+    assert any("no embeddings yet" in message for message in messages["warning"])
