@@ -251,7 +251,11 @@ class SamWidget(Container):
         self._zoom.value = zoom
 
     def _on_image_change(self, _=None) -> None:
-        self._forget("Image changed: compute embeddings for it.")
+        session = self._session
+        if session is not None and session.layer not in self._viewer.layers:  # the picker moved on from it
+            self._forget(f"The image '{session.layer.name}' was deleted: pick an image and compute embeddings.")
+        else:
+            self._forget("Image changed: compute embeddings for it.")
 
     def _on_layer_removed(self, event) -> None:
         """Stop what works on a deleted layer: its image's embeddings, a job painting into it, its undo."""

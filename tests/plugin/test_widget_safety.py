@@ -150,3 +150,13 @@ def test_a_click_before_any_embedding_says_what_to_do(sam, messages):
     assert widget._status.value == "No embeddings yet: press Compute embeddings."
     widget.commit()
     assert any("no embeddings yet" in message for message in messages["warning"])
+
+
+def test_deleting_the_image_says_so_when_the_picker_moves_to_another(sam):
+    viewer, widget = sam
+    viewer.add_image(np.zeros((4, 96, 96), np.float32), name="other")
+    widget._image.value = viewer.layers["nuclei"]
+    widget.load(block=True)
+    viewer.layers.remove("nuclei")
+    assert widget._image.value.name == "other" and widget._session is None
+    assert "'nuclei' was deleted" in widget._status.value
