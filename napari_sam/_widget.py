@@ -74,6 +74,8 @@ class SamWidget(Container):
         viewer: The napari viewer the widget works in.
     """
 
+    _said_deleted = False  # the status line says the image was deleted (kept on the picker's change)
+
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         self._viewer = viewer
@@ -253,9 +255,10 @@ class SamWidget(Container):
     def _on_image_change(self, _=None) -> None:
         session = self._session
         if session is not None and session.layer not in self._viewer.layers:  # the picker moved on from it
-            self._forget(f"The image '{session.layer.name}' was deleted: pick an image and compute embeddings.")
-        else:
+            self._forget_deleted(session.layer)
+        elif session is not None or self._embedding.running or not self._said_deleted:
             self._forget("Image changed: compute embeddings for it.")
+        # else: the image was deleted, and the status line says so (`_on_layer_removed` ran first)
 
     def _on_layer_removed(self, event) -> None:
         """Stop what works on a deleted layer: its image's embeddings, a job painting into it, its undo."""
@@ -263,7 +266,7 @@ class SamWidget(Container):
         embedding = self._session.layer if self._session is not None else self._embedding.layer
         working = self._session is not None or self._embedding.running
         if embedding is not None and layer == embedding and working:
-            self._forget(f"The image '{layer.name}' was deleted: pick an image and compute embeddings.")
+            self._forget_deleted(layer)
         for job in (self._propagation, self._automatic):
             job.forget_layer(layer)
         self._history = [(target, done) for target, done in self._history if target != layer]
@@ -283,8 +286,13 @@ class SamWidget(Container):
         self._viewer.layers.events.removed.disconnect(self._on_layer_removed)
         self._session = None
 
+    def _forget_deleted(self, layer: Image) -> None:
+        self._forget(f"The image '{layer.name}' was deleted: pick an image and compute embeddings.")
+        self._said_deleted = True
+
     def _forget(self, status: str) -> None:
         """Drop the current session (its embeddings belong to another image or model)."""
+        self._said_deleted = False
         self._cancel_jobs("(the image, the model or its settings changed)")
         self.cancel()
         self._session = None
