@@ -3,7 +3,7 @@
 import dask.array as da
 import numpy as np
 from conftest import preview_mask
-from test_propagate import ANY_MASK
+from test_propagate import _objects
 
 from napari_sam._candidates import Candidates
 
@@ -38,10 +38,7 @@ def test_undo_of_a_propagation_keeps_later_hand_edits(sam):
     viewer, widget = sam
     existing = np.zeros((4, 96, 96), np.uint32)
     existing[2, 30:60, 30:60] = 5
-    objects = viewer.add_labels(existing.copy(), name="mine")
-    widget._output.reset_choices()
-    widget._output.value = objects
-    widget.propagation_settings = ANY_MASK
+    objects = _objects(viewer, widget, existing)  # propagated with any mask, into a layer of the user's
     viewer.dims.set_current_step(0, 2)
     widget.load(block=True)
     widget.propagate(block=True)
