@@ -121,7 +121,7 @@ class SamWidget(Container):
             "click in 'SAM points', draw rectangles in 'SAM boxes',",
             "or paint roughly over an object in 'SAM brush'",
             *(f"{key.upper():>8}  {action}" for key, (_, action) in KEYS.items()),
-            "(in the SAM layers, napari's own S, P and T keep their meaning)",
+            "(in the SAM layers, napari's own S, P, Shift-P and T keep their meaning)",
         ]))
         buttons = Container(layout="horizontal", labels=False)
         for name in ("segment", "commit", "next_candidate", "undo", "clear", "propagate"):
@@ -150,6 +150,7 @@ class SamWidget(Container):
             self._fade, buttons, automatic, thresholds, self._candidate, self._status, self._help,
         ])
         self._model.changed.connect(self._on_model_choice)
+        self._checkpoint.changed.connect(self._on_checkpoint_choice)
         self._image.changed.connect(self._on_image_change)
         self._views.changed.connect(lambda: self._forget("Views changed: compute embeddings again."))
         self._device.changed.connect(lambda: self._forget("Device changed: compute embeddings again."))
@@ -228,10 +229,14 @@ class SamWidget(Container):
         self._show_registry_defaults(choice)
         self._forget("Model changed: compute embeddings with it.")
 
+    def _on_checkpoint_choice(self, _=None) -> None:
+        self._defaults_for = None  # the file's own settings are shown once it is loaded (`_on_session`)
+
     def _show_registry_defaults(self, choice: str) -> None:
         """Show the segment-all thresholds and refine choice of a model from its registry entry.
 
-        Weight files have SAM's thresholds and no refinement (as `samcore.load_model` gives them).
+        A weight file shows SAM's until it is loaded; then its own (`samcore.load_model`: SAM's for
+        SAM's architectures, the bundled model's kind of settings for a model trained here).
         """
         from samcore.zoo import get_entry
 
@@ -239,6 +244,8 @@ class SamWidget(Container):
         thresholds = entry.auto_thresholds if entry is not None and entry.auto_thresholds else SAM_THRESHOLDS
         own = entry is not None
         self._show_model_defaults(choice, thresholds, own and entry.refine, own and entry.zoom)
+        if entry is None:
+            self._defaults_for = None
 
     def _show_model_defaults(
         self, name: str, thresholds: tuple[float, float], refine: bool, zoom: bool

@@ -313,7 +313,8 @@ def _unavailable(entry: ModelEntry, destination: Path, error: BaseException) -> 
         f"Could not download the model {entry.name!r} ({reason}). "
         f"If this computer has no internet access, download {entry.url} on another computer "
         f"and copy the file to {destination} (exactly this name), then try again. "
-        f"Alternatively pass your own weight file with checkpoint=.",
+        "Or use a weight file you have: checkpoint= in Python, --checkpoint on the command line, "
+        "'checkpoint file…' in the widget's model list.",
         url=entry.url,
         destination=destination,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from . import download, zoo
 from .build import ARCHITECTURES
 from .checkpoint import load_checkpoint
 from .device import select_device
+from .modeling.micro_encoder import MicroEncoder
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,11 @@ def load_model(
       architecture is detected from the file. Because you chose the file, a
       training checkpoint that holds more than weights is also opened (which
       can run code stored in it: only use files from sources you trust).
+      SAM's architectures decode as segment-anything does. A model of the
+      bundled model's kind (``python -m samcore.training``) decodes as the
+      bundled model does (refined, mirrored views, zoomed boxes), with the
+      segment-all thresholds its calibration wrote beside the file
+      (``DIR/micro_v1.json``), else the bundled model's.
     * only ``name``: the named model is taken from the local cache, or
       downloaded and verified first.
     * neither: the default model.
@@ -69,16 +76,36 @@ def load_model(
     target = select_device(device)
     if checkpoint is not None:
         model = load_checkpoint(checkpoint, _architecture_for(name), trusted=True, requested_as=name)
+        if isinstance(model.image_encoder, MicroEncoder) and zoo.BUNDLED_MODEL is not None:
+            entry = zoo.BUNDLED_MODEL
+            _decode_as(model, entry, _calibrated_thresholds(Path(checkpoint)) or entry.auto_thresholds)
     else:
         entry = zoo.get_entry(name)
         # The file matched its published hash, so it is the one its authors released.
         model = load_checkpoint(download.fetch(entry), entry.architecture, trusted=True)
-        if entry.auto_thresholds is not None:
-            model.auto_defaults = dict(zip(("min_predicted_iou", "min_stability"), entry.auto_thresholds))
-        model.refine_masks = entry.refine
-        model.views = entry.views
-        model.zoom_boxes = entry.zoom
+        _decode_as(model, entry, entry.auto_thresholds)
     return model.to(target).eval()
+
+
+def _decode_as(model: nn.Module, entry: zoo.ModelEntry, thresholds: tuple[float, float] | None) -> None:
+    """Give `model` the decoding defaults of `entry` and segment-all `thresholds` (None: SAM's)."""
+    if thresholds is not None:
+        model.auto_defaults = dict(zip(("min_predicted_iou", "min_stability"), thresholds))
+    model.refine_masks = entry.refine
+    model.views = entry.views
+    model.zoom_boxes = entry.zoom
+
+
+def _calibrated_thresholds(checkpoint: Path) -> tuple[float, float] | None:
+    """The segment-all thresholds in the training notes beside a weight file, if there are any."""
+    notes = checkpoint.with_suffix(".json")
+    try:
+        values = json.loads(notes.read_text()).get("auto_thresholds")
+    except (OSError, ValueError, AttributeError):  # no notes, unreadable, or not an object
+        return None
+    if isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) for v in values):
+        return float(values[0]), float(values[1])
+    return None
 
 
 def list_models() -> list[ModelStatus]:

@@ -130,9 +130,11 @@ def resolve_precision(precision: str, model: torch.nn.Module) -> str:
             raise ValueError(f"int8 encoding runs on the CPU, and this model is on {device.type}; use bf16.")
         encoder = getattr(model, "image_encoder", None)
         if not isinstance(encoder, ImageEncoderViT):
+            kinds = {"MicroEncoder": "the bundled model's kind", "TinyViT": "MobileSAM's TinyViT"}
+            kind = kinds.get(type(encoder).__name__, type(encoder).__name__)
             raise ValueError(
                 f"int8 encoding is for SAM's ViT encoders (vit_b, vit_l, vit_h and their finetunes), not "
-                f"{type(encoder).__name__}; use precision='fp32'."
+                f"{kind}: use fp32 (precision='fp32', --precision fp32 on the command line)."
             )
         if cpu_int8_speedup() < SLOW_SPEEDUP:
             return _slow_on_this_cpu("int8", cpu_int8_speedup(), "int8 dot-product instructions (VNNI)")

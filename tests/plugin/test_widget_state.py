@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+import torch
+from samcore import build_sam
 
 from napari_sam._candidates import Candidates
 from napari_sam._widget import CHECKPOINT_CHOICE
@@ -173,3 +175,16 @@ def test_scripted_clicks_and_boxes_are_in_world_coordinates(make_napari_viewer, 
     assert widget._candidates is not None
     widget.add_box((18, 105, 205), (18, 125, 225))
     np.testing.assert_allclose(widget._prompt_layers.boxes.data[0][[0, 2]], [[2, 10, 10], [2, 50, 50]])
+
+
+def test_a_weight_file_trained_here_shows_its_own_settings_once_loaded(sam, tmp_path):
+    viewer, widget = sam
+    torch.manual_seed(0)
+    path = tmp_path / "micro_v1.pt"
+    torch.save(build_sam("micro_v1").state_dict(), path)
+    path.with_suffix(".json").write_text('{"auto_thresholds": [0.25, 0.7]}')  # as training's calibration writes
+    widget.set_model(checkpoint=path)
+    assert (widget._min_iou.value, widget._min_stability.value) == (0.88, 0.95)  # unknown until loaded
+    widget.load(block=True)
+    assert (widget._min_iou.value, widget._min_stability.value) == (0.25, 0.7)
+    assert widget._refine.value and widget._zoom.value and widget._session.predictor.views == 2
