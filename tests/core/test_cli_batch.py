@@ -5,7 +5,7 @@ import pytest
 import tifffile
 import torch
 
-from samcore import Predictor
+from samcore import Predictor, load_model
 from samcore.build import ARCHITECTURES
 from samcore.cli import main
 from samcore.embeddings import EmbeddingStore, StackView, model_key, stack_key, store_path
@@ -78,12 +78,13 @@ def test_auto_on_a_folder_of_2d_and_rgb_images_then_skips_finished_ones(tmp_path
 
 def test_embed_makes_the_store_the_widget_finds(tmp_path, stack_file, checkpoint):
     assert cli("embed", stack_file, "--cache-dir", tmp_path / "cache", checkpoint=checkpoint) == 0
-    model = tiny_sam()  # the same weights, as the widget would load them
+    model = load_model(checkpoint=checkpoint, device="cpu")  # as the widget loads the file
+    predictor = Predictor(model, "fp32")  # the model's own views, as the widget's
     view = StackView.of(tifffile.imread(stack_file))  # as napari reads the file
-    key = stack_key(view, model_key(model))
+    key = stack_key(view, model_key(model), predictor.views)
     store = EmbeddingStore(key, view.n_slices, store_path(tmp_path / "cache", "stack", key))
     assert len(store) == 4 and store.dtype == "float16"
-    expected = Predictor(model, "fp32").embed_rgb(view.rgb_slice(2)).features
+    expected = predictor.embed_rgb(view.rgb_slice(2)).features
     torch.testing.assert_close(store.get(2).features, expected, atol=2e-2, rtol=2e-3)
 
 
