@@ -2,7 +2,8 @@
 
 The user prompts in the first three ("SAM points", "SAM boxes", "SAM brush"); the widget draws the
 mask of the displayed slice into "SAM preview". They follow the image's scale and translate, so
-prompts line up with it however the image is placed in the world.
+prompts line up with it however the image is placed in the world. A widget opened again after its dock
+was closed takes over the layers of that name it finds, instead of adding a second set.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
     from napari.layers import Image, Layer
 
 POINT_COLORS = {POSITIVE: "lime", NEGATIVE: "red"}
+# (attribute, layer name, napari layer type) of the widget's layers.
+OWN_LAYERS = (("preview", "SAM preview", "Labels"), ("brush", "SAM brush", "Labels"),
+              ("boxes", "SAM boxes", "Shapes"), ("points", "SAM points", "Points"))
 PREVIEW_ID = 1
 
 
@@ -47,6 +51,7 @@ class PromptLayers:
         ndim = spatial_ndim(image)
         shape = image.data.shape[:ndim]
         viewer = self._viewer
+        self._take_over_left_layers()
         new_preview = not self._usable(self.preview, ndim) or self.preview.data.shape != shape
         if new_preview:
             self._remove(self.preview)
@@ -55,26 +60,51 @@ class PromptLayers:
         if not self._usable(self.brush, ndim) or self.brush.data.shape != shape:
             self._remove(self.brush)
             self.brush = viewer.add_labels(np.zeros(shape, np.uint8), name="SAM brush", opacity=0.4)
-            self.brush.mode = "paint"  # ready to paint once the user selects it
-            self.brush.events.paint.connect(self._changed)
-            self.brush.events.data.connect(self._changed)
-            self._bind_keys(self.brush)
+            self._wire(self.brush)
         if not self._usable(self.boxes, ndim):
             self._remove(self.boxes)
             self.boxes = viewer.add_shapes(
                 ndim=ndim, name="SAM boxes", edge_color="yellow", face_color="transparent", edge_width=2
             )
-            self.boxes.events.data.connect(self._changed)
-            self._bind_keys(self.boxes)
+            self._wire(self.boxes)
         if not self._usable(self.points, ndim):
             self._remove(self.points)
             self.points = viewer.add_points(ndim=ndim, name="SAM points", size=8, features={"label": np.zeros(0, int)})
-            self._style_new_points(self.polarity)
-            self.points.events.data.connect(self._changed)
-            self._bind_keys(self.points)
-            self.points.mode = "add"
+            self._wire(self.points)
         for layer in (self.preview, self.brush, self.boxes, self.points):
             layer.scale, layer.translate = image.scale[:ndim], image.translate[:ndim]
+
+    def _take_over_left_layers(self) -> None:
+        """Take the layers a closed widget left (by name and type) for those not made yet."""
+        from napari import layers
+
+        for attribute, name, kind in OWN_LAYERS:
+            if getattr(self, attribute) is not None or name not in self._viewer.layers:
+                continue
+            layer = self._viewer.layers[name]
+            if isinstance(layer, getattr(layers, kind)):
+                setattr(self, attribute, layer)
+                if layer is not self.preview:
+                    self._wire(layer)
+
+    def _wire(self, layer: Layer) -> None:
+        """Connect a prompt layer to the widget: its changes redraw the preview, the widget's keys work in it."""
+        if layer is self.brush:
+            layer.mode = "paint"  # ready to paint once the user selects it
+            layer.events.paint.connect(self._changed)
+        layer.events.data.connect(self._changed)
+        self._bind_keys(layer)
+        if layer is self.points:
+            self._style_new_points(self.polarity)
+            layer.mode = "add"
+
+    def release(self) -> None:
+        """Disconnect the prompt layers from the widget (it was closed); the layers stay for another one."""
+        for layer in (self.points, self.boxes, self.brush):
+            if layer is not None:
+                layer.events.data.disconnect(self._changed)
+        if self.brush is not None:
+            self.brush.events.paint.disconnect(self._changed)
 
     def layers(self) -> list[Layer]:
         """The layers made so far."""

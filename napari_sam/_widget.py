@@ -289,6 +289,8 @@ class SamWidget(Container):
         self._cancel_jobs("(the SAM widget was closed)")
         self.cancel()
         self._unbind_keys()
+        self._prompt_layers.clear_preview()
+        self._prompt_layers.release()
         self._viewer.dims.events.current_step.disconnect(self._on_slice_change)
         self._viewer.layers.events.removed.disconnect(self._on_layer_removed)
         self._session = None

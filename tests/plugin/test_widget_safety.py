@@ -157,3 +157,24 @@ def test_deleting_the_image_says_so_when_the_picker_moves_to_another(sam):
     viewer.layers.remove("nuclei")
     assert widget._image.value.name == "other" and widget._session is None
     assert "'nuclei' was deleted" in widget._status.value
+
+
+def test_a_widget_opened_again_takes_over_the_layers_of_the_closed_one(sam):
+    viewer, widget = sam
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget.add_point((2, 40, 40))
+    assert preview_mask(widget, 2).any()
+    layers = widget._prompt_layers.layers()
+    viewer.window.remove_dock_widget(widget.native)
+    assert not preview_mask(widget, 2).any()  # the closed widget's preview is cleared
+    _, again = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    assert again is not widget
+    again.set_model(checkpoint=widget._checkpoint.value)
+    again.load(block=True)
+    assert [layer.name for layer in again._prompt_layers.layers()] == [layer.name for layer in layers]
+    assert sum(layer.name.startswith("SAM ") for layer in viewer.layers) == 4  # no second set
+    closed_status = widget._status.value
+    again.add_point((2, 60, 60))  # the old click and this one, decoded by the new widget only
+    assert preview_mask(again, 2).any() and again._candidates is not None
+    assert widget._status.value == closed_status  # the closed widget no longer hears the layers
