@@ -88,7 +88,7 @@ class PromptLayers:
                     self._wire(layer)
 
     def _wire(self, layer: Layer) -> None:
-        """Connect a prompt layer to the widget: its changes redraw the preview, the widget's keys work in it."""
+        """Connect a prompt layer: its changes redraw the preview, and the widget's keys work in it."""
         if layer is self.brush:
             layer.mode = "paint"  # ready to paint once the user selects it
             layer.events.paint.connect(self._changed)

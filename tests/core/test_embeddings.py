@@ -92,6 +92,7 @@ def test_contrast_of_a_long_stack_comes_from_a_bounded_sample():
 
 def test_store_names_stay_inside_the_cache_folder(tmp_path):
     key = "0123456789abcdef"
-    for name, stem in [("exp1/cell A", "exp1_cell A"), ("a\\b:c?", "a_b_c_"), ("..", "_"), ("nuclei", "nuclei")]:
+    cases = [("exp1/cell A", "exp1_cell A"), ("a\\b:c?", "a_b_c_"), ("..", "_"), ("nuclei", "nuclei")]
+    for name, stem in cases:
         path = store_path(tmp_path, name, key)
         assert path.parent == tmp_path and path.name == f"{stem}-{key[:12]}.zarr"

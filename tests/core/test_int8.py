@@ -117,7 +117,9 @@ def test_int8_on_a_cpu_without_int8_instructions_warns_and_uses_fp32(model, monk
     assert predictor.precision == "fp32"
 
 
-@pytest.mark.parametrize(("arch", "kind"), [("micro_v1", "the bundled model's kind"), ("vit_t", "MobileSAM's TinyViT")])
+@pytest.mark.parametrize(
+    ("arch", "kind"), [("micro_v1", "the bundled model's kind"), ("vit_t", "MobileSAM's TinyViT")]
+)
 def test_int8_for_other_encoders_is_refused_in_words_a_user_knows(arch, kind):
     with pytest.raises(ValueError, match=f"not {kind}: use fp32 .*--precision fp32"):
         Predictor(build_sam(arch), precision="int8")

@@ -368,15 +368,17 @@ def test_a_file_of_sams_architecture_decodes_as_segment_anything(plain_file: Pat
     assert not getattr(model, "zoom_boxes", False)
 
 
-def test_a_model_trained_here_decodes_as_the_bundled_one_with_its_calibrated_thresholds(tmp_path: Path) -> None:
+def test_a_model_trained_here_decodes_as_the_bundled_one_with_its_thresholds(tmp_path: Path) -> None:
     bundled = zoo.BUNDLED_MODEL
     torch.manual_seed(0)
     path = tmp_path / "micro_v1.pt"
     torch.save(build_sam(bundled.architecture).state_dict(), path)
     model = load_model(checkpoint=path, device="cpu")  # no training notes beside it: the bundled model's
-    assert (model.refine_masks, model.views, model.zoom_boxes) == (bundled.refine, bundled.views, bundled.zoom)
+    decoding = (model.refine_masks, model.views, model.zoom_boxes)
+    assert decoding == (bundled.refine, bundled.views, bundled.zoom)
     assert tuple(model.auto_defaults.values()) == bundled.auto_thresholds
-    path.with_suffix(".json").write_text('{"steps": 10, "auto_thresholds": [0.25, 0.7]}')  # as calibrate writes
+    notes = path.with_suffix(".json")
+    notes.write_text('{"steps": 10, "auto_thresholds": [0.25, 0.7]}')  # as calibrate writes
     assert tuple(load_model(checkpoint=path, device="cpu").auto_defaults.values()) == (0.25, 0.7)
-    path.with_suffix(".json").write_text("not json")
+    notes.write_text("not json")
     assert tuple(load_model(checkpoint=path, device="cpu").auto_defaults.values()) == bundled.auto_thresholds

@@ -93,7 +93,9 @@ def test_a_strided_labels_layer_is_copied_before_objects_are_added(sam, messages
     assert any("copied" in message for message in messages["info"])
 
 
-def test_closing_the_dock_stops_the_embeddings_and_gives_the_keys_back(make_napari_viewer, tiny_checkpoint, qtbot):
+def test_closing_the_dock_stops_the_embeddings_and_gives_the_keys_back(
+    make_napari_viewer, tiny_checkpoint, qtbot
+):
     viewer = make_napari_viewer()
     viewer.add_image(np.random.default_rng(0).random((40, 64, 64)).astype(np.float32), name="big")
     _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")

@@ -182,7 +182,7 @@ def test_a_weight_file_trained_here_shows_its_own_settings_once_loaded(sam, tmp_
     torch.manual_seed(0)
     path = tmp_path / "micro_v1.pt"
     torch.save(build_sam("micro_v1").state_dict(), path)
-    path.with_suffix(".json").write_text('{"auto_thresholds": [0.25, 0.7]}')  # as training's calibration writes
+    path.with_suffix(".json").write_text('{"auto_thresholds": [0.25, 0.7]}')  # as calibration writes
     widget.set_model(checkpoint=path)
     assert (widget._min_iou.value, widget._min_stability.value) == (0.88, 0.95)  # unknown until loaded
     widget.load(block=True)
