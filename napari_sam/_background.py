@@ -65,7 +65,7 @@ class BackgroundJob:
     def _record(self, index: np.ndarray) -> None:
         """Keep the flat indices just painted into `_layer`, and what was painted there."""
         self._painted.append(index)
-        self._written.append(self._layer.data.reshape(-1)[index].copy())
+        self._written.append(self._layer.data.reshape(-1)[index])  # indexing with an array copies
 
     @property
     def running(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from napari.layers import Labels, Points, Shapes
 
 from ._prompts import NEGATIVE, POSITIVE, SlicePrompts, slice_prompts, spatial_ndim
 
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 
 POINT_COLORS = {POSITIVE: "lime", NEGATIVE: "red"}
 # (attribute, layer name, napari layer type) of the widget's layers.
-OWN_LAYERS = (("preview", "SAM preview", "Labels"), ("brush", "SAM brush", "Labels"),
-              ("boxes", "SAM boxes", "Shapes"), ("points", "SAM points", "Points"))
+OWN_LAYERS = (("preview", "SAM preview", Labels), ("brush", "SAM brush", Labels),
+              ("boxes", "SAM boxes", Shapes), ("points", "SAM points", Points))
 PREVIEW_ID = 1
 
 
@@ -76,13 +77,11 @@ class PromptLayers:
 
     def _take_over_left_layers(self) -> None:
         """Take the layers a closed widget left (by name and type) for those not made yet."""
-        from napari import layers
-
         for attribute, name, kind in OWN_LAYERS:
             if getattr(self, attribute) is not None or name not in self._viewer.layers:
                 continue
             layer = self._viewer.layers[name]
-            if isinstance(layer, getattr(layers, kind)):
+            if isinstance(layer, kind):
                 setattr(self, attribute, layer)
                 if layer is not self.preview:
                     self._wire(layer)

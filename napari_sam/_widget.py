@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import QEvent, QObject
 from magicgui.widgets import (
     CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, create_widget,
 )
 from napari.layers import Image, Labels, Points, Shapes
 from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QEvent, QObject
 
 from ._annotations import Commit, commit_mask, undo_commit
 from ._candidates import Candidates
@@ -473,8 +473,8 @@ class SamWidget(Container):
             if session is None and not self._embedding.running and self._prompt_layers.preview is not None:
                 self._status.value = "No embeddings yet: press Compute embeddings."
             return
-        if session.stale():
-            self._forget(f"The data of '{session.layer.name}' changed: compute embeddings again.")
+        if session.stale():  # the data event dropped it already, unless it came before the session
+            self._on_image_data()
             return
         z = self._current_z(session.layer)
         prompts = self._prompt_layers.prompts(session.layer, z)

@@ -86,7 +86,10 @@ def _cpu_speedup(
 
 
 def _best(
-    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor, repeats: int
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    a: torch.Tensor,
+    b: torch.Tensor,
+    repeats: int,
 ) -> float:
     """Fastest of `repeats` timed calls of `product(a, b)`, in seconds, after one untimed call."""
     product(a, b)  # first call: kernel selection and allocation
