@@ -4,7 +4,9 @@ Run under a display (e.g. `xvfb-run -a python benchmarks/bench_plugin.py`). Prin
   * the longest gap of a 10 ms Qt timer on the main thread while the widget embeds a stack in the
     background (how long the viewer would freeze), for `--slices` slices of nuclei3d;
   * click-to-preview time on the 512x512 DSB 2018 image with its embedding cached: from adding a
-    point to the Points layer until the preview layer holds the mask (median over clicks).
+    point to the Points layer until the preview layer holds the mask (median over clicks);
+  * how long Cancel takes when pressed part-way through a slice's embedding, next to the time one
+    slice takes (what a cancel that waits for the slice in progress would cost, at worst).
 
 Weights: random ViT-B (or --checkpoint FILE); timing does not depend on the values.
 Data: $NAPARI_SAM_DATA (default ../shared/data).
@@ -32,6 +34,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="weights to use (default: random ViT-B written to a temp file)")
     parser.add_argument("--slices", type=int, default=4, help="slices of nuclei3d to embed while watching the UI")
     parser.add_argument("--clicks", type=int, default=30)
+    parser.add_argument("--cancels", type=int, default=3, help="tries of Cancel during an embedding")
     args = parser.parse_args()
 
     import napari
@@ -59,6 +62,11 @@ def main() -> None:
     print(f"click to preview on {image.shape[0]}x{image.shape[1]}, embedding cached: "
           f"median {statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms "
           f"({len(latencies)} clicks)")
+
+    waits, slice_seconds = cancel_latencies(viewer, widget, stack, args.cancels)
+    print(f"Cancel pressed part-way through a slice: returned in median {statistics.median(waits) * 1000:.0f} "
+          f"ms, max {max(waits) * 1000:.0f} ms ({len(waits)} tries); one slice's embedding takes "
+          f"{slice_seconds:.1f} s")
     viewer.close()
 
 
@@ -81,7 +89,7 @@ def watch_event_loop(widget) -> tuple[float, list[float]]:
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start()
     widget.load()
-    while widget._worker is not None:
+    while widget._embedding.running:
         QCoreApplication.processEvents()
         time.sleep(0.001)
     timer.stop()
@@ -96,10 +104,35 @@ def click_latencies(widget, shape: tuple[int, int], clicks: int) -> list[float]:
         widget.clear()
         y, x = rng.uniform(20, shape[0] - 20), rng.uniform(20, shape[1] - 20)
         start = time.perf_counter()
-        widget._points.add([y, x])
+        widget.add_point((y, x))
         latencies.append(time.perf_counter() - start)
         assert widget._candidates is not None
     return latencies
+
+
+def cancel_latencies(viewer, widget, stack: np.ndarray, tries: int) -> tuple[list[float], float]:
+    """Press Cancel at a random moment of a slice's embedding, `tries` times; also time one slice."""
+    from qtpy.QtCore import QCoreApplication
+
+    widget.clear()  # the last click belongs to the DSB image
+    layer = viewer.add_image(stack[0], name="one slice")
+    widget._image.value = layer
+    started = time.perf_counter()
+    widget.load(block=True)
+    slice_seconds = time.perf_counter() - started
+    rng = np.random.default_rng(1)
+    waits = []
+    for _ in range(tries):
+        layer.data = layer.data.copy()  # new data: the next Compute embeddings starts afresh
+        widget.load()
+        pressed = time.perf_counter() + rng.uniform(0.2, 0.8) * slice_seconds
+        while time.perf_counter() < pressed:
+            QCoreApplication.processEvents()
+            time.sleep(0.005)
+        start = time.perf_counter()
+        widget.cancel()
+        waits.append(time.perf_counter() - start)
+    return waits, slice_seconds
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ embeddings they need themselves (propagation, segment all) pause this one; it re
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,6 +74,7 @@ class EmbeddingJob:
         self._failed = False  # the worker reported an error, which stays in the status line
         self._progress = None
         self._paused = False  # stopped for a propagation or segment all; resumed after it
+        self._stop = threading.Event()  # set to abandon the slice being embedded
 
     @property
     def running(self) -> bool:
@@ -94,8 +96,9 @@ class EmbeddingJob:
             session = None
         center = widget._current_z(layer) or 0
         # Errors go to _on_error (a notification), not back into the event loop.
+        self._stop = threading.Event()
         worker = thread_worker(reported(_compute), ignore_errors=True)(
-            session, layer, model_source, settings, widget._embedding_cache(), center
+            session, layer, model_source, settings, widget._embedding_cache(), center, self._stop
         )
         self._progress = progress(total=0, desc="SAM embeddings")
         worker.yielded.connect(self._on_progress)
@@ -108,8 +111,9 @@ class EmbeddingJob:
         worker.start()
 
     def quit(self) -> None:
-        """Ask the worker to stop after the slice it is embedding (the widget waits for it)."""
+        """Ask the worker to stop; the slice it is embedding is abandoned (the widget waits for it)."""
         if self.worker is not None:
+            self._stop.set()
             self.worker.quit()
 
     def pause(self) -> None:
@@ -173,10 +177,11 @@ class EmbeddingJob:
             )
 
 
-def _compute(session, layer, model_source, settings, cache_dir, center):
+def _compute(session, layer, model_source, settings, cache_dir, center, stop):
     """Worker body: load the model (if needed) and embed every slice, nearest to `center` first.
 
-    `settings` is (device, views), views None for the model's own number.
+    `settings` is (device, views), views None for the model's own number. Setting the event `stop`
+    abandons the slice being embedded.
     """
     from samcore import Predictor, load_model
     from samcore.embeddings import (
@@ -195,6 +200,7 @@ def _compute(session, layer, model_source, settings, cache_dir, center):
         label = name or Path(checkpoint).name
         session = Session(layer, model_source, settings, predictor, view, store, label)
     yield ("session", session)
-    for z in embed_slices(session.predictor, session.view, session.store, nearest_first(center, session.view.n_slices)):
+    order = nearest_first(center, session.view.n_slices)
+    for z in embed_slices(session.predictor, session.view, session.store, order, cancel=stop):
         yield ("slice", z)
     return session

@@ -98,7 +98,7 @@ class Propagation(BackgroundJob):
         predictor = Predictor(session.predictor.model, views=session.predictor.views)
         # Not zoomed in, whatever the zoom box says: on the real nuclei3d stack, zoomed slices made
         # propagation worse (README, 3D), and three to four times slower.
-        decoder = StackDecoder(predictor, session.view, session.store)
+        decoder = StackDecoder(predictor, session.view, session.store, cancel=self._cancel)
         try:
             job = propagate_iter(decoder, labels, ids, settings, self._cancel)
         except (ValueError, TypeError) as error:

@@ -195,12 +195,13 @@ def _segment(predictor, view, store, slices, settings, link_overlap, cancel):
     Yields ("step", k, Progress) within the k-th slice and ("slice", z, (Y, X) int32 ids) after it;
     returns the number of slices finished (fewer when cancelled).
     """
+    from samcore.cancel import Cancelled
     from samcore.jobs import slice_labels
     from samcore.linking import SliceLinker
 
     linker = SliceLinker(link_overlap)
     for k, z in enumerate(slices):
-        job = slice_labels(predictor, view.rgb_slice(z), z, store, settings)
+        job = slice_labels(predictor, view.rgb_slice(z), z, store, settings, cancel=cancel)
         while True:
             if cancel.is_set():
                 job.close()
@@ -210,6 +211,8 @@ def _segment(predictor, view, store, slices, settings, link_overlap, cancel):
             except StopIteration as finished:
                 labels, _ = finished.value
                 break
+            except Cancelled:  # within the slice's embedding
+                return k
             yield ("step", k, step)
         yield ("slice", z, linker.add(labels))
     return len(slices)

@@ -338,7 +338,7 @@ class SamWidget(Container):
             return
         self._cancel_jobs("to compute embeddings")
         self.cancel()
-        if spatial_ndim(layer) == 3 and layer.data.shape[0] <= 4:
+        if spatial_ndim(layer) == 3 and 1 < layer.data.shape[0] <= 4:
             show_info(
                 f"SAM: '{layer.name}' is taken as a stack of {layer.data.shape[0]} slices. If they are "
                 "channels, open the image with channel_axis (one layer per channel) and pick one."
@@ -362,10 +362,15 @@ class SamWidget(Container):
         return None if value in ("", ".") else value
 
     def cancel(self, _=None) -> None:
-        """Stop computing embeddings, propagating or segmenting all (what is done is kept)."""
+        """Stop computing embeddings, propagating or segmenting all (what is done is kept).
+
+        A slice being embedded, or a box's crop, is abandoned part-way, so this returns within a
+        fraction of a second even with SAM's ViT-H on a CPU.
+        """
         self._propagation.cancel()
         self._automatic.cancel()
         self._embedding.quit()
+        self._zoom_job.cancel()
         self.wait()
 
     def _running_job(self) -> str | None:
@@ -663,6 +668,7 @@ class SamWidget(Container):
     def clear(self, _=None) -> None:
         """Remove the prompts of the displayed slice and the preview."""
         z = self._current_z(self._session.layer) if self._session else None
+        self._zoom_job.cancel()  # a crop being embedded is of no use without its box
         self._prompt_layers.clear(z)
         self._candidates = None
         if self._prompt_layers.preview is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cancel import Cancelled
 from .predictor import ImageEmbedding, Predictor, resized_shape
 from .preprocess import MAX_PERCENTILE_PIXELS, percentile_range, to_rgb_uint8
 
@@ -288,15 +290,27 @@ def nearest_first(center: int, n_slices: int) -> list[int]:
 
 
 def embed_slices(
-    predictor: Predictor, view: StackView, store: EmbeddingStore, order: Iterable[int]
+    predictor: Predictor,
+    view: StackView,
+    store: EmbeddingStore,
+    order: Iterable[int],
+    cancel: threading.Event | None = None,
 ) -> Iterator[int]:
     """Compute the missing embeddings of `order`, one slice at a time.
 
     A generator, so callers can show progress and stop between slices.
 
+    Args:
+        cancel: Set it from another thread to stop within the slice being embedded (whose embedding
+            is dropped) instead of after it.
+
     Yields:
         Each slice index once its embedding is in the store.
     """
     for z in store.missing(order):
-        store.put(z, predictor.embed_rgb(view.rgb_slice(z)))
+        try:
+            embedding = predictor.embed_rgb(view.rgb_slice(z), cancel)
+        except Cancelled:
+            return
+        store.put(z, embedding)
         yield z

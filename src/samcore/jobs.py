@@ -8,6 +8,7 @@ spread over the cluster's workers (`samcore.distributed`), with the same result.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ def embed_stack(
     store: EmbeddingStore,
     order: Iterable[int] | None = None,
     client: Client | None = None,
+    cancel: threading.Event | None = None,
 ) -> Job[int]:
     """Compute the embeddings the store lacks, one step per slice.
 
@@ -40,6 +42,8 @@ def embed_stack(
         store: Where embeddings go; slices already there are not recomputed.
         order: Slices to embed, in this order (default: all, first to last).
         client: A `dask.distributed.Client` to embed on its workers (the store needs a shared folder).
+        cancel: Set it from another thread to stop within the slice being embedded (on this
+            machine; on a cluster, stop by closing the job).
 
     Returns:
         The number of slices computed.
@@ -49,24 +53,33 @@ def embed_stack(
         from .distributed import embed_on_cluster
 
         return (yield from embed_on_cluster(client, predictor, view, store, missing))
-    for done, z in enumerate(embed_slices(predictor, view, store, missing), start=1):
+    done = 0
+    for done, z in enumerate(embed_slices(predictor, view, store, missing, cancel), start=1):
         yield Progress("embedding", done, len(missing), z)
-    return len(missing)
+    return done
 
 
 def slice_embedding(
-    predictor: Predictor, rgb: np.ndarray, z: int, store: EmbeddingStore | None = None, done: bool = True
+    predictor: Predictor,
+    rgb: np.ndarray,
+    z: int,
+    store: EmbeddingStore | None = None,
+    done: bool = True,
+    cancel: threading.Event | None = None,
 ) -> tuple[ImageEmbedding, bool]:
     """Slice z's embedding from the store, or computed (and stored) if missing.
 
     Returns:
         The embedding as stored (float16 values by default, with or without a store), and whether
         it was computed.
+
+    Raises:
+        samcore.cancel.Cancelled: `cancel` was set while the embedding was computed.
     """
     embedding = None if store is None else store.get(z)
     if embedding is not None:
         return embedding, False
-    computed = predictor.embed_rgb(rgb)
+    computed = predictor.embed_rgb(rgb, cancel)
     return (as_stored(computed) if store is None else store.put(z, computed, done=done)), True
 
 
@@ -77,13 +90,17 @@ def slice_labels(
     store: EmbeddingStore | None,
     settings: AutoSettings,
     done: bool = True,
+    cancel: threading.Event | None = None,
 ) -> Job[tuple[np.ndarray, bool]]:
     """Automatic segmentation of slice z (its (Y, X, 3) uint8 image `rgb`), embedding it if needed.
 
     Returns:
         (Y, X) int32 labels and whether the embedding was computed.
+
+    Raises:
+        samcore.cancel.Cancelled: `cancel` was set while the slice was embedded.
     """
-    embedding, computed = slice_embedding(predictor, rgb, z, store, done)
+    embedding, computed = slice_embedding(predictor, rgb, z, store, done, cancel)
     job = segment_embedding(predictor.model, embedding, rgb, settings, predictor.precision)
     labels = yield from _at_slice(job, z)
     return labels, computed

@@ -7,12 +7,14 @@ Coordinates follow SAM's conventions: points are (x, y) pixels of the original i
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .cancel import stopping_on
 from .logits import MASK_LOGIT_EPS, mask_logits, to_low_res, upscale_logits
 from .modeling import Sam
 from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_prompts, decode_with_masks
@@ -119,7 +121,11 @@ class Predictor:
     # -- embeddings -------------------------------------------------------------------------
 
     def embed(
-        self, image: np.ndarray, image_format: str = "RGB", channel_axis: int | None = None
+        self,
+        image: np.ndarray,
+        image_format: str = "RGB",
+        channel_axis: int | None = None,
+        cancel: threading.Event | None = None,
     ) -> ImageEmbedding:
         """Compute an image's embedding without making it the current image.
 
@@ -128,14 +134,18 @@ class Predictor:
                 `samcore.preprocess.to_rgb_uint8` for the channel and intensity rules.
             image_format: "RGB" or "BGR" channel order of a 3-channel image.
             channel_axis: Axis holding channels, if not the last.
+            cancel: Set it from another thread to abandon the embedding between two encoder layers.
 
         Returns:
             The embedding, with features on the model's device.
-        """
-        return self.embed_rgb(_rgb(image, image_format, channel_axis))
 
-    def embed_rgb(self, rgb: np.ndarray) -> ImageEmbedding:
-        """Embedding of a (H, W, 3) uint8 RGB image."""
+        Raises:
+            samcore.cancel.Cancelled: `cancel` was set before the embedding was done.
+        """
+        return self.embed_rgb(_rgb(image, image_format, channel_axis), cancel)
+
+    def embed_rgb(self, rgb: np.ndarray, cancel: threading.Event | None = None) -> ImageEmbedding:
+        """Embedding of a (H, W, 3) uint8 RGB image; `cancel` as in `embed`."""
         original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
         input_size = resized_shape(*original_size, self.model.img_size)
         resized = resize_uint8(rgb, input_size)
@@ -145,19 +155,21 @@ class Predictor:
                 view = resized[:: -1 if mirror_y else 1, :: -1 if mirror_x else 1]
                 pixels = torch.from_numpy(np.ascontiguousarray(view)).to(self.device)
                 pixels = pixels.permute(2, 0, 1)[None].float()
-                features.append(self._encode(self.model.preprocess(pixels)))
+                features.append(self._encode(self.model.preprocess(pixels), cancel))
         return ImageEmbedding(torch.cat(features).float(), original_size, input_size)
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _encode(self, pixels: torch.Tensor, cancel: threading.Event | None = None) -> torch.Tensor:
         if self.precision != "int8":
-            return self.model.image_encoder(pixels)
+            with stopping_on(self.model.image_encoder, cancel):
+                return self.model.image_encoder(pixels)
         from .modeling.int8 import COMPILE_ERRORS, Int8ImageEncoder  # loads torch.compile's machinery
 
         first = self._int8_encoder is None
         if first:
             self._int8_encoder = Int8ImageEncoder(self.model.image_encoder)
         try:
-            return self._int8_encoder(pixels)
+            with stopping_on(self._int8_encoder, cancel):
+                return self._int8_encoder(pixels)
         except COMPILE_ERRORS as error:
             if not first:
                 raise
@@ -167,12 +179,23 @@ class Predictor:
                 stacklevel=4,
             )
             self.precision, self._int8_encoder = "fp32", None
-            return self.model.image_encoder(pixels)
+            with stopping_on(self.model.image_encoder, cancel):
+                return self.model.image_encoder(pixels)
 
-    def set_image(self, image: np.ndarray, image_format: str = "RGB", channel_axis: int | None = None) -> None:
-        """Compute and keep the embedding of `image` (see `embed`) for the following predictions."""
+    def set_image(
+        self,
+        image: np.ndarray,
+        image_format: str = "RGB",
+        channel_axis: int | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Compute and keep the embedding of `image` (see `embed`) for the following predictions.
+
+        A cancelled call (`cancel` set meanwhile) raises `samcore.cancel.Cancelled` and keeps the image
+        that was current before it.
+        """
         rgb = _rgb(image, image_format, channel_axis)
-        self._use(self.embed_rgb(rgb), rgb)
+        self._use(self.embed_rgb(rgb, cancel), rgb)
 
     def set_embedding(self, embedding: ImageEmbedding, image: np.ndarray | None = None) -> None:
         """Use a precomputed embedding (e.g. from a cache) as the current image.
@@ -313,16 +336,17 @@ class Predictor:
         points = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)
         return zoom_window(box, points, self._current().original_size)
 
-    def embed_crop(self, window: Window) -> ImageEmbedding:
+    def embed_crop(self, window: Window, cancel: threading.Event | None = None) -> ImageEmbedding:
         """Embed the crop `window` of the current image and keep it for zoomed predictions.
 
         This is the slow part of a zoomed `predict`, and the only part that may run in another thread
         while this predictor decodes (an interactive front end calls it in a worker, then predicts).
+        `cancel` as in `embed`.
         """
         pixels = self._pixels
         if pixels is None:
             raise RuntimeError("Zooming in needs the image's pixels: set_image, or set_embedding(image=...).")
-        crop = self.embed_rgb(np.ascontiguousarray(pixels[window.slices]))
+        crop = self.embed_rgb(np.ascontiguousarray(pixels[window.slices]), cancel)
         if pixels is self._pixels:  # still the current image
             self._crop = (pixels, window, crop)
         return crop

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from .cancel import Cancelled
 from .embeddings import EmbeddingStore, StackView
 from .predictor import Predictor
 from .progress import Progress, run
@@ -100,7 +101,8 @@ def propagate_iter(
             of its key slices. Not modified.
         object_ids: The objects to propagate; default every object in `labels`.
         settings: Mode and stop rules; default `PropagationSettings()`.
-        cancel: Set it to stop after the current step; the result keeps what was filled.
+        cancel: Set it to stop after the current step; the result keeps what was filled. To stop
+            within an embedding too, give the `StackDecoder` the same event.
 
     Yields:
         A `PropagationProgress` after each embedding computed and each slice decided.
@@ -139,12 +141,15 @@ def _steps(
         group = [chain for chain in chains if chain.running and chain.next_z == z]
         if cancel is not None and cancel.is_set():
             return _result(out, filled, stops, cancelled=True)
-        if not decoder.has_embedding(z):
-            decoder.embed(z)
-            yield PropagationProgress("embedding", done, done + _remaining(chains), z)
-            if cancel is not None and cancel.is_set():
-                return _result(out, filled, stops, cancelled=True)
-        outputs = decoder.decode(z, [chain.prompt(settings) for chain in group])
+        try:
+            if not decoder.has_embedding(z):
+                decoder.embed(z)
+                yield PropagationProgress("embedding", done, done + _remaining(chains), z)
+                if cancel is not None and cancel.is_set():
+                    return _result(out, filled, stops, cancelled=True)
+            outputs = decoder.decode(z, [chain.prompt(settings) for chain in group])
+        except Cancelled:  # the decoder's own cancel event stopped an embedding part-way
+            return _result(out, filled, stops, cancelled=True)
         contrast = settings.min_contrast > 0 and any(chain.reference is not None for chain in group)
         image = decoder.intensities(z) if contrast else None
         written, new_stops = decide_slice(out, z, group, outputs, settings, image)
@@ -205,7 +210,7 @@ def propagate(
     if unknown:
         raise TypeError(f"Unknown propagation options {unknown}; known: {sorted(known)}.")
     settings = replace(settings or PropagationSettings(), **options)
-    decoder = StackDecoder(predictor, image, store)
+    decoder = StackDecoder(predictor, image, store, cancel=cancel)
     return run(propagate_iter(decoder, labels, object_ids, settings, cancel))
 
 

@@ -8,6 +8,7 @@ of the original slice.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -85,6 +86,8 @@ class StackDecoder:
         store: Where embeddings are looked up and kept; a new in-memory store by default.
         zoom: Decode a box around a small object on the crop around it, like `Predictor.predict`
             with zoom: one more embedding per such prompt, decoded on its own rather than in a batch.
+        cancel: Set it from another thread to abandon an embedding in progress: `embed` and `decode`
+            then raise `samcore.cancel.Cancelled`.
     """
 
     def __init__(
@@ -93,9 +96,11 @@ class StackDecoder:
         image: np.ndarray | StackView,
         store: EmbeddingStore | None = None,
         zoom: bool = False,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.predictor = predictor
         self.zoom = zoom
+        self.cancel = cancel
         self.view = image if isinstance(image, StackView) else StackView.of(image)
         if store is None:
             key = stack_key(self.view, model_key(predictor.model), predictor.views)
@@ -113,7 +118,7 @@ class StackDecoder:
 
     def embed(self, z: int) -> None:
         """Compute and keep the embedding of slice z."""
-        self.store.put(z, self.predictor.embed_rgb(self.view.rgb_slice(z)))
+        self.store.put(z, self.predictor.embed_rgb(self.view.rgb_slice(z), self.cancel))
 
     def decode(self, z: int, prompts: Sequence[SlicePrompt]) -> list[SliceOutput]:
         """Decode one mask per prompt on slice z, prompts of one structure in one batch.

@@ -92,11 +92,11 @@ def test_interrupted_embed_resumes_without_recomputing(tmp_path, stack_file, che
     calls = []
     embed_rgb = Predictor.embed_rgb
 
-    def counted(self, rgb):
+    def counted(self, rgb, cancel=None):
         if len(calls) == limit:
             raise KeyboardInterrupt
         calls.append(1)
-        return embed_rgb(self, rgb)
+        return embed_rgb(self, rgb, cancel)
 
     monkeypatch.setattr(Predictor, "embed_rgb", counted)
     store = tmp_path / "stack.zarr"

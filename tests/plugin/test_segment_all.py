@@ -41,7 +41,7 @@ def fake_engine(monkeypatch, found, delay=0.0):
     """Replace the engine's segmentation of one slice by `found[z]`, in two steps of `delay` seconds."""
     calls = []
 
-    def slice_labels(predictor, rgb, z, store, settings, done=True):
+    def slice_labels(predictor, rgb, z, store, settings, done=True, cancel=None):
         calls.append(z)
         for step in (1, 2):
             time.sleep(delay)
@@ -192,7 +192,7 @@ def test_the_threshold_boxes_follow_the_model_and_feed_segment_all(sam, monkeypa
     viewer, widget = sam
     seen = []
 
-    def slice_labels(predictor, rgb, z, store, settings, done=True):
+    def slice_labels(predictor, rgb, z, store, settings, done=True, cancel=None):
         seen.append(settings)
         return np.zeros(rgb.shape[:2], np.int32), False
         yield  # a job that finishes at once

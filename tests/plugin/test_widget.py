@@ -263,7 +263,12 @@ def test_disk_cache_is_reused_when_the_stack_is_opened_again(sam, tmp_path, monk
 
     calls = []
     original = Predictor.embed_rgb
-    monkeypatch.setattr(Predictor, "embed_rgb", lambda self, rgb: calls.append(1) or original(self, rgb))
+
+    def counted(self, rgb, cancel=None):
+        calls.append(1)
+        return original(self, rgb, cancel)
+
+    monkeypatch.setattr(Predictor, "embed_rgb", counted)
     widget.load(block=True)
     assert calls == []  # every slice came from the zarr folder
     assert len(widget._session.store) == 4

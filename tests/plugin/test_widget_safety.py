@@ -1,4 +1,8 @@
-"""What the widget does when the user works around it: hand edits, replaced data, lazy layers, closing it."""
+"""What the widget does when the user works around it: hand edits, replaced data, lazy layers, closing it,
+cancelling a slow embedding."""
+
+import threading
+import time
 
 import dask.array as da
 import numpy as np
@@ -180,3 +184,45 @@ def test_a_widget_opened_again_takes_over_the_layers_of_the_closed_one(sam):
     again.add_point((2, 60, 60))  # the old click and this one, decoded by the new widget only
     assert preview_mask(again, 2).any() and again._candidates is not None
     assert widget._status.value == closed_status  # the closed widget no longer hears the layers
+
+
+def test_cancel_abandons_the_slice_being_embedded(sam, monkeypatch, qtbot):
+    """Cancel does not wait for the slice in progress (about a minute with ViT-H on a laptop CPU)."""
+    import samcore
+
+    viewer, widget = sam
+    started, ran = threading.Event(), []
+    load_model = samcore.load_model
+
+    def slow_model(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+
+        def crawl(module, inputs):  # every encoder block takes a while, as on a big model
+            ran.append(module)
+            started.set()
+            time.sleep(0.3)
+
+        for block in model.image_encoder.blocks:
+            block.register_forward_pre_hook(crawl)
+        return model
+
+    monkeypatch.setattr(samcore, "load_model", slow_model)
+    widget.load()
+    qtbot.waitUntil(started.is_set, timeout=60_000)
+    widget.cancel()  # during the first slice's first block
+    blocks = len(widget._session.predictor.model.image_encoder.blocks)
+    assert blocks > 1 and len(ran) == 1  # no later block of that slice ran
+    assert len(widget._session.store) == 0
+    assert widget._status.value.startswith("Stopped: 0/4 slices")
+    widget.load(block=True)  # computing again works, and the abandoned slice is computed whole
+    assert len(widget._session.store) == 4
+
+
+def test_a_short_stack_may_be_channels_but_a_single_slice_is_not(sam, messages, stack):
+    viewer, widget = sam
+    for slices, noticed in ((1, False), (3, True)):
+        messages["info"].clear()
+        widget._image.value = viewer.add_image(stack[:slices], name=f"{slices} slices")
+        widget.load(block=True)
+        said = any("If they are channels" in message for message in messages["info"])
+        assert said == noticed, slices

@@ -1,5 +1,8 @@
 """Zooming in on a small box from the widget: the preview is redrawn from the crop, in the background."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -47,7 +50,7 @@ def test_a_failed_zoom_is_reported_and_turned_off(wide, monkeypatch):
     errors = []
     monkeypatch.setattr(notifications, "show_error", errors.append)
 
-    def broken(window):
+    def broken(window, cancel=None):
         raise MemoryError("not enough memory for the crop")
 
     monkeypatch.setattr(widget._session.predictor, "embed_crop", broken)
@@ -57,3 +60,31 @@ def test_a_failed_zoom_is_reported_and_turned_off(wide, monkeypatch):
     assert any("not enough memory" in message for message in errors)
     assert not widget._zoom.value and "Zooming in failed" in widget._status.value
     assert widget._candidates is not None  # the whole image's mask stays
+
+
+def test_a_new_box_abandons_the_crop_of_the_last_one(wide, qtbot):
+    """With SAM's ViT-H on a CPU a crop takes about a minute: a box drawn meanwhile must not wait for it."""
+    _, widget, _ = wide
+    widget._zoom.value = True
+    predictor = widget._session.predictor
+    started, ran = threading.Event(), []
+
+    def crawl(module, inputs):  # every encoder block takes a while, as on a big model
+        ran.append(module)
+        started.set()
+        time.sleep(0.3)
+
+    blocks = predictor.model.image_encoder.blocks
+    handles = [block.register_forward_pre_hook(crawl) for block in blocks]
+    try:
+        widget.add_box((120, 150), (131, 165))
+        qtbot.waitUntil(started.is_set, timeout=30_000)
+        widget.clear()
+        widget.add_box((40, 60), (52, 74))  # another small box while the first crop is embedded
+        zoomed = lambda: not widget._zoom_job.running and widget._candidate.value.endswith("zoomed in")  # noqa: E731
+        qtbot.waitUntil(zoomed, timeout=30_000)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(ran) == 1 + len(blocks)  # the first crop stopped after its first block, the second ran whole
+    assert predictor.has_crop(predictor.zoom_window(np.array([60, 40, 74, 52]), None))

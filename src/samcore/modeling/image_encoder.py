@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cancel import check as check_cancel
 from .common import MLPBlock, encoder_neck
 
 
@@ -187,6 +188,7 @@ def chunked_attention(
     out = torch.empty_like(q)
     for b in range(batch):
         for n in range(heads):
+            check_cancel()  # a global block runs about a second here, with no module call inside
             keys_t = k[b, n].transpose(0, 1)
             for start in range(0, tokens, QUERY_CHUNK):
                 rows = slice(start, start + QUERY_CHUNK)

@@ -30,6 +30,7 @@ import torch._inductor.exc
 import torch.nn.functional as F
 from torch import nn
 
+from ..cancel import check as check_cancel
 from .image_encoder import ImageEncoderViT, padded_size, window_partition, window_unpartition
 
 # What a failed compilation raises (e.g. no C++ compiler on the machine).
@@ -76,6 +77,7 @@ class Int8ImageEncoder(nn.Module):
         encoder = self.encoder
         x = encoder.patch_embed(x) + encoder.pos_embed
         for block, (qkv, proj, lin1, lin2) in zip(encoder.blocks, self._linears):
+            check_cancel()  # the blocks are not called as modules, so their hooks do not run
             window, attn = block.window_size, block.attn
             q, k, v = self._before(
                 x, block.norm1.weight, block.norm1.bias, *qkv.tensors(), attn.num_heads, window
