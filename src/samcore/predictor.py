@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cancel import stopping_on
+from .cancel import make_cancellable, stopping_on
 from .logits import MASK_LOGIT_EPS, mask_logits, to_low_res, upscale_logits
 from .modeling import Sam
 from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_prompts, decode_with_masks
@@ -88,6 +88,7 @@ class Predictor:
         zoom: bool | None = None,
     ) -> None:
         self.model = model.eval()
+        make_cancellable(model.image_encoder)  # now, before any thread encodes with it (samcore.cancel)
         self.precision = resolve_precision(precision, model)
         self.refine = bool(getattr(model, "refine_masks", False)) if refine is None else bool(refine)
         self.views = check_views(getattr(model, "views", 1) if views is None else views)
