@@ -30,17 +30,12 @@ class Cancelled(Exception):
 
 
 @contextmanager
-def stopping_on(encoder: torch.nn.Module, cancel: threading.Event | None) -> Iterator[None]:
-    """Within this block, `encoder` raises `Cancelled` in this thread once `cancel` is set.
-
-    Args:
-        encoder: The module about to run; its submodules are hooked (once) to check the event.
-        cancel: The event; None leaves the computation uninterruptible.
-    """
+def stopping_on(cancel: threading.Event | None) -> Iterator[None]:
+    """Within this block, modules made cancellable (`make_cancellable`) raise `Cancelled` in this thread
+    once `cancel` is set; None leaves the computation uninterruptible."""
     if cancel is None:
         yield
         return
-    make_cancellable(encoder)
     previous = getattr(_local, "event", None)
     _local.event = cancel
     try:

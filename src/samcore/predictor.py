@@ -151,26 +151,24 @@ class Predictor:
         input_size = resized_shape(*original_size, self.model.img_size)
         resized = resize_uint8(rgb, input_size)
         features = []
-        with torch.inference_mode(), autocast(self.precision, self.device):
+        with torch.inference_mode(), autocast(self.precision, self.device), stopping_on(cancel):
             for mirror_x, mirror_y in MIRRORS[: self.views]:  # mirrored after resizing: exact mirror images
                 view = resized[:: -1 if mirror_y else 1, :: -1 if mirror_x else 1]
                 pixels = torch.from_numpy(np.ascontiguousarray(view)).to(self.device)
                 pixels = pixels.permute(2, 0, 1)[None].float()
-                features.append(self._encode(self.model.preprocess(pixels), cancel))
+                features.append(self._encode(self.model.preprocess(pixels)))
         return ImageEmbedding(torch.cat(features).float(), original_size, input_size)
 
-    def _encode(self, pixels: torch.Tensor, cancel: threading.Event | None = None) -> torch.Tensor:
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.precision != "int8":
-            with stopping_on(self.model.image_encoder, cancel):
-                return self.model.image_encoder(pixels)
+            return self.model.image_encoder(pixels)
         from .modeling.int8 import COMPILE_ERRORS, Int8ImageEncoder  # loads torch.compile's machinery
 
         first = self._int8_encoder is None
         if first:
             self._int8_encoder = Int8ImageEncoder(self.model.image_encoder)
         try:
-            with stopping_on(self._int8_encoder, cancel):
-                return self._int8_encoder(pixels)
+            return self._int8_encoder(pixels)
         except COMPILE_ERRORS as error:
             if not first:
                 raise
@@ -180,8 +178,7 @@ class Predictor:
                 stacklevel=4,
             )
             self.precision, self._int8_encoder = "fp32", None
-            with stopping_on(self.model.image_encoder, cancel):
-                return self.model.image_encoder(pixels)
+            return self.model.image_encoder(pixels)
 
     def set_image(
         self,

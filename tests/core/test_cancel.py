@@ -112,7 +112,7 @@ def test_the_int8_encoder_checks_between_blocks(vit, monkeypatch):
     cancel = threading.Event()
     handle = vit.image_encoder.patch_embed.register_forward_hook(lambda *_: cancel.set())
     try:
-        with pytest.raises(Cancelled), stopping_on(int8, cancel):
+        with pytest.raises(Cancelled), stopping_on(cancel):
             int8(torch.zeros(1, 3, 256, 256))
     finally:
         handle.remove()
