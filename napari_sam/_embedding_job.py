@@ -10,6 +10,7 @@ embeddings they need themselves (propagation, segment all) pause this one; it re
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,15 +43,23 @@ class Session:
         self.settings = settings
         self.predictor, self.view, self.store, self.model_name = predictor, view, store, model_name
         self.source = layer.data  # the array embedded: a layer whose .data is replaced needs new embeddings
+        # The pixels embedded, slice by slice: data edited in place (layer.data[...] = ...) keeps the
+        # array and sends no event, so each slice's checksum is compared before its embedding is used.
+        self.fingerprints = [view.fingerprint(z) for z in range(view.n_slices)]
         self._current: tuple[int, bool] | None = None  # the slice set in the predictor, and if with pixels
 
-    def matches(self, layer, model_source, settings) -> bool:
+    def matches(self, layer, model_source, settings, z: int = 0) -> bool:
+        """Whether this session serves `layer` with this model and settings (slice z's pixels checked)."""
         same = (layer, model_source, settings) == (self.layer, self.model_source, self.settings)
-        return same and not self.stale()
+        return same and not self.stale([z])
 
-    def stale(self) -> bool:
-        """Whether the layer's data was replaced since it was embedded."""
-        return self.layer.data is not self.source
+    def stale(self, slices: Iterable[int] | None = None) -> bool:
+        """Whether the layer's data was replaced, or the pixels of `slices` (None: all) edited in place,
+        since the session began."""
+        if self.layer.data is not self.source:
+            return True
+        slices = range(self.view.n_slices) if slices is None else slices
+        return any(self.view.fingerprint(z) != self.fingerprints[z] for z in slices)
 
     def use(self, z: int, embedding, pixels: bool = False) -> None:
         """Make slice z current in the predictor, with its pixels if asked (to zoom in on boxes)."""
@@ -92,9 +101,9 @@ class EmbeddingJob:
 
         widget = self._widget
         session = widget._session
-        if session is not None and not session.matches(layer, model_source, settings):
-            session = None
         center = widget._current_z(layer) or 0
+        if session is not None and not session.matches(layer, model_source, settings, center):
+            session = None
         # Errors go to _on_error (a notification), not back into the event loop.
         self._stop = threading.Event()
         worker = thread_worker(reported(_compute), ignore_errors=True)(

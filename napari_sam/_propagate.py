@@ -77,8 +77,12 @@ class Propagation(BackgroundJob):
             show_warning(f"SAM: propagation needs a 3D (Z, Y, X) stack; '{image.name}' is a 2D image.")
             return False
         session = widget._session
-        if session is None or session.layer is not image or session.stale():
+        if session is None or session.layer is not image:
             show_warning("SAM: compute embeddings first (this loads the model), then propagate.")
+            return False
+        if session.stale():
+            widget._forget_changed()
+            show_warning(f"SAM: the data of '{image.name}' changed: compute embeddings again, then propagate.")
             return False
         layer, z = widget._output.value, widget._current_z(image)
         if layer is None or layer not in widget._viewer.layers or layer.data.shape != session.view.data.shape[:3]:

@@ -102,16 +102,20 @@ class AutoSegmentation(BackgroundJob):
             show_error(str(error))
             return False
         session = widget._session
-        if session is None or session.layer is not image or session.stale():
+        if session is None or session.layer is not image:
             show_warning("SAM: compute embeddings first (this loads the model), then segment all.")
+            return False
+        z = widget._current_z(image)
+        slices = list(range(session.view.n_slices)) if scope == "stack" and z is not None else [z or 0]
+        if session.stale(slices):
+            widget._forget_changed()
+            show_warning(f"SAM: the data of '{image.name}' changed: compute embeddings again, then segment all.")
             return False
         try:
             layer = widget.output_layer()
         except ValueError as error:
             show_error(f"SAM: {error}")
             return False
-        z = widget._current_z(image)
-        slices = list(range(session.view.n_slices)) if scope == "stack" and z is not None else [z or 0]
         widget._embedding.pause()  # this run computes the embeddings it needs itself
 
         settings = settings or AutoSettings.for_model(session.predictor.model)

@@ -281,8 +281,12 @@ class SamWidget(Container):
     def _on_image_data(self, _event=None) -> None:
         """An image layer's data was replaced: the session's embeddings no longer belong to it."""
         session = self._session
-        if session is not None and session.stale():
-            self._forget(f"The data of '{session.layer.name}' changed: compute embeddings again.")
+        if session is not None and session.layer.data is not session.source:
+            self._forget_changed()
+
+    def _forget_changed(self) -> None:
+        """The session's image was replaced or edited: its embeddings no longer belong to it."""
+        self._forget(f"The data of '{self._session.layer.name}' changed: compute embeddings again.")
 
     def _on_closed(self) -> None:
         """The dock was closed: stop the background work and give napari its keys back."""
@@ -452,6 +456,9 @@ class SamWidget(Container):
             return
         self._candidates = None
         z = self._current_z(session.layer)
+        if session.stale([z or 0]):
+            self._forget_changed()
+            return
         if z is not None and z not in session.store and self._embedding.running:
             # Compute the slice the user is looking at next, then continue outwards from it.
             self._embedding.quit()
@@ -478,10 +485,10 @@ class SamWidget(Container):
             if session is None and not self._embedding.running and self._prompt_layers.preview is not None:
                 self._status.value = "No embeddings yet: press Compute embeddings."
             return
-        if session.stale():  # the data event dropped it already, unless it came before the session
-            self._on_image_data()
-            return
         z = self._current_z(session.layer)
+        if session.stale([z or 0]):  # edited in place, or replaced before the session began
+            self._forget_changed()
+            return
         prompts = self._prompt_layers.prompts(session.layer, z)
         if prompts.empty:
             self._candidates = None

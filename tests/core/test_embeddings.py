@@ -34,6 +34,15 @@ def test_one_contrast_for_the_whole_stack():
     assert view.rgb_slice(0).max() < view.rgb_slice(1).max()  # a dim slice stays dim
 
 
+def test_a_slice_edited_in_place_changes_its_fingerprint_only():
+    stack = np.random.default_rng(1).integers(0, 3000, size=(3, 16, 16)).astype(np.uint16)
+    view = StackView.of(stack)  # reads the array itself, as the widget reads a layer's data
+    before = [view.fingerprint(z) for z in range(3)]
+    assert before == [StackView.of(stack.copy()).fingerprint(z) for z in range(3)]  # the pixels, not the array
+    stack[1, 7, 7] += 1
+    assert [view.fingerprint(z) == f for z, f in enumerate(before)] == [True, False, True]
+
+
 def test_4d_data_is_refused_with_the_number_of_dimensions():
     with pytest.raises(ValueError, match="4 spatial dimensions"):
         StackView.of(np.zeros((2, 3, 8, 8)))

@@ -110,6 +110,22 @@ def test_displayed_slice_only_and_ids_above_objects_painted_since(sam, monkeypat
     np.testing.assert_array_equal(objects.data, expected)
 
 
+def test_a_slice_edited_in_place_is_not_segmented_from_its_old_embedding(sam, monkeypatch, messages):
+    viewer, widget = sam
+    existing, found = existing_objects(), found_objects()
+    objects = _objects(viewer, widget, existing)
+    calls = fake_engine(monkeypatch, found)
+    image = widget._image.value
+    image.data = image.data.copy()  # the test's own pixels, to edit
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    image.data[2, :10] = 0
+    widget.segment_all("slice", block=True)
+    assert calls == [] and widget._session is None
+    assert any("changed: compute embeddings again, then segment all" in m for m in messages["warning"])
+    np.testing.assert_array_equal(objects.data, existing)
+
+
 def test_cancel_stops_and_keeps_the_finished_slices(sam, monkeypatch, qtbot, messages):
     viewer, widget = sam
     existing, found = existing_objects(), found_objects()

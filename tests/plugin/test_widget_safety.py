@@ -69,6 +69,55 @@ def test_replacing_the_image_data_drops_its_embeddings(sam):
     assert not np.allclose(widget._session.store.get(2).features.numpy(), old.numpy())
 
 
+def _own_copy(viewer, widget):
+    """The image layer, holding a copy of the shared test stack that a test may edit in place."""
+    image = widget._image.value
+    image.data = image.data.copy()
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    return image
+
+
+def test_editing_the_displayed_slice_in_place_drops_its_embeddings(sam):
+    viewer, widget = sam
+    image = _own_copy(viewer, widget)
+    widget._prompt_layers.boxes.add_rectangles(BOX)
+    assert preview_mask(widget, 2).any()
+    old = widget._session.store.get(2).features.clone()
+    image.data[2] = image.data[2][::-1].copy()  # same array, no data event
+    image.refresh()
+    widget._prompt_layers.points.add([2, 40, 40])  # the next prompt notices the new pixels
+    assert widget._session is None
+    assert "changed: compute embeddings again" in widget._status.value
+    assert not preview_mask(widget, 2).any()  # nothing decoded from the old slice's embedding
+    widget.load(block=True)
+    assert not np.allclose(widget._session.store.get(2).features.numpy(), old.numpy())
+
+
+def test_moving_to_a_slice_edited_in_place_drops_the_embeddings(sam):
+    viewer, widget = sam
+    image = _own_copy(viewer, widget)
+    image.data[0] = 0
+    viewer.dims.set_current_step(0, 1)  # an unedited slice: the session is kept
+    assert widget._session is not None
+    viewer.dims.set_current_step(0, 0)
+    assert widget._session is None
+    assert "changed: compute embeddings again" in widget._status.value
+
+
+def test_propagation_refuses_a_stack_edited_in_place_and_leaves_the_labels(sam, messages):
+    viewer, widget = sam
+    existing = np.zeros((4, 96, 96), np.uint32)
+    existing[2, 30:60, 30:60] = 5
+    objects = _objects(viewer, widget, existing)
+    image = _own_copy(viewer, widget)
+    image.data[3] = image.data[3] // 2  # a slice the user is not looking at
+    widget.propagate(block=True)
+    assert any("changed: compute embeddings again, then propagate" in m for m in messages["warning"])
+    assert widget._session is None
+    np.testing.assert_array_equal(objects.data, existing)
+
+
 def test_a_lazy_labels_layer_is_refused_and_left_as_it_was(sam, messages):
     viewer, widget = sam
     lazy = viewer.add_labels(da.zeros((4, 96, 96), dtype=np.uint32, chunks=(1, 96, 96)), name="on disk")
