@@ -199,7 +199,7 @@ def _segment(predictor, view, store, slices, settings, link_overlap, cancel):
     Yields ("step", k, Progress) within the k-th slice and ("slice", z, (Y, X) int32 ids) after it;
     returns the number of slices finished (fewer when cancelled).
     """
-    from samcore.cancel import Cancelled
+    from samcore.cancel import Cancelled, stopping_on
     from samcore.jobs import slice_labels
     from samcore.linking import SliceLinker
 
@@ -211,11 +211,12 @@ def _segment(predictor, view, store, slices, settings, link_overlap, cancel):
                 job.close()
                 return k
             try:
-                step = next(job)
+                with stopping_on(cancel):  # a batch of points stops within one point's decoding
+                    step = next(job)
             except StopIteration as finished:
                 labels, _ = finished.value
                 break
-            except Cancelled:  # within the slice's embedding
+            except Cancelled:  # within the slice's embedding or a batch of points
                 return k
             yield ("step", k, step)
         yield ("slice", z, linker.add(labels))

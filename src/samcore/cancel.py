@@ -1,9 +1,12 @@
-"""Stopping an image embedding part-way, between two layers of the encoder.
+"""Stopping an image embedding part-way, between two layers of the encoder, and a batch of prompts
+between two prompts.
 
 One embedding with SAM's ViT-H takes about a minute on a laptop CPU, so a job that only stops
 between slices keeps a cancelled user waiting that long. `Predictor.embed_rgb` takes a cancel
 event: while it encodes, every submodule of the image encoder checks the event before it runs and
 raises `Cancelled` once it is set, which abandons the embedding within a fraction of a second.
+The decoder checks it before each prompt (`ImageContext.decode`), so a batch of segment-all's
+points, a second or two of work, stops within one prompt when decoded inside `stopping_on`.
 
 The checks are forward pre-hooks, added once per module (`Predictor` adds them when it is made, before
 any thread encodes with it). A hook only looks at the event of the thread it runs in (`stopping_on`), so

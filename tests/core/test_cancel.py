@@ -172,3 +172,28 @@ def test_propagation_cancelled_in_an_embedding_keeps_what_it_filled():
     assert len(store.missing(range(6))) == 4  # the abandoned embedding was not kept
     np.testing.assert_array_equal(result.labels[3], labels[3])  # the key slice is untouched
     assert labels[[0, 1, 2, 4, 5]].sum() == 0  # the caller's array is not written
+
+
+def test_a_batch_of_points_stops_within_one_prompt(vit, image, monkeypatch):
+    """Segment-all decodes its points in batches of seconds: the decoder checks before each prompt."""
+    import samcore.modeling.fast_decoder as fast_decoder
+
+    from samcore.automatic import EmbeddingDecoder
+
+    decoder = EmbeddingDecoder(vit, Predictor(vit, "fp32").embed(image))
+    points = np.stack(np.meshgrid(np.arange(10, 90, 10), [20, 60]), -1).reshape(-1, 2)
+    cancel, decoded, decode_one = threading.Event(), [], fast_decoder.decode_one
+
+    def counted(*args):
+        decoded.append(1)
+        if len(decoded) == 3:
+            cancel.set()  # the user presses Cancel while the third prompt is decoded
+        return decode_one(*args)
+
+    monkeypatch.setattr(fast_decoder, "decode_one", counted)
+    with pytest.raises(Cancelled), stopping_on(cancel):
+        decoder.decode(points)
+    assert len(decoded) == 3
+    decoded.clear()
+    logits, _ = decoder.decode(points)  # outside the block the event is not looked at
+    assert len(decoded) == len(points) == len(logits)

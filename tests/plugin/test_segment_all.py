@@ -229,3 +229,28 @@ def test_the_threshold_boxes_follow_the_model_and_feed_segment_all(sam, monkeypa
     assert (widget._min_iou.value, widget._min_stability.value) == (
         bundled.min_predicted_iou, bundled.min_stability
     ) != (0.88, 0.95)
+
+
+def test_cancel_stops_the_real_engine_within_a_batch_of_points(sam, monkeypatch, qtbot):
+    import samcore.modeling.fast_decoder as fast_decoder
+
+    viewer, widget = sam
+    objects = _objects(viewer, widget, existing_objects())
+    widget.auto_settings = AutoSettings(points_per_side=8, points_per_batch=64, min_predicted_iou=0.0)
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    decoded, decode_one = [], fast_decoder.decode_one
+
+    def slow(*args):  # a prompt's decoding as long as a large model's on a slow CPU
+        decoded.append(1)
+        time.sleep(0.05)
+        return decode_one(*args)
+
+    monkeypatch.setattr(fast_decoder, "decode_one", slow)
+    widget.segment_all("slice")
+    qtbot.waitUntil(lambda: len(decoded) >= 3, timeout=30_000)
+    widget.cancel()  # returns once the worker has stopped
+    assert not widget._automatic.running
+    assert len(decoded) < 10  # of the batch's 64 points: stopped within one prompt, not at the batch's end
+    assert widget._status.value.startswith("Cancelled")
+    np.testing.assert_array_equal(objects.data, existing_objects())

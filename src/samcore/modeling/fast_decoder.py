@@ -38,6 +38,7 @@ import threading
 import torch
 from torch import nn
 
+from ..cancel import check as check_cancel
 from ._decoder_ops import Dense, SelfAttention, Workspace, as_matrix, out_heads, project_t
 from ._decoder_prompt import decode_one
 from .mask_decoder import MaskDecoder
@@ -263,7 +264,12 @@ class ImageContext:
 
         Returns:
             Low-resolution logits (M, 4H, 4W) and predicted IoUs (M,), M = 3 or 1.
+
+        Raises:
+            samcore.cancel.Cancelled: The thread's cancel event (`samcore.cancel.stopping_on`) is set:
+                a batch of prompts, such as segment-all's points, stops within one prompt.
         """
+        check_cancel()
         with self.constants.lock:
             return decode_one(self, tokens, multimask_output)
 
