@@ -84,6 +84,9 @@ class EmbeddingJob:
         self._progress = None
         self._paused = False  # stopped for a propagation or segment all; resumed after it
         self._stop = threading.Event()  # set to abandon the slice being embedded
+        self._model_name = ""  # the named model being loaded, for the download's status line
+        self._downloading = threading.Event()  # set by the worker while it downloads the weights
+        self._download_seen = False  # this run reported download progress
 
     @property
     def running(self) -> bool:
@@ -105,9 +108,10 @@ class EmbeddingJob:
         if session is not None and not session.matches(layer, model_source, settings, center):
             session = None
         # Errors go to _on_error (a notification), not back into the event loop.
-        self._stop = threading.Event()
+        self._stop, self._downloading, self._download_seen = threading.Event(), threading.Event(), False
         worker = thread_worker(reported(_compute), ignore_errors=True)(
-            session, layer, model_source, settings, widget._embedding_cache(), center, self._stop
+            session, layer, model_source, settings, widget._embedding_cache(), center, self._stop,
+            self._downloading,
         )
         self._progress = progress(total=0, desc="SAM embeddings")
         worker.yielded.connect(self._on_progress)
@@ -115,15 +119,18 @@ class EmbeddingJob:
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self.worker, self.layer, self._failed = worker, layer, False
+        self._model_name = model_source[0] or "the default model"
         widget._cancel_button.enabled = True
         widget._status.value = "Loading the model…" if session is None else "Computing embeddings…"
         worker.start()
 
     def quit(self) -> None:
-        """Ask the worker to stop; the slice it is embedding is abandoned (the widget waits for it)."""
+        """Ask the worker to stop; the slice it is embedding, or the download, is abandoned (the widget
+        waits for it)."""
         if self.worker is not None:
             self._stop.set()
-            self.worker.quit()
+            if not self._downloading.is_set():  # a download stops at its next chunk and deletes its part
+                self.worker.quit()
 
     def pause(self) -> None:
         """Stop for a job that computes the embeddings it needs itself; see `resume`."""
@@ -150,11 +157,16 @@ class EmbeddingJob:
     def _on_progress(self, event: tuple) -> None:
         widget = self._widget
         kind, payload = event
-        if kind == "session":
+        if kind == "download":
+            if self.worker is not None:  # not one that arrives after the stopped job's last word
+                self._show_download(payload)
+        elif kind == "session":
             widget._session = payload
-            self._progress.total = payload.view.n_slices
-            self._progress.n = len(payload.store)
-            self._progress.refresh()
+            bar = self._progress  # napari's bar may run queued events, this job's end among them
+            if self._download_seen:
+                bar.set_description("SAM embeddings")
+            bar.total, bar.n = payload.view.n_slices, len(payload.store)
+            bar.refresh()
             widget._on_session(payload)
         elif kind == "slice":
             self._progress.update(1)
@@ -165,8 +177,26 @@ class EmbeddingJob:
             if payload == widget._current_z(session.layer) or session.view.n_slices == 1:
                 widget.segment()
 
-    def _on_done(self, session: Session) -> None:
-        self._widget._status.value = f"Embeddings ready ({len(session.store)}/{session.view.n_slices} slices)."
+    def _show_download(self, step) -> None:
+        """A chunk of the model's weights arrived: MB in the status line and the progress bar."""
+        mb = 1024 * 1024
+        if step.total and step.done >= step.total:
+            status = f"Checking the downloaded weights of {self._model_name}…"
+        else:
+            of = f" of {step.total / mb:.0f}" if step.total else ""
+            status = f"Downloading {self._model_name}: {step.done / mb:.0f}{of} MB (once; Cancel stops it)…"
+        self._widget._status.value = status
+        # Last: napari's bar may run queued events, and the job's end among them must have the last word.
+        bar = self._progress
+        if not self._download_seen:
+            self._download_seen = True
+            bar.set_description(f"SAM: downloading {self._model_name}")
+        bar.total, bar.n = -(-step.total // mb), step.done // mb
+        bar.refresh()
+
+    def _on_done(self, session: Session | None) -> None:
+        if session is not None:  # None: stopped while downloading (see `_on_finished`)
+            self._widget._status.value = f"Embeddings ready ({len(session.store)}/{session.view.n_slices} slices)."
 
     def _on_error(self, error: Exception) -> None:
         self._failed = True
@@ -180,26 +210,49 @@ class EmbeddingJob:
         widget = self._widget
         widget._cancel_button.enabled = widget._busy()
         session, failed, self._failed = widget._session, self._failed, False
-        if not failed and session is not None and len(session.store) < session.view.n_slices:
+        if not failed and session is None and self._download_seen:
+            widget._status.value = (
+                f"Download of {self._model_name} stopped; nothing was kept. Compute embeddings starts it again."
+            )
+        elif not failed and session is not None and len(session.store) < session.view.n_slices:
             widget._status.value = (
                 f"Stopped: {len(session.store)}/{session.view.n_slices} slices have embeddings."
             )
 
 
-def _compute(session, layer, model_source, settings, cache_dir, center, stop):
-    """Worker body: load the model (if needed) and embed every slice, nearest to `center` first.
+def _compute(session, layer, model_source, settings, cache_dir, center, stop, downloading):
+    """Worker body: load the model (if needed, downloading its weights first, with progress) and embed
+    every slice, nearest to `center` first. Returns the session, or None if stopped while downloading.
+
+    `downloading` is set while the weights download: the job then stops through `stop` alone, at the
+    next chunk, so that the part downloaded is deleted there and then.
 
     `settings` is (device, views), views None for the model's own number. Setting the event `stop`
     abandons the slice being embedded.
     """
     from samcore import Predictor, load_model
+    from samcore.download import fetch_job
     from samcore.embeddings import (
         EmbeddingStore, StackView, embed_slices, model_key, nearest_first, stack_key, store_path,
     )
+    from samcore.zoo import get_entry
 
     if session is None:
         name, checkpoint = model_source
         device, views = settings
+        if checkpoint is None:  # weights from the cache folder, downloaded first if they are not there
+            download = fetch_job(get_entry(name), progress=False)
+            downloading.set()
+            try:
+                for step in download:
+                    if stop.is_set():
+                        download.close()  # deletes the part downloaded
+                        return None
+                    yield ("download", step)
+            finally:
+                downloading.clear()
+            if stop.is_set():  # stopped while the weights were checked
+                return None
         model = load_model(name, checkpoint, device)
         view = StackView.of(layer.data, rgb=layer.rgb)
         predictor = Predictor(model, views=views)

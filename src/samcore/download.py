@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 
 from tqdm.auto import tqdm
 
+from .progress import Job, Progress, run
 from .zoo import ModelEntry
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 CACHE_ENV_VAR = "NAPARI_SAM_CACHE"
 
 _CHUNK = 4 * 1024 * 1024
+_DOWNLOAD_CHUNK = 1024 * 1024  # small enough that a slow connection reports progress and stops often
 _TIMEOUT_S = 60
 _SIDECAR_SUFFIX = ".verified.json"
 _REJECTED_SUFFIX = ".rejected"
@@ -149,7 +151,7 @@ def file_hash(path: str | os.PathLike, algorithm: str) -> str:
 
 
 def fetch(entry: ModelEntry, progress: bool = True) -> Path:
-    """Return the local path of verified weights, downloading them if needed.
+    """Return the local path of verified weights, downloading them if needed (`fetch_job`, run to its end).
 
     Args:
         entry: The model registry entry.
@@ -166,6 +168,19 @@ def fetch(entry: ModelEntry, progress: bool = True) -> Path:
             The file is moved out of the way (cached file) or deleted
             (download), so it is not used again.
     """
+    return run(fetch_job(entry, progress))
+
+
+def fetch_job(entry: ModelEntry, progress: bool = True) -> Job[Path]:
+    """`fetch` step by step, for callers that show a download's progress and may stop it.
+
+    Yields:
+        ``Progress("download", bytes received, bytes expected)`` after each chunk of a download (the
+        size expected is 0 when the server does not say); nothing for a file already there.
+
+    Returns:
+        The path of the verified file. Closing the job part-way deletes what was downloaded.
+    """
     destination = cached_path(entry)
     if entry.packaged:
         _verify_packaged(destination, entry)
@@ -174,7 +189,7 @@ def fetch(entry: ModelEntry, progress: bool = True) -> Path:
         _verify_cached(destination, entry)
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = _download_to_temporary(entry, destination, progress)
+    partial = yield from _download_to_temporary(entry, destination, progress)
     try:
         _verify_download(partial, destination, entry)
     except BaseException:
@@ -257,28 +272,30 @@ def _verify_download(partial: Path, destination: Path, entry: ModelEntry) -> Non
         )
 
 
-def _download_to_temporary(entry: ModelEntry, destination: Path, progress: bool) -> Path:
+def _download_to_temporary(entry: ModelEntry, destination: Path, progress: bool) -> Job[Path]:
     handle, name = tempfile.mkstemp(prefix=destination.name + ".", suffix=".part", dir=destination.parent)
     partial = Path(name)
-    try:
+    try:  # GeneratorExit too: a job closed part-way leaves no partial file
         with os.fdopen(handle, "wb") as sink:
-            _stream(entry, destination, sink, progress)
+            yield from _stream(entry, destination, sink, progress)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     return partial
 
 
-def _stream(entry: ModelEntry, destination: Path, sink: BinaryIO, progress: bool) -> None:
+def _stream(entry: ModelEntry, destination: Path, sink: BinaryIO, progress: bool) -> Job[None]:
     request = urllib.request.Request(entry.url, headers={"User-Agent": _USER_AGENT})
     try:
         response = _open_url(request, timeout=_TIMEOUT_S)
     except _NETWORK_ERRORS as error:
         raise _unavailable(entry, destination, error) from error
+    expected = _content_length(response)
+    received = 0
     with (
         response,
         tqdm(
-            total=_content_length(response),
+            total=expected,
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
@@ -289,11 +306,13 @@ def _stream(entry: ModelEntry, destination: Path, sink: BinaryIO, progress: bool
         while chunk := _read_chunk(response, entry, destination):
             sink.write(chunk)
             bar.update(len(chunk))
+            received += len(chunk)
+            yield Progress("download", received, expected or 0)
 
 
 def _read_chunk(response: BinaryIO, entry: ModelEntry, destination: Path) -> bytes:
     try:
-        return response.read(_CHUNK)
+        return response.read(_DOWNLOAD_CHUNK)
     except _NETWORK_ERRORS as error:
         raise _unavailable(entry, destination, error) from error
 

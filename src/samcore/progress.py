@@ -19,9 +19,10 @@ class Progress:
 
     Attributes:
         stage: What is being done: "embedding" (one slice embedded), "masks" (one batch of point
-            prompts decoded), "slices" (one slice segmented) or "linking".
+            prompts decoded), "slices" (one slice segmented), "linking" or "download" (bytes of
+            a model's weights).
         done: Steps of this stage finished so far.
-        total: Steps of this stage in all.
+        total: Steps of this stage in all (0 when not known beforehand).
         z: The slice the step was about, if any.
     """
 

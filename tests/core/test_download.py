@@ -20,6 +20,7 @@ from samcore import download, zoo
 from samcore.build import build_sam
 from samcore.download import HashMismatchError, WeightsUnavailableError, fetch
 from samcore.loading import load_model
+from samcore.progress import run
 from samcore.zoo import ModelEntry
 
 PAYLOAD = b"pretend these are model weights " * 1000
@@ -175,6 +176,26 @@ def test_http_error_is_reported_as_unavailable(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(download, "_open_url", not_found)
     with pytest.raises(WeightsUnavailableError, match="404"):
         fetch(entry, progress=False)
+
+
+def test_fetch_job_reports_bytes_and_closing_it_leaves_nothing(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = make_entry(tmp_path)
+    monkeypatch.setattr(download, "_DOWNLOAD_CHUNK", 4096)
+    job = download.fetch_job(entry, progress=False)
+    first, second = next(job), next(job)
+    assert (first.stage, first.done, first.total) == ("download", 4096, len(PAYLOAD))
+    assert second.done == 8192
+    assert len(leftovers(cache)) == 1  # the partial file, while it downloads
+    job.close()  # the user stops it
+    assert not (cache / entry.filename).exists() and leftovers(cache) == []
+    steps = []
+    path = run(download.fetch_job(entry, progress=False), steps.append)
+    assert path.read_bytes() == PAYLOAD
+    assert [step.done for step in steps] == [min(4096 * k, len(PAYLOAD)) for k in range(1, len(steps) + 1)]
+    assert steps[-1].done == len(PAYLOAD)
+    assert list(download.fetch_job(entry, progress=False)) == []  # cached: nothing to report
 
 
 def test_connection_lost_mid_download(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
