@@ -36,21 +36,9 @@ def real_gray() -> np.ndarray:
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private weights cache folder; any URL other than a local file is refused (no test downloads)."""
-    import urllib.error
+    from offline import offline_cache
 
-    from samcore import download
-
-    folder = tmp_path / "cache"
-    monkeypatch.setenv(download.CACHE_ENV_VAR, str(folder))
-    real_open = download._open_url
-
-    def local_only(request, *args, **kwargs):
-        if not request.full_url.startswith("file:"):
-            raise urllib.error.URLError("network access is disabled in tests")
-        return real_open(request, *args, **kwargs)
-
-    monkeypatch.setattr(download, "_open_url", local_only)
-    return folder
+    return offline_cache(tmp_path / "cache", monkeypatch)
 
 
 @pytest.fixture(scope="session")

@@ -15,19 +15,9 @@ from tiny_models import save_tiny_vit  # noqa: E402
 @pytest.fixture(autouse=True)
 def no_downloads(tmp_path, monkeypatch):
     """A private, empty weights cache folder; any URL other than a local file is refused."""
-    import urllib.error
+    from offline import offline_cache
 
-    from samcore import download
-
-    monkeypatch.setenv(download.CACHE_ENV_VAR, str(tmp_path / "weights-cache"))
-    real_open = download._open_url
-
-    def local_only(request, *args, **kwargs):
-        if not request.full_url.startswith("file:"):
-            raise urllib.error.URLError("network access is disabled in tests")
-        return real_open(request, *args, **kwargs)
-
-    monkeypatch.setattr(download, "_open_url", local_only)
+    offline_cache(tmp_path / "weights-cache", monkeypatch)
 
 
 @pytest.fixture(scope="session")
