@@ -21,6 +21,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, QObject
 
 from ._annotations import Commit, commit_mask, undo_commit
+from ._autosave import Autosave, autosave_dir, painted_rows, touched_rows
 from ._candidates import Candidates
 from ._embedding_job import EmbeddingJob, Session
 from ._prompt_layers import PromptLayers
@@ -115,6 +116,12 @@ class SamWidget(Container):
             "less than half its contrast on the slice it started from (a nucleus out of focus); "
             "untick for objects meant to dim along z",
         )
+        self._autosave = Autosave()
+        self._autosave_box = CheckBox(
+            text="autosave objects", value=True,
+            tooltip=f"write the objects layer to {autosave_dir()} as it changes (what SAM adds or removes "
+            "and your brush strokes), to get it back after a crash: open the .sam.zarr folder in napari",
+        )
         self._candidate = Label(value="")
         self._status = Label(value="Pick an image and a model, then compute embeddings.")
         self._help = Label(value="\n".join([
@@ -146,8 +153,8 @@ class SamWidget(Container):
         thresholds.extend([self._min_iou, self._min_stability])
         self.extend([
             self._image, self._model, self._checkpoint, self._device, self._views, self._cache_dir,
-            self._load_button, self._cancel_button, self._output, self._overwrite, self._refine, self._zoom,
-            self._fade, buttons, automatic, thresholds, self._candidate, self._status, self._help,
+            self._load_button, self._cancel_button, self._output, self._overwrite, self._autosave_box,
+            self._refine, self._zoom, self._fade, buttons, automatic, thresholds, self._candidate, self._status, self._help,
         ])
         self._model.changed.connect(self._on_model_choice)
         self._checkpoint.changed.connect(self._on_checkpoint_choice)
@@ -569,6 +576,46 @@ class SamWidget(Container):
         self._output.value = layer
         return layer
 
+    def autosave(self, layer: Labels, index: np.ndarray | None = None, rows: np.ndarray | None = None) -> None:
+        """Write what changed in the objects layer `layer` to the autosave folder, in the background.
+
+        Args:
+            layer: A labels layer held in memory.
+            index: Flat indices into its array that changed; with `rows`, None means all of it.
+            rows: The positions along its first axis that changed (slices, or rows of a 2D image).
+        """
+        if not self._autosave_box.value:
+            return
+        for error in self._autosave.errors():
+            show_warning(f"SAM: autosave failed ({error}); save the objects layer yourself (File > Save).")
+        data = np.asarray(layer.data)
+        if index is not None:
+            rows = touched_rows(index, data.shape)
+        image = self._image.value
+        path, first = self._autosave.save(data, image.name if image is not None else "image", layer.name, rows)
+        if first:
+            show_info(
+                f"SAM: the objects of '{layer.name}' are autosaved to {path} as they change; if napari "
+                "closes before you save them, open that folder in napari to get them back."
+            )
+            layer.events.paint.connect(self._on_paint)  # once per layer and session: `first` is
+
+    def _on_paint(self, event) -> None:
+        """A brush stroke, fill or erase in an autosaved objects layer: write the rows it changed.
+
+        napari sends the event before it writes the new pixels, so they are read once it is handled.
+        """
+        from qtpy.QtCore import QTimer
+
+        layer, rows = event.source, painted_rows(event.value, event.source.data.shape)
+
+        def write() -> None:
+            if layer in self._viewer.layers:
+                self.autosave(layer, rows=rows)
+
+        if self._autosave_box.value:
+            QTimer.singleShot(0, write)
+
     def commit(self, _=None) -> None:
         """Make the preview a new object in the output labels layer, then clear the prompts."""
         if self._candidates is None:
@@ -594,6 +641,7 @@ class SamWidget(Container):
             return
         self._history.append((layer, done))
         layer.refresh()
+        self.autosave(layer, done.index)
         self.clear()
         self._status.value = f"Committed object {done.object_id}."
 
@@ -607,6 +655,7 @@ class SamWidget(Container):
         layer, done = self._history.pop()
         kept = undo_commit(layer.data, done)
         layer.refresh()
+        self.autosave(layer, done.index)
         self._status.value = f"Undid the {done.note}." if done.note else f"Removed object {done.object_id}."
         if kept:
             self._status.value += f" {kept} of its pixels, edited since, were kept."

@@ -137,8 +137,12 @@ def store_path(folder: str | Path, name: str, key: str) -> Path:
     Characters a file name cannot hold on some system (path separators, ``<>:"|?*``, control
     characters) become ``_``, so a layer named "exp1/cell A" is stored in `folder` itself.
     """
-    safe = "".join("_" if ch in UNSAFE_IN_NAMES or ord(ch) < 32 else ch for ch in name).strip(" .") or "_"
-    return Path(folder) / f"{safe}-{key[:12]}.zarr"
+    return Path(folder) / f"{safe_file_name(name)}-{key[:12]}.zarr"
+
+
+def safe_file_name(name: str) -> str:
+    """`name` with every character that some file system refuses in a file name replaced by ``_``."""
+    return "".join("_" if ch in UNSAFE_IN_NAMES or ord(ch) < 32 else ch for ch in name).strip(" .") or "_"
 
 
 class EmbeddingStore:

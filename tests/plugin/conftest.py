@@ -13,11 +13,16 @@ from tiny_models import save_tiny_vit  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def no_downloads(tmp_path, monkeypatch):
-    """A private, empty weights cache folder; any URL other than a local file is refused."""
+def private_folders(tmp_path, monkeypatch):
+    """A private, empty weights cache folder (any URL other than a local file is refused) and a private
+    autosave folder, returned."""
     from offline import offline_cache
 
+    from napari_sam._autosave import AUTOSAVE_ENV_VAR
+
     offline_cache(tmp_path / "weights-cache", monkeypatch)
+    monkeypatch.setenv(AUTOSAVE_ENV_VAR, str(tmp_path / "autosave"))
+    return tmp_path / "autosave"
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ def test_a_model_that_cannot_be_downloaded_is_reported_and_the_widget_stays_usab
 
     _, widget = sam
     widget.set_model("vit_b_lm")
-    widget.load()  # offline (the `no_downloads` fixture): samcore's error is a RuntimeError
+    widget.load()  # offline (the `private_folders` fixture): samcore's error is a RuntimeError
     qtbot.waitUntil(lambda: not widget._embedding.running, timeout=10_000)
     where = str(download.cached_path(zoo.get_entry("vit_b_lm")))
     assert any(where in message and "network access is disabled" in message for message in messages["error"])

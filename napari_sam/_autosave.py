@@ -1,0 +1,175 @@
+"""Autosave: the objects layer is written to disk as SAM and the user change it, to recover it after a crash.
+
+napari keeps layers in memory: a crash, or a window closed without saving, loses every object. After each
+commit, undo, slice painted by propagation or segment all, and stroke painted by hand in the objects
+layer, the rows of the array that changed (slices of a stack, rows of a 2D image) are copied and written,
+in a background thread, to the zarr folder `<image> - <objects>.sam.zarr` in the autosave folder:
+``$NAPARI_SAM_AUTOSAVE``, else the platform's user data folder for napari-sam (for example
+``~/.local/share/napari-sam/autosave`` on Linux). A layer's first write is the whole array. Opening the
+folder in napari (File > Open Folder, or dragging it in) gives the objects back as a labels layer.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+AUTOSAVE_ENV_VAR = "NAPARI_SAM_AUTOSAVE"
+SUFFIX = ".sam.zarr"
+
+
+def autosave_dir() -> Path:
+    """The folder autosaved objects go to (it may not exist yet)."""
+    override = os.environ.get(AUTOSAVE_ENV_VAR)
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("napari-sam", appauthor=False)) / "autosave"
+
+
+def autosave_path(folder: Path, image_name: str, labels_name: str) -> Path:
+    """Where the objects layer `labels_name`, drawn on the image `image_name`, is autosaved."""
+    from samcore.embeddings import safe_file_name
+
+    return folder / (safe_file_name(f"{image_name} - {labels_name}") + SUFFIX)
+
+
+def touched_rows(index: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The positions along the first axis (slices of a stack, rows of an image) of flat indices."""
+    return np.unique(np.asarray(index) // int(np.prod(shape[1:], dtype=np.int64)))
+
+
+def painted_rows(atoms, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The first-axis positions a napari Labels paint event's history atoms changed; None if unknown.
+
+    An atom starts with where it wrote: one index array per axis, or (a brush stroke or fill) a box of
+    one slice per axis. Anything else is not read, and then the whole layer is written.
+    """
+    rows = []
+    for atom in atoms:
+        where = atom[0] if isinstance(atom, tuple) and atom and isinstance(atom[0], tuple) else ()
+        first = where[0] if where else None
+        if isinstance(first, slice):
+            rows.append(np.arange(*first.indices(shape[0])))
+            continue
+        first = np.asarray(first) if first is not None else None
+        if first is None or not np.issubdtype(first.dtype, np.integer):
+            return None
+        rows.append(np.unique(first))
+    return np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.intp)
+
+
+class Autosave:
+    """Writes labels arrays, whole or by rows of their first axis, in one background thread.
+
+    Args:
+        folder: The autosave folder; default `autosave_dir()` when the first write is asked for.
+    """
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-sam-autosave")
+        self._layouts: dict[Path, tuple] = {}  # (shape, dtype) of each file written whole
+        self._pending: list[Future] = []
+        self._errors: list[str] = []
+        self._lock = threading.Lock()
+
+    def save(self, labels: np.ndarray, image_name: str, labels_name: str, rows=None) -> tuple[Path, bool]:
+        """Copy `rows` of `labels` (None: all of it) now and write them in the background.
+
+        Returns:
+            The file's path and whether this was its first write in this session (the whole array).
+        """
+        folder = self.folder if self.folder is not None else autosave_dir()
+        path = autosave_path(folder, image_name, labels_name)
+        layout = (labels.shape, labels.dtype.str)
+        first = self._layouts.get(path) != layout
+        if not first and rows is not None and len(rows) == 0:
+            return path, False
+        if first or rows is None:
+            parts = [(0, labels.copy())]
+        else:
+            parts = [(start, labels[start:stop].copy()) for start, stop in _runs(np.asarray(rows))]
+        self._layouts[path] = layout
+        attrs = {"image": image_name, "objects": labels_name, "saved": datetime.now().isoformat(timespec="seconds")}
+        future = self._executor.submit(_write, path, layout, parts, first, attrs)
+        future.add_done_callback(self._done)
+        with self._lock:
+            self._pending = [f for f in self._pending if not f.done()] + [future]
+        return path, first
+
+    def errors(self) -> list[str]:
+        """The failed writes since the last call (each a message), emptied."""
+        with self._lock:
+            errors, self._errors = self._errors, []
+        return errors
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every write asked for so far is on disk (or has failed)."""
+        with self._lock:
+            pending = list(self._pending)
+        for future in pending:
+            try:
+                future.result(timeout)
+            except Exception:  # noqa: BLE001 - reported by `errors`
+                pass
+
+    def _done(self, future: Future) -> None:
+        error = future.exception()
+        if error is not None:
+            with self._lock:
+                self._errors.append(f"{type(error).__name__}: {error}")
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted unique positions as (start, stop) runs of consecutive ones."""
+    rows = np.unique(rows)
+    if rows.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, breaks)]
+
+
+def _write(path: Path, layout: tuple, parts: list[tuple[int, np.ndarray]], whole: bool, attrs: dict) -> None:
+    import zarr
+
+    shape, dtype = layout
+    if whole:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        chunks = (1, *shape[1:]) if len(shape) == 3 else (min(shape[0], 256), *shape[1:])
+        array = zarr.open_array(str(path), mode="w", shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+    else:
+        array = zarr.open_array(str(path), mode="r+")
+    for start, rows in parts:
+        array[start : start + len(rows)] = rows
+    array.attrs.update(attrs)
+
+
+def read_objects(path: str | Path) -> np.ndarray:
+    """The labels array of an autosaved objects folder."""
+    import zarr
+
+    return np.asarray(zarr.open_array(str(path), mode="r")[...])
+
+
+def get_reader(path):
+    """napari reader hook: an autosaved objects folder (``*.sam.zarr``) opens as a labels layer."""
+    if isinstance(path, (list, tuple)) or not str(path).rstrip("/\\").endswith(SUFFIX):
+        return None
+    return _read_layer
+
+
+def _read_layer(path):
+    import zarr
+
+    path = str(path).rstrip("/\\")
+    attrs = dict(zarr.open_array(path, mode="r").attrs)
+    name = attrs.get("objects", Path(path).name[: -len(SUFFIX)])
+    saved = f", autosaved {attrs['saved']}" if "saved" in attrs else ""
+    return [(read_objects(path), {"name": f"{name} ({attrs.get('image', 'image')}{saved})"}, "labels")]

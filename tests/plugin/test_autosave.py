@@ -1,0 +1,121 @@
+"""Autosave: the objects layer is on disk after every commit, undo, job and brush stroke, and opens again."""
+
+import numpy as np
+import pytest
+from qtpy.QtCore import QCoreApplication
+from test_propagate import _objects
+
+from napari_sam._autosave import SUFFIX, painted_rows, read_objects, touched_rows
+
+BOX = np.array([[2, 5, 5], [2, 5, 80], [2, 80, 80], [2, 80, 5]])
+
+
+def saved(widget, folder):
+    """The one autosaved array in `folder`, once every write asked for is on disk."""
+    QCoreApplication.processEvents()  # a brush stroke is written once napari has painted it
+    widget._autosave.flush()
+    files = sorted(folder.glob("*" + SUFFIX))
+    assert len(files) == 1
+    return files[0], read_objects(files[0])
+
+
+def test_rows_touched_by_flat_indices_and_by_paint_atoms():
+    assert touched_rows(np.array([0, 5, 99, 100, 250]), (3, 10, 10)).tolist() == [0, 1, 2]
+    assert touched_rows(np.array([3, 17]), (4, 5)).tolist() == [0, 3]  # rows of a 2D image
+    atoms = [((np.array([2, 2, 3]), np.array([0, 1, 1]), np.array([5, 5, 5])), np.zeros(3), 7)]
+    assert painted_rows(atoms, (4, 10, 10)).tolist() == [2, 3]
+    box = ((slice(1, 3), slice(0, 4), slice(2, 9)), None, np.zeros(3), 7)  # a stroke's box
+    assert painted_rows([box], (4, 10, 10)).tolist() == [1, 2]
+    assert painted_rows([object()], (4, 10, 10)) is None  # an edit of another kind: write it all
+
+
+def test_commit_undo_and_brush_strokes_are_on_disk(sam, private_folders, messages):
+    viewer, widget = sam
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget._prompt_layers.boxes.add_rectangles(BOX)
+    widget.commit()
+    objects = widget.output_layer()
+    path, on_disk = saved(widget, private_folders)
+    assert path.name == "nuclei - SAM objects" + SUFFIX
+    assert (on_disk == 1).sum() > 20
+    np.testing.assert_array_equal(on_disk, objects.data)
+    assert any(str(path) in message for message in messages["info"])  # the user is told where, once
+    objects.selected_label, objects.brush_size = 7, 5
+    objects.paint((0, 40, 40), 7)  # by hand, on another slice
+    _, on_disk = saved(widget, private_folders)
+    assert (on_disk[0] == 7).sum() > 5
+    np.testing.assert_array_equal(on_disk, objects.data)
+    widget.undo()
+    _, on_disk = saved(widget, private_folders)
+    assert not (on_disk == 1).any() and (on_disk[0] == 7).any()
+    assert sum(str(path) in message for message in messages["info"]) == 1
+
+
+def test_a_propagation_is_on_disk_and_the_folder_opens_as_labels(sam, private_folders):
+    viewer, widget = sam
+    existing = np.zeros((4, 96, 96), np.uint32)
+    existing[2, 30:60, 30:60] = 5
+    objects = _objects(viewer, widget, existing)
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget.propagate(block=True)
+    assert ((objects.data == 5).sum(axis=(1, 2)) > 0).sum() > 1
+    path, on_disk = saved(widget, private_folders)
+    np.testing.assert_array_equal(on_disk, objects.data)  # the user's own object 5 too
+    layers = viewer.open(str(path), plugin="napari-sam")
+    assert layers[0].__class__.__name__ == "Labels" and layers[0].name.startswith("mine (nuclei, autosaved ")
+    np.testing.assert_array_equal(layers[0].data, objects.data)
+
+
+def test_unticked_nothing_is_written(sam, private_folders):
+    viewer, widget = sam
+    widget._autosave_box.value = False
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget._prompt_layers.boxes.add_rectangles(BOX)
+    widget.commit()
+    widget._autosave.flush()
+    assert (widget.output_layer().data == 1).any() and not private_folders.exists()
+
+
+def test_a_failed_write_is_told_and_the_objects_stay(sam, private_folders, messages):
+    viewer, widget = sam
+    private_folders.write_text("a file where the folder should be")
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget._prompt_layers.boxes.add_rectangles(BOX)
+    widget.commit()
+    widget._autosave.flush()
+    objects = widget.output_layer()
+    objects.paint((0, 40, 40), 7)  # the next change reports the failure
+    QCoreApplication.processEvents()
+    assert any("autosave failed" in message for message in messages["warning"])
+    assert (objects.data == 1).any() and (objects.data == 7).any()
+
+
+@pytest.mark.parametrize("name", ["exp1/cell A", "a:b"])
+def test_layer_names_stay_inside_the_folder(sam, private_folders, name):
+    viewer, widget = sam
+    viewer.layers["nuclei"].name = name
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget._prompt_layers.boxes.add_rectangles(BOX)
+    widget.commit()
+    path, _ = saved(widget, private_folders)
+    assert path.parent == private_folders
+
+
+def test_a_2d_image_is_saved_by_rows(make_napari_viewer, tiny_checkpoint, stack, private_folders):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.concatenate([stack[2], stack[1]]), name="tall")  # (192, 96): two row chunks
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    widget.load(block=True)
+    widget._prompt_layers.boxes.add_rectangles(BOX[:, 1:])
+    widget.commit()
+    objects = widget.output_layer()
+    objects.paint((150, 40), 9)
+    path, on_disk = saved(widget, private_folders)
+    assert (on_disk == 9).any() and (on_disk == 1).any()
+    np.testing.assert_array_equal(on_disk, objects.data)
