@@ -304,6 +304,9 @@ class SamWidget(Container):
         self._prompt_layers.release()
         self._viewer.dims.events.current_step.disconnect(self._on_slice_change)
         self._viewer.layers.events.removed.disconnect(self._on_layer_removed)
+        for layer in self._viewer.layers:  # brush strokes are no longer autosaved
+            if isinstance(layer, Labels):
+                layer.events.paint.disconnect(self._on_paint)
         self._session = None
 
     def _forget_deleted(self, layer: Image) -> None:

@@ -50,6 +50,10 @@ def test_commit_undo_and_brush_strokes_are_on_disk(sam, private_folders, message
     _, on_disk = saved(widget, private_folders)
     assert not (on_disk == 1).any() and (on_disk[0] == 7).any()
     assert sum(str(path) in message for message in messages["info"]) == 1
+    viewer.window.remove_dock_widget(widget.native)  # closing the widget ends the autosave
+    objects.paint((3, 40, 40), 8)
+    _, on_disk = saved(widget, private_folders)
+    assert (objects.data == 8).any() and not (on_disk == 8).any()
 
 
 def test_a_propagation_is_on_disk_and_the_folder_opens_as_labels(sam, private_folders):
