@@ -5,12 +5,15 @@ commit, undo, slice painted by propagation or segment all, and stroke painted by
 layer, the rows of the array that changed (slices of a stack, rows of a 2D image) are copied and written,
 in a background thread, to the zarr folder `<image> - <objects>.sam.zarr` in the autosave folder:
 ``$NAPARI_SAM_AUTOSAVE``, else the platform's user data folder for napari-sam (for example
-``~/.local/share/napari-sam/autosave`` on Linux). A layer's first write is the whole array. Opening the
+``~/.local/share/napari-sam/autosave`` on Linux). A layer's first write is the whole array; an autosave
+of that name from an earlier session is first renamed "<image> - <objects> (<when>).sam.zarr" (the newest
+five are kept), so starting again after a crash does not overwrite what the crash left. Opening the
 folder in napari (File > Open Folder, or dragging it in) gives the objects back as a labels layer.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +24,7 @@ import numpy as np
 
 AUTOSAVE_ENV_VAR = "NAPARI_SAM_AUTOSAVE"
 SUFFIX = ".sam.zarr"
+KEEP_EARLIER = 5  # autosaves of earlier sessions kept per image and objects layer
 
 
 def autosave_dir() -> Path:
@@ -80,18 +84,20 @@ class Autosave:
         self._errors: list[str] = []
         self._lock = threading.Lock()
 
-    def save(self, labels: np.ndarray, image_name: str, labels_name: str, rows=None) -> tuple[Path, bool]:
+    def save(self, labels: np.ndarray, image_name: str, labels_name: str, rows=None) -> tuple[Path, bool, bool]:
         """Copy `rows` of `labels` (None: all of it) now and write them in the background.
 
         Returns:
-            The file's path and whether this was its first write in this session (the whole array).
+            The file's path, whether this is its first write in this session (the whole array), and
+            whether an earlier autosave there is being renamed to keep it.
         """
         folder = self.folder if self.folder is not None else autosave_dir()
         path = autosave_path(folder, image_name, labels_name)
         layout = (labels.shape, labels.dtype.str)
         first = self._layouts.get(path) != layout
         if not first and rows is not None and len(rows) == 0:
-            return path, False
+            return path, False, False
+        earlier = first and path.exists()
         if first or rows is None:
             parts = [(0, labels.copy())]
         else:
@@ -102,7 +108,7 @@ class Autosave:
         future.add_done_callback(self._done)
         with self._lock:
             self._pending = [f for f in self._pending if not f.done()] + [future]
-        return path, first
+        return path, first, earlier
 
     def errors(self) -> list[str]:
         """The failed writes since the last call (each a message), emptied."""
@@ -142,6 +148,8 @@ def _write(path: Path, layout: tuple, parts: list[tuple[int, np.ndarray]], whole
     shape, dtype = layout
     if whole:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # an earlier session's, perhaps the one a crash left: kept beside
+            _keep_earlier(path)
         chunks = (1, *shape[1:]) if len(shape) == 3 else (min(shape[0], 256), *shape[1:])
         array = zarr.open_array(str(path), mode="w", shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
     else:
@@ -149,6 +157,30 @@ def _write(path: Path, layout: tuple, parts: list[tuple[int, np.ndarray]], whole
     for start, rows in parts:
         array[start : start + len(rows)] = rows
     array.attrs.update(attrs)
+
+
+def _keep_earlier(path: Path) -> Path:
+    """Rename the autosave at `path` to "<name> (<when it was saved>).sam.zarr", keeping the newest
+    `KEEP_EARLIER` such copies of that name."""
+    import shutil
+
+    import zarr
+
+    try:
+        saved = str(zarr.open_array(str(path), mode="r").attrs.get("saved", ""))
+    except Exception:  # noqa: BLE001 - not readable as an array: named by its time on disk
+        saved = ""
+    if not saved:
+        saved = datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds")
+    stem = path.name[: -len(SUFFIX)]
+    kept = path.with_name(f"{stem} ({saved.replace(':', '-')}){SUFFIX}")
+    if kept.exists():
+        shutil.rmtree(kept)
+    path.rename(kept)
+    earlier = sorted(path.parent.glob(f"{glob.escape(stem)} (*){SUFFIX}"))
+    for old in earlier[:-KEEP_EARLIER]:
+        shutil.rmtree(old, ignore_errors=True)
+    return kept
 
 
 def read_objects(path: str | Path) -> np.ndarray:

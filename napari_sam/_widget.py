@@ -595,11 +595,14 @@ class SamWidget(Container):
         if index is not None:
             rows = touched_rows(index, data.shape)
         image = self._image.value
-        path, first = self._autosave.save(data, image.name if image is not None else "image", layer.name, rows)
+        path, first, earlier = self._autosave.save(
+            data, image.name if image is not None else "image", layer.name, rows
+        )
         if first:
+            kept = " (the autosave found there is kept beside it, named with its time)" if earlier else ""
             show_info(
-                f"SAM: the objects of '{layer.name}' are autosaved to {path} as they change; if napari "
-                "closes before you save them, open that folder in napari to get them back."
+                f"SAM: the objects of '{layer.name}' are autosaved to {path} as they change{kept}; if "
+                "napari closes before you save them, open that folder in napari to get them back."
             )
             layer.events.paint.connect(self._on_paint)  # once per layer and session: `first` is
 

@@ -123,3 +123,25 @@ def test_a_2d_image_is_saved_by_rows(make_napari_viewer, tiny_checkpoint, stack,
     path, on_disk = saved(widget, private_folders)
     assert (on_disk == 9).any() and (on_disk == 1).any()
     np.testing.assert_array_equal(on_disk, objects.data)
+
+
+def test_a_new_session_keeps_the_earlier_autosave_beside(tmp_path):
+    from napari_sam._autosave import KEEP_EARLIER, Autosave
+
+    labels = np.zeros((2, 8, 8), np.uint32)
+    for session in range(KEEP_EARLIER + 2):  # napari started again and again, after a crash each time
+        labels[0, 0, 0] = session + 1
+        autosave = Autosave(tmp_path)
+        path, first, earlier = autosave.save(labels, "cells [1]", "SAM objects")
+        assert first and earlier == (session > 0)
+        autosave.flush()
+        assert autosave.errors() == []
+        with_time = path.parent / f"{path.name[: -len(SUFFIX)]} (2026-01-0{session + 1}T10-00-00){SUFFIX}"
+        if session:  # what the last session left was renamed (here: named as if saved on another day)
+            earlier = sorted(tmp_path.glob(f"cells ?1? - SAM objects (*){SUFFIX}"))
+            assert read_objects(earlier[-1])[0, 0, 0] == session
+            earlier[-1].rename(with_time)
+    earlier = sorted(tmp_path.glob(f"cells ?1? - SAM objects (*){SUFFIX}"))
+    assert len(earlier) == KEEP_EARLIER
+    assert [read_objects(p)[0, 0, 0] for p in earlier] == list(range(2, KEEP_EARLIER + 2))  # the oldest went
+    assert read_objects(path)[0, 0, 0] == KEEP_EARLIER + 2
