@@ -25,6 +25,7 @@ import numpy as np
 AUTOSAVE_ENV_VAR = "NAPARI_SAM_AUTOSAVE"
 SUFFIX = ".sam.zarr"
 KEEP_EARLIER = 5  # autosaves of earlier sessions kept per image and objects layer
+TIME_PATTERN = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]-[0-9][0-9]-[0-9][0-9]"  # in their names
 
 
 def autosave_dir() -> Path:
@@ -177,7 +178,8 @@ def _keep_earlier(path: Path) -> Path:
     if kept.exists():
         shutil.rmtree(kept)
     path.rename(kept)
-    earlier = sorted(path.parent.glob(f"{glob.escape(stem)} (*){SUFFIX}"))
+    # Only names with a time: another layer's "<image> - <objects> (2)" is not one of these.
+    earlier = sorted(path.parent.glob(f"{glob.escape(stem)} ({TIME_PATTERN}){SUFFIX}"))
     for old in earlier[:-KEEP_EARLIER]:
         shutil.rmtree(old, ignore_errors=True)
     return kept

@@ -176,9 +176,8 @@ def test_propagation_cancelled_in_an_embedding_keeps_what_it_filled():
 
 def test_a_batch_of_points_stops_within_one_prompt(vit, image, monkeypatch):
     """Segment-all decodes its points in batches of seconds: the decoder checks before each prompt."""
-    import samcore.modeling.fast_decoder as fast_decoder
-
     from samcore.automatic import EmbeddingDecoder
+    from samcore.modeling import fast_decoder
 
     decoder = EmbeddingDecoder(vit, Predictor(vit, "fp32").embed(image))
     points = np.stack(np.meshgrid(np.arange(10, 90, 10), [20, 60]), -1).reshape(-1, 2)

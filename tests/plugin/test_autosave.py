@@ -120,7 +120,7 @@ def test_a_2d_image_is_saved_by_rows(make_napari_viewer, tiny_checkpoint, stack,
     widget.commit()
     objects = widget.output_layer()
     objects.paint((150, 40), 9)
-    path, on_disk = saved(widget, private_folders)
+    _, on_disk = saved(widget, private_folders)
     assert (on_disk == 9).any() and (on_disk == 1).any()
     np.testing.assert_array_equal(on_disk, objects.data)
 
@@ -129,6 +129,9 @@ def test_a_new_session_keeps_the_earlier_autosave_beside(tmp_path):
     from napari_sam._autosave import KEEP_EARLIER, Autosave
 
     labels = np.zeros((2, 8, 8), np.uint32)
+    other = Autosave(tmp_path)
+    other_path, _, _ = other.save(labels, "cells [1]", "SAM objects (2)")  # another layer's, never pruned
+    other.flush()
     for session in range(KEEP_EARLIER + 2):  # napari started again and again, after a crash each time
         labels[0, 0, 0] = session + 1
         autosave = Autosave(tmp_path)
@@ -138,10 +141,10 @@ def test_a_new_session_keeps_the_earlier_autosave_beside(tmp_path):
         assert autosave.errors() == []
         with_time = path.parent / f"{path.name[: -len(SUFFIX)]} (2026-01-0{session + 1}T10-00-00){SUFFIX}"
         if session:  # what the last session left was renamed (here: named as if saved on another day)
-            earlier = sorted(tmp_path.glob(f"cells ?1? - SAM objects (*){SUFFIX}"))
+            earlier = sorted(tmp_path.glob(f"cells ?1? - SAM objects (20*){SUFFIX}"))
             assert read_objects(earlier[-1])[0, 0, 0] == session
             earlier[-1].rename(with_time)
-    earlier = sorted(tmp_path.glob(f"cells ?1? - SAM objects (*){SUFFIX}"))
-    assert len(earlier) == KEEP_EARLIER
+    earlier = sorted(tmp_path.glob(f"cells ?1? - SAM objects (20*){SUFFIX}"))
+    assert len(earlier) == KEEP_EARLIER and other_path.exists()
     assert [read_objects(p)[0, 0, 0] for p in earlier] == list(range(2, KEEP_EARLIER + 2))  # the oldest went
     assert read_objects(path)[0, 0, 0] == KEEP_EARLIER + 2

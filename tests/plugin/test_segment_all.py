@@ -232,7 +232,7 @@ def test_the_threshold_boxes_follow_the_model_and_feed_segment_all(sam, monkeypa
 
 
 def test_cancel_stops_the_real_engine_within_a_batch_of_points(sam, monkeypatch, qtbot):
-    import samcore.modeling.fast_decoder as fast_decoder
+    from samcore.modeling import fast_decoder
 
     viewer, widget = sam
     objects = _objects(viewer, widget, existing_objects())

@@ -68,7 +68,7 @@ def test_the_download_is_shown_and_then_embedded(make_napari_viewer, stack, remo
 
 
 def test_cancel_stops_the_download_and_keeps_nothing(make_napari_viewer, stack, remote_model, qtbot):
-    cache, entry, size, chunks = remote_model
+    cache, _, size, chunks = remote_model
     widget = _widget(make_napari_viewer, stack)
     widget.load()
     qtbot.waitUntil(lambda: len(chunks) >= 3, timeout=30_000)
