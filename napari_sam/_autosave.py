@@ -45,6 +45,14 @@ def autosave_path(folder: Path, image_name: str, labels_name: str) -> Path:
     return folder / (safe_file_name(f"{image_name} - {labels_name}") + SUFFIX)
 
 
+def earlier_autosaves(image_name: str, folder: Path | None = None) -> list[Path]:
+    """The autosaves in `folder` (default `autosave_dir()`) of objects drawn on the image `image_name`."""
+    from samcore.embeddings import safe_file_name
+
+    folder = folder if folder is not None else autosave_dir()
+    return sorted(folder.glob(f"{glob.escape(safe_file_name(image_name))} - *{SUFFIX}"))
+
+
 def touched_rows(index: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """The positions along the first axis (slices of a stack, rows of an image) of flat indices."""
     return np.unique(np.asarray(index) // int(np.prod(shape[1:], dtype=np.int64)))
@@ -81,6 +89,7 @@ class Autosave:
         self.folder = folder
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-sam-autosave")
         self._layouts: dict[Path, tuple] = {}  # (shape, dtype) of each file written whole
+        self.written: set[Path] = set()  # the files of this session
         self._pending: list[Future] = []
         self._errors: list[str] = []
         self._lock = threading.Lock()
@@ -104,6 +113,7 @@ class Autosave:
         else:
             parts = [(start, labels[start:stop].copy()) for start, stop in _runs(np.asarray(rows))]
         self._layouts[path] = layout
+        self.written.add(path)
         attrs = {"image": image_name, "objects": labels_name, "saved": datetime.now().isoformat(timespec="seconds")}
         future = self._executor.submit(_write, path, layout, parts, first, attrs)
         future.add_done_callback(self._done)

@@ -21,7 +21,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, QObject
 
 from ._annotations import Commit, commit_mask, undo_commit
-from ._autosave import Autosave, autosave_dir, painted_rows, touched_rows
+from ._autosave import Autosave, autosave_dir, earlier_autosaves, painted_rows, touched_rows
 from ._candidates import Candidates
 from ._embedding_job import EmbeddingJob, Session
 from ._prompt_layers import PromptLayers
@@ -117,6 +117,7 @@ class SamWidget(Container):
             "untick for objects meant to dim along z",
         )
         self._autosave = Autosave()
+        self._told_autosaves: set[str] = set()  # images whose earlier autosaves were pointed out
         self._autosave_box = CheckBox(
             text="autosave objects", value=True,
             tooltip=f"write the objects layer to {autosave_dir()} as it changes (what SAM adds or removes "
@@ -358,6 +359,7 @@ class SamWidget(Container):
                 "channels, open the image with channel_axis (one layer per channel) and pick one."
             )
         self._prompt_layers_for(layer)
+        self._tell_earlier_autosaves(layer)
         self._embedding.start(layer, model_source, (self._device.value, self._views.value or None))
         if block:
             self.wait()
@@ -605,6 +607,19 @@ class SamWidget(Container):
                 "napari closes before you save them, open that folder in napari to get them back."
             )
             layer.events.paint.connect(self._on_paint)  # once per layer and session: `first` is
+
+    def _tell_earlier_autosaves(self, image: Image) -> None:
+        """Once per image: say where autosaves of its objects from earlier sessions are, if there are any."""
+        if not self._autosave_box.value or image.name in self._told_autosaves:
+            return
+        self._told_autosaves.add(image.name)
+        found = [path for path in earlier_autosaves(image.name) if path not in self._autosave.written]
+        if found:
+            newest = max(found, key=lambda path: path.stat().st_mtime)
+            show_info(
+                f"SAM: {len(found)} autosave(s) of objects drawn on '{image.name}' are in {newest.parent}, the "
+                f"newest '{newest.name}'. If napari closed before you saved your objects, open it in napari."
+            )
 
     def _on_paint(self, event) -> None:
         """A brush stroke, fill or erase in an autosaved objects layer: write the rows it changed.

@@ -148,3 +148,19 @@ def test_a_new_session_keeps_the_earlier_autosave_beside(tmp_path):
     assert len(earlier) == KEEP_EARLIER and other_path.exists()
     assert [read_objects(p)[0, 0, 0] for p in earlier] == list(range(2, KEEP_EARLIER + 2))  # the oldest went
     assert read_objects(path)[0, 0, 0] == KEEP_EARLIER + 2
+
+
+def test_autosaves_of_an_earlier_session_are_pointed_out_once(sam, private_folders, messages):
+    from napari_sam._autosave import Autosave
+
+    viewer, widget = sam
+    crashed = Autosave(private_folders)  # what a session that crashed left
+    crashed.save(np.ones((4, 96, 96), np.uint32), "nuclei", "SAM objects")
+    crashed.save(np.ones((4, 96, 96), np.uint32), "other image", "SAM objects")
+    crashed.flush()
+    widget.load(block=True)
+    told = [message for message in messages["info"] if "autosave(s)" in message]
+    assert len(told) == 1 and "1 autosave(s) of objects drawn on 'nuclei'" in told[0]
+    assert "'nuclei - SAM objects.sam.zarr'" in told[0]
+    widget.load(block=True)
+    assert len([message for message in messages["info"] if "autosave(s)" in message]) == 1
