@@ -103,19 +103,21 @@ class Autosave:
         """
         folder = self.folder if self.folder is not None else autosave_dir()
         path = autosave_path(folder, image_name, labels_name)
-        layout = (labels.shape, labels.dtype.str)
+        layout = (labels.shape, labels.dtype.str, id(labels))  # a layer given a new array is written anew
         first = self._layouts.get(path) != layout
         if not first and rows is not None and len(rows) == 0:
             return path, False, False
         earlier = first and path.exists()
         if first or rows is None:
-            parts = [(0, labels.copy())]
+            # Read in the writer thread, a chunk at a time: no copy of a large layer at once. A chunk read
+            # while it is being changed is written again by that change's own save, queued after this one.
+            parts = [(0, labels)]
         else:
             parts = [(start, labels[start:stop].copy()) for start, stop in _runs(np.asarray(rows))]
         self._layouts[path] = layout
         self.written.add(path)
         attrs = {"image": image_name, "objects": labels_name, "saved": datetime.now().isoformat(timespec="seconds")}
-        future = self._executor.submit(_write, path, layout, parts, first, attrs)
+        future = self._executor.submit(_write, path, layout[:2], parts, first, attrs)
         future.add_done_callback(self._done)
         with self._lock:
             self._pending = [f for f in self._pending if not f.done()] + [future]
@@ -166,7 +168,9 @@ def _write(path: Path, layout: tuple, parts: list[tuple[int, np.ndarray]], whole
     else:
         array = zarr.open_array(str(path), mode="r+")
     for start, rows in parts:
-        array[start : start + len(rows)] = rows
+        step = array.chunks[0]
+        for offset in range(0, len(rows), step):
+            array[start + offset : start + min(offset + step, len(rows))] = rows[offset : offset + step]
     array.attrs.update(attrs)
 
 
