@@ -148,7 +148,7 @@ def _steps(
                 if cancel is not None and cancel.is_set():
                     return _result(out, filled, stops, cancelled=True)
             outputs = decoder.decode(z, [chain.prompt(settings) for chain in group])
-        except Cancelled:  # the decoder's own cancel event stopped an embedding part-way
+        except Cancelled:  # the decoder's own cancel event stopped an embedding (a zoomed crop too) or a batch
             return _result(out, filled, stops, cancelled=True)
         contrast = settings.min_contrast > 0 and any(chain.reference is not None for chain in group)
         image = decoder.intensities(z) if contrast else None

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .cancel import stopping_on
 from .embeddings import EmbeddingStore, StackView, model_key, stack_key
 from .logits import mask_logits
 from .predictor import Predictor, resized_shape
@@ -132,14 +133,16 @@ class StackDecoder:
         self.predictor.set_embedding(self.store.get(z), image=pixels)
         outputs: list[SliceOutput | None] = [None] * len(prompts)
         groups: dict[tuple[bool, ...], list[int]] = {}
-        for index, prompt in enumerate(prompts):
-            if self.zoom and self._zooms(prompt):
-                outputs[index] = self._decode_zoomed(prompt)
-            else:
-                groups.setdefault(prompt.structure(), []).append(index)
-        for indices in groups.values():
-            for index, output in zip(indices, self._decode_batch([prompts[i] for i in indices])):
-                outputs[index] = output
+        # A zoomed box embeds its crop, and the decoder checks before each prompt: both stop on `cancel`.
+        with stopping_on(self.cancel):
+            for index, prompt in enumerate(prompts):
+                if self.zoom and self._zooms(prompt):
+                    outputs[index] = self._decode_zoomed(prompt)
+                else:
+                    groups.setdefault(prompt.structure(), []).append(index)
+            for indices in groups.values():
+                for index, output in zip(indices, self._decode_batch([prompts[i] for i in indices])):
+                    outputs[index] = output
         return outputs
 
     def logits_from_mask(self, mask: np.ndarray) -> np.ndarray:

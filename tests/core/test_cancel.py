@@ -196,3 +196,27 @@ def test_a_batch_of_points_stops_within_one_prompt(vit, image, monkeypatch):
     decoded.clear()
     logits, _ = decoder.decode(points)  # outside the block the event is not looked at
     assert len(decoded) == len(points) == len(logits)
+
+
+def test_a_zoomed_box_in_a_stack_decoder_stops_in_its_crop_embedding(vit):
+    """Propagation with zoom embeds a crop per small box: that embedding stops on the decoder's event."""
+    from samcore.mask_prompts import prompt_from_mask
+    from samcore.slice_decoder import StackDecoder
+
+    stack = nuclei_stack((2, 256, 256), n_nuclei=6, radius=(4.0, 6.0), seed=4)[0]
+    cancel = threading.Event()
+    decoder = StackDecoder(Predictor(vit, "fp32"), stack, zoom=True, cancel=cancel)
+    decoder.embed(0)
+    small = np.zeros((256, 256), bool)
+    small[100:110, 120:130] = True
+    prompt = prompt_from_mask("box", small)
+    log = BlockLog(vit.image_encoder, cancel, at=0)  # Cancel pressed as the crop's first block starts
+    try:
+        with pytest.raises(Cancelled):
+            decoder.decode(0, [prompt])
+    finally:
+        log.remove()
+    assert log.ran == [0]  # the slice was embedded already: this is its crop, stopped after one block
+    cancel.clear()
+    (output,) = decoder.decode(0, [prompt])  # not cancelled: decoded on the crop
+    assert output.logits.shape == (256, 256)
