@@ -6,7 +6,9 @@ Run under a display (e.g. `xvfb-run -a python benchmarks/bench_plugin.py`). Prin
   * click-to-preview time on the 512x512 DSB 2018 image with its embedding cached: from adding a
     point to the Points layer until the preview layer holds the mask (median over clicks);
   * how long Cancel takes when pressed part-way through a slice's embedding, next to the time one
-    slice takes (what a cancel that waits for the slice in progress would cost, at worst).
+    slice takes (what a cancel that waits for the slice in progress would cost, at worst);
+  * the same for segment all on the DSB image, next to the time one batch of its points takes (what a
+    cancel that waits for the batch in progress would cost, at worst).
 
 Weights: random ViT-B (or --checkpoint FILE); timing does not depend on the values.
 Data: $NAPARI_SAM_DATA (default ../shared/data).
@@ -63,6 +65,10 @@ def main() -> None:
           f"median {statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms "
           f"({len(latencies)} clicks)")
 
+    waits, batch_seconds = segment_all_cancel_latencies(widget, args.cancels)
+    print(f"Cancel pressed during segment all: returned in median {statistics.median(waits) * 1000:.0f} ms, "
+          f"max {max(waits) * 1000:.0f} ms ({len(waits)} tries); one batch of points takes {batch_seconds:.1f} s")
+
     waits, slice_seconds = cancel_latencies(viewer, widget, stack, args.cancels)
     print(f"Cancel pressed part-way through a slice: returned in median {statistics.median(waits) * 1000:.0f} "
           f"ms, max {max(waits) * 1000:.0f} ms ({len(waits)} tries); one slice's embedding takes "
@@ -108,6 +114,34 @@ def click_latencies(widget, shape: tuple[int, int], clicks: int) -> list[float]:
         latencies.append(time.perf_counter() - start)
         assert widget._candidates is not None
     return latencies
+
+
+def segment_all_cancel_latencies(widget, tries: int) -> tuple[list[float], float]:
+    """Segment all on the displayed image once, timed; then press Cancel at a random moment of it."""
+    import math
+
+    from qtpy.QtCore import QCoreApplication
+    from samcore.automatic import AutoSettings
+
+    widget.clear()
+    settings = AutoSettings.for_model(widget._session.predictor.model)
+    batches = math.ceil(settings.points_per_side**2 / settings.points_per_batch)
+    started = time.perf_counter()
+    widget.segment_all("slice", block=True)
+    whole = time.perf_counter() - started
+    widget.undo()
+    rng = np.random.default_rng(2)
+    waits = []
+    for _ in range(tries):
+        widget.segment_all("slice")
+        pressed = time.perf_counter() + rng.uniform(0.2, 0.8) * whole
+        while time.perf_counter() < pressed:
+            QCoreApplication.processEvents()
+            time.sleep(0.005)
+        start = time.perf_counter()
+        widget.cancel()
+        waits.append(time.perf_counter() - start)
+    return waits, whole / batches
 
 
 def cancel_latencies(viewer, widget, stack: np.ndarray, tries: int) -> tuple[list[float], float]:
