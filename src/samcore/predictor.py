@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .allocator import reuse_freed_memory
 from .cancel import make_cancellable, stopping_on
 from .logits import MASK_LOGIT_EPS, mask_logits, to_low_res, upscale_logits
 from .modeling import Sam
@@ -93,6 +94,8 @@ class Predictor:
         self.refine = bool(getattr(model, "refine_masks", False)) if refine is None else bool(refine)
         self.views = check_views(getattr(model, "views", 1) if views is None else views)
         self.zoom = bool(getattr(model, "zoom_boxes", False)) if zoom is None else bool(zoom)
+        if self.device.type == "cpu":
+            reuse_freed_memory()  # large activations reused, not faulted in anew (samcore.allocator)
         self._embedding: ImageEmbedding | None = None
         self._pixels: np.ndarray | None = None  # the current image as (H, W, 3) uint8, for zooming in
         self._crop: tuple[np.ndarray, Window, ImageEmbedding] | None = None  # the last zoomed crop
