@@ -66,7 +66,7 @@ class BackgroundJob:
         """Keep the flat indices just painted into `_layer`, and what was painted there."""
         self._painted.append(index)
         self._written.append(self._layer.data.reshape(-1)[index])  # indexing with an array copies
-        self._widget.autosave(self._layer, index)
+        self._widget._autosave_objects(self._layer, index)
 
     @property
     def running(self) -> bool:

@@ -155,7 +155,8 @@ class SamWidget(Container):
         self.extend([
             self._image, self._model, self._checkpoint, self._device, self._views, self._cache_dir,
             self._load_button, self._cancel_button, self._output, self._overwrite, self._autosave_box,
-            self._refine, self._zoom, self._fade, buttons, automatic, thresholds, self._candidate, self._status, self._help,
+            self._refine, self._zoom, self._fade, buttons, automatic, thresholds, self._candidate, self._status,
+            self._help,
         ])
         self._model.changed.connect(self._on_model_choice)
         self._checkpoint.changed.connect(self._on_checkpoint_choice)
@@ -581,7 +582,9 @@ class SamWidget(Container):
         self._output.value = layer
         return layer
 
-    def autosave(self, layer: Labels, index: np.ndarray | None = None, rows: np.ndarray | None = None) -> None:
+    def _autosave_objects(
+        self, layer: Labels, index: np.ndarray | None = None, rows: np.ndarray | None = None
+    ) -> None:
         """Write what changed in the objects layer `layer` to the autosave folder, in the background.
 
         Args:
@@ -606,7 +609,7 @@ class SamWidget(Container):
                 f"SAM: the objects of '{layer.name}' are autosaved to {path} as they change{kept}; if "
                 "napari closes before you save them, open that folder in napari to get them back."
             )
-            layer.events.paint.connect(self._on_paint)  # once per layer and session: `first` is
+            layer.events.paint.connect(self._on_paint)  # `first` comes once per layer and session
 
     def _tell_earlier_autosaves(self, image: Image) -> None:
         """Once per image: say where autosaves of its objects from earlier sessions are, if there are any."""
@@ -632,7 +635,7 @@ class SamWidget(Container):
 
         def write() -> None:
             if layer in self._viewer.layers:
-                self.autosave(layer, rows=rows)
+                self._autosave_objects(layer, rows=rows)
 
         if self._autosave_box.value:
             QTimer.singleShot(0, write)
@@ -662,7 +665,7 @@ class SamWidget(Container):
             return
         self._history.append((layer, done))
         layer.refresh()
-        self.autosave(layer, done.index)
+        self._autosave_objects(layer, done.index)
         self.clear()
         self._status.value = f"Committed object {done.object_id}."
 
@@ -676,7 +679,7 @@ class SamWidget(Container):
         layer, done = self._history.pop()
         kept = undo_commit(layer.data, done)
         layer.refresh()
-        self.autosave(layer, done.index)
+        self._autosave_objects(layer, done.index)
         self._status.value = f"Undid the {done.note}." if done.note else f"Removed object {done.object_id}."
         if kept:
             self._status.value += f" {kept} of its pixels, edited since, were kept."
