@@ -120,7 +120,6 @@ def segment_all_cancel_latencies(widget, tries: int) -> tuple[list[float], float
     """Segment all on the displayed image once, timed; then press Cancel at a random moment of it."""
     import math
 
-    from qtpy.QtCore import QCoreApplication
     from samcore.automatic import AutoSettings
 
     widget.clear()
@@ -134,20 +133,12 @@ def segment_all_cancel_latencies(widget, tries: int) -> tuple[list[float], float
     waits = []
     for _ in range(tries):
         widget.segment_all("slice")
-        pressed = time.perf_counter() + rng.uniform(0.2, 0.8) * whole
-        while time.perf_counter() < pressed:
-            QCoreApplication.processEvents()
-            time.sleep(0.005)
-        start = time.perf_counter()
-        widget.cancel()
-        waits.append(time.perf_counter() - start)
+        waits.append(cancel_after(widget, rng.uniform(0.2, 0.8) * whole))
     return waits, whole / batches
 
 
 def cancel_latencies(viewer, widget, stack: np.ndarray, tries: int) -> tuple[list[float], float]:
     """Press Cancel at a random moment of a slice's embedding, `tries` times; also time one slice."""
-    from qtpy.QtCore import QCoreApplication
-
     widget.clear()  # the last click belongs to the DSB image
     layer = viewer.add_image(stack[0], name="one slice")
     widget._image.value = layer
@@ -159,14 +150,21 @@ def cancel_latencies(viewer, widget, stack: np.ndarray, tries: int) -> tuple[lis
     for _ in range(tries):
         layer.data = layer.data.copy()  # new data: the next Compute embeddings starts afresh
         widget.load()
-        pressed = time.perf_counter() + rng.uniform(0.2, 0.8) * slice_seconds
-        while time.perf_counter() < pressed:
-            QCoreApplication.processEvents()
-            time.sleep(0.005)
-        start = time.perf_counter()
-        widget.cancel()
-        waits.append(time.perf_counter() - start)
+        waits.append(cancel_after(widget, rng.uniform(0.2, 0.8) * slice_seconds))
     return waits, slice_seconds
+
+
+def cancel_after(widget, seconds: float) -> float:
+    """Let the viewer run for `seconds`, then press Cancel; returns how long Cancel took."""
+    from qtpy.QtCore import QCoreApplication
+
+    pressed = time.perf_counter() + seconds
+    while time.perf_counter() < pressed:
+        QCoreApplication.processEvents()
+        time.sleep(0.005)
+    start = time.perf_counter()
+    widget.cancel()
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
