@@ -94,7 +94,9 @@ class Autosave:
         self._errors: list[str] = []
         self._lock = threading.Lock()
 
-    def save(self, labels: np.ndarray, image_name: str, labels_name: str, rows=None) -> tuple[Path, bool, bool]:
+    def save(
+        self, labels: np.ndarray, image_name: str, labels_name: str, rows=None
+    ) -> tuple[Path, bool, bool]:
         """Copy `rows` of `labels` (None: all of it) now and write them in the background.
 
         Returns:
@@ -116,7 +118,8 @@ class Autosave:
             parts = [(start, labels[start:stop].copy()) for start, stop in _runs(np.asarray(rows))]
         self._layouts[path] = layout
         self.written.add(path)
-        attrs = {"image": image_name, "objects": labels_name, "saved": datetime.now().isoformat(timespec="seconds")}
+        saved = datetime.now().isoformat(timespec="seconds")
+        attrs = {"image": image_name, "objects": labels_name, "saved": saved}
         future = self._executor.submit(_write, path, layout[:2], parts, first, attrs)
         future.add_done_callback(self._done)
         with self._lock:

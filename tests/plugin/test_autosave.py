@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from qtpy.QtCore import QCoreApplication
-from test_propagate import _objects
+from test_propagate import one_object_embedded
 
 from napari_sam._autosave import SUFFIX, painted_rows, read_objects, touched_rows
 
@@ -58,11 +58,7 @@ def test_commit_undo_and_brush_strokes_are_on_disk(sam, private_folders, message
 
 def test_a_propagation_is_on_disk_and_the_folder_opens_as_labels(sam, private_folders):
     viewer, widget = sam
-    existing = np.zeros((4, 96, 96), np.uint32)
-    existing[2, 30:60, 30:60] = 5
-    objects = _objects(viewer, widget, existing)
-    viewer.dims.set_current_step(0, 2)
-    widget.load(block=True)
+    objects, _ = one_object_embedded(viewer, widget)
     widget.propagate(block=True)
     assert ((objects.data == 5).sum(axis=(1, 2)) > 0).sum() > 1
     path, on_disk = saved(widget, private_folders)

@@ -16,6 +16,20 @@ def _objects(viewer, widget, existing):
     return layer
 
 
+def one_object_embedded(viewer, widget):
+    """Object 5 committed on slice 2 of a labels layer of the user's, slice 2 displayed, embeddings ready.
+
+    Returns:
+        The labels layer and a copy of what it held.
+    """
+    existing = np.zeros((4, 96, 96), np.uint32)
+    existing[2, 30:60, 30:60] = 5
+    objects = _objects(viewer, widget, existing)
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    return objects, existing
+
+
 def test_propagation_fills_background_only_and_is_one_undo_step(sam):
     viewer, widget = sam
     existing = np.zeros((4, 96, 96), np.uint32)
@@ -103,11 +117,7 @@ def test_embeddings_paused_for_a_propagation_resume_after_it(make_napari_viewer,
 
 def test_the_views_menu_makes_new_embeddings_that_propagation_uses(sam, messages):
     viewer, widget = sam
-    existing = np.zeros((4, 96, 96), np.uint32)
-    existing[2, 30:60, 30:60] = 5
-    objects = _objects(viewer, widget, existing)
-    viewer.dims.set_current_step(0, 2)
-    widget.load(block=True)
+    objects, _ = one_object_embedded(viewer, widget)
     one_view = widget._session
     assert one_view.predictor.views == 1  # test weights: one view, as segment-anything
     widget.set_model(views=2)
@@ -148,11 +158,7 @@ def test_unticking_fade_turns_the_contrast_rule_off_and_keeps_the_other_settings
     import samcore.propagation
 
     viewer, widget = sam
-    existing = np.zeros((4, 96, 96), np.uint32)
-    existing[2, 30:60, 30:60] = 5
-    _objects(viewer, widget, existing)
-    viewer.dims.set_current_step(0, 2)
-    widget.load(block=True)
+    one_object_embedded(viewer, widget)
     used = []
     real = samcore.propagation.propagate_iter
 

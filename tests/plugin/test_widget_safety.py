@@ -7,7 +7,7 @@ import time
 import dask.array as da
 import numpy as np
 from conftest import preview_mask
-from test_propagate import _objects
+from test_propagate import _objects, one_object_embedded
 
 from napari_sam._candidates import Candidates
 
@@ -40,11 +40,7 @@ def test_undo_keeps_what_the_user_painted_after_the_commit(sam):
 
 def test_undo_of_a_propagation_keeps_later_hand_edits(sam):
     viewer, widget = sam
-    existing = np.zeros((4, 96, 96), np.uint32)
-    existing[2, 30:60, 30:60] = 5
-    objects = _objects(viewer, widget, existing)  # propagated with any mask, into a layer of the user's
-    viewer.dims.set_current_step(0, 2)
-    widget.load(block=True)
+    objects, existing = one_object_embedded(viewer, widget)  # propagated with any mask, into the user's layer
     widget.propagate(block=True)
     propagated = (objects.data == 5) & (existing == 0)
     assert propagated.sum() > 10
