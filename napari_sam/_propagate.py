@@ -84,6 +84,10 @@ class Propagation(BackgroundJob):
             widget._forget_changed()
             show_warning(f"SAM: the data of '{image.name}' changed: compute embeddings again, then propagate.")
             return False
+        problem = widget.view_problem(image) if object_ids is None else None
+        if problem is not None:  # "the objects on the displayed slice" means nothing there
+            show_warning(f"SAM: {problem[1]}")
+            return False
         layer, z = widget._output.value, widget._current_z(image)
         if layer is None or layer not in widget._viewer.layers or layer.data.shape != session.view.data.shape[:3]:
             show_warning("SAM: no objects to propagate; commit an object on this slice first.")

@@ -105,6 +105,10 @@ class AutoSegmentation(BackgroundJob):
         if session is None or session.layer is not image:
             show_warning("SAM: compute embeddings first (this loads the model), then segment all.")
             return False
+        problem = widget.view_problem(image) if scope == "slice" else None
+        if problem is not None:  # "the displayed slice" means nothing there
+            show_warning(f"SAM: {problem[1]}")
+            return False
         z = widget._current_z(image)
         slices = list(range(session.view.n_slices)) if scope == "stack" and z is not None else [z or 0]
         if session.stale(slices):

@@ -76,6 +76,8 @@ class SamWidget(Container):
     """
 
     _said_deleted = False  # the status line says the image was deleted (kept on the picker's change)
+    _said_view_problem = False  # the status line says the viewer shows no Y-X slice (`view_problem`)
+    _advised_view = False  # and the advice in full was shown (at the first prompt in that view)
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
@@ -166,6 +168,8 @@ class SamWidget(Container):
         self._load_button.changed.connect(self.load)
         self._cancel_button.changed.connect(self.cancel)
         self._viewer.dims.events.current_step.connect(self._on_slice_change)
+        self._viewer.dims.events.order.connect(self._on_view_change)
+        self._viewer.dims.events.ndisplay.connect(self._on_view_change)
         self._viewer.layers.events.removed.connect(self._on_layer_removed)
 
         self._session: Session | None = None  # samcore objects for the current (image, model)
@@ -305,6 +309,8 @@ class SamWidget(Container):
         self._prompt_layers.clear_preview()
         self._prompt_layers.release()
         self._viewer.dims.events.current_step.disconnect(self._on_slice_change)
+        self._viewer.dims.events.order.disconnect(self._on_view_change)
+        self._viewer.dims.events.ndisplay.disconnect(self._on_view_change)
         self._viewer.layers.events.removed.disconnect(self._on_layer_removed)
         for layer in self._viewer.layers:  # brush strokes are no longer autosaved
             if isinstance(layer, Labels):
@@ -479,6 +485,55 @@ class SamWidget(Container):
             self._embedding.start(session.layer, session.model_source, session.settings)
         self.segment()
 
+    def _on_view_change(self, _=None) -> None:
+        """The viewer turned to another plane or to 3D: say why prompts wait, or take them up again."""
+        session = self._session
+        if session is None:
+            return
+        problem = self.view_problem(session.layer)
+        if problem is not None:
+            self._candidates = None
+            self._prompt_layers.clear_preview()
+            self._candidate.value = ""
+            self._status.value = problem[0]  # the advice in full comes with the first prompt there
+            self._said_view_problem = True
+        elif self._said_view_problem:
+            self._said_view_problem = self._advised_view = False
+            self._status.value = f"Y-X slices shown again: prompts on slice {self._current_z(session.layer)}."
+            self.segment()
+
+    def _tell_view_problem(self, status: str, advice: str) -> None:
+        """The status line, and the advice in full once (not at every click in the same view)."""
+        self._status.value = status
+        if not self._advised_view:
+            show_info(f"SAM: {advice}")
+        self._said_view_problem = self._advised_view = True
+
+    def view_problem(self, layer: Image | None) -> tuple[str, str] | None:
+        """Why the viewer shows no Y-X slice of the stack `layer` to prompt on: a status line and
+        the advice in full; None when it shows one.
+
+        SAM segments the slices of a (Z, Y, X) stack. A click in a side view (the axes rolled or
+        transposed so that Z is on screen) or in the 3D view lands on no single slice.
+        """
+        if layer is None or spatial_ndim(layer) == 2:
+            return None
+        dims = self._viewer.dims
+        if dims.ndisplay == 3:
+            return "3D view: switch to 2D to prompt on a slice.", (
+                "the viewer is in 3D, and SAM segments one slice at a time. Switch to the 2D view (the "
+                "square button at the bottom left) to click or draw on a slice."
+            )
+        if set(dims.displayed) != {dims.ndim - 2, dims.ndim - 1}:
+            names = dict(zip(range(dims.ndim - 3, dims.ndim), "ZYX"))  # the stack's axes, trailing
+            shown = ", ".join(names.get(axis, str(dims.axis_labels[axis])) for axis in dims.displayed)
+            return f"Side view ({shown}): show Y and X to prompt on a slice.", (
+                f"the viewer shows a side view of '{layer.name}' (axes {shown}), and SAM segments its "
+                "Y-X slices. Press the roll or transpose button (bottom left) until the slider moves "
+                "through the slices."
+            )
+        return None
+
     def _current_z(self, layer: Image | None) -> int | None:
         if layer is None or spatial_ndim(layer) == 2:
             return None
@@ -501,6 +556,10 @@ class SamWidget(Container):
         z = self._current_z(session.layer)
         if session.stale([z or 0]):  # edited in place, or replaced before the session began
             self._forget_changed()
+            return
+        problem = self.view_problem(session.layer)
+        if problem is not None:  # a click in a side view or in 3D lands on no slice
+            self._tell_view_problem(*problem)
             return
         prompts = self._prompt_layers.prompts(session.layer, z)
         if prompts.empty:

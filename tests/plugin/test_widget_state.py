@@ -180,3 +180,58 @@ def test_a_weight_file_trained_here_shows_its_own_settings_once_loaded(sam, tmp_
     widget.load(block=True)
     assert (widget._min_iou.value, widget._min_stability.value) == (0.25, 0.7)
     assert widget._refine.value and widget._zoom.value and widget._session.predictor.views == 2
+
+
+def test_a_side_view_says_how_to_get_back_to_slices_and_decodes_nothing_until_then(sam, messages):
+    viewer, widget = sam
+    widget.load(block=True)
+    viewer.dims.set_current_step(0, 1)
+    viewer.dims.order = (2, 0, 1)  # Z and Y on screen, the slider through X
+    assert widget._status.value == "Side view (Z, Y): show Y and X to prompt on a slice."
+
+    def advice():
+        return [m for m in messages["info"] if "side view of 'nuclei' (axes Z, Y)" in m]
+
+    assert not advice()  # looking is fine; the advice comes with a prompt
+    widget.add_point((1, 40, 50))
+    widget.add_point((1, 42, 52))
+    assert widget._candidates is None
+    assert not np.asarray(widget._prompt_layers.preview.data).any()
+    assert len(advice()) == 1  # once, not at every click
+    viewer.dims.order = (0, 1, 2)
+    assert widget._status.value == "Y-X slices shown again: prompts on slice 1."
+    assert widget._candidates is not None  # the clicks placed meanwhile are decoded now
+    assert np.asarray(widget._prompt_layers.preview.data[1]).any()
+
+
+def test_in_3d_view_prompts_wait_and_displayed_slice_actions_are_refused(sam, messages):
+    from test_propagate import one_object_embedded
+
+    viewer, widget = sam
+    objects, existing = one_object_embedded(viewer, widget)  # object 5 on slice 2, displayed
+    viewer.dims.ndisplay = 3
+    assert widget._status.value == "3D view: switch to 2D to prompt on a slice."
+    widget.add_point((2, 20, 20))
+    assert widget._candidates is None
+    widget.segment_all("slice", block=True)
+    widget.propagate(block=True)
+    refusals = [m for m in messages["warning"] if "the viewer is in 3D" in m]
+    assert len(refusals) == 2
+    np.testing.assert_array_equal(objects.data, existing)
+    widget.propagate([5], block=True)  # named objects need no displayed slice
+    assert np.count_nonzero(np.asarray(objects.data).any(axis=(1, 2))) > 1
+    viewer.dims.ndisplay = 2
+    assert widget._candidates is not None  # the click placed in 3D is decoded now
+
+
+def test_a_2d_image_has_no_side_view_to_refuse(make_napari_viewer, tiny_checkpoint, messages):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    widget.load(block=True)
+    viewer.dims.order = (1, 0)  # transposed, still Y and X
+    assert widget.view_problem(widget._session.layer) is None
+    widget.add_point((30, 30))
+    assert widget._candidates is not None
+    assert not any("view" in m for m in messages["info"])
