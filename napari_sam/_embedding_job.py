@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._background import reported
+from ._prompts import pixel_data
 
 if TYPE_CHECKING:
     from napari.layers import Image
@@ -254,10 +255,14 @@ def _compute(session, layer, model_source, settings, cache_dir, center, stop, do
             if stop.is_set():  # stopped while the weights were checked
                 return None
         model = load_model(name, checkpoint, device)
-        view = StackView.of(layer.data, rgb=layer.rgb)
+        view = StackView.of(pixel_data(layer), rgb=layer.rgb)
         predictor = Predictor(model, views=views)
-        key = stack_key(view, model_key(model), predictor.views)
-        path = None if cache_dir is None else store_path(cache_dir, layer.name, key)
+        if cache_dir is None:  # the key names and checks a disk cache: hashing every pixel of a
+            # lazy stack would read all of it from disk before the first slice is embedded
+            key, path = "in memory", None
+        else:
+            key = stack_key(view, model_key(model), predictor.views)
+            path = store_path(cache_dir, layer.name, key)
         store = EmbeddingStore(key, view.n_slices, path)
         label = name or Path(checkpoint).name
         session = Session(layer, model_source, settings, predictor, view, store, label)

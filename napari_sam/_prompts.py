@@ -49,6 +49,15 @@ def spatial_ndim(image_layer) -> int:
     return np.ndim(image_layer.data) - (1 if image_layer.rgb else 0)
 
 
+def pixel_data(image_layer):
+    """The image layer's pixels: the full-resolution level of a multiscale (pyramid) image.
+
+    The other layers (prompts, preview, objects) have the full resolution's shape, and numpy would
+    read a pyramid as its coarsest level.
+    """
+    return image_layer.data[0] if image_layer.multiscale else image_layer.data
+
+
 def to_image_pixels(layer, image_layer, coords: np.ndarray) -> np.ndarray:
     """Map (N, D) data coordinates of `layer` to the image layer's (N, D) pixel coordinates."""
     coords = np.atleast_2d(np.asarray(coords, dtype=float))

@@ -38,7 +38,9 @@ class StackView:
     """How a stack is read: (Z, Y, X) or (Z, Y, X, 3 RGB), with one intensity range for all slices.
 
     Attributes:
-        data: The stack; a 2D image is seen as a stack of one slice.
+        data: The stack; a 2D image is seen as a stack of one slice. A lazy stack (a dask or zarr
+            array) stays lazy: each slice is read when it is used, so a stack larger than memory
+            is never loaded whole.
         rgb: The last axis holds RGB channels.
         value_range: Intensities mapped to 0 and 255 (None for uint8 data, used as is).
     """
@@ -50,7 +52,8 @@ class StackView:
     @classmethod
     def of(cls, image: np.ndarray, rgb: bool = False) -> StackView:
         """View a YX / YXC image or a ZYX / ZYXC stack; checks the shape and fixes the contrast."""
-        data = np.asarray(image)
+        lazy = is_lazy(image) and len(image.shape) - (1 if rgb else 0) == 3
+        data = image if lazy else np.asarray(image)  # a 2D image is read whole for its one embedding
         spatial = data.ndim - (1 if rgb else 0)
         if rgb and data.shape[-1] not in (3, 4):
             raise ValueError(f"An RGB image needs 3 or 4 channels last, not shape {data.shape}.")
@@ -72,9 +75,20 @@ class StackView:
         """Slice z as SAM's (Y, X, 3) uint8 input."""
         return to_rgb_uint8(np.asarray(self.data[z]), value_range=self.value_range)
 
-    def fingerprint(self, z: int) -> int:
-        """A checksum of slice z's pixels, to notice data edited in place after it was embedded."""
-        return slice_fingerprint(self.data[z])
+    def fingerprint(self, z: int) -> int | None:
+        """A checksum of slice z's pixels, to notice data edited in place after it was embedded.
+
+        None for a lazy stack: a dask array cannot be edited in place, and reading a slice of a
+        zarr array from disk before each use would cost more than the check is worth.
+        """
+        return None if is_lazy(self.data) else slice_fingerprint(self.data[z])
+
+
+def is_lazy(image) -> bool:
+    """Whether `image` is an array read on demand (dask, zarr, ...) rather than one in memory."""
+    return not isinstance(image, np.ndarray) and all(
+        hasattr(image, name) for name in ("shape", "dtype", "ndim", "__getitem__")
+    )
 
 
 def slice_fingerprint(pixels: np.ndarray) -> int:
@@ -91,7 +105,9 @@ def contrast_sample(stack: np.ndarray) -> np.ndarray:
     step = 1
     while math.prod(math.ceil(n / step) for n in stack.shape[:3]) > MAX_PERCENTILE_PIXELS:
         step += 1
-    return stack if step == 1 else np.asarray(stack[::step, ::step, ::step])
+    if step == 1 and isinstance(stack, np.ndarray):
+        return stack
+    return np.asarray(stack[::step, ::step, ::step])  # of a lazy stack, the slices read by indexing
 
 
 def model_key(model: torch.nn.Module) -> str:

@@ -43,6 +43,36 @@ def test_a_slice_edited_in_place_changes_its_fingerprint_only():
     assert [view.fingerprint(z) == f for z, f in enumerate(before)] == [True, False, True]
 
 
+class SliceReader:
+    """A lazy stack (as a dask or zarr array is) that records what is read and cannot be read whole."""
+
+    def __init__(self, stack):
+        self._stack, self.reads = stack, []
+        self.shape, self.dtype, self.ndim = stack.shape, stack.dtype, stack.ndim
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self._stack[key]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole stack was read at once")
+
+
+def test_a_lazy_stack_is_read_slice_by_slice_and_embeds_like_the_array(predictor, view):
+    lazy = SliceReader(view.data)
+    lazy_view = StackView.of(lazy)
+    assert lazy_view.data is lazy and lazy_view.value_range == view.value_range
+    assert stack_key(lazy_view, "m") == stack_key(view, "m")  # the same disk cache serves both
+    assert all(key == z for key, z in zip(lazy.reads[-5:], range(5)))  # hashed one slice at a time
+    lazy.reads.clear()
+    store, reference = EmbeddingStore("k", 5), EmbeddingStore("k", 5)
+    assert list(embed_slices(predictor, lazy_view, store, [2])) == [2]
+    assert lazy.reads == [2]
+    list(embed_slices(predictor, view, reference, [2]))
+    torch.testing.assert_close(store.get(2).features, reference.get(2).features)
+    assert lazy_view.fingerprint(2) is None and lazy.reads == [2]  # no read to check a lazy slice
+
+
 def test_4d_data_is_refused_with_the_number_of_dimensions():
     with pytest.raises(ValueError, match="4 spatial dimensions"):
         StackView.of(np.zeros((2, 3, 8, 8)))

@@ -124,7 +124,7 @@ def test_the_views_menu_makes_new_embeddings_that_propagation_uses(sam, messages
     widget.load(block=True)
     session = widget._session
     assert session is not one_view and session.predictor.views == 2
-    assert session.store.key != one_view.store.key and session.store.get(2).views == 2
+    assert session.store is not one_view.store and session.store.get(2).views == 2
     widget.propagate(block=True)  # decodes the session's two-view embeddings
     assert not messages["error"] and (np.asarray(objects.data)[[1, 3]] == 5).any()
     with pytest.raises(ValueError, match="views must be one of 0, 1, 2, 4"):

@@ -48,6 +48,26 @@ def test_rgb_images_are_segmented_like_grayscale_ones(make_napari_viewer, tiny_c
     assert image.rgb
 
 
+@pytest.mark.parametrize("kind", ["dask", "multiscale"])
+def test_lazy_and_pyramid_images_are_segmented_at_full_resolution(make_napari_viewer, tiny_checkpoint, stack, kind):
+    import dask.array as da
+
+    viewer = make_napari_viewer()
+    if kind == "dask":  # a stack opened lazily from disk: read one slice at a time
+        viewer.add_image(da.from_array(stack, chunks=(1, *stack.shape[1:])))
+    else:  # numpy reads a pyramid as its coarsest level
+        viewer.add_image([stack, stack[:, ::2, ::2]], multiscale=True)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    widget.load(block=True)
+    view = widget._session.view
+    assert view.data.shape == stack.shape
+    assert isinstance(view.data, da.Array) == (kind == "dask")
+    viewer.dims.set_current_step(0, 1)
+    widget.add_point((1, 40, 60))  # beyond the coarse level's 48 columns
+    assert widget._candidates is not None and widget._candidates.shown.shape == stack.shape[1:]
+
+
 def test_thresholds_and_refine_follow_the_model_only_when_it_changes(sam):
     viewer, widget = sam
     widget.set_model("default")  # shown before anything loads: the registry's values
