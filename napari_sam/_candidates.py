@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -13,37 +14,52 @@ if TYPE_CHECKING:
 class Candidates:
     """The candidate masks of the prompts on the displayed slice: three for a single click, else one.
 
-    With refinement, a single click's candidates are refined one at a time, when first shown: the
+    A candidate's full-resolution mask is made when it is first shown: on a large image, upscaling
+    the three candidates of a click costs more than decoding them, and the user looks at one. With
+    refinement, a single click's candidates are also refined one at a time, when first shown: the
     best one at once, the others on N (refining all three first takes twice as long, and was as good
     on generated scenes).
 
     Args:
-        masks: (C, Y, X) bool masks.
         scores: (C,) predicted IoUs; the best candidate is shown first.
+        low_res: (C, 256, 256) low-resolution logits.
+        to_masks: Upscales (K, 256, 256) logits of the displayed slice to (K, Y, X) bool masks.
+        masks: (C, Y, X) bool masks made already (a zoomed prediction pastes them together at full
+            resolution); None: made from `low_res` when shown.
         zoomed: The masks were decoded on the crop around a small box.
-        unrefined: For a lazily refined click, the `predict` arguments of its prompt and the (C, 256,
-            256) low-resolution logits of the first pass; None when nothing is left to refine.
+        unrefined: For a lazily refined click, the `predict` arguments of its prompt: `low_res`
+            are then the first pass's logits; None when nothing is left to refine.
     """
 
     def __init__(
         self,
-        masks: np.ndarray,
         scores: np.ndarray,
+        low_res: np.ndarray,
+        to_masks: Callable[[np.ndarray], np.ndarray],
+        masks: np.ndarray | None = None,
         zoomed: bool = False,
-        unrefined: tuple[dict, np.ndarray] | None = None,
+        unrefined: dict | None = None,
     ) -> None:
-        self.masks, self.scores, self.zoomed = masks, scores, zoomed
+        self.scores, self.low_res, self.zoomed = scores, low_res, zoomed
+        self._to_masks = to_masks
+        self._masks: list[np.ndarray | None] = list(masks) if masks is not None else [None] * len(scores)
         # Shown best first, then by falling predicted IoU (as first decoded: refining changes scores).
         self._order = [int(i) for i in np.argsort(-np.asarray(scores), kind="stable")]
         self._rank = 0
         self.index = self._order[0]
-        self._prompt, self._low_res = unrefined if unrefined is not None else (None, None)
+        self._prompt = unrefined
         self._pending = set(range(len(scores))) if unrefined is not None else set()
 
     @property
     def shown(self) -> np.ndarray:
         """The (Y, X) mask the preview shows."""
-        return self.masks[self.index]
+        return self.mask(self.index)
+
+    def mask(self, index: int) -> np.ndarray:
+        """Candidate `index`'s (Y, X) mask, made from its logits on first use."""
+        if self._masks[index] is None:
+            self._masks[index] = self._to_masks(self.low_res[index][None])[0]
+        return self._masks[index]
 
     def next(self) -> bool:
         """Show the next candidate; False if there is only one."""
@@ -57,10 +73,11 @@ class Candidates:
         """Refine the shown candidate if it is not yet, with `predictor` still on its slice."""
         if self.index not in self._pending:
             return
-        refined, score, _ = predictor.predict(
-            **self._prompt, mask_input=self._low_res[self.index][None], multimask_output=False, refine=False
+        score, low_res = predictor.predict_logits(
+            **self._prompt, mask_input=self.low_res[self.index][None], multimask_output=False, refine=False
         )
-        self.masks[self.index], self.scores[self.index] = refined[0], score[0]
+        self.low_res[self.index], self.scores[self.index] = low_res[0], score[0]
+        self._masks[self.index] = None
         self._pending.discard(self.index)
 
     def describe(self, zooming: bool) -> str:

@@ -591,16 +591,21 @@ class SamWidget(Container):
             if self._zoom.value and prompt["box"] is not None:
                 window = session.predictor.zoom_window(prompt["box"], prompt["point_coords"])
             zoomed = window is not None and session.predictor.has_crop(window)
-            masks, scores, low_res = session.predictor.predict(
-                **prompt, mask_input=mask_input, multimask_output=single_click,
-                refine=self._refine.value and not lazy, zoom=zoomed,
-            )
+            decoded = {"mask_input": mask_input, "multimask_output": single_click,
+                       "refine": self._refine.value and not lazy}
+            masks = None  # made when shown, from the logits (see `Candidates`)
+            if zoomed:  # the crop's logits are pasted into the image's at full resolution
+                masks, scores, low_res = session.predictor.predict(**prompt, **decoded, zoom=True)
+            else:
+                scores, low_res = session.predictor.predict_logits(**prompt, **decoded)
         except ValueError as error:
             show_warning(f"SAM: {error}")
             return
         if window is not None and not zoomed:
             self._zoom_job.start(session.predictor, window)
-        self._candidates = Candidates(masks, scores, zoomed, (prompt, low_res) if lazy else None)
+        self._candidates = Candidates(
+            scores, low_res, session.predictor.masks_from_logits, masks, zoomed, prompt if lazy else None
+        )
         self._candidates.refine_shown(session.predictor)
         self._show_candidate(z)
 

@@ -294,6 +294,41 @@ class Predictor:
             multimask_output, return_logits, refine,
         )
 
+    def predict_logits(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        refine: bool | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`predict` without the full-resolution masks, on the whole image (not zoomed in).
+
+        On a large image, upscaling is most of a prediction's time (three masks of a 3000x4000
+        image take longer than decoding them), so a front end that shows one candidate at a time
+        upscales it when it is shown, with `masks_from_logits`: the masks are those of `predict`.
+
+        Returns:
+            scores (C,) predicted IoUs and low-resolution logits (C, 256, 256), C = 3 or 1.
+        """
+        embedding = self._current()
+        tensors = self._prompts_to_tensors(embedding, point_coords, point_labels, box, mask_input)
+        refine = self.refine if refine is None else refine
+        low_res, scores = self.predict_low_res(*tensors, multimask_output, refine)
+        return scores[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
+
+    def masks_from_logits(self, low_res: np.ndarray, return_logits: bool = False) -> np.ndarray:
+        """(C, 256, 256) low-resolution logits of the current image to (C, H, W) masks, as `predict`
+        makes them (float32 logits with `return_logits`)."""
+        embedding = self._current()
+        logits = torch.as_tensor(np.asarray(low_res, dtype=np.float32), device=self.device)
+        with torch.inference_mode():
+            masks = upscale_logits(logits[None], self.model.img_size, embedding.input_size, embedding.original_size)
+            if not return_logits:
+                masks = masks > self.model.mask_threshold
+        return masks[0].cpu().numpy()
+
     def _predict_zoomed(
         self, window: Window, tensors: tuple, prompts: tuple, multimask_output: bool, return_logits: bool,
         refine: bool | None,

@@ -210,6 +210,21 @@ def test_refining_and_zoom_follow_the_model_unless_the_caller_chooses(option, re
     assert not getattr(Predictor(model, precision="fp32", **{option: False}), option)
 
 
+@pytest.mark.parametrize("refine", [False, True])
+def test_logits_then_masks_of_one_candidate_are_those_of_predict(refine):
+    torch.manual_seed(2)
+    model_predictor = Predictor(build_sam("vit_test"), precision="fp32", views=2)
+    model_predictor.set_image(np.random.default_rng(7).integers(0, 255, (300, 437, 3), dtype=np.uint8))
+    prompt = {"point_coords": np.array([[120.0, 80.0]]), "point_labels": np.array([1]), "refine": refine}
+    masks, scores, low_res = model_predictor.predict(**prompt)
+    got_scores, got_low_res = model_predictor.predict_logits(**prompt)
+    np.testing.assert_array_equal(got_scores, scores)
+    np.testing.assert_array_equal(got_low_res, low_res)
+    np.testing.assert_array_equal(model_predictor.masks_from_logits(got_low_res[1:2])[0], masks[1])
+    logits, _, _ = model_predictor.predict(**prompt, return_logits=True)
+    np.testing.assert_array_equal(model_predictor.masks_from_logits(got_low_res, return_logits=True), logits)
+
+
 def test_views_average_the_masks_of_the_mirror_images():
     torch.manual_seed(1)
     model = build_sam("vit_test")

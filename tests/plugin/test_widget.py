@@ -294,7 +294,7 @@ def test_the_refine_box_follows_the_model_and_decides_the_preview(sam):
     widget.load(block=True)
     assert widget._refine.value is False  # test weights: one pass, as segment-anything
     widget._prompt_layers.points.add([1, 40, 40])
-    one_pass = [mask.copy() for mask in widget._candidates.masks]
+    one_pass = [widget._candidates.mask(i).copy() for i in range(3)]
     predictor = widget._session.predictor
     click = {"point_coords": np.array([[40.0, 40.0]]), "point_labels": np.array([1])}
     first, scores, low_res = predictor.predict(**click, refine=False)
@@ -307,16 +307,16 @@ def test_the_refine_box_follows_the_model_and_decides_the_preview(sam):
         for i in range(3):
             if i in shown:
                 again, _, _ = predictor.predict(**click, mask_input=low_res[i][None], multimask_output=False)
-                np.testing.assert_array_equal(widget._candidates.masks[i], again[0])
+                np.testing.assert_array_equal(widget._candidates.mask(i), again[0])
             else:
-                np.testing.assert_array_equal(widget._candidates.masks[i], first[i])
+                np.testing.assert_array_equal(widget._candidates.mask(i), first[i])
         widget.next_candidate()
     assert shown == {0, 1, 2}
-    assert any(not np.array_equal(widget._candidates.masks[i], one_pass[i]) for i in range(3))
+    assert any(not np.array_equal(widget._candidates.mask(i), one_pass[i]) for i in range(3))
     widget._prompt_layers.points.add([1, 60, 20])  # two clicks: one mask, refined in the same call
     two = {"point_coords": np.array([[40.0, 40.0], [20.0, 60.0]]), "point_labels": np.array([1, 1])}
     expected, _, _ = predictor.predict(**two, multimask_output=False, refine=True)
-    np.testing.assert_array_equal(widget._candidates.masks[0], expected[0])
+    np.testing.assert_array_equal(widget._candidates.mask(0), expected[0])
     widget.set_model("default")
     widget.load(block=True)
     assert widget._refine.value is True  # the bundled model's own choice

@@ -136,7 +136,8 @@ def test_an_empty_mask_is_not_committed(sam, messages):
     viewer.dims.set_current_step(0, 1)
     widget.load(block=True)
     widget.add_point((1, 40, 40))
-    widget._candidates = Candidates(np.zeros((1, 96, 96), bool), np.array([0.5]))  # SAM found no pixel
+    no_pixel = np.full((1, 256, 256), -5.0, np.float32)  # SAM found no pixel
+    widget._candidates = Candidates(np.array([0.5]), no_pixel, widget._session.predictor.masks_from_logits)
     widget.commit()
     assert any("empty" in message for message in messages["warning"])
     assert "SAM objects" not in viewer.layers
