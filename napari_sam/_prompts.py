@@ -22,12 +22,14 @@ class SlicePrompts:
         labels: (N,) 1 for positive, 0 for negative clicks.
         box: (4,) XYXY box, or None.
         mask: (H, W) bool mask painted with the brush, or None.
+        open_shapes: Lines and paths drawn on the slice, which are not prompts.
     """
 
     points: np.ndarray
     labels: np.ndarray
     box: np.ndarray | None
     mask: np.ndarray | None = None
+    open_shapes: int = 0
 
     @property
     def empty(self) -> bool:
@@ -72,14 +74,15 @@ def slice_prompts(points_layer, shapes_layer, image_layer, z: int | None, brush_
 
     Args:
         points_layer: Points with a `label` feature (1 positive, 0 negative).
-        shapes_layer: Shapes; rectangles are boxes (the last one drawn on the slice counts).
+        shapes_layer: Shapes; a rectangle, ellipse or polygon is a box, its bounding box (the last
+            one drawn on the slice counts).
         image_layer: The image being segmented (2D, RGB or 3D).
         z: The slice index for a stack.
         brush_layer: Labels on the image's pixel grid (same spatial shape); any painted pixel counts.
     """
     points, labels = _points_on_slice(points_layer, image_layer, z)
-    box = _box_on_slice(shapes_layer, image_layer, z)
-    return SlicePrompts(points, labels, box, _mask_on_slice(brush_layer, z))
+    box, open_shapes = _box_on_slice(shapes_layer, image_layer, z)
+    return SlicePrompts(points, labels, box, _mask_on_slice(brush_layer, z), open_shapes)
 
 
 def _on_slice(pixels: np.ndarray, z: int | None) -> np.ndarray:
@@ -98,19 +101,25 @@ def _points_on_slice(points_layer, image_layer, z: int | None) -> tuple[np.ndarr
     return yx[:, ::-1].copy(), labels[keep]
 
 
-def _box_on_slice(shapes_layer, image_layer, z: int | None) -> np.ndarray | None:
+# Shapes that enclose an object: their bounding box is the box prompt. Lines and paths enclose nothing.
+CLOSED_SHAPES = ("rectangle", "ellipse", "polygon")
+
+
+def _box_on_slice(shapes_layer, image_layer, z: int | None) -> tuple[np.ndarray | None, int]:
+    """The bounding box of the last closed shape drawn on slice z, and how many lines or paths are there."""
     if shapes_layer is None:
-        return None
-    box = None
+        return None, 0
+    box, open_shapes = None, 0
     for vertices, kind in zip(shapes_layer.data, shapes_layer.shape_type):
-        if kind != "rectangle":
-            continue
         pixels = to_image_pixels(shapes_layer, image_layer, vertices)
         if not _on_slice(pixels, z).all():
             continue
+        if kind not in CLOSED_SHAPES:
+            open_shapes += 1
+            continue
         ys, xs = pixels[:, -2], pixels[:, -1]
         box = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
-    return box
+    return box, open_shapes
 
 
 def _mask_on_slice(brush_layer, z: int | None) -> np.ndarray | None:

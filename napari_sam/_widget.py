@@ -565,6 +565,8 @@ class SamWidget(Container):
         if prompts.empty:
             self._candidates = None
             self._show_candidate(z)
+            if prompts.open_shapes:
+                self._status.value = "Lines are not prompts: draw a rectangle around the object."
             return
         embedding = session.store.get(z or 0)
         if embedding is None:

@@ -116,6 +116,23 @@ def test_painting_with_the_brush_prompts_with_its_box_and_mask(sam):
     assert (widget.output_layer().data[2] == 1).sum() == expected[0].sum()
 
 
+def test_an_ellipse_or_polygon_prompts_with_its_bounding_box_and_a_line_is_pointed_out(sam):
+    viewer, widget = sam
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    boxes = widget._prompt_layers.boxes
+    boxes.add_lines(np.array([[2, 10, 10], [2, 50, 50]]))
+    assert not preview_mask(widget, 2).any()
+    assert widget._status.value == "Lines are not prompts: draw a rectangle around the object."
+    boxes.add_ellipses(np.array([[2, 30, 20], [2, 30, 70], [2, 60, 70], [2, 60, 20]]))  # corners: y 30-60, x 20-70
+    expected, _, _ = widget._session.predictor.predict(box=np.array([20, 30, 70, 60]), multimask_output=False)
+    assert expected[0].any()
+    np.testing.assert_array_equal(preview_mask(widget, 2), expected[0])
+    boxes.data = []
+    boxes.add_polygons(np.array([[2, 30, 45], [2, 45, 70], [2, 60, 40], [2, 40, 20]]))  # a lasso around it
+    np.testing.assert_array_equal(preview_mask(widget, 2), expected[0])
+
+
 def test_a_scripted_painting_must_match_the_slices(sam):
     viewer, widget = sam
     widget.load(block=True)
