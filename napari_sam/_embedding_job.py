@@ -10,6 +10,7 @@ embeddings they need themselves (propagation, segment all) pause this one; it re
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ class Session:
         self.settings = settings
         self.predictor, self.view, self.store, self.model_name = predictor, view, store, model_name
         self.source = layer.data  # the array embedded: a layer whose .data is replaced needs new embeddings
+        self.created = time.time()  # a checkpoint file written after this is another model
         # The pixels embedded, slice by slice: data edited in place (layer.data[...] = ...) keeps the
         # array and sends no event, so each slice's checksum is compared before its embedding is used.
         self.fingerprints = [view.fingerprint(z) for z in range(view.n_slices)]
@@ -110,9 +112,11 @@ class EmbeddingJob:
             session = None
         # Errors go to _on_error (a notification), not back into the event loop.
         self._stop, self._downloading, self._download_seen = threading.Event(), threading.Event(), False
+        # A model another kept session loaded already is used again, not loaded a second time.
+        loaded = None if session is not None else widget._loaded_model(model_source, settings[0])
         worker = thread_worker(reported(_compute), ignore_errors=True)(
             session, layer, model_source, settings, widget._embedding_cache(), center, self._stop,
-            self._downloading,
+            self._downloading, loaded,
         )
         self._progress = progress(total=0, desc="SAM embeddings")
         worker.yielded.connect(self._on_progress)
@@ -221,7 +225,7 @@ class EmbeddingJob:
             )
 
 
-def _compute(session, layer, model_source, settings, cache_dir, center, stop, downloading):
+def _compute(session, layer, model_source, settings, cache_dir, center, stop, downloading, loaded=None):
     """Worker body: load the model (if needed, downloading its weights first, with progress) and embed
     every slice, nearest to `center` first. Returns the session, or None if stopped while downloading.
 
@@ -229,7 +233,7 @@ def _compute(session, layer, model_source, settings, cache_dir, center, stop, do
     next chunk, so that the part downloaded is deleted there and then.
 
     `settings` is (device, views), views None for the model's own number. Setting the event `stop`
-    abandons the slice being embedded.
+    abandons the slice being embedded. `loaded`: the model, if another session has it loaded.
     """
     from samcore import Predictor, load_model
     from samcore.download import fetch_job
@@ -241,7 +245,7 @@ def _compute(session, layer, model_source, settings, cache_dir, center, stop, do
     if session is None:
         name, checkpoint = model_source
         device, views = settings
-        if checkpoint is None:  # weights from the cache folder, downloaded first if they are not there
+        if loaded is None and checkpoint is None:  # weights from the cache folder, downloaded first if missing
             download = fetch_job(get_entry(name), progress=False)
             downloading.set()
             try:
@@ -254,7 +258,7 @@ def _compute(session, layer, model_source, settings, cache_dir, center, stop, do
                 downloading.clear()
             if stop.is_set():  # stopped while the weights were checked
                 return None
-        model = load_model(name, checkpoint, device)
+        model = load_model(name, checkpoint, device) if loaded is None else loaded
         view = StackView.of(pixel_data(layer), rgb=layer.rgb)
         predictor = Predictor(model, views=views)
         if cache_dir is None:  # the key names and checks a disk cache: hashing every pixel of a

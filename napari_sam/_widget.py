@@ -41,6 +41,9 @@ CHECKPOINT_CHOICE = "checkpoint file…"
 VIEW_CHOICES = [
     ("model's choice", 0), ("1: the image", 1), ("2: + mirror image", 2), ("4: + 3 mirror images", 4),
 ]
+# Images whose embeddings are kept in memory after the picker moves on (about 2 MB per slice and view,
+# in float16): going back to one of them computes nothing.
+KEEP_EARLIER = 2
 SAM_THRESHOLDS = (0.88, 0.95)  # segment all's (predicted IoU, stability) for models without their own
 KEYS = {
     "s": ("segment", "update the preview"),
@@ -163,8 +166,8 @@ class SamWidget(Container):
         self._model.changed.connect(self._on_model_choice)
         self._checkpoint.changed.connect(self._on_checkpoint_choice)
         self._image.changed.connect(self._on_image_change)
-        self._views.changed.connect(lambda: self._forget("Views changed: compute embeddings again."))
-        self._device.changed.connect(lambda: self._forget("Device changed: compute embeddings again."))
+        self._views.changed.connect(lambda: self._forget("Views changed: compute embeddings again.", everything=True))
+        self._device.changed.connect(lambda: self._forget("Device changed: compute embeddings again.", everything=True))
         self._load_button.changed.connect(self.load)
         self._cancel_button.changed.connect(self.cancel)
         self._viewer.dims.events.current_step.connect(self._on_slice_change)
@@ -173,6 +176,9 @@ class SamWidget(Container):
         self._viewer.layers.events.removed.connect(self._on_layer_removed)
 
         self._session: Session | None = None  # samcore objects for the current (image, model)
+        # The sessions of the last images the picker moved away from, newest last: picking one of
+        # them again takes up its embeddings (and any model already loaded is not loaded again).
+        self._earlier: list[Session] = []
         self._embedding = EmbeddingJob(self)
         self._prompt_layers = PromptLayers(viewer, self.segment, self._bind_layer_keys)
         self._candidates: Candidates | None = None  # of the prompts on the displayed slice
@@ -240,7 +246,7 @@ class SamWidget(Container):
     def _on_model_choice(self, choice: str) -> None:
         self._checkpoint.visible = choice == CHECKPOINT_CHOICE
         self._show_registry_defaults(choice)
-        self._forget("Model changed: compute embeddings with it.")
+        self._forget("Model changed: compute embeddings with it.", everything=True)
 
     def _on_checkpoint_choice(self, _=None) -> None:
         self._defaults_for = None  # the file's own settings are shown once it is loaded (`_on_session`)
@@ -278,7 +284,35 @@ class SamWidget(Container):
             self._forget_deleted(session.layer)
         elif session is not None or self._embedding.running or not self._said_deleted:
             self._forget("Image changed: compute embeddings for it.")
+            if session is not None:
+                kept = [earlier for earlier in self._earlier if earlier.layer != session.layer] + [session]
+                self._earlier = kept[-KEEP_EARLIER:]
+            self._take_up_earlier()
         # else: the image was deleted, and the status line says so (`_on_layer_removed` ran first)
+
+    def _take_up_earlier(self) -> None:
+        """If the picked image had a session before, make it current again and embed what it lacks."""
+        layer = self._image.value
+        earlier = next((session for session in self._earlier if session.layer == layer), None)
+        if earlier is None:
+            return
+        self._earlier.remove(earlier)
+        self._session = earlier  # `load` keeps it if the model, the settings and the data are the same
+        self.load()
+
+    def _loaded_model(self, model_source, device: str):
+        """The model of a kept session with these weights on this device, so as not to load it twice.
+
+        None if there is none, or if the checkpoint file was written since that session began.
+        """
+        checkpoint = model_source[1]
+        for session in [*self._earlier, self._session]:
+            if session is None or (session.model_source, session.settings[0]) != (model_source, device):
+                continue
+            if checkpoint is not None and Path(checkpoint).stat().st_mtime > session.created:
+                continue
+            return session.predictor.model
+        return None
 
     def _on_layer_removed(self, event) -> None:
         """Stop what works on a deleted layer: its image's embeddings, a job painting into it, its undo."""
@@ -287,6 +321,7 @@ class SamWidget(Container):
         working = self._session is not None or self._embedding.running
         if embedding is not None and layer == embedding and working:
             self._forget_deleted(layer)
+        self._earlier = [session for session in self._earlier if session.layer != layer]
         for job in (self._propagation, self._automatic):
             job.forget_layer(layer)
         self._history = [(target, done) for target, done in self._history if target != layer]
@@ -316,13 +351,17 @@ class SamWidget(Container):
             if isinstance(layer, Labels):
                 layer.events.paint.disconnect(self._on_paint)
         self._session = None
+        self._earlier = []
 
     def _forget_deleted(self, layer: Image) -> None:
         self._forget(f"The image '{layer.name}' was deleted: pick an image and compute embeddings.")
         self._said_deleted = True
 
-    def _forget(self, status: str) -> None:
-        """Drop the current session (its embeddings belong to another image or model)."""
+    def _forget(self, status: str, everything: bool = False) -> None:
+        """Drop the current session (its embeddings belong to another image or model); with
+        `everything`, the earlier images' sessions too (the model or its settings changed)."""
+        if everything:
+            self._earlier = []
         self._said_deleted = False
         self._cancel_jobs("(the image, the model or its settings changed)")
         self.cancel()

@@ -256,3 +256,56 @@ def test_a_2d_image_has_no_side_view_to_refuse(make_napari_viewer, tiny_checkpoi
     widget.add_point((30, 30))
     assert widget._candidates is not None
     assert not any("view" in m for m in messages["info"])
+
+
+def test_going_back_to_an_image_takes_up_its_embeddings_and_the_model_is_loaded_once(sam, stack, messages):
+    from napari_sam._widget import KEEP_EARLIER
+
+    viewer, widget = sam
+    nuclei = viewer.layers["nuclei"]
+    widget.load(block=True)
+    first = widget._session
+    model = first.predictor.model
+    encoded = []
+    model.image_encoder.register_forward_hook(lambda *args: encoded.append(1))
+    others = [viewer.add_image(stack[:, ::-1].copy(), name=f"other {i}") for i in range(KEEP_EARLIER + 1)]
+    widget._image.value = others[0]
+    assert widget._session is None and widget._status.value == "Image changed: compute embeddings for it."
+    widget.load(block=True)
+    assert widget._session.predictor.model is model  # not loaded again
+    assert len(encoded) == 4  # the new image's slices only
+    widget._image.value = nuclei  # back: its embeddings are taken up, nothing is computed
+    widget.wait()
+    assert widget._session is first and len(encoded) == 4
+    assert widget._status.value == "Embeddings ready (4/4 slices)."
+    viewer.dims.set_current_step(0, 1)
+    widget.add_point((1, 40, 40))
+    assert widget._candidates is not None
+    for other in others[1:]:  # kept: nuclei, other 0; then nuclei, other 1 (other 0, the oldest, let go)
+        widget._image.value = other
+        widget.load(block=True)
+    assert KEEP_EARLIER == 2 and [session.layer for session in widget._earlier] == [nuclei, others[1]]
+    viewer.layers.remove(others[1])
+    assert [session.layer for session in widget._earlier] == [nuclei]
+    widget.set_model("default")  # another model: the kept embeddings are of no use
+    assert widget._earlier == [] and not messages["error"]
+
+
+def test_a_checkpoint_file_written_since_it_was_loaded_is_loaded_again(sam, stack, tiny_checkpoint, tmp_path):
+    import os
+    import shutil
+    import time
+
+    viewer, widget = sam
+    weights = shutil.copy(tiny_checkpoint, tmp_path / "finetune.pth")
+    widget.set_model(checkpoint=weights)
+    widget.load(block=True)
+    model = widget._session.predictor.model
+    widget._image.value = viewer.add_image(stack[:, ::-1].copy(), name="second")
+    widget.load(block=True)
+    assert widget._session.predictor.model is model
+    later = time.time() + 60
+    os.utime(weights, (later, later))  # the user trained further and saved over the file
+    widget._image.value = viewer.add_image(stack[:, :, ::-1].copy(), name="third")
+    widget.load(block=True)
+    assert widget._session.predictor.model is not model
