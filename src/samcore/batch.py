@@ -88,13 +88,38 @@ def check_image_file(path: Path) -> tuple[int, ...]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """A TIFF's pixels, memory-mapped where the file allows it (uncompressed), else read."""
+    """A TIFF's pixels, memory-mapped where the file allows it (uncompressed). A compressed stack is
+    read page by page when its slices are used (`lazy_stack`), so it is never in memory whole; a
+    compressed 2D image is read."""
     import tifffile
 
     try:
         return tifffile.memmap(path, mode="r")
     except (ValueError, TypeError, OSError):
-        return tifffile.imread(path)
+        pass
+    stack = lazy_stack(path)
+    return stack if stack is not None else tifffile.imread(path)
+
+
+def lazy_stack(path: Path):
+    """A TIFF stack of 3 or more axes as a read-only zarr array through tifffile, which decodes the
+    pages each read needs; None where the file does not open that way (a pyramid, an older tifffile)."""
+    import tifffile
+    import zarr
+
+    try:
+        store = tifffile.imread(path, aszarr=True)
+    except (ValueError, TypeError, OSError, NotImplementedError):
+        return None
+    try:
+        array = zarr.open(store, mode="r")
+    except Exception:  # the store's format is not one this zarr reads
+        store.close()
+        return None
+    if not isinstance(array, zarr.Array) or array.ndim < 3:
+        store.close()
+        return None
+    return array
 
 
 def guess_rgb(image: np.ndarray) -> bool:

@@ -230,3 +230,22 @@ def test_workers_get_absolute_store_paths(tmp_path, stack_file, checkpoint, monk
                    checkpoint=checkpoint) == 0
     (store,) = (tmp_path / "emb").iterdir()
     assert len(opened) == 4 and set(opened) == {str(store)}
+
+
+def test_a_compressed_stack_is_read_page_by_page_and_segmented_like_the_plain_file(
+    tmp_path, stack_file, checkpoint
+):
+    import zarr
+
+    from samcore.batch import open_view
+
+    stack = tifffile.imread(stack_file)
+    packed = tmp_path / "packed" / "stack.tif"
+    packed.parent.mkdir()
+    tifffile.imwrite(packed, stack, photometric="minisblack", compression="zlib")
+    view, shape = open_view(packed)
+    assert isinstance(view.data, zarr.Array) and shape == stack.shape  # not read whole
+    np.testing.assert_array_equal(view.data[2], stack[2])
+    assert cli("auto", stack_file, "-o", tmp_path / "plain.tif", checkpoint=checkpoint) == 0
+    assert cli("auto", packed, "-o", tmp_path / "packed.tif", checkpoint=checkpoint) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "packed.tif"), tifffile.imread(tmp_path / "plain.tif"))
