@@ -131,9 +131,9 @@ def read_image(args: argparse.Namespace) -> np.ndarray:
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    import tifffile
+    from .batch import read_image as read_tiff  # memory-mapped, or a compressed stack read page by page
 
-    return tifffile.imread(path)
+    return read_tiff(path)
 
 
 def _read_other(path: Path) -> np.ndarray:

@@ -147,3 +147,21 @@ def test_prompts_show_the_model_first_then_progress(tmp_path, stack_file, checkp
     embedding, propagation, wrote = (err.index(s) for s in ("prompted slices", "propagation", f"wrote {out}"))
     assert embedding < propagation < wrote
     assert "100%" in err[embedding:propagation]  # a tqdm bar, as `embed` and `auto` show
+
+
+def test_a_compressed_stack_and_its_slice_give_the_labels_of_the_plain_file(tmp_path, stack_file, checkpoint):
+    stack, truth = stack_file
+    packed = tmp_path / "packed.tif"
+    tifffile.imwrite(packed, tifffile.imread(stack), compression="zlib")  # read page by page
+    z = 3
+    object_id = int(np.unique(truth[z])[1])
+    (_, y0, x0), (_, y1, x1) = corners = box_of(truth[z] == object_id, z)
+    prompts = write_prompts(tmp_path, [{"id": 7, "boxes": [corners]}])
+    for image in (stack, packed):
+        propagated, one_slice = (tmp_path / f"{image.stem}_{kind}.tif" for kind in ("labels", "slice"))
+        assert segment(image, "--prompts", prompts, "--propagate", "-o", propagated, "--checkpoint", checkpoint) == 0
+        assert segment(image, "--slice", z, "--box", y0, x0, y1, x1, "-o", one_slice, "--checkpoint", checkpoint) == 0
+    for kind in ("labels", "slice"):
+        np.testing.assert_array_equal(
+            tifffile.imread(tmp_path / f"packed_{kind}.tif"), tifffile.imread(tmp_path / f"stack_{kind}.tif")
+        )
