@@ -245,7 +245,7 @@ def _compute(session, layer, model_source, settings, cache_dir, center, stop, do
     if session is None:
         name, checkpoint = model_source
         device, views = settings
-        if loaded is None and checkpoint is None:  # weights from the cache folder, downloaded first if missing
+        if loaded is None and checkpoint is None:  # weights from the cache folder; downloaded if missing
             download = fetch_job(get_entry(name), progress=False)
             downloading.set()
             try:

@@ -113,7 +113,7 @@ def lazy_stack(path: Path):
         return None
     try:
         array = zarr.open(store, mode="r")
-    except Exception:  # the store's format is not one this zarr reads
+    except Exception:  # noqa: BLE001 (any failure: the store is not one this zarr reads; imread follows)
         store.close()
         return None
     if not isinstance(array, zarr.Array) or array.ndim < 3:

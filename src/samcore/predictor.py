@@ -324,7 +324,8 @@ class Predictor:
         embedding = self._current()
         logits = torch.as_tensor(np.asarray(low_res, dtype=np.float32), device=self.device)
         with torch.inference_mode():
-            masks = upscale_logits(logits[None], self.model.img_size, embedding.input_size, embedding.original_size)
+            sizes = (self.model.img_size, embedding.input_size, embedding.original_size)
+            masks = upscale_logits(logits[None], *sizes)
             if not return_logits:
                 masks = masks > self.model.mask_threshold
         return masks[0].cpu().numpy()

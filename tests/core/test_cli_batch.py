@@ -248,4 +248,5 @@ def test_a_compressed_stack_is_read_page_by_page_and_segmented_like_the_plain_fi
     np.testing.assert_array_equal(view.data[2], stack[2])
     assert cli("auto", stack_file, "-o", tmp_path / "plain.tif", checkpoint=checkpoint) == 0
     assert cli("auto", packed, "-o", tmp_path / "packed.tif", checkpoint=checkpoint) == 0
-    np.testing.assert_array_equal(tifffile.imread(tmp_path / "packed.tif"), tifffile.imread(tmp_path / "plain.tif"))
+    labels = [tifffile.imread(tmp_path / name) for name in ("packed.tif", "plain.tif")]
+    np.testing.assert_array_equal(*labels)

@@ -159,8 +159,9 @@ def test_a_compressed_stack_and_its_slice_give_the_labels_of_the_plain_file(tmp_
     prompts = write_prompts(tmp_path, [{"id": 7, "boxes": [corners]}])
     for image in (stack, packed):
         propagated, one_slice = (tmp_path / f"{image.stem}_{kind}.tif" for kind in ("labels", "slice"))
-        assert segment(image, "--prompts", prompts, "--propagate", "-o", propagated, "--checkpoint", checkpoint) == 0
-        assert segment(image, "--slice", z, "--box", y0, x0, y1, x1, "-o", one_slice, "--checkpoint", checkpoint) == 0
+        weights = ("--checkpoint", checkpoint)
+        assert segment(image, "--prompts", prompts, "--propagate", "-o", propagated, *weights) == 0
+        assert segment(image, "--slice", z, "--box", y0, x0, y1, x1, "-o", one_slice, *weights) == 0
     for kind in ("labels", "slice"):
         np.testing.assert_array_equal(
             tifffile.imread(tmp_path / f"packed_{kind}.tif"), tifffile.imread(tmp_path / f"stack_{kind}.tif")

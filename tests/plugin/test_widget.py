@@ -124,7 +124,7 @@ def test_an_ellipse_or_polygon_prompts_with_its_bounding_box_and_a_line_is_point
     boxes.add_lines(np.array([[2, 10, 10], [2, 50, 50]]))
     assert not preview_mask(widget, 2).any()
     assert widget._status.value == "Lines are not prompts: draw a rectangle around the object."
-    boxes.add_ellipses(np.array([[2, 30, 20], [2, 30, 70], [2, 60, 70], [2, 60, 20]]))  # corners: y 30-60, x 20-70
+    boxes.add_ellipses(np.array([[2, 30, 20], [2, 30, 70], [2, 60, 70], [2, 60, 20]]))  # y 30-60, x 20-70
     expected, _, _ = widget._session.predictor.predict(box=np.array([20, 30, 70, 60]), multimask_output=False)
     assert expected[0].any()
     np.testing.assert_array_equal(preview_mask(widget, 2), expected[0])

@@ -182,7 +182,8 @@ def _sam_keys(owner) -> dict[str, str]:
 
 
 def test_candidates_are_shown_and_numbered_best_first():
-    candidates = Candidates(np.array([0.2, 0.9, 0.5]), np.zeros((3, 4, 4), np.float32), lambda logits: logits > 0)
+    scores, logits = np.array([0.2, 0.9, 0.5]), np.zeros((3, 4, 4), np.float32)
+    candidates = Candidates(scores, logits, lambda low_res: low_res > 0)
     shown = [candidates.index]
     assert candidates.describe(False).startswith("candidate 1/3 (best), predicted IoU 0.90")
     while candidates.next() and len(shown) < 3:

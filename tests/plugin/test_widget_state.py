@@ -49,7 +49,9 @@ def test_rgb_images_are_segmented_like_grayscale_ones(make_napari_viewer, tiny_c
 
 
 @pytest.mark.parametrize("kind", ["dask", "multiscale"])
-def test_lazy_and_pyramid_images_are_segmented_at_full_resolution(make_napari_viewer, tiny_checkpoint, stack, kind):
+def test_lazy_and_pyramid_images_are_segmented_at_full_resolution(
+    make_napari_viewer, tiny_checkpoint, stack, kind
+):
     import dask.array as da
 
     viewer = make_napari_viewer()
