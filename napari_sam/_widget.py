@@ -399,7 +399,8 @@ class SamWidget(Container):
             return
         self._cancel_jobs("to compute embeddings")
         self.cancel()
-        if spatial_ndim(layer) == 3 and 1 < layer.data.shape[0] <= 4:
+        told = self._session is not None and self._session.layer == layer  # at this image's first load
+        if spatial_ndim(layer) == 3 and 1 < layer.data.shape[0] <= 4 and not told:
             show_info(
                 f"SAM: '{layer.name}' is taken as a stack of {layer.data.shape[0]} slices. If they are "
                 "channels, open the image with channel_axis (one layer per channel) and pick one."

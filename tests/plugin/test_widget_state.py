@@ -280,6 +280,7 @@ def test_going_back_to_an_image_takes_up_its_embeddings_and_the_model_is_loaded_
     widget.wait()
     assert widget._session is first and len(encoded) == 4
     assert widget._status.value == "Embeddings ready (4/4 slices)."
+    assert sum("'nuclei' is taken as a stack" in m for m in messages["info"]) == 1  # not again
     viewer.dims.set_current_step(0, 1)
     widget.add_point((1, 40, 40))
     assert widget._candidates is not None
