@@ -46,6 +46,7 @@ class PromptLayers:
         self.points = self.boxes = self.brush = self.preview = None
         self.polarity = POSITIVE  # of the next click
         self._preview_slice: int | None = None  # the slice the preview was last drawn on
+        self._preview_empty = True  # nothing drawn since the preview was made or cleared
 
     def ensure(self, image: Image) -> None:
         """Create the layers for `image`, or re-align the existing ones."""
@@ -57,7 +58,7 @@ class PromptLayers:
         if new_preview:
             self._remove(self.preview)
             self.preview = viewer.add_labels(np.zeros(shape, np.uint8), name="SAM preview", opacity=0.5)
-            self._preview_slice = None
+            self._preview_slice, self._preview_empty = None, True
         if not self._usable(self.brush, ndim) or self.brush.data.shape != shape:
             self._remove(self.brush)
             self.brush = viewer.add_labels(np.zeros(shape, np.uint8), name="SAM brush", opacity=0.4)
@@ -115,12 +116,15 @@ class PromptLayers:
 
     def show_preview(self, mask: np.ndarray | None, z: int | None) -> None:
         """Draw a (Y, X) bool mask on slice z of the preview (2D: z None), or nothing; what was drawn goes."""
+        if mask is None and self._preview_empty:  # as it is: no redraw (a slice change without prompts)
+            return
         # Only the slice drawn last can hold a preview: clear it rather than the whole stack.
         drawn = self._preview_slice
         (self.preview.data if drawn is None else self.preview.data[drawn])[...] = 0
         self._preview_slice = z
         if mask is not None:
             (self.preview.data if z is None else self.preview.data[z])[mask] = PREVIEW_ID
+        self._preview_empty = mask is None
         self.preview.refresh()
 
     def clear_preview(self) -> None:

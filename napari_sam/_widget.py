@@ -18,7 +18,7 @@ from magicgui.widgets import (
 )
 from napari.layers import Image, Labels, Points, Shapes
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QEvent, QObject
+from qtpy.QtCore import QEvent, QObject, QTimer
 
 from ._annotations import Commit, commit_mask, undo_commit
 from ._autosave import Autosave, autosave_dir, earlier_autosaves, painted_rows, touched_rows
@@ -41,6 +41,8 @@ CHECKPOINT_CHOICE = "checkpoint file…"
 VIEW_CHOICES = [
     ("model's choice", 0), ("1: the image", 1), ("2: + mirror image", 2), ("4: + 3 mirror images", 4),
 ]
+# How long the slider must rest on a slice without an embedding before the embedding job restarts there.
+REFOCUS_MS = 250
 # Images whose embeddings are kept in memory after the picker moves on (about 2 MB per slice and view,
 # in float16): going back to one of them computes nothing.
 KEEP_EARLIER = 2
@@ -176,6 +178,10 @@ class SamWidget(Container):
         self._viewer.layers.events.removed.connect(self._on_layer_removed)
 
         self._session: Session | None = None  # samcore objects for the current (image, model)
+        self._refocus = QTimer()  # the embeddings follow the displayed slice once the slider rests
+        self._refocus.setSingleShot(True)
+        self._refocus.setInterval(REFOCUS_MS)
+        self._refocus.timeout.connect(self._embed_displayed_first)
         # The sessions of the last images the picker moved away from, newest last: picking one of
         # them again takes up its embeddings (and any model already loaded is not loaded again).
         self._earlier: list[Session] = []
@@ -338,6 +344,7 @@ class SamWidget(Container):
 
     def _on_closed(self) -> None:
         """The dock was closed: stop the background work and give napari its keys back."""
+        self._refocus.stop()
         self._cancel_jobs("(the SAM widget was closed)")
         self.cancel()
         self._unbind_keys()
@@ -519,11 +526,22 @@ class SamWidget(Container):
             self._forget_changed()
             return
         if z is not None and z not in session.store and self._embedding.running:
-            # Compute the slice the user is looking at next, then continue outwards from it.
-            self._embedding.quit()
-            self.wait()
-            self._embedding.start(session.layer, session.model_source, session.settings)
+            self._refocus.start()  # (again): once the slider rests, embed this slice next
         self.segment()
+
+    def _embed_displayed_first(self) -> None:
+        """Compute the slice the user is looking at next, then continue outwards from it.
+
+        Called once the slider has rested for `REFOCUS_MS`: restarting the job at every step of a
+        scroll through the stack held each step for a fifth of a second.
+        """
+        session = self._session
+        z = None if session is None else self._current_z(session.layer)
+        if z is None or z in session.store or not self._embedding.running:
+            return
+        self._embedding.quit()
+        self.wait()
+        self._embedding.start(session.layer, session.model_source, session.settings)
 
     def _on_view_change(self, _=None) -> None:
         """The viewer turned to another plane or to 3D: say why prompts wait, or take them up again."""
@@ -735,8 +753,6 @@ class SamWidget(Container):
 
         napari sends the event before it writes the new pixels, so they are read once it is handled.
         """
-        from qtpy.QtCore import QTimer
-
         layer, rows = event.source, painted_rows(event.value, event.source.data.shape)
 
         def write() -> None:

@@ -337,3 +337,56 @@ def test_the_refine_box_follows_the_model_and_decides_the_preview(sam):
     widget.set_model("default")
     widget.load(block=True)
     assert widget._refine.value is True  # the bundled model's own choice
+
+
+def test_scrolling_while_embeddings_run_restarts_them_once_at_the_slice_where_the_slider_rests(
+    make_napari_viewer, tiny_checkpoint, qtbot, monkeypatch
+):
+    import time
+
+    from samcore.embeddings import EmbeddingStore
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(3).integers(0, 255, (12, 64, 64), dtype=np.uint8), name="long")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    order, put = [], EmbeddingStore.put
+
+    def slow_put(store, z, *args, **kwargs):  # a slow encoder: 60 ms a slice
+        time.sleep(0.06)
+        order.append(z)
+        return put(store, z, *args, **kwargs)
+
+    monkeypatch.setattr(EmbeddingStore, "put", slow_put)
+    starts = []
+    start = widget._embedding.start
+    monkeypatch.setattr(widget._embedding, "start", lambda *args: (starts.append(1), start(*args)))
+    widget.load()  # from slice 0 outwards
+    qtbot.waitUntil(lambda: len(order) >= 2, timeout=10_000)
+    for z in (3, 5, 7, 9, 10):  # a scroll: no restart at each step
+        viewer.dims.set_current_step(0, z)
+    assert len(starts) == 1
+    qtbot.waitUntil(lambda: 10 in order, timeout=10_000)
+    assert len(starts) == 2  # once the slider rested
+    widget.wait()
+    assert sorted(order) == list(range(12))
+    assert order.index(10) < order.index(9)  # from slice 0 outwards, 9 would have come first
+
+
+def test_a_slice_change_redraws_the_preview_only_when_it_held_a_mask(sam, monkeypatch):
+    viewer, widget = sam
+    widget.load(block=True)
+    preview = widget._prompt_layers.preview
+    redraws = []
+    refresh = preview.refresh
+    monkeypatch.setattr(preview, "refresh", lambda *args, **kwargs: (redraws.append(1), refresh(*args, **kwargs)))
+    for z in (1, 2, 3):
+        viewer.dims.set_current_step(0, z)
+    assert not redraws  # nothing drawn, nothing to clear: napari re-slices the layer anyway
+    widget.add_point((3, 40, 40))
+    assert preview_mask(widget, 3).any()
+    drawn = len(redraws)
+    viewer.dims.set_current_step(0, 2)  # the click's mask goes with its slice
+    assert not np.asarray(preview.data).any() and len(redraws) == drawn + 1
+    viewer.dims.set_current_step(0, 1)
+    assert len(redraws) == drawn + 1
