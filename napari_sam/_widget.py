@@ -369,7 +369,7 @@ class SamWidget(Container):
         `everything`, the earlier images' sessions too (the model or its settings changed)."""
         if everything:
             self._earlier = []
-        self._said_deleted = False
+        self._said_deleted = self._said_view_problem = self._advised_view = False
         self._cancel_jobs("(the image, the model or its settings changed)")
         self.cancel()
         self._session = None
