@@ -321,14 +321,16 @@ class Predictor:
     def masks_from_logits(self, low_res: np.ndarray, return_logits: bool = False) -> np.ndarray:
         """(C, 256, 256) low-resolution logits of the current image to (C, H, W) masks, as `predict`
         makes them (float32 logits with `return_logits`)."""
-        embedding = self._current()
         logits = torch.as_tensor(np.asarray(low_res, dtype=np.float32), device=self.device)
+        return self._full_resolution(logits[None], return_logits)[0].cpu().numpy()
+
+    def _full_resolution(self, low_res: torch.Tensor, return_logits: bool) -> torch.Tensor:
+        """(B, C, 256, 256) low-resolution logits to (B, C, H, W) masks of the current image (logits
+        with `return_logits`)."""
+        embedding = self._current()
         with torch.inference_mode():
-            sizes = (self.model.img_size, embedding.input_size, embedding.original_size)
-            masks = upscale_logits(logits[None], *sizes)
-            if not return_logits:
-                masks = masks > self.model.mask_threshold
-        return masks[0].cpu().numpy()
+            masks = upscale_logits(low_res, self.model.img_size, embedding.input_size, embedding.original_size)
+            return masks if return_logits else masks > self.model.mask_threshold
 
     def _predict_zoomed(
         self, window: Window, tensors: tuple, prompts: tuple, multimask_output: bool, return_logits: bool,
@@ -425,16 +427,11 @@ class Predictor:
         Returns:
             masks (B, C, H, W), scores (B, C), low-resolution logits (B, C, 256, 256).
         """
-        embedding = self._current()
         refine = self.refine if refine is None else refine
         low_res, scores = self.predict_low_res(
             point_coords, point_labels, boxes, mask_input, multimask_output, refine
         )
-        with torch.inference_mode():
-            masks = upscale_logits(low_res, self.model.img_size, embedding.input_size, embedding.original_size)
-            if not return_logits:
-                masks = masks > self.model.mask_threshold
-        return masks, scores, low_res
+        return self._full_resolution(low_res, return_logits), scores, low_res
 
     def predict_low_res(
         self,
