@@ -17,14 +17,12 @@ job, is never stopped by someone else's cancel. Without an event the hooks cost 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
 _local = threading.local()  # .event: the cancel event of this thread's current embedding
-_hooked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # modules that check the event
 _hooked_lock = threading.Lock()
 
 
@@ -56,12 +54,15 @@ def check() -> None:
 
 
 def make_cancellable(encoder: torch.nn.Module) -> None:
-    """Make every submodule of `encoder` check the thread's cancel event before it runs (once each)."""
+    """Make every submodule of `encoder` check the thread's cancel event before it runs (once each).
+
+    A module that already holds the check keeps it alone: a model copied or unpickled (sent to a
+    cluster's worker) brings its hooks along.
+    """
     with _hooked_lock:
         for module in encoder.modules():
-            if module not in _hooked:
+            if not any(hook is _check_hook for hook in module._forward_pre_hooks.values()):
                 module.register_forward_pre_hook(_check_hook)
-                _hooked.add(module)
 
 
 def _check_hook(module: torch.nn.Module, args: tuple) -> None:

@@ -52,7 +52,7 @@ def embed_on_cluster(
     """
     _check_shared(store)
     _prepare(store, predictor, view)
-    model = client.scatter(predictor.model, broadcast=True, hash=False)
+    model = client.scatter(ModelParcel(predictor.model), broadcast=True, hash=False)
     args = (_settings(predictor), _store_spec(store))
 
     def submit(z: int) -> Future:
@@ -80,7 +80,7 @@ def segment_on_cluster(
     if store is not None:
         _check_shared(store)
         _prepare(store, predictor, view)
-    model = client.scatter(predictor.model, broadcast=True, hash=False)
+    model = client.scatter(ModelParcel(predictor.model), broadcast=True, hash=False)
     spec = None if store is None else _store_spec(store)
 
     def submit(z: int) -> Future:
@@ -161,14 +161,25 @@ def _settings(predictor: Predictor) -> dict:
     return {"precision": predictor.precision, "views": predictor.views}
 
 
-def _embed_task(model: torch.nn.Module, rgb: np.ndarray, z: int, settings: dict, spec: StoreSpec) -> int:
+class ModelParcel:
+    """A model on its way to the workers, pickled whole (as `torch.save` does).
+
+    Dask's own serializer for a `torch.nn.Module` rebuilds its attributes one by one and turns the
+    ordered dicts of its hooks into plain dicts, on which the worker's `Predictor` fails.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+
+def _embed_task(parcel: ModelParcel, rgb: np.ndarray, z: int, settings: dict, spec: StoreSpec) -> int:
     """Worker: embed one slice into the shared store, without marking it done."""
-    _open_spec(spec).put(z, Predictor(model, **settings).embed_rgb(rgb), done=False)
+    _open_spec(spec).put(z, Predictor(parcel.model, **settings).embed_rgb(rgb), done=False)
     return z
 
 
 def _segment_task(
-    model: torch.nn.Module,
+    parcel: ModelParcel,
     rgb: np.ndarray,
     z: int,
     predictor_settings: dict,
@@ -178,5 +189,5 @@ def _segment_task(
     """Worker: the labels of one slice, and whether its embedding was computed (not read from the store)."""
     from .jobs import slice_labels
 
-    predictor = Predictor(model, **predictor_settings)
+    predictor = Predictor(parcel.model, **predictor_settings)
     return run(slice_labels(predictor, rgb, z, _open_spec(spec), settings, done=False))

@@ -59,3 +59,35 @@ def test_a_worker_that_does_not_see_the_store_fails_loudly(tmp_path):
     with pytest.raises(FileNotFoundError, match="disk every worker shares"):
         _open_spec(("key", 3, str(tmp_path / "elsewhere.zarr"), "float16"))
     assert not (tmp_path / "elsewhere.zarr").exists()
+
+
+def test_the_model_reaches_a_worker_process_whole_and_embeds_there():
+    """What a cluster's worker process receives: the model through Dask's serialization."""
+    from distributed.protocol import deserialize, serialize
+
+    from samcore.distributed import ModelParcel
+    from samcore.predictor import Predictor
+
+    model = tiny_sam()
+    here = Predictor(model, precision="fp32")  # the client's predictor hooks the encoder first
+    received = deserialize(*serialize(ModelParcel(model))).model
+    there = Predictor(received, precision="fp32")
+    hooks = list(received.image_encoder._forward_pre_hooks.values())
+    assert len(hooks) == 1  # the check came along, and was not added twice
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    torch.testing.assert_close(there.embed_rgb(rgb).features, here.embed_rgb(rgb).features, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_labels_of_the_local_run(tmp_path):
+    model = tiny_sam()
+    stack = nuclei_stack((3, 40, 48), n_nuclei=4, radius=(5.0, 8.0), seed=5)[0]
+    settings = permissive_settings()
+    local = segment_everything(stack, model, settings=settings, precision="fp32")
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster, distributed.Client(cluster) as client:
+        spread = segment_everything(
+            stack, model, settings=settings, precision="fp32", store=tmp_path / "s.zarr", client=client
+        )
+    np.testing.assert_array_equal(spread, local)
