@@ -122,7 +122,8 @@ class BackgroundJob:
             object_id, note = self._undo_entry()
             previous = np.zeros(index.size, self._layer.data.dtype)  # only background was painted
             written = np.concatenate(self._written)
-            self._widget._history.append((self._layer, Commit(object_id, index, previous, note, written)))
+            step = Commit(object_id, index, previous, note, written)
+            self._widget._history.append((self._layer, self._layer.data, step))
         self._before_reset()
         self._worker, self._layer, self._painted, self._written = None, None, [], []
         self._widget._cancel_button.enabled = self._widget._busy()

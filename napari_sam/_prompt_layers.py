@@ -73,8 +73,12 @@ class PromptLayers:
             self._remove(self.points)
             self.points = viewer.add_points(ndim=ndim, name="SAM points", size=8, features={"label": np.zeros(0, int)})
             self._wire(self.points)
-        for layer in (self.preview, self.brush, self.boxes, self.points):
-            layer.scale, layer.translate = image.scale[:ndim], image.translate[:ndim]
+        self.align(image)
+
+    def align(self, image: Image) -> None:
+        """Place the layers over `image` as it is placed in the world (its pixel size, offset, rotation)."""
+        for layer in self.layers():
+            align_with(layer, image)
 
     def _take_over_left_layers(self) -> None:
         """Take the layers a closed widget left (by name and type) for those not made yet."""
@@ -110,6 +114,22 @@ class PromptLayers:
         """The layers made so far."""
         return [layer for layer in (self.points, self.boxes, self.brush, self.preview) if layer is not None]
 
+    def forget(self, layer: Layer) -> str | None:
+        """Let go of one of these layers, deleted by the user; its name, or None if it is not one of them."""
+        for attribute, name, _ in OWN_LAYERS:
+            own = getattr(self, attribute)
+            if own is None or layer != own:
+                continue
+            if attribute != "preview":
+                own.events.data.disconnect(self._changed)
+                if attribute == "brush":
+                    own.events.paint.disconnect(self._changed)
+            else:
+                self._preview_slice, self._preview_empty = None, True
+            setattr(self, attribute, None)
+            return name
+        return None
+
     def owns(self, layer: Layer) -> bool:
         """Whether `layer` is one of these (compared with ==: napari may hand out a proxy of it)."""
         return any(layer == own for own in self.layers())
@@ -135,7 +155,9 @@ class PromptLayers:
 
     def prompts(self, image: Image, z: int | None) -> SlicePrompts:
         """The prompts on slice z of `image` (None for a 2D image), in SAM's XY pixel coordinates."""
-        return slice_prompts(self.points, self.boxes, image, z, self.brush)
+        live = [layer if self._live(layer) else None for layer in (self.points, self.boxes, self.brush)]
+        points, boxes, brush = live
+        return slice_prompts(points, boxes, image, z, brush)
 
     def add_point(self, position, positive: bool = True) -> None:
         """Add a click at `position` ((z, y, x) or (y, x) world coordinates), positive or negative."""
@@ -199,9 +221,18 @@ class PromptLayers:
             return  # the matching "added"/"removed"/"changed" event follows
         self._on_change()
 
+    def _live(self, layer) -> bool:
+        return layer is not None and layer in self._viewer.layers
+
     def _usable(self, layer, ndim: int) -> bool:
-        return layer is not None and layer in self._viewer.layers and layer.ndim == ndim
+        return self._live(layer) and layer.ndim == ndim
 
     def _remove(self, layer) -> None:
         if layer is not None and layer in self._viewer.layers:
             self._viewer.layers.remove(layer)
+
+
+def align_with(layer: Layer, image: Image) -> None:
+    """Give `layer` the world placement of `image` (same spatial axes): scale, offset, rotation, shear."""
+    layer.scale, layer.translate = image.scale, image.translate
+    layer.rotate, layer.shear, layer.affine = image.rotate, image.shear, image.affine.affine_matrix

@@ -24,7 +24,7 @@ from ._annotations import Commit, commit_mask, undo_commit
 from ._autosave import Autosave, autosave_dir, earlier_autosaves, painted_rows, touched_rows
 from ._candidates import Candidates
 from ._embedding_job import EmbeddingJob, Session
-from ._prompt_layers import PromptLayers
+from ._prompt_layers import PromptLayers, align_with
 from ._prompts import POSITIVE, spatial_ndim
 from ._propagate import Propagation
 from ._segment_all import SCOPES, AutoSegmentation
@@ -46,6 +46,10 @@ REFOCUS_MS = 250
 # Images whose embeddings are kept in memory after the picker moves on (about 2 MB per slice and view,
 # in float16): going back to one of them computes nothing.
 KEEP_EARLIER = 2
+# In the metadata of an objects layer the widget made: {"image": the image layer's unique_id}.
+OBJECTS_KEY = "napari-sam"
+# An image layer's events that move it in the world; the SAM layers follow them.
+PLACEMENT = ("scale", "translate", "rotate", "shear", "affine")
 SAM_THRESHOLDS = (0.88, 0.95)  # segment all's (predicted IoU, stability) for models without their own
 KEYS = {
     "s": ("segment", "update the preview"),
@@ -63,6 +67,12 @@ NAPARI_LAYER_KEYS = {
     Shapes: {"s", "p", "t", "Shift-P"},
     Labels: {"p"},
 }
+
+
+def _objects_image(layer) -> str | None:
+    """The unique id of the image an objects layer was made for by the widget, or None."""
+    made = layer.metadata.get(OBJECTS_KEY) if isinstance(layer, Labels) else None
+    return made.get("image") if isinstance(made, dict) else None
 
 
 def model_choices() -> list[str]:
@@ -188,11 +198,20 @@ class SamWidget(Container):
         self._embedding = EmbeddingJob(self)
         self._prompt_layers = PromptLayers(viewer, self.segment, self._bind_layer_keys)
         self._candidates: Candidates | None = None  # of the prompts on the displayed slice
-        self._history: list[tuple[Labels, Commit]] = []
+        # Undo steps: the objects layer, the array the step wrote into, and what it wrote.
+        self._history: list[tuple[Labels, np.ndarray, Commit]] = []
         self._propagation = Propagation(self)
         self.propagation_settings = None  # a samcore PropagationSettings; None for its defaults
         self._automatic = AutoSegmentation(self)
         self._zoom_job = ZoomJob(self)
+        self._closed = False
+        self._deleted_own: list[str] = []  # SAM layers the user deleted, to make again
+        self._placed: Image | None = None  # the image whose placement in the world the SAM layers follow
+        self._objects_of: dict[str, Labels | None] = {}  # image id: the objects layer chosen for it
+        self._prompt_status: str | None = None  # what `segment` last said about the prompts, if still shown
+        self._status_before_prompts = ""  # the status line it replaced
+        self._output.changed.connect(self._on_objects_choice)
+        self._output.value = self._objects_layer_for(self._image.value)
         self.auto_settings = None  # a samcore AutoSettings for segment all; None: the threshold boxes
         self._defaults_for: str | None = None  # the model whose own thresholds and refine are shown
         self._show_registry_defaults(self._model.value)
@@ -200,6 +219,23 @@ class SamWidget(Container):
         self._close_watch = _CloseWatch(self.native, self._on_closed)
 
     # -- scripting ----------------------------------------------------------------------------
+
+    def reset_choices(self, *args) -> None:
+        """Refresh the layer pickers (napari calls this as layers come, go and are renamed).
+
+        magicgui matches the old choices with the new by name, so a renamed layer would drop out of
+        its picker (the image picker would jump to another image); the picked layers are kept.
+        """
+        pickers = (self._image, self._output)
+        before = [picker.value for picker in pickers]
+        with self._image.changed.blocked(), self._output.changed.blocked():
+            super().reset_choices(*args)
+            for picker, value in zip(pickers, before):
+                if value is not None and value in self._viewer.layers and picker.value is not value:
+                    picker.value = value
+        for picker, value in zip(pickers, before):
+            if picker.value is not value:
+                picker.changed.emit(picker.value)
 
     def _objects_choices(self, _widget=None) -> list[tuple[str, Labels]]:
         """The labels layers objects may be committed to: all but the widget's own preview and brush."""
@@ -285,6 +321,7 @@ class SamWidget(Container):
         self._zoom.value = zoom
 
     def _on_image_change(self, _=None) -> None:
+        self._output.value = self._objects_layer_for(self._image.value)
         session = self._session
         if session is not None and session.layer not in self._viewer.layers:  # the picker moved on from it
             self._forget_deleted(session.layer)
@@ -295,6 +332,50 @@ class SamWidget(Container):
                 self._earlier = kept[-KEEP_EARLIER:]
             self._take_up_earlier()
         # else: the image was deleted, and the status line says so (`_on_layer_removed` ran first)
+
+    def _objects_layer_for(self, image: Image | None) -> Labels | None:
+        """The objects layer to show in the picker for `image`: the one last chosen for it, else the
+        newest one the widget made for it (by this widget or one closed before), else None (a new one).
+
+        Objects belong to an image: another image's layer may not fit, and would mix two images' objects.
+        """
+        if image is None:
+            return None
+        made = [layer for layer in self._viewer.layers if _objects_image(layer) == image.unique_id]
+        for layer in (self._objects_of.get(image.unique_id), *reversed(made)):
+            if layer is not None and layer in self._viewer.layers and not self._prompt_layers.owns(layer):
+                return layer
+        return None
+
+    def _on_objects_choice(self, layer: Labels | None) -> None:
+        image = self._image.value
+        if image is not None:
+            self._objects_of[image.unique_id] = layer
+
+    def _follow_placement(self, image: Image) -> None:
+        """Keep the SAM layers (and the objects layers made for `image`) where `image` is in the world,
+        when the user sets its pixel size, offset or rotation."""
+        if self._placed is image:
+            return
+        self._stop_following()
+        for name in PLACEMENT:
+            getattr(image.events, name).connect(self._on_placement)
+        self._placed = image
+
+    def _stop_following(self) -> None:
+        if self._placed is not None:
+            for name in PLACEMENT:
+                getattr(self._placed.events, name).disconnect(self._on_placement)
+            self._placed = None
+
+    def _on_placement(self, _event=None) -> None:
+        image = self._placed
+        if image is None:
+            return
+        self._prompt_layers.align(image)
+        for layer in self._viewer.layers:
+            if _objects_image(layer) == image.unique_id:
+                align_with(layer, image)
 
     def _take_up_earlier(self) -> None:
         """If the picked image had a session before, make it current again and embed what it lacks."""
@@ -330,7 +411,39 @@ class SamWidget(Container):
         self._earlier = [session for session in self._earlier if session.layer != layer]
         for job in (self._propagation, self._automatic):
             job.forget_layer(layer)
-        self._history = [(target, done) for target, done in self._history if target != layer]
+        self._history = [step for step in self._history if step[0] != layer]
+        deleted = self._prompt_layers.forget(layer)
+        if deleted is not None:  # a SAM layer: its prompts stop counting, and an empty one comes back
+            self._candidates = None
+            self._deleted_own.append(deleted)
+            QTimer.singleShot(0, self._restore_prompt_layers)
+
+    def _alive(self) -> bool:
+        """Whether Qt still holds the widget (closing the viewer deletes it, and removes the layers after)."""
+        try:
+            self.native.objectName()
+        except RuntimeError:
+            return False
+        return True
+
+    def _restore_prompt_layers(self) -> None:
+        """Make again the SAM layers the user deleted, empty, and say what became of their prompts."""
+        names, self._deleted_own = self._deleted_own, []
+        if self._closed or not names or not self._alive():
+            return
+        image = self._session.layer if self._session is not None else self._image.value
+        if image is None or image not in self._viewer.layers:
+            return
+        active = self._viewer.layers.selection.active  # napari selects a new layer: keep the user's one
+        try:
+            self._prompt_layers_for(image)
+        except ValueError:  # the image is no longer one SAM works on: nothing to prompt on
+            return
+        if active is not None and active in self._viewer.layers:
+            self._viewer.layers.selection.active = active
+        quoted = " and ".join(f"'{name}'" for name in names)
+        self._status.value = f"{quoted} deleted: {'their' if len(names) > 1 else 'its'} prompts are gone."
+        self.segment()
 
     def _on_image_data(self, _event=None) -> None:
         """An image layer's data was replaced: the session's embeddings no longer belong to it."""
@@ -344,7 +457,9 @@ class SamWidget(Container):
 
     def _on_closed(self) -> None:
         """The dock was closed: stop the background work and give napari its keys back."""
+        self._closed = True
         self._refocus.stop()
+        self._stop_following()
         self._cancel_jobs("(the SAM widget was closed)")
         self.cancel()
         self._unbind_keys()
@@ -388,6 +503,15 @@ class SamWidget(Container):
             raise ValueError(
                 f"'{layer.name}' has {layer.data.ndim} dimensions; SAM works on 2D images and 3D (Z, Y, X) "
                 "stacks. Split channels or time points into separate layers first."
+            )
+        from samcore.batch import channels_last
+
+        shape = layer.data.shape[:spatial]
+        if spatial == 3 and channels_last(shape):
+            raise ValueError(
+                f"'{layer.name}' has shape {shape}: its last axis is {shape[-1]} long, so it looks like "
+                "channels rather than X. Open the image with channel_axis=-1 (one layer per channel) and pick "
+                "a channel, or make it RGB."
             )
         return layer
 
@@ -458,6 +582,11 @@ class SamWidget(Container):
             self.wait()
             show_info(f"SAM: {job} cancelled {why}; the objects it found so far are kept.")
 
+    def _tell(self, message: str, level: str = "info") -> None:
+        """A notification ("SAM: " + message) at `level` (info, warning, error), and the status line."""
+        {"info": show_info, "warning": show_warning, "error": show_error}[level](f"SAM: {message}")
+        self._status.value = message[0].upper() + message[1:]
+
     def _refuse_while_job_runs(self, action: str) -> bool:
         """Whether a propagation or segment all is running, which `action` would disturb (after a message)."""
         job = self._running_job()
@@ -514,6 +643,7 @@ class SamWidget(Container):
     def _prompt_layers_for(self, image: Image) -> PromptLayers:
         """The prompt and preview layers, made for `image` or re-aligned with it."""
         self._prompt_layers.ensure(image)
+        self._follow_placement(image)
         return self._prompt_layers
 
     def _on_slice_change(self, _=None) -> None:
@@ -624,12 +754,14 @@ class SamWidget(Container):
             self._candidates = None
             self._show_candidate(z)
             if prompts.open_shapes:
-                self._status.value = "Lines are not prompts: draw a rectangle around the object."
+                self._say_of_prompts("Lines are not prompts: draw a rectangle around the object.")
+            else:
+                self._prompts_fine()
             return
         embedding = session.store.get(z or 0)
         if embedding is None:
             where = "The image" if z is None else f"Slice {z}"
-            self._status.value = (
+            self._say_of_prompts(
                 f"{where} has no embedding yet; it is being computed." if self._busy()
                 else f"{where} has no embedding: press Compute embeddings."
             )
@@ -661,6 +793,7 @@ class SamWidget(Container):
         except ValueError as error:
             show_warning(f"SAM: {error}")
             return
+        self._prompts_fine()
         if window is not None and not zoomed:
             self._zoom_job.start(session.predictor, window)
         self._candidates = Candidates(
@@ -668,6 +801,18 @@ class SamWidget(Container):
         )
         self._candidates.refine_shown(session.predictor)
         self._show_candidate(z)
+
+    def _say_of_prompts(self, message: str) -> None:
+        """Say in the status line why the prompts give no preview, until they give one (`_prompts_fine`)."""
+        if self._prompt_status is None or self._status.value != self._prompt_status:
+            self._status_before_prompts = self._status.value
+        self._status.value = self._prompt_status = message
+
+    def _prompts_fine(self) -> None:
+        """The prompts give a preview (or there are none): what the status line said of them goes."""
+        if self._prompt_status is not None and self._status.value == self._prompt_status:
+            self._status.value = self._status_before_prompts
+        self._prompt_status = None
 
     def _show_candidate(self, z: int | None) -> None:
         """Draw the shown candidate on slice z of the preview while z is the displayed slice; else none."""
@@ -693,13 +838,18 @@ class SamWidget(Container):
         shape = self._prompt_layers.preview.data.shape
         if layer is not None and layer in self._viewer.layers:
             if layer.data.shape != shape:
-                raise ValueError(f"The labels layer '{layer.name}' has shape {layer.data.shape}, the image {shape}.")
+                raise ValueError(
+                    f"the objects layer '{layer.name}' has shape {layer.data.shape}, the image {shape}. "
+                    "Choose another objects layer, or none for a new one."
+                )
             editable(layer)
             return layer
+        image = self._session.layer
         active = self._viewer.layers.selection.active  # napari selects a new layer: keep the user's one
         layer = self._viewer.add_labels(
-            np.zeros(shape, np.uint32), name="SAM objects", scale=self._prompt_layers.preview.scale, translate=self._prompt_layers.preview.translate
+            np.zeros(shape, np.uint32), name="SAM objects", metadata={OBJECTS_KEY: {"image": image.unique_id}}
         )
+        align_with(layer, image)
         if active is not None and active in self._viewer.layers:
             self._viewer.layers.selection.active = active  # the next click still adds a point
         self._output.reset_choices()
@@ -766,26 +916,28 @@ class SamWidget(Container):
         """Make the preview a new object in the output labels layer, then clear the prompts."""
         if self._candidates is None:
             if self._session is None:
-                show_warning("SAM: no embeddings yet; press Compute embeddings, then click on an object.")
+                self._tell("no embeddings yet; press Compute embeddings, then click on an object.", "warning")
             else:
-                show_warning("SAM: nothing to commit; click on an object or draw a box first.")
+                self._tell("nothing to commit; click on an object or draw a box first.", "warning")
             return
         if self._refuse_while_job_runs("commit"):
             return
         if not self._candidates.shown.any():
-            show_warning("SAM: the mask is empty, nothing to commit; move the click or box, or add clicks.")
+            self._tell("the mask is empty, nothing to commit; move the click or box, or add clicks.",
+                       "warning")
             return
         z = self._current_z(self._session.layer)
         try:
             layer = self.output_layer()
             done = commit_mask(layer.data, self._candidates.shown, () if z is None else (z,), self._overwrite.value)
         except ValueError as error:
-            show_error(f"SAM: {error}")
+            self._tell(str(error), "error")
             return
         if done is None:
-            show_warning("SAM: the preview only covers existing objects; tick 'overwrite' to replace them.")
+            self._tell("the preview only covers existing objects; tick 'overwrite' to replace them.",
+                       "warning")
             return
-        self._history.append((layer, done))
+        self._history.append((layer, layer.data, done))
         layer.refresh()
         self._autosave_objects(layer, done.index)
         self.clear()
@@ -796,9 +948,14 @@ class SamWidget(Container):
         if self._refuse_while_job_runs("undo"):
             return
         if not self._history:
-            show_info("SAM: nothing to undo.")
+            self._tell("nothing to undo.")
             return
-        layer, done = self._history.pop()
+        layer, written_to, done = self._history.pop()
+        if layer.data is not written_to:  # replaced since: the step's pixels index another array
+            self._history = [step for step in self._history if step[0] != layer]
+            self._tell(f"nothing undone: the data of '{layer.name}' was replaced since SAM last wrote to it.",
+                       "warning")
+            return
         kept = undo_commit(layer.data, done)
         layer.refresh()
         self._autosave_objects(layer, done.index)
@@ -873,6 +1030,7 @@ class SamWidget(Container):
         self._zoom_job.cancel()  # a crop being embedded is of no use without its box
         self._prompt_layers.clear(z)
         self._candidates = None
+        self._prompts_fine()
         if self._prompt_layers.preview is not None:
             self._show_candidate(z)
 

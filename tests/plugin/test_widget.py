@@ -352,8 +352,8 @@ def test_scrolling_while_embeddings_run_restarts_them_once_at_the_slice_where_th
     widget.set_model(checkpoint=tiny_checkpoint)
     order, put = [], EmbeddingStore.put
 
-    def slow_put(store, z, *args, **kwargs):  # a slow encoder: 60 ms a slice
-        time.sleep(0.06)
+    def slow_put(store, z, *args, **kwargs):  # a slow encoder: 150 ms a slice, under 2 while the slider rests
+        time.sleep(0.15)
         order.append(z)
         return put(store, z, *args, **kwargs)
 
@@ -361,7 +361,7 @@ def test_scrolling_while_embeddings_run_restarts_them_once_at_the_slice_where_th
     starts = []
     start = widget._embedding.start
     monkeypatch.setattr(widget._embedding, "start", lambda *args: (starts.append(1), start(*args)))
-    widget.load()  # from slice 0 outwards
+    widget.load()  # from the displayed (middle) slice outwards
     qtbot.waitUntil(lambda: len(order) >= 2, timeout=10_000)
     for z in (3, 5, 7, 9, 10):  # a scroll: no restart at each step
         viewer.dims.set_current_step(0, z)
@@ -370,7 +370,7 @@ def test_scrolling_while_embeddings_run_restarts_them_once_at_the_slice_where_th
     assert len(starts) == 2  # once the slider rested
     widget.wait()
     assert sorted(order) == list(range(12))
-    assert order.index(10) < order.index(9)  # from slice 0 outwards, 9 would have come first
+    assert order.index(10) < order.index(9)  # from the middle outwards, 9 would have come first
 
 
 def test_a_slice_change_redraws_the_preview_only_when_it_held_a_mask(sam, monkeypatch):
