@@ -7,9 +7,12 @@ is the napari layer's name).
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +28,11 @@ if TYPE_CHECKING:
     from distributed import Client
 
 IMAGE_SUFFIXES = (".tif", ".tiff")
+MAX_CHANNELS = 8  # see `channels_last`
+# What reads a (Y, X, 2) image as one 2D image (red and green, `samcore.preprocess.to_rgb_uint8`).
+CHANNELS_2D_READER = (
+    "; `napari-sam segment --point/--box` (without --prompts) reads 2 to 4 channels as one 2D image"
+)
 LABELS_SUFFIX = "_labels"  # `NAME_labels.tif`: the labels `auto` writes beside `NAME.tif`
 
 
@@ -68,37 +76,99 @@ def check_shape(shape: tuple[int, ...]) -> None:
         raise ValueError(f"the image of shape {tuple(shape)} is too small: each side needs 2 pixels or more.")
 
 
+def refuse_channels(shape: tuple[int, ...], two_d_reader: str = "") -> None:
+    """Refuse an image that napari would read as a stack of slices a few pixels wide, being rather one
+    image with its channels last (`channels_last`). `two_d_reader`: what reads it as one 2D image."""
+    if channels_last(shape):
+        raise ValueError(
+            f"this image of shape {tuple(shape)} looks like a 2D image with {shape[-1]} channels (Y, X, C), "
+            f"which napari, and so napari-sam's stacks, would read as {shape[0]} slices {shape[-1]} pixels "
+            f"wide. Save the channel to segment on its own (or the image as RGB){two_d_reader}."
+        )
+
+
 def check_image_file(path: Path) -> tuple[int, ...]:
     """The shape of a TIFF, read from its header only; refuses a file napari-sam cannot segment.
 
     The message follows the file's name and a colon on the command line.
     """
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tiff:
-            series = tiff.series[0]
-            shape, dtype = tuple(series.shape), np.dtype(series.dtype)
-    except (ValueError, IndexError, OSError) as error:  # tifffile.TiffFileError is a ValueError
-        raise ValueError(f"it cannot be read as a TIFF file ({error}).") from None
+    shape, dtype = tiff_header(path)
     if dtype.kind not in "buif":
         raise ValueError(f"its pixels are of type {dtype}; napari-sam reads whole or real numbers.")
     check_shape(shape)
+    refuse_channels(shape, CHANNELS_2D_READER)
     return shape
+
+
+def tiff_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and pixel type of a TIFF's image, from its header; ValueError (the message follows the
+    file's name and a colon) if it is not a TIFF, or holds less than its header announces."""
+    import tifffile
+
+    with _quiet_tifffile():  # its log lines on a damaged file would come before, and beside, ours
+        try:
+            with tifffile.TiffFile(path) as tiff:
+                series = tiff.series[0]
+                shape, dtype = tuple(series.shape), np.dtype(series.dtype)
+                missing = _missing_data(tiff, series, Path(path).stat().st_size)
+        except (ValueError, IndexError, KeyError, OSError) as error:  # tifffile.TiffFileError is a ValueError
+            raise ValueError(f"it cannot be read as a TIFF file ({error}).") from None
+    if missing:
+        raise ValueError(f"the file is damaged or was cut short (an interrupted copy?): {missing}.")
+    return shape, dtype
+
+
+def _missing_data(tiff, series, size: int) -> str | None:
+    """What a TIFF lacks of the image its header announces, or None: its header's shape (tifffile's
+    own or ImageJ's slice count) against the pages found, and the pixels' place against the file's size."""
+    announced = tiff.shaped_metadata[0].get("shape") if tiff.is_shaped and tiff.shaped_metadata else None
+    if announced is not None and math.prod(announced) != math.prod(series.shape):
+        return f"its header announces an image of shape {tuple(announced)}, and it holds {tuple(series.shape)}"
+    planes = tiff.imagej_metadata.get("images") if tiff.is_imagej and tiff.imagej_metadata else None
+    if planes is not None:
+        plane_axes = 3 if series.keyframe.samplesperpixel > 1 else 2  # (Y, X, samples) or (Y, X)
+        found = math.prod(series.shape[:-plane_axes])
+        if int(planes) > found:
+            return f"its header announces {planes} images, and it holds {found}"
+    if series.dataoffset is not None:  # one contiguous block of pixels (uncompressed)
+        end = series.dataoffset + series.nbytes
+    else:
+        last = tiff.pages[len(tiff.pages) - 1]
+        end = max((o + n for o, n in zip(last.dataoffsets, last.databytecounts)), default=0)
+    if end > size:
+        return f"its pixels run to byte {end}, and the file ends at byte {size}"
+    return None
+
+
+@contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def read_image(path: Path) -> np.ndarray:
     """A TIFF's pixels, memory-mapped where the file allows it (uncompressed). A compressed stack is
     read page by page when its slices are used (`lazy_stack`), so it is never in memory whole; a
-    compressed 2D image is read."""
+    compressed 2D image is read. A damaged or truncated file is refused (`tiff_header`)."""
     import tifffile
 
+    tiff_header(path)
     try:
         return tifffile.memmap(path, mode="r")
     except (ValueError, TypeError, OSError):
         pass
     stack = lazy_stack(path)
-    return stack if stack is not None else tifffile.imread(path)
+    if stack is not None:
+        return stack
+    try:
+        return tifffile.imread(path)
+    except (ValueError, TypeError, IndexError, OSError) as error:
+        raise ValueError(f"it cannot be read as a TIFF file ({error}).") from None
 
 
 def lazy_stack(path: Path):
@@ -130,6 +200,13 @@ def guess_rgb(image: np.ndarray) -> bool:
 def guess_rgb_shape(shape: tuple[int, ...]) -> bool:
     """`guess_rgb` from an image's shape alone."""
     return len(shape) >= 3 and shape[-1] in (3, 4)
+
+
+def channels_last(shape: tuple[int, ...]) -> bool:
+    """Whether a 3-axis image that napari would show as a stack (Z, Y, X) is rather one image with its
+    channels last (Y, X, C): a last axis of at most `MAX_CHANNELS` entries that is not RGB(A), and two
+    longer ones. Its "slices" would be a few pixels wide."""
+    return len(shape) == 3 and shape[-1] <= MAX_CHANNELS < min(shape[:2]) and not guess_rgb_shape(shape)
 
 
 def open_view(path: Path) -> tuple[StackView, tuple[int, ...]]:

@@ -268,7 +268,7 @@ def _run_segment(args: argparse.Namespace) -> int:
 def _run_prompts(args: argparse.Namespace) -> int:
     import tifffile
 
-    from .batch import guess_rgb, with_progress_bar
+    from .batch import CHANNELS_2D_READER, guess_rgb, refuse_channels, with_progress_bar
     from .embeddings import StackView
     from .key_slices import segment_key_slices
     from .prompts_file import read_prompts
@@ -285,6 +285,7 @@ def _run_prompts(args: argparse.Namespace) -> int:
     image = read_image(args)
     rgb = guess_rgb(image)
     with _naming(args.image):
+        refuse_channels(image.shape, CHANNELS_2D_READER)
         view = StackView.of(image, rgb=rgb)
     objects = read_prompts(args.prompts, image.shape[:-1] if rgb else image.shape)
     z_range = None if args.z_range is None else check_z_range(args.z_range, view.n_slices)

@@ -87,10 +87,17 @@ def _inside(text: str, name: str, value: float, size: int) -> float:
 
 def read_slice(args: argparse.Namespace) -> np.ndarray:
     """The 2D image (Y, X) or (Y, X, C) that --point and --box prompt: the image, or its --slice."""
+    from .batch import refuse_channels
+
     image = read_image(args)
     name = "the sample" if args.image is None else args.image
     # The engine reads (Y, X, C) with at most 4 channels as one image, a longer last axis as a stack.
     stack = image.ndim == 4 or (image.ndim == 3 and image.shape[-1] > 4)
+    if stack and image.shape[-1] > 4:
+        try:
+            refuse_channels(image.shape)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
     if args.slice is None:
         if not stack:
             return image
@@ -120,7 +127,11 @@ def read_image(args: argparse.Namespace) -> np.ndarray:
     tiff = args.image.suffix.lower() in TIFF_SUFFIXES
     try:
         image = _read_tiff(args.image) if tiff else _read_other(args.image)
-    except (ValueError, OSError) as error:
+    except ValueError as error:  # `batch.read_image` says what is wrong with a TIFF
+        if tiff:
+            raise ValueError(f"{args.image}: {error}") from None
+        raise ValueError(f"{args.image}: it cannot be read as an image ({error}).") from None
+    except OSError as error:
         kind = "a TIFF file" if tiff else "an image"
         raise ValueError(f"{args.image}: it cannot be read as {kind} ({error}).") from None
     try:

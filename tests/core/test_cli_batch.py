@@ -250,3 +250,55 @@ def test_a_compressed_stack_is_read_page_by_page_and_segmented_like_the_plain_fi
     assert cli("auto", packed, "-o", tmp_path / "packed.tif", checkpoint=checkpoint) == 0
     labels = [tifffile.imread(tmp_path / name) for name in ("packed.tif", "plain.tif")]
     np.testing.assert_array_equal(*labels)
+
+
+def _cut(path, keep=0.5):
+    """`path` as an interrupted copy leaves it: its first part only."""
+    data = path.read_bytes()
+    cut = path.with_name(f"cut_{path.name}")
+    cut.write_bytes(data[: int(len(data) * keep)])
+    return cut
+
+
+@pytest.mark.parametrize("writer", [
+    {"compression": "zlib"}, {}, {"imagej": True},
+], ids=["compressed", "plain", "imagej"])
+def test_a_stack_cut_short_is_refused_by_name_and_nothing_is_written(tmp_path, checkpoint, capsys, writer):
+    stack = nuclei_stack((12, 64, 64), n_nuclei=4, radius=(5.0, 8.0), seed=4)[0]
+    tifffile.imwrite(tmp_path / "stack.tif", stack, **writer)
+    cut = _cut(tmp_path / "stack.tif")
+    out = tmp_path / "labels.tif"
+    assert cli("auto", cut, "-o", out, "--points-per-side", 2, checkpoint=checkpoint) == 1
+    err = capsys.readouterr().err
+    assert f"{cut.name}: the file is damaged or was cut short" in err and "Traceback" not in err
+    assert "tifffile" not in err  # its own log lines are not shown beside the message
+    assert not out.exists()
+    assert main(["segment", str(cut), "--slice", "2", "--point", "20", "20", "-o", str(out),
+                 "--checkpoint", str(checkpoint)]) == 1
+    assert "damaged or was cut short" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_tiff_with_a_header_only_is_named_in_one_line(tmp_path, checkpoint, capsys):
+    empty = tmp_path / "empty.tif"
+    empty.write_bytes(b"II*\x00\x08\x00\x00\x00")  # what a writer that failed at once leaves
+    assert main(["segment", str(empty), "--point", "20", "20", "-o", str(tmp_path / "o.tif"),
+                 "--checkpoint", str(checkpoint)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{empty}: it cannot be read as a TIFF file" in err[0]
+
+
+def test_two_channels_saved_last_are_one_image_for_segment_and_refused_as_a_stack(
+    tmp_path, checkpoint, capsys
+):
+    plane = nuclei_stack((1, 40, 48), n_nuclei=3, radius=(5.0, 8.0), seed=4)[0][0]
+    path = tmp_path / "two.tif"
+    tifffile.imwrite(path, np.stack([plane, plane // 2], axis=-1), photometric="minisblack")
+    out = tmp_path / "labels.tif"
+    assert cli("auto", path, "-o", out, "--points-per-side", 2, checkpoint=checkpoint) == 1
+    assert "looks like a 2D image with 2 channels" in capsys.readouterr().err and not out.exists()
+    prompts = tmp_path / "p.json"
+    prompts.write_text('{"objects": [{"id": 1, "points": [[20, 20]]}]}')
+    assert cli("segment", path, "--prompts", prompts, "-o", out, checkpoint=checkpoint) == 1
+    assert "looks like a 2D image with 2 channels" in capsys.readouterr().err and not out.exists()
+    assert cli("segment", path, "--point", 20, 20, "-o", out, checkpoint=checkpoint) == 0
+    assert tifffile.imread(out).shape == (40, 48)
