@@ -122,9 +122,10 @@ class SamWidget(Container):
         )
         self._refine.changed.connect(self.segment)
         self._zoom = CheckBox(
-            text="zoom in on small boxes", value=False,
-            tooltip="decode a box around a small object again on the crop around it, enlarged: finer "
-            "outlines of small nuclei, at one more embedding (in the background) per box",
+            text="zoom in (small boxes, clicks on large images)", value=False,
+            tooltip="decode a box around a small object again on the crop around it, enlarged, and clicks "
+            "on an image over twice the model's input size on a crop of that size around them: finer "
+            "outlines of small nuclei, at one more embedding (in the background) per box or place clicked",
         )
         self._zoom.changed.connect(self.segment)
         self._fade = CheckBox(
@@ -768,7 +769,6 @@ class SamWidget(Container):
             return
         session.use(z or 0, embedding, pixels=self._zoom.value)
         single_click = len(prompts.points) == 1 and prompts.box is None and prompts.mask is None
-        lazy = self._refine.value and single_click  # refined when shown (see `Candidates`)
         try:
             # A painted mask prompts with its bounding box (unless a box is drawn) and as SAM's
             # mask input: a mask input alone decodes poorly.
@@ -778,11 +778,14 @@ class SamWidget(Container):
                 "box": prompts.decoder_box(),
             }
             mask_input = None if prompts.mask is None else session.predictor.logits_from_mask(prompts.mask)
-            # A small box is decoded on the crop around it once that is embedded (in the background).
+            # A small box, or clicks on a large image, are decoded on a crop around them once it is
+            # embedded (in the background).
             window = None
-            if self._zoom.value and prompt["box"] is not None:
+            if self._zoom.value:
                 window = session.predictor.zoom_window(prompt["box"], prompt["point_coords"])
             zoomed = window is not None and session.predictor.has_crop(window)
+            # A click's candidates are refined when shown (see `Candidates`); on a crop, at once (it is small).
+            lazy = self._refine.value and single_click and not zoomed
             decoded = {"mask_input": mask_input, "multimask_output": single_click,
                        "refine": self._refine.value and not lazy}
             masks = None  # made when shown, from the logits (see `Candidates`)

@@ -242,7 +242,8 @@ def _run_segment(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     predictor = load_predictor(
-        args, refine=args.refine, show_refine=True, zoom=args.zoom, boxes=box is not None
+        args, refine=args.refine, show_refine=True, zoom=args.zoom,
+        zooms_on="small boxes" if box is not None else "clicks on large images",
     )
     with _naming(args.image):
         predictor.set_image(image)
@@ -251,12 +252,14 @@ def _run_segment(args: argparse.Namespace) -> int:
         masks, scores, _ = predictor.predict(
             point_coords=coords, point_labels=labels, box=box, multimask_output=one_click
         )
-        zoomed = predictor.zoom and box is not None and predictor.zoom_window(box, coords) is not None
+        zoomed = predictor.zoom and predictor.zoom_window(box, coords) is not None
     best = int(np.argmax(scores))
     mask = masks[best]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(args.output, mask.astype(np.uint16), compression="zlib")
-    how = "; decoded zoomed in on the box" if zoomed else ""
+    how = ""
+    if zoomed:
+        how = "; decoded zoomed in on the box" if box is not None else "; decoded on a crop around the clicks"
     print(
         f"wrote {args.output}: {int(mask.sum())} pixels, predicted IoU {scores[best]:.3f} "
         f"(embedding {embedded - started:.1f} s incl. model load{how})",
@@ -291,9 +294,8 @@ def _run_prompts(args: argparse.Namespace) -> int:
     z_range = None if args.z_range is None else check_z_range(args.z_range, view.n_slices)
     options = {"mode": args.mode, "min_contrast": args.min_contrast}
     settings = PropagationSettings(**{k: v for k, v in options.items() if v is not None}, z_range=z_range)
-    predictor = load_predictor(args, zoom=args.zoom, boxes=any(
-        prompted.box is not None for entry in objects for prompted in entry.slices
-    ))
+    boxes = any(prompted.box is not None for entry in objects for prompted in entry.slices)
+    predictor = load_predictor(args, zoom=args.zoom, zooms_on="small boxes" if boxes else None)
     decoder = StackDecoder(predictor, view, zoom=predictor.zoom)
     name = "sample" if args.image is None else args.image.name
     prompted = sorted({s.z for o in objects for s in o.slices})
@@ -346,12 +348,12 @@ def load_predictor(
     refine: bool | None = None,
     show_refine: bool = False,
     zoom: bool | None = False,
-    boxes: bool = False,
+    zooms_on: str | None = None,
 ) -> Predictor:
     """The model and predictor the options ask for, announced on stderr before any work.
 
-    `zoom` None follows the model; the jobs on stacks and folders decode without it. `boxes`:
-    whether any box will be decoded (zoom is announced only then).
+    `zoom` None follows the model; the jobs on stacks and folders decode without it. `zooms_on`: the
+    prompts that zoom would look closer at ("small boxes"), if any are decoded (zoom is announced only then).
     """
     from .loading import load_model
     from .predictor import Predictor
@@ -359,8 +361,8 @@ def load_predictor(
     model = load_model(args.model, args.checkpoint, args.device)
     predictor = Predictor(model, precision=args.precision, refine=refine, views=args.views, zoom=zoom)
     passes = ("refined, " if predictor.refine else "one pass, ") if show_refine else ""
-    if predictor.zoom and boxes:
-        passes += "zoom on small boxes, "
+    if predictor.zoom and zooms_on:
+        passes += f"zoom on {zooms_on}, "
     print(f"model {model.architecture or 'custom'} on {predictor.device} "
           f"({predictor.precision}, {passes}{_views_text(predictor.views)})", file=sys.stderr)
     return predictor

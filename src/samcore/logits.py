@@ -52,6 +52,32 @@ def to_low_res(
     return F.interpolate(frame[None], (side, side), mode="area")[0]
 
 
+def crop_to_low_res(
+    values: torch.Tensor,
+    crop: tuple[int, int, int, int],
+    background: float,
+    img_size: int,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    side: int,
+) -> torch.Tensor:
+    """(C, h, w) values of the crop (y0, x0, h, w) of an image, `background` elsewhere, to the (C, side,
+    side) low-resolution frame: `to_low_res` of the whole image, without making it (the crop's place is
+    rounded to the frame's cells)."""
+    y0, x0, height, width = crop
+    scale_y = input_size[0] / original_size[0] * side / img_size
+    scale_x = input_size[1] / original_size[1] * side / img_size
+    top, bottom = round(y0 * scale_y), round((y0 + height) * scale_y)
+    left, right = round(x0 * scale_x), round((x0 + width) * scale_x)
+    frame = torch.full((values.shape[0], side, side), float(background), device=values.device)
+    if bottom > top and right > left:
+        frame[:, top:bottom, left:right] = F.interpolate(
+            values[None].float(), (bottom - top, right - left), mode="bilinear", align_corners=False,
+            antialias=True,
+        )[0]
+    return frame
+
+
 def upscale_logits(
     low_res: torch.Tensor, img_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
 ) -> torch.Tensor:

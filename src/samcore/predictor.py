@@ -16,14 +16,17 @@ import torch
 
 from .allocator import reuse_freed_memory
 from .cancel import make_cancellable, stopping_on
-from .logits import MASK_LOGIT_EPS, mask_logits, to_low_res, upscale_logits
+from .logits import MASK_LOGIT_EPS, crop_to_low_res, mask_logits, to_low_res, upscale_logits
 from .modeling import Sam
 from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_prompts, decode_with_masks
 from .precision import autocast, resolve_precision
 from .preprocess import resize_uint8, to_rgb_uint8
 from .prompt_checks import check_box, check_mask_input, check_points
 from .views import MIRRORS, Mirror, check_views
-from .zoom import Window, zoom_window
+from .zoom import Window, click_window, serves, zoom_window
+
+# Zoomed crops kept per image: clicking back and forth between a few places embeds nothing new.
+HELD_CROPS = 4
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,15 @@ class Predictor:
             average cancels it. None follows the model (`samcore.zoo.ModelEntry.views`: 2 for the
             bundled model, 1 otherwise, as in segment-anything). It costs one embedding and one
             decoding per view.
-        zoom: Look again at small boxed objects (see `samcore.zoom`): where a box prompt covers a
-            small part of the image, the crop around it is embedded on its own, enlarged to the
-            model's input size, and decoded. It needs the image's pixels (`set_image`, or
-            `set_embedding` with ``image``) and costs one embedding of the crop per new box. None
-            follows the model (`samcore.zoo.ModelEntry.zoom`: on for the bundled model, off
-            otherwise, as in segment-anything). `predict` takes it per call too.
+        zoom: Look again at small boxed objects, and at clicks on large images (see `samcore.zoom`):
+            where a box prompt covers a small part of the image, the crop around it is embedded on
+            its own, enlarged to the model's input size, and decoded; clicks without a box on an
+            image at least twice the model's input size are decoded on a crop of that size around
+            them, at the image's own resolution. It needs the image's pixels (`set_image`, or
+            `set_embedding` with ``image``) and costs one embedding of the crop per new box, or per
+            clicks outside the crops held (the last `HELD_CROPS`). None follows the model
+            (`samcore.zoo.ModelEntry.zoom`: on for the bundled model, off otherwise, as in
+            segment-anything). `predict` takes it per call too.
     """
 
     def __init__(
@@ -98,7 +104,8 @@ class Predictor:
             reuse_freed_memory()  # large activations reused, not faulted in anew (samcore.allocator)
         self._embedding: ImageEmbedding | None = None
         self._pixels: np.ndarray | None = None  # the current image as (H, W, 3) uint8, for zooming in
-        self._crop: tuple[np.ndarray, Window, ImageEmbedding] | None = None  # the last zoomed crop
+        # The zoomed crops of the current image, newest last: (its pixels, the crop, the crop's embedding).
+        self._crops: list[tuple[np.ndarray, Window, ImageEmbedding]] = []
         self._crop_decoder: Predictor | None = None  # decodes zoomed crops
         # Decoder work that does not depend on the prompt, kept between prompts (see `_decoding`).
         self._decoder_tensors: list[torch.Tensor] | None = None
@@ -280,7 +287,7 @@ class Predictor:
         )
         zoom = self.zoom if zoom is None else zoom
         window = None
-        if zoom and box is not None:
+        if zoom:
             window = self.zoom_window(box, point_coords)
         if window is None:
             out_masks, scores, low_res = self.predict_torch(
@@ -336,44 +343,81 @@ class Predictor:
         self, window: Window, tensors: tuple, prompts: tuple, multimask_output: bool, return_logits: bool,
         refine: bool | None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`predict` on the crop `window` of the image, its logits pasted into the whole image's."""
+        """`predict` on the crop `window` of the image, its logits pasted into the whole image's (a box's
+        crop), or into background (a crop for clicks alone)."""
         embedding = self._current()
         point_coords, point_labels, box, mask_input = prompts
         refine = self.refine if refine is None else refine
-        # The whole image's logits stand outside the crop, and in the low-resolution frame.
-        low_res, _ = self.predict_low_res(*tensors, multimask_output, refine)
-        crop = self._crop_predictor(window)
         sizes = (self.model.img_size, embedding.input_size, embedding.original_size)
+        side = self.model.prompt_encoder.mask_input_size[0]  # of the low-resolution logits
+        background = math.log(MASK_LOGIT_EPS)
+        crop = self._crop_predictor(window)
         with torch.inference_mode():
-            logits = upscale_logits(low_res, *sizes)[0]
             crop_mask = None
             if mask_input is not None:  # the given logits, in the crop's frame
-                given = torch.as_tensor(np.asarray(mask_input, np.float32), device=logits.device)
-                given = given.reshape(1, 1, *low_res.shape[-2:])
+                given = torch.as_tensor(np.asarray(mask_input, np.float32), device=self.device)
+                given = given.reshape(1, 1, side, side)
                 given = upscale_logits(given, *sizes)[0]
                 crop_mask = to_low_res(
-                    given[(slice(None), *window.slices)], math.log(MASK_LOGIT_EPS), self.model.img_size,
-                    crop.input_size, low_res.shape[-1],
+                    given[(slice(None), *window.slices)], background, self.model.img_size, crop.input_size,
+                    side,
                 ).cpu().numpy()
         crop_logits, scores, _ = crop.predict(
-            None if point_coords is None else window.points(point_coords), point_labels, window.box(box),
+            None if point_coords is None else window.points(point_coords), point_labels,
+            None if box is None else window.box(box),
             crop_mask, multimask_output, return_logits=True, refine=refine, zoom=False,
         )
+        if window.clicks:  # background around the crop: only the crop's pixels are computed
+            return self._pasted_on_background(crop_logits, window, return_logits), scores, crop_to_low_res(
+                torch.from_numpy(crop_logits), (window.y0, window.x0, window.height, window.width), background,
+                *sizes, side,
+            ).numpy()
+        # The whole image's logits stand outside the crop, and in the low-resolution frame.
+        low_res, _ = self.predict_low_res(*tensors, multimask_output, refine)
         with torch.inference_mode():
+            logits = upscale_logits(low_res, *sizes)[0]
             logits[(slice(None), *window.slices)] = torch.from_numpy(crop_logits).to(logits.device)
-            low_res = to_low_res(logits, low_res[0], *sizes[:2], low_res.shape[-1])
+            low_res = to_low_res(logits, low_res[0], *sizes[:2], side)
             masks = logits if return_logits else logits > self.model.mask_threshold
         return masks.cpu().numpy(), scores, low_res.float().cpu().numpy()
 
-    def zoom_window(self, box: np.ndarray, point_coords: np.ndarray | None = None) -> Window | None:
+    def _pasted_on_background(
+        self, crop_logits: np.ndarray, window: Window, return_logits: bool
+    ) -> np.ndarray:
+        """(C, H, W) masks (or logits) of the current image: the crop's in `window`, background elsewhere."""
+        count, size = crop_logits.shape[0], self._current().original_size
+        if return_logits:
+            pasted = np.full((count, *size), math.log(MASK_LOGIT_EPS), np.float32)
+            pasted[(slice(None), *window.slices)] = crop_logits
+        else:
+            pasted = np.zeros((count, *size), bool)
+            pasted[(slice(None), *window.slices)] = crop_logits > self.model.mask_threshold
+        return pasted
+
+    def zoom_window(
+        self, box: np.ndarray | None = None, point_coords: np.ndarray | None = None
+    ) -> Window | None:
         """The crop a zoomed `predict` of these prompts decodes on; None where it would not zoom in.
 
-        None too without the image's pixels (see `set_embedding`).
+        For clicks alone, a crop held for earlier clicks that serves these (`samcore.zoom.serves`), so
+        that no new crop is embedded. None too without the image's pixels (see `set_embedding`).
         """
         if self._pixels is None:
             return None
-        points = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)
-        return zoom_window(box, points, self._current().original_size)
+        size = self._current().original_size
+        points = None if point_coords is None else np.asarray(point_coords, dtype=np.float64).reshape(-1, 2)
+        if box is not None:
+            return zoom_window(box, points, size)
+        if points is None or not len(points):
+            return None
+        fresh = click_window(points, size, self.model.img_size)
+        if fresh is None:
+            return None
+        for _, held, _ in reversed(self._held_crops()):
+            same_size = (held.width, held.height) == (fresh.width, fresh.height)
+            if held.clicks and same_size and serves(held, points, size):
+                return held
+        return fresh
 
     def embed_crop(self, window: Window, cancel: threading.Event | None = None) -> ImageEmbedding:
         """Embed the crop `window` of the current image and keep it for zoomed predictions.
@@ -387,17 +431,26 @@ class Predictor:
             raise RuntimeError("Zooming in needs the image's pixels: set_image, or set_embedding(image=...).")
         crop = self.embed_rgb(np.ascontiguousarray(pixels[window.slices]), cancel)
         if pixels is self._pixels:  # still the current image
-            self._crop = (pixels, window, crop)
+            kept = [held for held in self._held_crops() if held[1] != window]
+            self._crops = [*kept, (pixels, window, crop)][-HELD_CROPS:]
         return crop
 
     def has_crop(self, window: Window) -> bool:
         """Whether the crop `window` of the current image is embedded (a zoomed `predict` is then fast)."""
-        held = self._crop
-        return held is not None and held[0] is self._pixels and held[1] == window
+        return self._held_crop(window) is not None
+
+    def _held_crops(self) -> list[tuple[np.ndarray, Window, ImageEmbedding]]:
+        """The crops held for the current image (a thread may have embedded one as the image changed)."""
+        return [held for held in self._crops if held[0] is self._pixels]
+
+    def _held_crop(self, window: Window) -> ImageEmbedding | None:
+        return next((crop for _, held, crop in self._held_crops() if held == window), None)
 
     def _crop_predictor(self, window: Window) -> Predictor:
         """A predictor decoding the embedding of the crop `window` of the current image."""
-        embedding = self._crop[2] if self.has_crop(window) else self.embed_crop(window)
+        embedding = self._held_crop(window)
+        if embedding is None:
+            embedding = self.embed_crop(window)
         if self._crop_decoder is None:
             self._crop_decoder = Predictor(self.model, self.precision, self.refine, self.views, zoom=False)
         self._crop_decoder.set_embedding(embedding)
@@ -535,7 +588,7 @@ class Predictor:
         if self._context is not None and (embedding is None or self._context[0] is not embedding.features):
             self._context = None
         if pixels is not self._pixels:
-            self._crop = None  # another image's
+            self._crops = []  # another image's
         self._embedding, self._pixels = embedding, pixels
 
     def _decoding(self, embedding: ImageEmbedding) -> tuple[DecoderConstants, list[ImageContext]]:

@@ -1,4 +1,4 @@
-"""A closer look at small boxed objects: the crop around the box, embedded on its own.
+"""A closer look at small boxed objects, and at clicks on large images: a crop, embedded on its own.
 
 The model sees a whole image at its input size (512 px for the bundled model, 1024 for SAM's), where a
 nucleus of 15 px spans a cell or two of the embedding grid and its outline is guessed. For a box
@@ -6,6 +6,12 @@ prompt, `zoom_window` picks a square crop around the box (`ZOOM_CONTEXT` times i
 that the model still sees the object's neighbours and background), the crop is embedded enlarged to
 the model's input size, and the prompts are decoded there. The crop's logits replace the whole image's
 inside the crop (`samcore.Predictor.predict` with ``zoom``).
+
+Clicks without a box give no size to zoom to. On an image several times the model's input size
+(a 2048 px camera frame is four times the bundled model's), `click_window` picks a crop of the input
+size around them, seen at the image's own resolution; outside it lies background. A crop held for
+earlier clicks serves new ones that lie well inside it (`serves`), so clicking neighbouring objects
+embeds no new crop.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import numpy as np
 ZOOM_CONTEXT = 8.0  # the crop's side in longest sides of the prompts' extent
 MIN_CROP_SIDE = 64  # pixels: below this, the crop holds too little background
 MIN_GAIN = 1.5  # zoom only where the crop is enlarged this much more than the whole image is
+CLICK_MIN_GAIN = 2.0  # clicks alone: zoom only on images at least this many times the model's input size
+CLICK_MARGIN = 0.25  # of a click crop's side: how far clicks stay from its edges (inside the image)
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,7 @@ class Window:
     y0: int
     width: int
     height: int
+    clicks: bool = False  # made for clicks without a box: what lies outside it is background
 
     @property
     def slices(self) -> tuple[slice, slice]:
@@ -76,3 +85,48 @@ def zoom_window(
     y0 = int(np.clip(round(center[1] - crop_h / 2), 0, height - crop_h))
     return Window(x0, y0, crop_w, crop_h)
 
+
+
+def click_window(
+    points: np.ndarray, image_size: tuple[int, int], input_size: int, min_gain: float = CLICK_MIN_GAIN
+) -> Window | None:
+    """The crop to decode clicks without a box on, or None where the image is not large enough to gain.
+
+    Args:
+        points: (N, 2) XY clicks in image pixels.
+        image_size: (H, W) of the image.
+        input_size: The model's input side (`Sam.img_size`): the crop's side, so that the model sees it
+            at the image's own resolution; larger where the clicks spread wider, so that each stays
+            `CLICK_MARGIN` of the side from the crop's edges.
+        min_gain: The least ratio of the image's longest side to the crop's.
+
+    Returns:
+        A square window (or as square as the image allows) centred on the clicks, inside the image.
+    """
+    height, width = image_size
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    low, high = points.min(axis=0), points.max(axis=0)
+    spread = float((high - low).max()) + 1
+    side = int(np.ceil(max(input_size, spread / (1 - 2 * CLICK_MARGIN))))
+    crop_w, crop_h = min(side, width), min(side, height)
+    if max(height, width) < min_gain * max(crop_w, crop_h):
+        return None
+    center = (low + high) / 2
+    x0 = int(np.clip(round(center[0] - crop_w / 2), 0, width - crop_w))
+    y0 = int(np.clip(round(center[1] - crop_h / 2), 0, height - crop_h))
+    return Window(x0, y0, crop_w, crop_h, clicks=True)
+
+
+def serves(window: Window, points: np.ndarray, image_size: tuple[int, int]) -> bool:
+    """Whether the click crop `window` holds every point `CLICK_MARGIN` of its side from its edges
+    (an edge on the image's border needs no margin: no crop reaches past it)."""
+    height, width = image_size
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    spans = ((window.x0, window.width, width), (window.y0, window.height, height))
+    for axis, (start, size, full) in enumerate(spans):
+        margin = CLICK_MARGIN * size
+        low = start if start == 0 else start + margin
+        high = start + size if start + size == full else start + size - margin
+        if (points[:, axis] < low).any() or (points[:, axis] > high).any():
+            return False
+    return True

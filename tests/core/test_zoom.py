@@ -1,11 +1,12 @@
-"""Zooming in on small boxed objects: the crop chosen, and its masks pasted into the whole image's."""
+"""Zooming in on small boxed objects, and on clicks on large images: the crop chosen, and its masks pasted
+into the whole image's."""
 
 import numpy as np
 import pytest
 import torch
 
 from samcore import Predictor, build_sam
-from samcore.zoom import ZOOM_CONTEXT, Window, zoom_window
+from samcore.zoom import CLICK_MARGIN, ZOOM_CONTEXT, Window, click_window, serves, zoom_window
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +132,72 @@ def test_a_stack_decoder_zooms_in_on_small_boxes_and_batches_the_rest(model):
     assert not np.allclose(near[0].logits, flat[0].logits, atol=1e-3)  # decoded on the crop
     np.testing.assert_allclose(near[1].logits, flat[1].logits, atol=1e-5)  # too large to zoom
     assert near[0].low_res.shape == flat[0].low_res.shape
+
+
+def test_clicks_on_a_large_image_get_a_crop_of_the_input_size_around_them():
+    window = click_window(np.array([[700.0, 300.0]]), (1000, 1200), 256)
+    assert window.clicks and (window.width, window.height) == (256, 256)  # seen at the image's own resolution
+    assert abs(window.x0 + 128 - 700) <= 1 and abs(window.y0 + 128 - 300) <= 1
+    spread = click_window(np.array([[500.0, 300.0], [700.0, 320.0]]), (1000, 1200), 256)
+    assert spread.width == spread.height == int(np.ceil(201 / (1 - 2 * CLICK_MARGIN)))  # both well inside
+    corner = click_window(np.array([[3.0, 990.0]]), (1000, 1200), 256)
+    assert (corner.x0, corner.y0 + corner.height) == (0, 1000)
+    assert click_window(np.array([[100.0, 100.0]]), (400, 500), 256) is None  # under twice the input size
+
+
+def test_a_click_crop_serves_clicks_well_inside_it_and_at_the_image_border():
+    window = Window(400, 200, 256, 256, clicks=True)
+    assert serves(window, np.array([[528.0, 328.0], [470.0, 380.0]]), (1000, 1200))
+    assert not serves(window, np.array([[420.0, 328.0]]), (1000, 1200))  # 20 px from its left edge
+    border = Window(0, 744, 256, 256, clicks=True)
+    assert serves(border, np.array([[3.0, 990.0]]), (1000, 1200))  # no crop reaches past the image
+
+
+@pytest.fixture(scope="module")
+def large():
+    rng = np.random.default_rng(6)
+    return rng.integers(0, 256, (600, 700, 3), dtype=np.uint8)
+
+
+def test_clicks_on_a_large_image_are_decoded_on_their_crop_with_background_around(model, large):
+    predictor = Predictor(model, precision="fp32", zoom=True)
+    predictor.set_image(large)
+    points, labels = np.array([[300.0, 250.0], [330.0, 270.0]]), np.array([1, 0])
+    logits, scores, low_res = predictor.predict(points, labels, multimask_output=True, return_logits=True)
+    window = click_window(points, large.shape[:2], model.img_size)
+    rows, cols = window.slices
+    crop = Predictor(model, precision="fp32", zoom=False)
+    crop.set_image(np.ascontiguousarray(large[rows, cols]))
+    crop_logits, crop_scores, _ = crop.predict(window.points(points), labels, return_logits=True)
+    np.testing.assert_allclose(logits[:, rows, cols], crop_logits, atol=1e-5)
+    np.testing.assert_allclose(scores, crop_scores, atol=1e-6)
+    outside = np.ones(large.shape[:2], bool)
+    outside[rows, cols] = False
+    assert (logits[:, outside] < 0).all()  # background: the clicked object lies in the crop
+    assert low_res.shape == (3, *model.prompt_encoder.mask_input_size) and np.isfinite(low_res).all()
+    again, _, _ = predictor.predict(points, labels, mask_input=low_res[:1], multimask_output=False)
+    assert again.shape == (1, *large.shape[:2])  # the next round of clicks takes the logits back
+
+
+def test_clicks_near_earlier_ones_reuse_their_crop_and_a_few_crops_are_kept(model, large):
+    from samcore.predictor import HELD_CROPS
+
+    predictor = Predictor(model, precision="fp32", zoom=True)
+    predictor.set_image(large)
+    calls = []
+    hook = model.image_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        predictor.predict(np.array([[300.0, 250.0]]), np.array([1]))
+        predictor.predict(np.array([[330.0, 270.0]]), np.array([1]))  # a neighbour, well inside the crop
+        assert len(calls) == 1
+        places = [(120.0, 120.0), (560.0, 120.0), (120.0, 460.0), (560.0, 460.0)]
+        for x, y in places:
+            predictor.predict(np.array([[x, y]]), np.array([1]))
+        assert len(calls) == 1 + len(places)
+        for x, y in places[-HELD_CROPS:]:  # back to the places clicked last: nothing embedded
+            predictor.predict(np.array([[x, y]]), np.array([1]))
+        assert len(calls) == 1 + len(places)
+        predictor.predict(np.array([[300.0, 250.0]]), np.array([1]), zoom=False)  # the whole image's
+        assert len(calls) == 1 + len(places)
+    finally:
+        hook.remove()

@@ -88,3 +88,29 @@ def test_a_new_box_abandons_the_crop_of_the_last_one(wide, qtbot):
             handle.remove()
     assert len(ran) == 1 + len(blocks)  # the first crop stopped after its first block, the second ran whole
     assert predictor.has_crop(predictor.zoom_window(np.array([60, 40, 74, 52]), None))
+
+
+def test_a_click_on_a_large_image_is_redrawn_from_the_crop_around_it(make_napari_viewer, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    image = np.random.default_rng(4).integers(0, 255, (300, 600), dtype=np.uint8)  # over twice 256 px
+    viewer.add_image(image, name="large")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    widget.load(block=True)
+    widget._zoom.value = True
+    widget.add_point((150, 420))
+    assert widget._candidate.value.endswith("zooming in…")  # the whole image's mask meanwhile
+    widget.wait()
+    assert widget._candidate.value.startswith("candidate 1/3")
+    assert widget._candidate.value.endswith("zoomed in")
+    used = widget._session.predictor
+    reference = Predictor(used.model, precision=used.precision, zoom=True)
+    reference.set_image(image)
+    masks, scores, _ = reference.predict(np.array([[420.0, 150.0]]), np.array([1]))
+    window = reference.zoom_window(None, np.array([[420.0, 150.0]]))
+    shown = np.asarray(widget._prompt_layers.preview.data) > 0
+    assert (shown != masks[np.argmax(scores)]).sum() <= 0.01 * masks[np.argmax(scores)].sum() + 5
+    rows, cols = window.slices
+    outside = np.ones(image.shape, bool)
+    outside[rows, cols] = False
+    assert not shown[outside].any()
