@@ -71,19 +71,12 @@ def zoom_window(
     Returns:
         A square window (or as square as the image allows) centred on the prompts, inside the image.
     """
-    height, width = image_size
     corners = np.asarray(box, dtype=np.float64).reshape(2, 2)
     if points is not None and len(points):
         corners = np.concatenate([corners, np.asarray(points, dtype=np.float64).reshape(-1, 2)])
     low, high = corners.min(axis=0), corners.max(axis=0)
     side = int(np.ceil(max((float((high - low).max()) + 1) * context, MIN_CROP_SIDE)))
-    crop_w, crop_h = min(side, width), min(side, height)
-    if max(height, width) < min_gain * max(crop_w, crop_h):
-        return None
-    center = (low + high) / 2
-    x0 = int(np.clip(round(center[0] - crop_w / 2), 0, width - crop_w))
-    y0 = int(np.clip(round(center[1] - crop_h / 2), 0, height - crop_h))
-    return Window(x0, y0, crop_w, crop_h)
+    return _square_around(low, high, side, image_size, min_gain)
 
 
 
@@ -103,18 +96,27 @@ def click_window(
     Returns:
         A square window (or as square as the image allows) centred on the clicks, inside the image.
     """
-    height, width = image_size
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     low, high = points.min(axis=0), points.max(axis=0)
     spread = float((high - low).max()) + 1
     side = int(np.ceil(max(input_size, spread / (1 - 2 * CLICK_MARGIN))))
+    return _square_around(low, high, side, image_size, min_gain, clicks=True)
+
+
+def _square_around(
+    low: np.ndarray, high: np.ndarray, side: int, image_size: tuple[int, int], min_gain: float,
+    clicks: bool = False,
+) -> Window | None:
+    """A window of `side` (cut to the image) centred between the XY corners `low` and `high`, moved inside
+    the image; None where the image's longest side is less than `min_gain` times the window's."""
+    height, width = image_size
     crop_w, crop_h = min(side, width), min(side, height)
     if max(height, width) < min_gain * max(crop_w, crop_h):
         return None
     center = (low + high) / 2
     x0 = int(np.clip(round(center[0] - crop_w / 2), 0, width - crop_w))
     y0 = int(np.clip(round(center[1] - crop_h / 2), 0, height - crop_h))
-    return Window(x0, y0, crop_w, crop_h, clicks=True)
+    return Window(x0, y0, crop_w, crop_h, clicks)
 
 
 def serves(window: Window, points: np.ndarray, image_size: tuple[int, int]) -> bool:
