@@ -228,7 +228,12 @@ class PromptLayers:
         return self._live(layer) and layer.ndim == ndim
 
     def _remove(self, layer) -> None:
-        if layer is not None and layer in self._viewer.layers:
+        """Remove one of these layers to make it anew; let go of it first, so that its removal does not
+        read as the user's (see `forget`)."""
+        if layer is None:
+            return
+        self.forget(layer)
+        if layer in self._viewer.layers:
             self._viewer.layers.remove(layer)
 
 

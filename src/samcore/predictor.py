@@ -368,10 +368,12 @@ class Predictor:
             crop_mask, multimask_output, return_logits=True, refine=refine, zoom=False,
         )
         if window.clicks:  # background around the crop: only the crop's pixels are computed
-            return self._pasted_on_background(crop_logits, window, return_logits), scores, crop_to_low_res(
+            masks = self._pasted_on_background(crop_logits, window, background, return_logits)
+            low_res = crop_to_low_res(
                 torch.from_numpy(crop_logits), (window.y0, window.x0, window.height, window.width), background,
                 *sizes, side,
-            ).numpy()
+            )
+            return masks, scores, low_res.numpy()
         # The whole image's logits stand outside the crop, and in the low-resolution frame.
         low_res, _ = self.predict_low_res(*tensors, multimask_output, refine)
         with torch.inference_mode():
@@ -382,12 +384,12 @@ class Predictor:
         return masks.cpu().numpy(), scores, low_res.float().cpu().numpy()
 
     def _pasted_on_background(
-        self, crop_logits: np.ndarray, window: Window, return_logits: bool
+        self, crop_logits: np.ndarray, window: Window, background: float, return_logits: bool
     ) -> np.ndarray:
         """(C, H, W) masks (or logits) of the current image: the crop's in `window`, background elsewhere."""
         count, size = crop_logits.shape[0], self._current().original_size
         if return_logits:
-            pasted = np.full((count, *size), math.log(MASK_LOGIT_EPS), np.float32)
+            pasted = np.full((count, *size), background, np.float32)
             pasted[(slice(None), *window.slices)] = crop_logits
         else:
             pasted = np.zeros((count, *size), bool)

@@ -79,7 +79,6 @@ def zoom_window(
     return _square_around(low, high, side, image_size, min_gain)
 
 
-
 def click_window(
     points: np.ndarray, image_size: tuple[int, int], input_size: int, min_gain: float = CLICK_MIN_GAIN
 ) -> Window | None:

@@ -1,12 +1,25 @@
 """Zooming in on small boxed objects, and on clicks on large images: the crop chosen, and its masks pasted
 into the whole image's."""
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
 
 from samcore import Predictor, build_sam
 from samcore.zoom import CLICK_MARGIN, ZOOM_CONTEXT, Window, click_window, serves, zoom_window
+
+
+@contextmanager
+def encodings(model):
+    """A list that gains an entry each time the model's image encoder runs, within the block."""
+    calls = []
+    hook = model.image_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        yield calls
+    finally:
+        hook.remove()
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +83,13 @@ def test_a_zoomed_box_is_decoded_on_its_crop_and_pasted_into_the_image(model, im
 def test_the_crop_is_embedded_once_for_the_prompts_of_one_box(model, image):
     predictor = Predictor(model, precision="fp32", zoom=True)
     predictor.set_image(image)
-    calls = []
-    hook = model.image_encoder.register_forward_hook(lambda *args: calls.append(1))
-    try:
+    with encodings(model) as calls:
         box = np.array([150, 120, 165, 131])
         _, _, low_res = predictor.predict(box=box, multimask_output=False)
         predictor.predict(box=box, mask_input=low_res, multimask_output=False)  # the next round, same box
         assert len(calls) == 1
         predictor.predict(box=box + 40, multimask_output=False)
         assert len(calls) == 2
-    finally:
-        hook.remove()
 
 
 def test_without_the_pixels_a_cached_embedding_decodes_boxes_on_the_whole_image(model, image):
@@ -184,9 +193,7 @@ def test_clicks_near_earlier_ones_reuse_their_crop_and_a_few_crops_are_kept(mode
 
     predictor = Predictor(model, precision="fp32", zoom=True)
     predictor.set_image(large)
-    calls = []
-    hook = model.image_encoder.register_forward_hook(lambda *args: calls.append(1))
-    try:
+    with encodings(model) as calls:
         predictor.predict(np.array([[300.0, 250.0]]), np.array([1]))
         predictor.predict(np.array([[330.0, 270.0]]), np.array([1]))  # a neighbour, well inside the crop
         assert len(calls) == 1
@@ -199,5 +206,3 @@ def test_clicks_near_earlier_ones_reuse_their_crop_and_a_few_crops_are_kept(mode
         assert len(calls) == 1 + len(places)
         predictor.predict(np.array([[300.0, 250.0]]), np.array([1]), zoom=False)  # the whole image's
         assert len(calls) == 1 + len(places)
-    finally:
-        hook.remove()

@@ -12,6 +12,12 @@ def _objects_of(viewer):
     return [layer for layer in viewer.layers if layer.name.startswith("SAM objects")]
 
 
+def _loaded(viewer, widget, z):
+    """Show slice z and compute the embeddings."""
+    viewer.dims.set_current_step(0, z)
+    widget.load(block=True)
+
+
 def _widget(viewer, checkpoint):
     _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
     widget.set_model(checkpoint=checkpoint)
@@ -20,8 +26,7 @@ def _widget(viewer, checkpoint):
 
 def test_the_sam_layers_and_new_objects_follow_a_pixel_size_set_after_loading(sam):
     viewer, widget = sam
-    viewer.dims.set_current_step(0, 2)
-    widget.load(block=True)
+    _loaded(viewer, widget, 2)
     widget.add_point((2, 70, 70))
     widget.commit()
     image = viewer.layers["nuclei"]
@@ -38,8 +43,7 @@ def test_the_sam_layers_and_new_objects_follow_a_pixel_size_set_after_loading(sa
 
 def test_a_deleted_prompt_layer_takes_its_prompts_with_it_and_comes_back_empty(sam, qtbot):
     viewer, widget = sam
-    viewer.dims.set_current_step(0, 2)
-    widget.load(block=True)
+    _loaded(viewer, widget, 2)
     widget.add_box((2, 5, 5), (2, 30, 30))
     boxed = preview_mask(widget, 2)
     assert boxed.any()
@@ -58,8 +62,7 @@ def test_a_deleted_prompt_layer_takes_its_prompts_with_it_and_comes_back_empty(s
 
 def test_a_deleted_preview_comes_back_and_shows_the_next_mask(sam, qtbot):
     viewer, widget = sam
-    viewer.dims.set_current_step(0, 2)
-    widget.load(block=True)
+    _loaded(viewer, widget, 2)
     viewer.layers.remove("SAM preview")
     qtbot.waitUntil(lambda: "SAM preview" in viewer.layers, timeout=5_000)
     widget.add_point((2, 40, 40))
@@ -73,8 +76,7 @@ def test_renamed_layers_stay_picked(make_napari_viewer, tiny_checkpoint, stack):
     second = viewer.add_image(stack[:, ::-1].copy(), name="second")
     widget = _widget(viewer, tiny_checkpoint)
     widget._image.value = second
-    viewer.dims.set_current_step(0, 1)
-    widget.load(block=True)
+    _loaded(viewer, widget, 1)
     session = widget._session
     widget.add_point((1, 40, 40))
     widget.commit()
@@ -94,8 +96,7 @@ def test_each_image_gets_its_own_objects_layer_and_gets_it_back(make_napari_view
     second = viewer.add_image(stack[:, :80, :90].copy(), name="B")  # another size
     widget = _widget(viewer, tiny_checkpoint)
     widget._image.value = first
-    viewer.dims.set_current_step(0, 1)
-    widget.load(block=True)
+    _loaded(viewer, widget, 1)
     widget.add_point((1, 40, 40))
     widget.commit()
     objects_a = widget.output_layer()
@@ -113,8 +114,7 @@ def test_each_image_gets_its_own_objects_layer_and_gets_it_back(make_napari_view
 
 def test_a_reopened_widget_commits_into_the_objects_layer_made_for_the_image(sam):
     viewer, widget = sam
-    viewer.dims.set_current_step(0, 1)
-    widget.load(block=True)
+    _loaded(viewer, widget, 1)
     widget.add_point((1, 40, 40))
     widget.commit()
     objects = widget.output_layer()
@@ -130,8 +130,7 @@ def test_a_reopened_widget_commits_into_the_objects_layer_made_for_the_image(sam
 
 def test_undo_leaves_labels_alone_that_replaced_the_ones_it_wrote_to(sam, messages):
     viewer, widget = sam
-    viewer.dims.set_current_step(0, 1)
-    widget.load(block=True)
+    _loaded(viewer, widget, 1)
     widget.add_point((1, 40, 40))
     widget.commit()
     objects = widget.output_layer()
@@ -161,8 +160,7 @@ def test_channels_opened_as_a_stack_are_refused_with_how_to_open_them(
 
 def test_the_status_line_says_why_prompts_give_nothing_only_while_they_do(sam):
     viewer, widget = sam
-    viewer.dims.set_current_step(0, 2)
-    widget.load(block=True)
+    _loaded(viewer, widget, 2)
     ready = widget._status.value
     widget._prompt_layers.boxes.add_lines(np.array([[2, 10, 10], [2, 50, 50]]))
     assert widget._status.value.startswith("Lines are not prompts")
@@ -177,10 +175,29 @@ def test_a_commit_that_cannot_be_made_says_why_in_the_status_line(sam, messages)
     viewer, widget = sam
     viewer.add_labels(np.zeros((4, 50, 50), np.uint16), name="other")
     widget._output.value = viewer.layers["other"]
-    viewer.dims.set_current_step(0, 2)
-    widget.load(block=True)
+    _loaded(viewer, widget, 2)
     widget.add_point((2, 40, 40))
     widget.commit()
     assert "has shape (4, 50, 50)" in messages["error"][-1] and "none for a new one" in messages["error"][-1]
     assert widget._status.value.startswith("The objects layer 'other' has shape")
     assert widget._model.value == CHECKPOINT_CHOICE
+
+
+def test_layers_the_widget_makes_anew_for_another_image_are_not_taken_for_deleted_ones(
+    make_napari_viewer, tiny_checkpoint, stack, qtbot
+):
+    viewer = make_napari_viewer()
+    first = viewer.add_image(stack, name="A")
+    second = viewer.add_image(stack[:, :80, :90].copy(), name="B")  # another size: a new preview and brush
+    widget = _widget(viewer, tiny_checkpoint)
+    widget._image.value = first
+    widget.load(block=True)
+    taken_for_deleted = []
+    restore = widget._restore_prompt_layers
+    widget._restore_prompt_layers = lambda: (taken_for_deleted.extend(widget._deleted_own), restore())
+    widget._image.value = second
+    widget.load(block=True)
+    qtbot.wait(50)
+    assert widget._prompt_layers.preview.data.shape == second.data.shape
+    assert taken_for_deleted == []
+    assert "deleted" not in widget._status.value
