@@ -2,9 +2,10 @@
 
 Generated scenes only (`samcore.training.scenes`, all six families in turn; no real labels are needed or
 used), the bundled model with its own settings. Each object gets one click at its most interior pixel, and
-the best-scored of the three candidates is compared with its label. Prints mean IoU both ways, the paired
-gain, the same by family and by object size, and the time of a click whose crop is new (embedded then) and
-of one whose crop is held.
+the mask the widget shows for it (the best-scored of the three candidates, refined) is compared with its
+label: decoded on the whole image (`Predictor.predict_logits`) and on the crop around the click
+(`Predictor.crop_decoder`). Prints mean IoU both ways, the paired gain, the same by family and by object
+size, and the time of a click whose crop is new (embedded then) and of one whose crop is held.
 
 Run:  python benchmarks/bench_click_zoom.py [--size 2048] [--scenes 12] [--objects 12] [--seed 777001]
 """
@@ -55,13 +56,15 @@ def main() -> None:
             window = predictor.zoom_window(None, click)
             held = None if window is None else predictor.has_crop(window)
             started = time.perf_counter()
-            zoomed, zoomed_scores, _ = predictor.predict(click, label)
+            if window is not None and not held:
+                predictor.embed_crop(window)
+            zoomed = shown_mask(predictor if window is None else predictor.crop_decoder(window), click, label,
+                                predictor.refine)
             took = 1000 * (time.perf_counter() - started)
             if held is not None:
                 (held_ms if held else new_ms).append(took)
-            whole, whole_scores, _ = predictor.predict(click, label, zoom=False)
-            rows.append((family, int(truth.sum()), iou(whole[np.argmax(whole_scores)], truth),
-                         iou(zoomed[np.argmax(zoomed_scores)], truth)))
+            whole = shown_mask(predictor, click, label, predictor.refine)
+            rows.append((family, int(truth.sum()), iou(whole, truth), iou(zoomed, truth)))
         print(f"  scene {index + 1}/{args.scenes} ({family}) done", file=sys.stderr, flush=True)
 
     print(f"\nOne click, mean IoU ({len(rows)} objects):")
@@ -85,6 +88,16 @@ def summary(name: str, rows: list) -> None:
     gain = zoomed - whole
     print(f"  {name:>22}  {len(rows):>4}  {whole.mean():>11.3f}  {zoomed.mean():>7.3f}  "
           f"{gain.mean():+.3f} ± {gain.std() / np.sqrt(len(rows)):.3f}")
+
+
+def shown_mask(decoder, click: np.ndarray, label: np.ndarray, refine: bool) -> np.ndarray:
+    """The mask the widget shows for a click: the best-scored of the three candidates of one pass, with
+    `refine` decoded again with its own logits (the widget refines the candidate it shows only)."""
+    scores, low_res = decoder.predict_logits(click, label, refine=False)
+    best = low_res[int(np.argmax(scores))][None]
+    if refine:
+        _, best = decoder.predict_logits(click, label, mask_input=best, multimask_output=False, refine=False)
+    return decoder.masks_from_logits(best)[0]
 
 
 def interior(mask: np.ndarray) -> tuple[int, int]:

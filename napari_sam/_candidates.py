@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
     from samcore import Predictor
+    from samcore.crop_decoder import CropDecoder
 
 
 class Candidates:
@@ -18,15 +18,17 @@ class Candidates:
     the three candidates of a click costs more than decoding them, and the user looks at one. With
     refinement, a single click's candidates are also refined one at a time, when first shown: the
     best one at once, the others on N (refining all three first takes twice as long, and was as good
-    on generated scenes).
+    on generated scenes). A zoomed click's are too, on the crop around it.
 
     Args:
         scores: (C,) predicted IoUs; the best candidate is shown first.
         low_res: (C, 256, 256) low-resolution logits.
-        to_masks: Upscales (K, 256, 256) logits of the displayed slice to (K, Y, X) bool masks.
-        masks: (C, Y, X) bool masks made already (a zoomed prediction pastes them together at full
-            resolution); None: made from `low_res` when shown.
-        zoomed: The masks were decoded on the crop around a small box.
+        decoder: What decoded them, still on the displayed slice: the predictor, or for a zoomed click
+            the crop's decoder (`Predictor.crop_decoder`). It upscales logits to masks of the slice and
+            refines candidates.
+        masks: (C, Y, X) bool masks made already (a zoomed box's prediction pastes them together at
+            full resolution); None: made from `low_res` when shown.
+        zoomed: The masks were decoded on the crop around a small box or a click.
         unrefined: For a lazily refined click, the `predict` arguments of its prompt: `low_res`
             are then the first pass's logits; None when nothing is left to refine.
     """
@@ -35,13 +37,13 @@ class Candidates:
         self,
         scores: np.ndarray,
         low_res: np.ndarray,
-        to_masks: Callable[[np.ndarray], np.ndarray],
+        decoder: Predictor | CropDecoder,
         masks: np.ndarray | None = None,
         zoomed: bool = False,
         unrefined: dict | None = None,
     ) -> None:
         self.scores, self.low_res, self.zoomed = scores, low_res, zoomed
-        self._to_masks = to_masks
+        self._decoder = decoder
         self._masks: list[np.ndarray | None] = list(masks) if masks is not None else [None] * len(scores)
         # Shown best first, then by falling predicted IoU (as first decoded: refining changes scores).
         self._order = [int(i) for i in np.argsort(-np.asarray(scores), kind="stable")]
@@ -58,7 +60,7 @@ class Candidates:
     def mask(self, index: int) -> np.ndarray:
         """Candidate `index`'s (Y, X) mask, made from its logits on first use."""
         if self._masks[index] is None:
-            self._masks[index] = self._to_masks(self.low_res[index][None])[0]
+            self._masks[index] = self._decoder.masks_from_logits(self.low_res[index][None])[0]
         return self._masks[index]
 
     def next(self) -> bool:
@@ -69,11 +71,11 @@ class Candidates:
         self.index = self._order[self._rank]
         return True
 
-    def refine_shown(self, predictor: Predictor) -> None:
-        """Refine the shown candidate if it is not yet, with `predictor` still on its slice."""
+    def refine_shown(self) -> None:
+        """Refine the shown candidate if it is not yet."""
         if self.index not in self._pending:
             return
-        score, low_res = predictor.predict_logits(
+        score, low_res = self._decoder.predict_logits(
             **self._prompt, mask_input=self.low_res[self.index][None], multimask_output=False, refine=False
         )
         self.low_res[self.index], self.scores[self.index] = low_res[0], score[0]

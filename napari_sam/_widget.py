@@ -784,25 +784,27 @@ class SamWidget(Container):
             if self._zoom.value:
                 window = session.predictor.zoom_window(prompt["box"], prompt["point_coords"])
             zoomed = window is not None and session.predictor.has_crop(window)
-            # A click's candidates are refined when shown (see `Candidates`); on a crop, at once (it is small).
-            lazy = self._refine.value and single_click and not zoomed
+            # Clicks alone are decoded on their crop as on the whole image; a box's crop is pasted into
+            # the whole image's logits at full resolution.
+            on_crop = zoomed and window.clicks and mask_input is None
+            decoder = session.predictor.crop_decoder(window) if on_crop else session.predictor
+            # A click's candidates are refined when shown (see `Candidates`).
+            lazy = self._refine.value and single_click
             decoded = {"mask_input": mask_input, "multimask_output": single_click,
                        "refine": self._refine.value and not lazy}
             masks = None  # made when shown, from the logits (see `Candidates`)
-            if zoomed:  # the crop's logits are pasted into the image's at full resolution
+            if zoomed and not on_crop:
                 masks, scores, low_res = session.predictor.predict(**prompt, **decoded, zoom=True)
             else:
-                scores, low_res = session.predictor.predict_logits(**prompt, **decoded)
+                scores, low_res = decoder.predict_logits(**prompt, **decoded)
         except ValueError as error:
             show_warning(f"SAM: {error}")
             return
         self._prompts_fine()
         if window is not None and not zoomed:
             self._zoom_job.start(session.predictor, window)
-        self._candidates = Candidates(
-            scores, low_res, session.predictor.masks_from_logits, masks, zoomed, prompt if lazy else None
-        )
-        self._candidates.refine_shown(session.predictor)
+        self._candidates = Candidates(scores, low_res, decoder, masks, zoomed, prompt if lazy else None)
+        self._candidates.refine_shown()
         self._show_candidate(z)
 
     def _say_of_prompts(self, message: str) -> None:
@@ -830,7 +832,7 @@ class SamWidget(Container):
         if self._candidates is None or not self._candidates.next():
             return
         # The predictor still holds this slice: a slice change drops the candidates.
-        self._candidates.refine_shown(self._session.predictor)
+        self._candidates.refine_shown()
         self._show_candidate(self._current_z(self._session.layer))
 
     # -- committing -------------------------------------------------------------------------

@@ -6,7 +6,6 @@ Coordinates follow SAM's conventions: points are (x, y) pixels of the original i
 
 from __future__ import annotations
 
-import math
 import threading
 import warnings
 from dataclasses import dataclass
@@ -16,7 +15,8 @@ import torch
 
 from .allocator import reuse_freed_memory
 from .cancel import make_cancellable, stopping_on
-from .logits import MASK_LOGIT_EPS, crop_to_low_res, mask_logits, to_low_res, upscale_logits
+from .crop_decoder import BACKGROUND_LOGIT, CropDecoder, pasted_on_background
+from .logits import crop_to_low_res, mask_logits, to_low_res, upscale_logits
 from .modeling import Sam
 from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_prompts, decode_with_masks
 from .precision import autocast, resolve_precision
@@ -350,7 +350,7 @@ class Predictor:
         refine = self.refine if refine is None else refine
         sizes = (self.model.img_size, embedding.input_size, embedding.original_size)
         side = self.model.prompt_encoder.mask_input_size[0]  # of the low-resolution logits
-        background = math.log(MASK_LOGIT_EPS)
+        background = BACKGROUND_LOGIT
         crop = self._crop_predictor(window)
         with torch.inference_mode():
             crop_mask = None
@@ -368,7 +368,9 @@ class Predictor:
             crop_mask, multimask_output, return_logits=True, refine=refine, zoom=False,
         )
         if window.clicks:  # background around the crop: only the crop's pixels are computed
-            masks = self._pasted_on_background(crop_logits, window, background, return_logits)
+            masks = pasted_on_background(
+                crop_logits, window, embedding.original_size, self.model.mask_threshold, return_logits
+            )
             low_res = crop_to_low_res(
                 torch.from_numpy(crop_logits), (window.y0, window.x0, window.height, window.width), background,
                 *sizes, side,
@@ -382,19 +384,6 @@ class Predictor:
             low_res = to_low_res(logits, low_res[0], *sizes[:2], side)
             masks = logits if return_logits else logits > self.model.mask_threshold
         return masks.cpu().numpy(), scores, low_res.float().cpu().numpy()
-
-    def _pasted_on_background(
-        self, crop_logits: np.ndarray, window: Window, background: float, return_logits: bool
-    ) -> np.ndarray:
-        """(C, H, W) masks (or logits) of the current image: the crop's in `window`, background elsewhere."""
-        count, size = crop_logits.shape[0], self._current().original_size
-        if return_logits:
-            pasted = np.full((count, *size), background, np.float32)
-            pasted[(slice(None), *window.slices)] = crop_logits
-        else:
-            pasted = np.zeros((count, *size), bool)
-            pasted[(slice(None), *window.slices)] = crop_logits > self.model.mask_threshold
-        return pasted
 
     def zoom_window(
         self, box: np.ndarray | None = None, point_coords: np.ndarray | None = None
@@ -440,6 +429,20 @@ class Predictor:
     def has_crop(self, window: Window) -> bool:
         """Whether the crop `window` of the current image is embedded (a zoomed `predict` is then fast)."""
         return self._held_crop(window) is not None
+
+    def crop_decoder(self, window: Window) -> CropDecoder:
+        """Decode clicks on the crop `window` of the current image (from `zoom_window`, for clicks alone),
+        as `predict_logits` and `masks_from_logits` do on the whole image (see `CropDecoder`).
+
+        A front end that shows one candidate at a time uses it as it uses the predictor, on a zoomed
+        click. The crop is embedded now unless held (see `embed_crop`).
+        """
+        if not window.clicks:
+            raise ValueError(
+                "crop_decoder is for the crop of clicks alone; a box's crop is decoded by predict."
+            )
+        crop = self._crop_predictor(window)
+        return CropDecoder(crop, window, crop._current(), self._current().original_size)
 
     def _held_crops(self) -> list[tuple[np.ndarray, Window, ImageEmbedding]]:
         """The crops held for the current image (a thread may have embedded one as the image changed)."""

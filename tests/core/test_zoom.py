@@ -206,3 +206,33 @@ def test_clicks_near_earlier_ones_reuse_their_crop_and_a_few_crops_are_kept(mode
         assert len(calls) == 1 + len(places)
         predictor.predict(np.array([[300.0, 250.0]]), np.array([1]), zoom=False)  # the whole image's
         assert len(calls) == 1 + len(places)
+
+
+def test_a_crop_decoder_decodes_clicks_as_a_zoomed_predict_one_candidate_at_a_time(model, large):
+    predictor = Predictor(model, precision="fp32", zoom=True, refine=False)
+    predictor.set_image(large)
+    points, labels = np.array([[300.0, 250.0]]), np.array([1])
+    logits, scores, _ = predictor.predict(points, labels, return_logits=True)
+    decoder = predictor.crop_decoder(predictor.zoom_window(None, points))
+    got_scores, low_res = decoder.predict_logits(points, labels)
+    np.testing.assert_allclose(got_scores, scores, atol=1e-6)
+    second = decoder.masks_from_logits(low_res[1:2], return_logits=True)[0]
+    np.testing.assert_allclose(second, logits[1], atol=1e-5)
+    np.testing.assert_array_equal(decoder.masks_from_logits(low_res[1:2])[0], logits[1] > 0)
+    # Its logits take a second pass as the crop's mask input: the candidate that predict(refine=True) gives.
+    refined = Predictor(model, precision="fp32", zoom=True, refine=True)
+    refined.set_image(large)
+    refined_logits, refined_scores, _ = refined.predict(points, labels, return_logits=True)
+    again, again_low_res = decoder.predict_logits(
+        points, labels, mask_input=low_res[1:2], multimask_output=False
+    )
+    np.testing.assert_allclose(again[0], refined_scores[1], atol=1e-5)
+    second_refined = decoder.masks_from_logits(again_low_res, return_logits=True)[0]
+    np.testing.assert_allclose(second_refined, refined_logits[1], atol=1e-4)
+
+
+def test_a_crop_decoder_is_for_the_crop_of_clicks_alone(model, large):
+    predictor = Predictor(model, precision="fp32", zoom=True)
+    predictor.set_image(large)
+    with pytest.raises(ValueError, match="clicks alone"):
+        predictor.crop_decoder(Window(0, 0, 64, 64))

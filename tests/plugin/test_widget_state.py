@@ -139,7 +139,7 @@ def test_an_empty_mask_is_not_committed(sam, messages):
     widget.load(block=True)
     widget.add_point((1, 40, 40))
     no_pixel = np.full((1, 256, 256), -5.0, np.float32)  # SAM found no pixel
-    widget._candidates = Candidates(np.array([0.5]), no_pixel, widget._session.predictor.masks_from_logits)
+    widget._candidates = Candidates(np.array([0.5]), no_pixel, widget._session.predictor)
     widget.commit()
     assert any("empty" in message for message in messages["warning"])
     assert "SAM objects" not in viewer.layers

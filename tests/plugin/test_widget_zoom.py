@@ -114,3 +114,38 @@ def test_a_click_on_a_large_image_is_redrawn_from_the_crop_around_it(make_napari
     outside = np.ones(image.shape, bool)
     outside[rows, cols] = False
     assert not shown[outside].any()
+
+
+def test_a_zoomed_click_refines_the_candidate_shown_and_the_next_on_n(make_napari_viewer, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    image = np.random.default_rng(5).integers(0, 255, (300, 600), dtype=np.uint8)
+    viewer.add_image(image, name="large")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    widget.load(block=True)
+    widget._zoom.value = True
+    widget._refine.value = True
+    widget.add_point((150, 420))
+    widget.wait()
+    assert widget._candidate.value.endswith("zoomed in")
+    # The reference: the crop's three candidates, then the one shown decoded again with its own logits.
+    used = widget._session.predictor
+    reference = Predictor(used.model, precision=used.precision, zoom=True)
+    reference.set_image(image)
+    click, label = np.array([[420.0, 150.0]]), np.array([1])
+    decoder = reference.crop_decoder(reference.zoom_window(None, click))
+    scores, low_res = decoder.predict_logits(click, label, refine=False)
+
+    def refined(index):
+        _, again = decoder.predict_logits(
+            click, label, mask_input=low_res[index][None], multimask_output=False, refine=False
+        )
+        return decoder.masks_from_logits(again)[0]
+
+    order = np.argsort(-scores, kind="stable")
+    for index in order[:2]:
+        shown = np.asarray(widget._prompt_layers.preview.data) > 0
+        expected = refined(index)
+        assert (shown != expected).sum() <= 0.01 * expected.sum() + 5
+        assert (shown != decoder.masks_from_logits(low_res[index][None])[0]).sum() > 0 or expected.sum() == 0
+        widget.next_candidate()
