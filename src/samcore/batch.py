@@ -354,15 +354,15 @@ def auto_file(
 def with_progress_bar(job: Job[T], description: str, unit: str = "slice") -> T:
     """Run a job with a progress bar on stderr: one tick per `unit` done, the point batches alongside.
 
-    Ticks count the steps of the stages "embedding", "slices" and "propagation" (`PropagationProgress`,
-    whose steps are object-slices).
+    Ticks count the steps of the stages "embedding", "prompts", "slices" and "propagation"
+    (`PropagationProgress`, whose steps are object-slices).
     """
     from tqdm import tqdm
 
     with tqdm(desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
 
         def show(step: Progress) -> None:
-            if step.stage in ("embedding", "slices", "propagation"):
+            if step.stage in ("embedding", "prompts", "slices", "propagation"):
                 bar.total = step.total
                 bar.update(step.done - bar.n)
             elif step.stage == "masks":

@@ -273,7 +273,7 @@ def _run_prompts(args: argparse.Namespace) -> int:
 
     from .batch import CHANNELS_2D_READER, guess_rgb, refuse_channels, with_progress_bar
     from .embeddings import StackView
-    from .key_slices import segment_key_slices
+    from .key_slices import segment_key_slices_steps
     from .prompts_file import read_prompts
     from .propagation import PropagationSettings, check_z_range, propagate_iter
     from .slice_decoder import StackDecoder
@@ -295,13 +295,16 @@ def _run_prompts(args: argparse.Namespace) -> int:
     options = {"mode": args.mode, "min_contrast": args.min_contrast}
     settings = PropagationSettings(**{k: v for k, v in options.items() if v is not None}, z_range=z_range)
     boxes = any(prompted.box is not None for entry in objects for prompted in entry.slices)
-    predictor = load_predictor(args, zoom=args.zoom, zooms_on="small boxes" if boxes else None)
+    clicks = any(prompted.box is None for entry in objects for prompted in entry.slices)
+    zooms_on = " and ".join(["small boxes"] * boxes + ["clicks on large images"] * clicks)
+    predictor = load_predictor(args, zoom=args.zoom, zooms_on=zooms_on)
     decoder = StackDecoder(predictor, view, zoom=predictor.zoom)
     name = "sample" if args.image is None else args.image.name
     prompted = sorted({s.z for o in objects for s in o.slices})
     with _naming(args.image):
         with_progress_bar(_embed_slices(decoder, prompted), f"{name}: prompted slices")
-        labels = segment_key_slices(decoder, objects)
+        job = segment_key_slices_steps(decoder, objects)
+        labels = with_progress_bar(job, f"{name}: prompts", unit="prompt")
     found = [o.object_id for o in objects if (labels == o.object_id).any()]
     for object_id in sorted({o.object_id for o in objects} - set(found)):
         print(f"napari-sam: object {object_id}: its prompts gave an empty mask; it is left out.",
@@ -353,7 +356,8 @@ def load_predictor(
     """The model and predictor the options ask for, announced on stderr before any work.
 
     `zoom` None follows the model; the jobs on stacks and folders decode without it. `zooms_on`: the
-    prompts that zoom would look closer at ("small boxes"), if any are decoded (zoom is announced only then).
+    prompts that zoom would look closer at ("small boxes"), if any are decoded (zoom is announced only
+    then).
     """
     from .loading import load_model
     from .predictor import Predictor

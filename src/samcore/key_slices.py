@@ -11,13 +11,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .progress import Job, counted_on, run
 from .prompts_file import ObjectPrompts
 from .propagation_runs import share_by_logit
-from .slice_decoder import SliceDecoder, SlicePrompt
+from .slice_decoder import SlicePrompt, StackDecoder
 
 
 def segment_key_slices(
-    decoder: SliceDecoder, objects: Sequence[ObjectPrompts], labels: np.ndarray | None = None
+    decoder: StackDecoder, objects: Sequence[ObjectPrompts], labels: np.ndarray | None = None
 ) -> np.ndarray:
     """Segment every object on each slice it has prompts on, one decoder batch per slice.
 
@@ -31,6 +32,14 @@ def segment_key_slices(
         (Z, Y, X) labels with each object's masks on its prompted slices. An object whose
         prompts gave empty masks everywhere is absent.
     """
+    return run(segment_key_slices_steps(decoder, objects, labels))
+
+
+def segment_key_slices_steps(
+    decoder: StackDecoder, objects: Sequence[ObjectPrompts], labels: np.ndarray | None = None
+) -> Job[np.ndarray]:
+    """`segment_key_slices` as a job: it yields `Progress("prompts", done, total, z)`, counting the
+    prompted object-slices decoded (a zoomed one embeds a crop: see `StackDecoder.decode_steps`)."""
     if labels is None:
         largest = max((o.object_id for o in objects), default=0)
         labels = np.zeros(decoder.shape, np.uint16 if largest <= np.iinfo(np.uint16).max else np.uint32)
@@ -40,8 +49,11 @@ def segment_key_slices(
     for entry in objects:
         for prompted in entry.slices:
             by_slice.setdefault(prompted.z, []).append((entry.object_id, prompted.engine_prompt()))
+    total, before = sum(len(batch) for batch in by_slice.values()), 0
     for z, batch in sorted(by_slice.items()):
-        outputs = decoder.decode(z, [prompt for _, prompt in batch])
+        prompts = [prompt for _, prompt in batch]
+        outputs = yield from counted_on(decoder.decode_steps(z, prompts), before, total)
+        before += len(batch)
         free = labels[z] == 0
         masks = share_by_logit([(o.logits > 0) & free for o in outputs], [o.logits for o in outputs])
         for (object_id, _), mask in zip(batch, masks):

@@ -164,7 +164,9 @@ class Predictor:
         with torch.inference_mode(), autocast(self.precision, self.device), stopping_on(cancel):
             for mirror_x, mirror_y in MIRRORS[: self.views]:  # mirrored after resizing: exact mirror images
                 view = resized[:: -1 if mirror_y else 1, :: -1 if mirror_x else 1]
-                pixels = torch.from_numpy(np.ascontiguousarray(view)).to(self.device)
+                # A copy: a mirrored axis of length 1 (a strip one pixel wide) keeps a negative stride
+                # through ascontiguousarray, which torch refuses.
+                pixels = torch.from_numpy(view.copy()).to(self.device)
                 pixels = pixels.permute(2, 0, 1)[None].float()
                 features.append(self._encode(self.model.preprocess(pixels)))
         return ImageEmbedding(torch.cat(features).float(), original_size, input_size)

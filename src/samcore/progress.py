@@ -7,7 +7,7 @@ such a generator in a `thread_worker`); `run` drives one to its end for scripts 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -19,8 +19,8 @@ class Progress:
 
     Attributes:
         stage: What is being done: "embedding" (one slice embedded), "masks" (one batch of point
-            prompts decoded), "slices" (one slice segmented), "linking" or "download" (bytes of
-            a model's weights).
+            prompts decoded), "prompts" (an object's prompts on a slice decoded), "slices" (one
+            slice segmented), "linking" or "download" (bytes of a model's weights).
         done: Steps of this stage finished so far.
         total: Steps of this stage in all (0 when not known beforehand).
         z: The slice the step was about, if any.
@@ -44,3 +44,14 @@ def run(job: Job[T], on_progress: Callable[[Progress], None] | None = None) -> T
             return finished.value
         if on_progress is not None:
             on_progress(step)
+
+
+def counted_on(job: Job[T], before: int, total: int) -> Job[T]:
+    """`job` as one part of a larger one: its steps counted on from `before` earlier steps, out of
+    `total`; it returns the part's result."""
+    while True:
+        try:
+            step = next(job)
+        except StopIteration as finished:
+            return finished.value
+        yield replace(step, done=before + step.done, total=total)

@@ -20,6 +20,7 @@ from .cancel import stopping_on
 from .embeddings import EmbeddingStore, StackView, model_key, stack_key
 from .logits import mask_logits
 from .predictor import Predictor, resized_shape
+from .progress import Job, Progress, run
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,9 @@ class StackDecoder:
             beside interactive use wants a `Predictor` of its own (on the same model).
         image: (Z, Y, X) stack, (Y, X) image, or a `StackView` (e.g. for RGB stacks).
         store: Where embeddings are looked up and kept; a new in-memory store by default.
-        zoom: Decode a box around a small object on the crop around it, like `Predictor.predict`
-            with zoom: one more embedding per such prompt, decoded on its own rather than in a batch.
+        zoom: Decode a box around a small object, and clicks alone on a large image, on the crop
+            around them, like `Predictor.predict` with zoom: one more embedding per such prompt
+            (clicks near earlier ones may reuse theirs), decoded on its own rather than in a batch.
         cancel: Set it from another thread to abandon an embedding in progress: `embed` and `decode`
             then raise `samcore.cancel.Cancelled`.
     """
@@ -127,22 +129,34 @@ class StackDecoder:
         Returns:
             One `SliceOutput` per prompt, in the order of `prompts`.
         """
+        return run(self.decode_steps(z, prompts))
+
+    def decode_steps(self, z: int, prompts: Sequence[SlicePrompt]) -> Job[list[SliceOutput]]:
+        """`decode` as a job: it yields `Progress("prompts", done, total, z)` after each zoomed prompt (each
+        embeds a crop) and after the batches of the others, and returns the outputs."""
         if not self.has_embedding(z):
             self.embed(z)
         pixels = self.view.rgb_slice(z) if self.zoom else None  # only a zoomed decode needs them
         self.predictor.set_embedding(self.store.get(z), image=pixels)
         outputs: list[SliceOutput | None] = [None] * len(prompts)
+        zoomed: list[int] = []
         groups: dict[tuple[bool, ...], list[int]] = {}
-        # A zoomed box embeds its crop, and the decoder checks before each prompt: both stop on `cancel`.
+        for index, prompt in enumerate(prompts):
+            if self.zoom and self._zooms(prompt):
+                zoomed.append(index)
+            else:
+                groups.setdefault(prompt.structure(), []).append(index)
+        # A zoomed prompt embeds its crop, and the decoder checks before each prompt: both stop on `cancel`.
+        for done, index in enumerate(zoomed, start=1):
+            with stopping_on(self.cancel):
+                outputs[index] = self._decode_zoomed(prompts[index])
+            yield Progress("prompts", done, len(prompts), z)
         with stopping_on(self.cancel):
-            for index, prompt in enumerate(prompts):
-                if self.zoom and self._zooms(prompt):
-                    outputs[index] = self._decode_zoomed(prompt)
-                else:
-                    groups.setdefault(prompt.structure(), []).append(index)
             for indices in groups.values():
                 for index, output in zip(indices, self._decode_batch([prompts[i] for i in indices])):
                     outputs[index] = output
+        if groups:
+            yield Progress("prompts", len(prompts), len(prompts), z)
         return outputs
 
     def logits_from_mask(self, mask: np.ndarray) -> np.ndarray:
@@ -156,18 +170,21 @@ class StackDecoder:
         return plane[..., :3].mean(axis=-1) if self.view.rgb else plane
 
     def _zooms(self, prompt: SlicePrompt) -> bool:
-        """Whether the prompt is a box the predictor would decode zoomed in (see `samcore.zoom`)."""
-        if prompt.box is None or prompt.multimask:
+        """Whether the predictor would decode the prompt zoomed in (see `samcore.zoom`): a small box, or
+        clicks alone on a large image."""
+        points = prompt.points if len(prompt.points) else None
+        if prompt.box is None and (points is None or prompt.mask_input is not None):
             return False
-        return self.predictor.zoom_window(prompt.box, prompt.points if len(prompt.points) else None) is not None
+        return self.predictor.zoom_window(prompt.box, points) is not None
 
     def _decode_zoomed(self, prompt: SlicePrompt) -> SliceOutput:
         points = len(prompt.points) > 0
         logits, scores, low_res = self.predictor.predict(
             prompt.points if points else None, prompt.labels if points else None, prompt.box,
-            prompt.mask_input, multimask_output=False, return_logits=True, refine=False, zoom=True,
+            prompt.mask_input, multimask_output=prompt.multimask, return_logits=True, refine=False, zoom=True,
         )
-        return SliceOutput(np.asarray(logits[0], np.float32), float(scores[0]), low_res[0][None])
+        best = int(np.argmax(scores))
+        return SliceOutput(np.asarray(logits[best], np.float32), float(scores[best]), low_res[best][None])
 
     def _decode_batch(self, prompts: list[SlicePrompt]) -> list[SliceOutput]:
         predictor, device = self.predictor, self.predictor.device

@@ -100,6 +100,29 @@ def test_zoom_on_a_small_box_is_asked_for_or_the_models_choice(tmp_path, checkpo
         assert ((tifffile.imread(out) == 7) != (masks[tuple(extra)] > 0)).mean() < 0.001
 
 
+def test_clicks_of_a_prompts_file_on_a_large_image_are_zoomed_in_on_as_point_is(tmp_path, checkpoint, capsys):
+    image = np.random.default_rng(4).integers(0, 255, (300, 600), dtype=np.uint8)  # over twice 256 px
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('{"objects": [{"id": 3, "points": [[150, 420]]}]}')
+    masks = {}
+    for extra in (["--zoom"], ["--no-zoom"]):
+        out = tmp_path / f"point{extra[0]}.tif"
+        assert main(["segment", str(tmp_path / "image.tif"), "--point", "150", "420", *extra, "-o", str(out),
+                     "--checkpoint", str(checkpoint)]) == 0
+        masks[extra[0]] = tifffile.imread(out) > 0
+        assert ("decoded on a crop around the clicks" in capsys.readouterr().err) == (extra == ["--zoom"])
+    assert (masks["--zoom"] != masks["--no-zoom"]).mean() > 0.01
+    for extra in (["--zoom"], ["--no-zoom"]):
+        out = tmp_path / f"prompts{extra[0]}.tif"
+        assert main(["segment", str(tmp_path / "image.tif"), "--prompts", str(prompts), *extra,
+                     "-o", str(out), "--checkpoint", str(checkpoint)]) == 0
+        err = capsys.readouterr().err
+        assert ("zoom on clicks on large images" in err) == (extra == ["--zoom"])
+        assert "image.tif: prompts" in err  # its progress bar
+        assert ((tifffile.imread(out) == 3) != masks[extra[0]]).mean() < 0.001
+
+
 def test_segment_never_writes_over_its_input_and_asks_before_replacing(tmp_path, checkpoint, capsys):
     image = tmp_path / "image.tif"
     tifffile.imwrite(image, np.random.default_rng(1).integers(0, 255, (40, 60), dtype=np.uint8))

@@ -225,6 +225,17 @@ def test_logits_then_masks_of_one_candidate_are_those_of_predict(refine):
     np.testing.assert_array_equal(model_predictor.masks_from_logits(got_low_res, return_logits=True), logits)
 
 
+@pytest.mark.parametrize("shape", [(600, 2), (2, 600)])
+def test_a_strip_one_pixel_across_at_the_input_size_embeds_in_mirrored_views(shape):
+    torch.manual_seed(1)
+    predictor = Predictor(build_sam("vit_test"), precision="fp32", views=4)
+    image = np.random.default_rng(2).integers(0, 255, shape, dtype=np.uint8)
+    predictor.set_image(image)  # resized to 256 x 1 (or 1 x 256): mirrored, an axis of length 1
+    assert predictor.input_size in ((256, 1), (1, 256))
+    masks, _, _ = predictor.predict(point_coords=np.array([[0.0, 0.0]]), point_labels=np.array([1]))
+    assert masks.shape == (3, *shape)
+
+
 def test_views_average_the_masks_of_the_mirror_images():
     torch.manual_seed(1)
     model = build_sam("vit_test")
