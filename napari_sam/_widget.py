@@ -213,6 +213,7 @@ class SamWidget(Container):
         self._status_before_prompts = ""  # the status line it replaced
         self._output.changed.connect(self._on_objects_choice)
         self._output.value = self._objects_layer_for(self._image.value)
+        self._watch_strokes(self._output.value)
         self.auto_settings = None  # a samcore AutoSettings for segment all; None: the threshold boxes
         self._defaults_for: str | None = None  # the model whose own thresholds and refine are shown
         self._show_registry_defaults(self._model.value)
@@ -352,6 +353,23 @@ class SamWidget(Container):
         image = self._image.value
         if image is not None:
             self._objects_of[image.unique_id] = layer
+        self._watch_strokes(layer)
+
+    def _watch_strokes(self, layer: Labels | None) -> None:
+        """Autosave the user's own strokes in a chosen objects layer from now on, not only once SAM has
+        written into it in this session (a reopened widget, a layer of the user's)."""
+        if isinstance(layer, Labels) and not self._closed:
+            layer.events.paint.connect(self._on_paint)  # once: napari ignores a callback connected again
+
+    def _image_of_objects(self, layer: Labels) -> Image | None:
+        """The image whose objects `layer` holds: the one the widget made it for, else the one it was
+        chosen for, else the one picked."""
+        images = {image.unique_id: image for image in self._viewer.layers if isinstance(image, Image)}
+        made = _objects_image(layer)
+        if made in images:
+            return images[made]
+        chosen = [images[key] for key, objects in self._objects_of.items() if objects is layer and key in images]
+        return chosen[-1] if chosen else self._image.value
 
     def _follow_placement(self, image: Image) -> None:
         """Keep the SAM layers (and the objects layers made for `image`) where `image` is in the world,
@@ -878,7 +896,7 @@ class SamWidget(Container):
         data = np.asarray(layer.data)
         if index is not None:
             rows = touched_rows(index, data.shape)
-        image = self._image.value
+        image = self._image_of_objects(layer)
         path, first, earlier = self._autosave.save(
             data, image.name if image is not None else "image", layer.name, rows
         )

@@ -160,3 +160,46 @@ def test_autosaves_of_an_earlier_session_are_pointed_out_once(sam, private_folde
     assert "'nuclei - SAM objects.sam.zarr'" in told[0]
     widget.load(block=True)
     assert len([message for message in messages["info"] if "autosave(s)" in message]) == 1
+
+
+def _on_disk(widget, folder, name):
+    QCoreApplication.processEvents()
+    widget._autosave.flush()
+    path = folder / (name + SUFFIX)
+    return read_objects(path) if path.exists() else None
+
+
+def test_strokes_in_the_objects_layer_are_on_disk_after_the_widget_is_reopened(sam, private_folders):
+    viewer, widget = sam
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget._prompt_layers.boxes.add_rectangles(BOX)
+    widget.commit()
+    objects = widget.output_layer()
+    viewer.window.remove_dock_widget(widget.native)
+    _, reopened = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    assert reopened._output.value is objects
+    objects.selected_label, objects.brush_size = 9, 5
+    objects.paint((0, 40, 40), 9)  # by hand, before SAM writes anything in this widget
+    on_disk = _on_disk(reopened, private_folders, "nuclei - SAM objects")
+    assert (objects.data == 9).any()
+    np.testing.assert_array_equal(on_disk, objects.data)
+
+
+def test_a_stroke_in_one_images_objects_is_saved_under_that_image_with_another_picked(
+    sam, stack, private_folders
+):
+    viewer, widget = sam
+    viewer.add_image(stack.copy(), name="other")
+    widget._image.value = viewer.layers["nuclei"]
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget._prompt_layers.boxes.add_rectangles(BOX)
+    widget.commit()
+    objects = widget.output_layer()
+    widget._image.value = viewer.layers["other"]
+    objects.selected_label, objects.brush_size = 9, 5
+    objects.paint((0, 40, 40), 9)
+    on_disk = _on_disk(widget, private_folders, "nuclei - SAM objects")
+    np.testing.assert_array_equal(on_disk, objects.data)
+    assert _on_disk(widget, private_folders, "other - SAM objects") is None
