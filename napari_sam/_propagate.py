@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 def objects_on_slice(labels: np.ndarray, z: int) -> list[int]:
     """The object ids (not 0) with pixels on slice z of (Z, Y, X) labels, sorted."""
-    return [int(i) for i in np.unique(np.asarray(labels[z])) if i != 0]
+    plane = np.asarray(labels[z])
+    return [int(i) for i in np.unique(plane[plane != 0])]
 
 
 def paint(labels: np.ndarray, z: int, written: dict[int, np.ndarray]) -> np.ndarray:

@@ -24,12 +24,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .cancel import check
 from .logits import upscale_logits
 from .maskops import Masks, box_nms, clean_masks, concat, mask_nms, paint_labels, stability_score
 from .predictor import ImageEmbedding, Predictor
 from .progress import Job, Progress
 
 Box = tuple[int, int, int, int]
+UPSCALE_PIXELS = 64 * 2**20  # full-size logits made at once, in pixels (256 MB of float32)
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,8 @@ def filter_candidates(
         decoder: The image's decoder.
         points: (B, 2) XY points in the decoder's image pixels.
         settings: Thresholds.
-        upscale_chunk: Candidates upscaled at once, which bounds the memory of full-size logits.
+        upscale_chunk: Candidates upscaled at once, at most; fewer on a large image (`UPSCALE_PIXELS`),
+            which bounds the memory of full-size logits.
 
     Returns:
         The kept masks, in the decoder's image pixels.
@@ -215,14 +218,18 @@ def scored_candidates(
     logits, scores = logits.flatten(0, 1), scores.flatten(0, 1).float()
     keep = torch.nonzero(scores >= min_predicted_iou).flatten()
     parts, stabilities = [], []
-    for start in range(0, len(keep), upscale_chunk):
-        index = keep[start : start + upscale_chunk]
+    start, chunk = 0, 1  # the first candidate gives the image's size, and so the chunk
+    while start < len(keep):
+        check()  # a cancelled job stops between chunks: on a large image, each takes a while
+        index = keep[start : start + chunk]
         full = decoder.upscale(logits[index])
         stability = stability_score(full, 0.0, stability_offset)
         positive = full > 0
         kept = (stability >= min_stability) & positive.flatten(1).any(dim=1)
         parts.append(Masks.from_dense(positive[kept], scores[index][kept]))
         stabilities.append(stability[kept].float().cpu().numpy())
+        start += len(index)
+        chunk = max(1, min(upscale_chunk, UPSCALE_PIXELS // full[0].numel()))
     return concat(parts), np.concatenate(stabilities) if stabilities else np.zeros(0, np.float32)
 
 

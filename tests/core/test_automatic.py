@@ -184,6 +184,26 @@ def test_filters_drop_background_unstable_and_merged_candidates(truth):
     np.testing.assert_array_equal(masks.dense(0, truth.shape), truth == 1)
 
 
+def test_candidates_are_upscaled_a_few_at_a_time_on_a_large_image_and_cancel_stops_them(truth, monkeypatch):
+    import threading
+
+    import samcore.automatic as automatic
+    from samcore.cancel import Cancelled, stopping_on
+
+    monkeypatch.setattr(automatic, "UPSCALE_PIXELS", 3 * truth.size)  # as if the image were large
+    decoder = TruthDecoder(truth)
+    chunks = []
+    upscale = decoder.upscale
+    decoder.upscale = lambda logits: chunks.append(len(logits)) or upscale(logits)
+    points = np.array([[xs[0] + 0.5, ys[0] + 0.5] for ys, xs in (np.nonzero(truth == k) for k in (1, 2, 3))])
+    masks = filter_candidates(decoder, points, AutoSettings())
+    assert len(masks) == 3 and chunks == [1, 3, 2]  # 6 candidates pass the predicted IoU
+    cancel = threading.Event()
+    decoder.upscale = lambda logits: cancel.set() or upscale(logits)  # the user cancels meanwhile
+    with stopping_on(cancel), pytest.raises(Cancelled):
+        filter_candidates(decoder, points, AutoSettings())
+
+
 def run_truth(truth, settings):
     steps = []
 
