@@ -50,7 +50,6 @@ KEEP_EARLIER = 2
 OBJECTS_KEY = "napari-sam"
 # An image layer's events that move it in the world; the SAM layers follow them.
 PLACEMENT = ("scale", "translate", "rotate", "shear", "affine")
-SAM_THRESHOLDS = (0.88, 0.95)  # segment all's (predicted IoU, stability) for models without their own
 KEYS = {
     "s": ("segment", "update the preview"),
     "c": ("commit", "commit the preview as a new object"),
@@ -301,7 +300,7 @@ class SamWidget(Container):
         A weight file shows SAM's until it is loaded; then its own (`samcore.load_model`: SAM's for
         SAM's architectures, the bundled model's kind of settings for a model trained here).
         """
-        from samcore.zoo import get_entry
+        from samcore.zoo import SAM_THRESHOLDS, get_entry
 
         entry = None if choice == CHECKPOINT_CHOICE else get_entry(choice)
         thresholds = entry.auto_thresholds if entry is not None and entry.auto_thresholds else SAM_THRESHOLDS
@@ -523,7 +522,7 @@ class SamWidget(Container):
                 f"'{layer.name}' has {layer.data.ndim} dimensions; SAM works on 2D images and 3D (Z, Y, X) "
                 "stacks. Split channels or time points into separate layers first."
             )
-        from samcore.batch import channels_last
+        from samcore.embeddings import channels_last
 
         shape = layer.data.shape[:spatial]
         if spatial == 3 and channels_last(shape):
@@ -645,11 +644,10 @@ class SamWidget(Container):
         # The model's own settings, unless they are shown already: the user's values stay.
         name = session.model_source[0] or CHECKPOINT_CHOICE
         if name != self._defaults_for:
-            own = getattr(predictor.model, "auto_defaults", {})
-            thresholds = (
-                own.get("min_predicted_iou", SAM_THRESHOLDS[0]),
-                own.get("min_stability", SAM_THRESHOLDS[1]),
-            )
+            from samcore.automatic import AutoSettings
+
+            own = AutoSettings().resolved(predictor.model)
+            thresholds = (own.min_predicted_iou, own.min_stability)
             self._show_model_defaults(name, thresholds, predictor.refine, predictor.zoom)
 
     def _on_error(self, error: Exception) -> None:

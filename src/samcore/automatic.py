@@ -16,6 +16,7 @@ The steps, each a function of `samcore.maskops` or of this module:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ from .logits import upscale_logits
 from .maskops import Masks, box_nms, clean_masks, concat, mask_nms, paint_labels, stability_score
 from .predictor import ImageEmbedding, Predictor
 from .progress import Job, Progress
+from .zoo import SAM_THRESHOLDS
 
 Box = tuple[int, int, int, int]
+THRESHOLDS = ("min_predicted_iou", "min_stability")
 UPSCALE_PIXELS = 64 * 2**20  # full-size logits made at once, in pixels (256 MB of float32)
 
 
@@ -41,8 +44,9 @@ class AutoSettings:
     Attributes:
         points_per_side: The point grid has this many points along each side of the image (or crop).
         points_per_batch: Points decoded at once; more is faster and uses more memory.
-        min_predicted_iou: Candidate masks with a lower predicted IoU are dropped.
-        min_stability: Candidate masks with a lower `stability_score` are dropped.
+        min_predicted_iou: Candidate masks with a lower predicted IoU are dropped. None: the model's own
+            (see `resolved`).
+        min_stability: Candidate masks with a lower `stability_score` are dropped. None: the model's own.
         stability_offset: Logit shift used by the stability score.
         box_nms_iou: Within an image or crop, a mask whose box overlaps a better one's by more is dropped.
         mask_nms_iou: At the end, a mask overlapping a better one by more (mask IoU) is dropped.
@@ -55,8 +59,8 @@ class AutoSettings:
 
     points_per_side: int = 32
     points_per_batch: int = 64
-    min_predicted_iou: float = 0.88
-    min_stability: float = 0.95
+    min_predicted_iou: float | None = None
+    min_stability: float | None = None
     stability_offset: float = 1.0
     box_nms_iou: float = 0.7
     mask_nms_iou: float = 0.7
@@ -72,14 +76,21 @@ class AutoSettings:
         Weights whose predicted IoUs run lower than SAM's (the bundled model) carry their own
         `min_predicted_iou` and `min_stability` (see `samcore.zoo.ModelEntry.auto_thresholds`).
         """
-        return cls(**{**getattr(model, "auto_defaults", {}), **options})
+        return cls(**options).resolved(model)
+
+    def resolved(self, model: torch.nn.Module | None) -> AutoSettings:
+        """These settings with the thresholds left unset (None) filled in: `model`'s own where its
+        weights carry them (the bundled model's run lower than SAM's), else SAM's (`SAM_THRESHOLDS`)."""
+        own = {**dict(zip(THRESHOLDS, SAM_THRESHOLDS)), **getattr(model, "auto_defaults", {})}
+        unset = {name: own[name] for name in THRESHOLDS if getattr(self, name) is None}
+        return dataclasses.replace(self, **unset) if unset else self
 
     def __post_init__(self) -> None:
         for name in ("points_per_side", "points_per_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}.")
         for name in ("min_predicted_iou", "min_stability", "box_nms_iou", "mask_nms_iou", "min_visible"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a fraction between 0 and 1, not {getattr(self, name)}.")
         if self.min_area < 0 or self.crop_layers < 0 or self.stability_offset < 0:
             raise ValueError("min_area, crop_layers and stability_offset cannot be negative.")
@@ -195,6 +206,7 @@ def filter_candidates(
     Returns:
         The kept masks, in the decoder's image pixels.
     """
+    settings = settings.resolved(None)  # thresholds left unset: SAM's (no model here to ask)
     masks, _ = scored_candidates(
         decoder, points, settings.min_predicted_iou, settings.min_stability, settings.stability_offset, upscale_chunk
     )
@@ -295,13 +307,13 @@ def segment_embedding(
         model: The SAM model that made the embedding.
         embedding: The image's embedding.
         rgb: The (H, W, 3) uint8 image; needed only with crops (`settings.crop_layers > 0`).
-        settings: Parameters; default `AutoSettings.for_model(model)`.
+        settings: Parameters; default `AutoSettings()`, the thresholds left unset being the model's own.
         precision: Encoder precision for crops.
 
     Returns:
         (H, W) int32 instance labels.
     """
-    settings = settings or AutoSettings.for_model(model)
+    settings = (settings or AutoSettings()).resolved(model)
     if settings.crop_layers and rgb is None:
         raise ValueError("Crops are embedded anew: pass the image (rgb) along with its embedding.")
     whole = EmbeddingDecoder(model, embedding, precision)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .automatic import AutoSettings
-from .embeddings import EmbeddingStore, StackView, stack_key, store_path
+from .embeddings import EmbeddingStore, StackView, channels_last, guess_rgb_shape, stack_key, store_path
 from .jobs import embed_stack, segment_stack
 from .predictor import Predictor
 from .progress import Job, Progress, T, run
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from distributed import Client
 
 IMAGE_SUFFIXES = (".tif", ".tiff")
-MAX_CHANNELS = 8  # see `channels_last`
 # What reads a (Y, X, 2) image as one 2D image (red and green, `samcore.preprocess.to_rgb_uint8`).
 CHANNELS_2D_READER = (
     "; `napari-sam segment --point/--box` (without --prompts) reads 2 to 4 channels as one 2D image"
@@ -197,18 +196,6 @@ def guess_rgb(image: np.ndarray) -> bool:
     return guess_rgb_shape(image.shape)
 
 
-def guess_rgb_shape(shape: tuple[int, ...]) -> bool:
-    """`guess_rgb` from an image's shape alone."""
-    return len(shape) >= 3 and shape[-1] in (3, 4)
-
-
-def channels_last(shape: tuple[int, ...]) -> bool:
-    """Whether a 3-axis image that napari would show as a stack (Z, Y, X) is rather one image with its
-    channels last (Y, X, C): a last axis of at most `MAX_CHANNELS` entries that is not RGB(A), and two
-    longer ones. Its "slices" would be a few pixels wide."""
-    return len(shape) == 3 and shape[-1] <= MAX_CHANNELS < min(shape[:2]) and not guess_rgb_shape(shape)
-
-
 def open_view(path: Path) -> tuple[StackView, tuple[int, ...]]:
     """The stack of a TIFF file and the spatial shape of its labels ((Y, X) or (Z, Y, X))."""
     image = read_image(path)
@@ -300,11 +287,26 @@ def check_writable(path: Path, folder: bool = False, what: str | None = None) ->
 
 def write_labels(path: Path, labels: np.ndarray) -> None:
     """Write instance labels as a zlib-compressed TIFF, uint16 when the labels fit, else uint32."""
+    dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
+    write_tiff(path, labels.astype(dtype), photometric="minisblack")
+
+
+def write_tiff(path: Path, data: np.ndarray, **options) -> None:
+    """Write a zlib-compressed TIFF whole or not at all: into a hidden file beside it, renamed when done.
+
+    A run stopped while writing (Ctrl-C) leaves no file that looks finished but holds part of the
+    data, which a later run would take as done (or refuse to replace). `options` go to tifffile.
+    """
     import tifffile
 
-    dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(path, labels.astype(dtype), compression="zlib", photometric="minisblack")
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        tifffile.imwrite(partial, data, compression="zlib", **options)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def embed_file(

@@ -161,8 +161,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="with --point/--box: decode again with the first mask as input "
                               "(default: the model's choice, on for the bundled model; --prompts: once)")
     segment.add_argument("--zoom", action=argparse.BooleanOptionalAction, default=None,
-                         help="with --box or --prompts: decode a box around a small object on the crop "
-                              "around it, enlarged (default: the model's choice, on for the bundled model)")
+                         help="decode a small box on the crop around it, enlarged, and clicks without a "
+                              "box on an image over twice the model's input on a crop around them (default: "
+                              "the model's choice, on for the bundled model)")
     segment.add_argument("-o", "--output", type=Path, required=True,
                          help="labels TIFF to write (the image's shape; the slice's with --slice)")
     segment.add_argument("--overwrite", action="store_true",
@@ -221,7 +222,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    import tifffile
+    from .batch import write_tiff
 
     if args.prompts is not None:
         if args.refine is not None:
@@ -255,8 +256,7 @@ def _run_segment(args: argparse.Namespace) -> int:
         zoomed = predictor.zoom and predictor.zoom_window(box, coords) is not None
     best = int(np.argmax(scores))
     mask = masks[best]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(args.output, mask.astype(np.uint16), compression="zlib")
+    write_tiff(args.output, mask.astype(np.uint16))
     how = ""
     if zoomed:
         how = "; decoded zoomed in on the box" if box is not None else "; decoded on a crop around the clicks"
@@ -269,9 +269,7 @@ def _run_segment(args: argparse.Namespace) -> int:
 
 
 def _run_prompts(args: argparse.Namespace) -> int:
-    import tifffile
-
-    from .batch import CHANNELS_2D_READER, guess_rgb, refuse_channels, with_progress_bar
+    from .batch import CHANNELS_2D_READER, guess_rgb, refuse_channels, with_progress_bar, write_tiff
     from .embeddings import StackView
     from .key_slices import segment_key_slices_steps
     from .prompts_file import read_prompts
@@ -316,8 +314,7 @@ def _run_prompts(args: argparse.Namespace) -> int:
             job = propagate_iter(whole, labels, found, settings)
             labels = with_progress_bar(job, f"{name}: propagation", unit="object-slice").labels
     labels = labels.reshape(image.shape[:-1] if rgb else image.shape)  # a 2D image stays 2D
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(args.output, labels, compression="zlib")
+    write_tiff(args.output, labels)
     for object_id in found:
         slices = np.flatnonzero((labels.reshape(view.data.shape[:3]) == object_id).any(axis=(1, 2)))
         print(f"object {object_id}: slices {slices[0]} to {slices[-1]}", file=sys.stderr)

@@ -31,6 +31,20 @@ from .preprocess import MAX_PERCENTILE_PIXELS, percentile_range, to_rgb_uint8
 
 FORMAT_VERSION = 2  # 2: each slice holds (V, C, h, w), its mirrored views (`Predictor.views`)
 STORE_DTYPES = ("float16", "float32")
+MAX_CHANNELS = 8  # see `channels_last`
+
+
+def guess_rgb_shape(shape: tuple[int, ...]) -> bool:
+    """`guess_rgb` from an image's shape alone."""
+    return len(shape) >= 3 and shape[-1] in (3, 4)
+
+
+def channels_last(shape: tuple[int, ...]) -> bool:
+    """Whether a 3-axis image that napari would show as a stack (Z, Y, X) is rather one image with its
+    channels last (Y, X, C): a last axis of at most `MAX_CHANNELS` entries that is not RGB(A), and two
+    longer ones. Its "slices" would be a few pixels wide."""
+    return len(shape) == 3 and shape[-1] <= MAX_CHANNELS < min(shape[:2]) and not guess_rgb_shape(shape)
+
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,12 @@ class StackView:
         spatial = data.ndim - (1 if rgb else 0)
         if rgb and data.shape[-1] not in (3, 4):
             raise ValueError(f"An RGB image needs 3 or 4 channels last, not shape {data.shape}.")
+        if not rgb and data.ndim == 3 and data.shape[-1] <= MAX_CHANNELS < min(data.shape[:2]):
+            raise ValueError(
+                f"The image has shape {data.shape}: its last axis is {data.shape[-1]} long, so it looks like "
+                "one image with its channels last (Y, X, C), not a (Z, Y, X) stack of slices that thin. For "
+                "an RGB image pass rgb=True; otherwise pick one channel."
+            )
         if spatial == 2:
             data = data[None]
         elif spatial != 3:
@@ -118,7 +138,8 @@ def model_key(model: torch.nn.Module) -> str:
         digest.update(f"padding={padding}".encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape: a 0-d tensor (BatchNorm's counter in TinyViT) cannot be viewed as bytes.
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -128,7 +128,7 @@ def segment_stack(
     Returns:
         (Z, Y, X) int32 instance labels.
     """
-    settings = settings or AutoSettings.for_model(predictor.model)
+    settings = (settings or AutoSettings()).resolved(predictor.model)
     labels = np.zeros(view.data.shape[:3], np.int32)
     if client is not None:
         from .distributed import segment_on_cluster

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from .cancel import Cancelled
-from .embeddings import EmbeddingStore, StackView
+from .embeddings import EmbeddingStore, StackView, model_key, stack_key
 from .predictor import Predictor
 from .progress import Progress, run
 from .propagation_runs import Chain, PropagationSettings, Run, Stop, decide_slice, iou, plan_runs, start_chains
@@ -199,7 +199,8 @@ def propagate(
         labels: (Z, Y, X) integer labels with the objects on their key slices.
         object_ids: The objects to propagate; default every object in `labels`.
         settings: Mode and stop rules; `options` (e.g. ``mode="points"``) replace some of its fields.
-        store: Embeddings of the stack already computed (missing ones are computed and kept there).
+        store: Embeddings of the stack already computed (missing ones are computed and kept there);
+            one made for another stack, model or views setting is refused.
         cancel: Set it from another thread to stop early.
 
     Returns:
@@ -210,6 +211,13 @@ def propagate(
     if unknown:
         raise TypeError(f"Unknown propagation options {unknown}; known: {sorted(known)}.")
     settings = replace(settings or PropagationSettings(), **options)
+    if store is not None:
+        image = image if isinstance(image, StackView) else StackView.of(image)
+        if store.key != stack_key(image, model_key(predictor.model), predictor.views):
+            raise ValueError(
+                "The embedding store belongs to another image, model or views setting: give the store made "
+                "for this stack with this predictor, or none."
+            )
     decoder = StackDecoder(predictor, image, store, cancel=cancel)
     return run(propagate_iter(decoder, labels, object_ids, settings, cancel))
 

@@ -24,6 +24,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Automatic segmentation's (predicted IoU, stability) thresholds for weights without their own: those of
+# segment-anything's automatic mask generator.
+SAM_THRESHOLDS = (0.88, 0.95)
+
 #: The name used when no model is named at all.
 DEFAULT_MODEL_NAME = "default"
 

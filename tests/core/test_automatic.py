@@ -243,3 +243,22 @@ def test_settings_are_checked_with_a_readable_message():
         AutoSettings(min_predicted_iou=88)
     with pytest.raises(ValueError, match="at least 1"):
         AutoSettings(points_per_side=0)
+
+
+def test_thresholds_left_unset_are_the_models_own_and_given_ones_stay():
+    model = torch.nn.Module()
+    model.auto_defaults = {"min_predicted_iou": 0.4, "min_stability": 0.8}  # as the bundled model's
+    settings = AutoSettings(points_per_side=12).resolved(model)
+    assert (settings.min_predicted_iou, settings.min_stability, settings.points_per_side) == (0.4, 0.8, 12)
+    assert AutoSettings(min_predicted_iou=0.7).resolved(model).min_predicted_iou == 0.7
+    plain = AutoSettings().resolved(torch.nn.Module())  # SAM's weights: SAM's thresholds
+    assert (plain.min_predicted_iou, plain.min_stability) == (0.88, 0.95)
+    assert AutoSettings.for_model(model, min_stability=0.9).min_stability == 0.9
+
+
+def test_settings_made_in_a_script_find_the_nuclei_with_the_bundled_model():
+    from samcore import load_model, segment_everything
+
+    image, truth = nuclei_image((128, 128), n_nuclei=5, radius=(8.0, 12.0), seed=4)
+    labels = segment_everything(image, load_model("default"), settings=AutoSettings(points_per_side=8))
+    assert labels.max() >= 3  # SAM's thresholds, which the bundled model's predicted IoUs rarely reach, kept none

@@ -60,7 +60,7 @@ def test_a_missing_weights_file_is_explained(tmp_path, capsys) -> None:
 
 def test_weights_with_their_own_thresholds_get_them_unless_overridden() -> None:
     model = tiny_sam()
-    assert AutoSettings.for_model(model) == AutoSettings()
+    assert AutoSettings.for_model(model) == AutoSettings(min_predicted_iou=0.88, min_stability=0.95)  # SAM's
     model.auto_defaults = {"min_predicted_iou": 0.3, "min_stability": 0.6}
     settings = AutoSettings.for_model(model, points_per_side=8)
     assert (settings.min_predicted_iou, settings.min_stability, settings.points_per_side) == (0.3, 0.6, 8)

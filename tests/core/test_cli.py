@@ -234,3 +234,13 @@ def test_a_precision_this_cpu_lacks_is_one_warning_line_and_runs_fp32(tmp_path, 
     assert "napari-sam: warning: precision='bf16' would make the image encoder about 80 times slower" in err
     assert "UserWarning" not in err and "cli.py" not in err  # no Python source lines for the user
     assert "(fp32," in err  # the model line says what ran
+
+
+def test_an_lzw_compressed_stack_is_read(tmp_path, checkpoint, capsys):
+    stack = np.random.default_rng(0).integers(0, 4000, size=(3, 50, 70), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, compression="lzw")  # as microscope software writes it
+    out = tmp_path / "mask.tif"
+    code = main(["segment", str(tmp_path / "stack.tif"), "--slice", "1", "--point", "25", "30", "-o", str(out),
+                 "--checkpoint", str(checkpoint)])
+    assert code == 0, capsys.readouterr().err
+    assert tifffile.imread(out).shape == (50, 70)

@@ -302,3 +302,24 @@ def test_two_channels_saved_last_are_one_image_for_segment_and_refused_as_a_stac
     assert "looks like a 2D image with 2 channels" in capsys.readouterr().err and not out.exists()
     assert cli("segment", path, "--point", 20, 20, "-o", out, checkpoint=checkpoint) == 0
     assert tifffile.imread(out).shape == (40, 48)
+
+
+def test_labels_stopped_while_written_leave_no_file_that_looks_finished(tmp_path, monkeypatch):
+    from samcore.batch import write_labels
+
+    out = tmp_path / "labels.tif"
+    labels = np.arange(4 * 30 * 40, dtype=np.uint16).reshape(4, 30, 40)
+    written = tifffile.imwrite
+
+    def interrupted(path, data, **options):
+        written(path, data[:1], **options)  # the first page is on disk when the user presses Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tifffile, "imwrite", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_labels(out, labels)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(tifffile, "imwrite", written)
+    write_labels(out, labels)
+    np.testing.assert_array_equal(tifffile.imread(out), labels)
+    assert [path.name for path in tmp_path.iterdir()] == ["labels.tif"]

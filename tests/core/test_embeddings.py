@@ -78,6 +78,24 @@ def test_4d_data_is_refused_with_the_number_of_dimensions():
         StackView.of(np.zeros((2, 3, 8, 8)))
 
 
+@pytest.mark.parametrize("shape", [(40, 50, 3), (40, 50, 2), (40, 50, 5)])
+def test_an_image_with_channels_last_is_not_taken_for_a_stack_of_thin_slices(shape):
+    with pytest.raises(ValueError, match="rgb=True"):
+        StackView.of(np.zeros(shape, np.uint8))
+    assert StackView.of(np.zeros((40, 50, 3), np.uint8), rgb=True).n_slices == 1
+    assert StackView.of(np.zeros((3, 40, 50), np.uint8)).n_slices == 3
+
+
+def test_a_mobile_sam_model_has_a_key_its_counters_included():
+    model = build_sam("vit_t")  # its BatchNorm layers count batches in 0-d tensors
+    key = model_key(model)
+    assert key == model_key(model)
+    buffer = next(b for name, b in model.named_buffers() if name.endswith("num_batches_tracked"))
+    assert buffer.ndim == 0
+    buffer += 1
+    assert model_key(model) != key
+
+
 def test_disk_store_resumes_and_matches_memory(tmp_path, predictor, view):
     key = stack_key(view, model_key(predictor.model))
     store = EmbeddingStore(key, view.n_slices, tmp_path / "cache.zarr")

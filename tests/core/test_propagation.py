@@ -421,6 +421,18 @@ def test_embeddings_reached_are_cached_and_reused(tiny_predictor, stack):
     assert not any(event.stage == "embedding" for event in again)
 
 
+def test_a_store_of_another_stack_is_refused(tiny_predictor, stack):
+    image, truth = stack
+    labels = np.zeros_like(truth)
+    labels[5] = truth[5]
+    other = StackView.of(image[::-1].copy())  # the same size, other pixels
+    store = EmbeddingStore(stack_key(other, model_key(tiny_predictor.model)), other.n_slices)
+    with pytest.raises(ValueError, match="another image"):
+        propagate(tiny_predictor, image, labels, store=store)
+    own = EmbeddingStore(stack_key(StackView.of(image), model_key(tiny_predictor.model)), len(image))
+    assert propagate(tiny_predictor, image, labels, store=own, **EVERYTHING).filled
+
+
 def test_batched_decoding_matches_one_prompt_at_a_time(tiny_predictor, stack):
     image, truth = stack
     decoder = StackDecoder(tiny_predictor, image)
