@@ -22,6 +22,7 @@ from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_prompt
 from .precision import autocast, resolve_precision
 from .preprocess import resize_uint8, to_rgb_uint8
 from .prompt_checks import check_box, check_mask_input, check_points
+from .transforms import ResizeLongestSide, resized_shape
 from .views import MIRRORS, Mirror, check_views
 from .zoom import Window, click_window, serves, zoom_window
 
@@ -47,12 +48,6 @@ class ImageEmbedding:
     @property
     def views(self) -> int:
         return int(self.features.shape[0])
-
-
-def resized_shape(height: int, width: int, longest: int) -> tuple[int, int]:
-    """(h, w) of an image whose longest side is scaled to `longest`, rounded half up."""
-    scale = longest / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
 class Predictor:
@@ -563,18 +558,25 @@ class Predictor:
         low_res, scores = decode_with_masks(context, again, low_res.flatten(0, 1)[:, None], False)
         return low_res.view(batch, count, *low_res.shape[-2:]), scores.view(batch, count)
 
+    @property
+    def transform(self) -> ResizeLongestSide:
+        """segment-anything's `predictor.transform`: prompts of an image to model-input pixels, for
+        `predict_torch` (`transform_coords` and `transform_boxes` do it for the current image)."""
+        return ResizeLongestSide(self.model.img_size)
+
+    @property
+    def features(self) -> torch.Tensor:
+        """segment-anything's `predictor.features`: the current image's embedding, as
+        `get_image_embedding` gives it."""
+        return self.get_image_embedding()
+
     def transform_coords(self, coords: np.ndarray) -> np.ndarray:
-        """Map (..., 2) XY original-image pixels to model-input pixels."""
-        embedding = self._current()
-        (height, width), (new_h, new_w) = embedding.original_size, embedding.input_size
-        scaled = np.array(coords, dtype=np.float64, copy=True)
-        scaled[..., 0] *= new_w / width
-        scaled[..., 1] *= new_h / height
-        return scaled
+        """Map (..., 2) XY original-image pixels of the current image to model-input pixels."""
+        return self.transform.apply_coords(coords, self._current().original_size)
 
     def transform_boxes(self, boxes: np.ndarray) -> np.ndarray:
-        """Map (..., 4) XYXY original-image boxes to model-input pixels."""
-        return self.transform_coords(np.asarray(boxes).reshape(-1, 2, 2)).reshape(-1, 4)
+        """Map (..., 4) XYXY original-image boxes of the current image to model-input pixels."""
+        return self.transform.apply_boxes(boxes, self._current().original_size)
 
     def logits_from_mask(self, mask: np.ndarray) -> np.ndarray:
         """Low-resolution logits standing for a (H, W) mask of the current image, as a `mask_input`.

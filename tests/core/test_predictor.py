@@ -236,6 +236,22 @@ def test_a_strip_one_pixel_across_at_the_input_size_embeds_in_mirrored_views(sha
     assert masks.shape == (3, *shape)
 
 
+def test_segment_anythings_batched_boxes_run_as_written_for_it(predictor):
+    image = np.random.default_rng(3).integers(0, 255, (120, 90, 3), dtype=np.uint8)
+    predictor.set_image(image)
+    boxes = torch.tensor([[10.0, 20.0, 60.0, 70.0], [30.0, 5.0, 85.0, 50.0]])
+    transformed = predictor.transform.apply_boxes_torch(boxes, image.shape[:2])
+    masks, scores, low_res = predictor.predict_torch(None, None, boxes=transformed, multimask_output=False)
+    assert masks.shape == (2, 1, 120, 90) and scores.shape == (2, 1) and low_res.shape == (2, 1, 64, 64)
+    for row, box in enumerate(boxes.numpy()):
+        one, _, _ = predictor.predict(box=box, multimask_output=False)
+        assert (masks[row, 0].numpy() != one[0]).sum() <= 2  # batched and alone: rounding apart at most
+    points = predictor.transform.apply_coords(np.array([[45.0, 60.0]]), image.shape[:2])
+    np.testing.assert_allclose(points, predictor.transform_coords(np.array([[45.0, 60.0]])))
+    np.testing.assert_allclose(points, [[45.0 * 192 / 90, 60.0 * 256 / 120]])
+    assert predictor.features is predictor.get_image_embedding()
+
+
 def test_views_average_the_masks_of_the_mirror_images():
     torch.manual_seed(1)
     model = build_sam("vit_test")

@@ -1,0 +1,50 @@
+"""Prompts of an image mapped to the model's input, whose longest side is the model's input size."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def resized_shape(height: int, width: int, longest: int) -> tuple[int, int]:
+    """(h, w) of an image whose longest side is scaled to `longest`, rounded half up."""
+    scale = longest / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+class ResizeLongestSide:
+    """segment-anything's `predictor.transform`: XY points and XYXY boxes of an image of `original_size`
+    (H, W) to the pixels of the model's input, where the image's longest side is `target_length`.
+
+    Scripts written for segment-anything's batched prompts use it as they did::
+
+        boxes = predictor.transform.apply_boxes_torch(boxes, image.shape[:2])
+        masks, scores, low_res = predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
+    """
+
+    def __init__(self, target_length: int) -> None:
+        self.target_length = int(target_length)
+
+    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(..., 2) XY points to model-input pixels, as float64."""
+        (height, width), (new_h, new_w) = original_size, resized_shape(*original_size, self.target_length)
+        scaled = np.array(coords, dtype=np.float64, copy=True)
+        scaled[..., 0] *= new_w / width
+        scaled[..., 1] *= new_h / height
+        return scaled
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(..., 4) XYXY boxes to model-input pixels, as (N, 4) float64."""
+        return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def apply_coords_torch(self, coords: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """`apply_coords` on a tensor: float32, on its device."""
+        (height, width), (new_h, new_w) = original_size, resized_shape(*original_size, self.target_length)
+        scaled = coords.to(torch.float32).clone()
+        scaled[..., 0] *= new_w / width
+        scaled[..., 1] *= new_h / height
+        return scaled
+
+    def apply_boxes_torch(self, boxes: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """`apply_boxes` on a tensor: (N, 4) float32, on its device."""
+        return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
