@@ -238,6 +238,13 @@ class PromptLayers:
 
 
 def align_with(layer: Layer, image: Image) -> None:
-    """Give `layer` the world placement of `image` (same spatial axes): scale, offset, rotation, shear."""
-    layer.scale, layer.translate = image.scale, image.translate
-    layer.rotate, layer.shear, layer.affine = image.rotate, image.shear, image.affine.affine_matrix
+    """Give `layer` the world placement of `image` (same spatial axes): scale, offset, rotation, shear.
+
+    Only what differs is set: napari redraws a layer for each placement set, even an unchanged one,
+    which on a large image takes a good part of a second per layer.
+    """
+    for name in ("scale", "translate", "rotate", "shear"):
+        if not np.array_equal(getattr(layer, name), getattr(image, name)):
+            setattr(layer, name, getattr(image, name))
+    if not np.array_equal(layer.affine.affine_matrix, image.affine.affine_matrix):
+        layer.affine = image.affine.affine_matrix
