@@ -92,8 +92,9 @@ class AutoSettings:
         for name in ("min_predicted_iou", "min_stability", "box_nms_iou", "mask_nms_iou", "min_visible"):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a fraction between 0 and 1, not {getattr(self, name)}.")
-        if self.min_area < 0 or self.crop_layers < 0 or self.stability_offset < 0:
-            raise ValueError("min_area, crop_layers and stability_offset cannot be negative.")
+        for name in ("min_area", "crop_layers", "stability_offset"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} cannot be negative, not {getattr(self, name)}.")
         if not 0.0 <= self.crop_overlap < 1.0:
             raise ValueError(f"crop_overlap is a fraction from 0 to below 1, not {self.crop_overlap}.")
 

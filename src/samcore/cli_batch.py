@@ -28,6 +28,14 @@ BATCH_EXAMPLES = """examples:
 """
 
 
+# The options of `auto` that set an `AutoSettings` field, by field.
+AUTO_FLAGS = {
+    "points_per_side": "--points-per-side", "points_per_batch": "--points-per-batch",
+    "min_predicted_iou": "--min-iou", "min_stability": "--min-stability", "min_area": "--min-area",
+    "crop_layers": "--crop-layers",
+}
+
+
 def add_batch_commands(commands) -> None:
     """Add `embed` and `auto` to the subcommands of `napari-sam`."""
     embed = _batch_parser(commands, "embed", "precompute the embeddings of TIFF stacks into zarr stores")
@@ -100,7 +108,11 @@ def run_auto(args: argparse.Namespace) -> int:
 
     names = ("points_per_side", "points_per_batch", "min_predicted_iou", "min_stability", "min_area")
     given = {name: getattr(args, name) for name in (*names, "crop_layers") if getattr(args, name) is not None}
-    AutoSettings(**given)  # bad values are refused before the model loads
+    for name, value in given.items():  # bad values are refused before the model loads, by their option
+        try:
+            AutoSettings(**{name: value})
+        except ValueError as error:
+            raise ValueError(str(error).replace(name, AUTO_FLAGS[name], 1)) from error
     if not 0 < args.link_overlap <= 1:
         raise ValueError(f"--link-overlap is a fraction of the smaller object, above 0 and at most 1, "
                          f"not {args.link_overlap:g}.")

@@ -130,15 +130,21 @@ def read_image(args: argparse.Namespace) -> np.ndarray:
     except ValueError as error:  # `batch.read_image` says what is wrong with a TIFF
         if tiff:
             raise ValueError(f"{args.image}: {error}") from None
-        raise ValueError(f"{args.image}: it cannot be read as an image ({error}).") from None
+        raise ValueError(f"{args.image}: it cannot be read as an image ({_first_line(error)}).") from None
     except OSError as error:
         kind = "a TIFF file" if tiff else "an image"
-        raise ValueError(f"{args.image}: it cannot be read as {kind} ({error}).") from None
+        raise ValueError(f"{args.image}: it cannot be read as {kind} ({_first_line(error)}).") from None
     try:
         check_shape(image.shape)
     except ValueError as error:
         raise ValueError(f"{args.image}: {error}") from None
     return image
+
+
+def _first_line(error: Exception) -> str:
+    """The reason a reader gives, without the lines of advice on plugins to install that may follow."""
+    lines = str(error).strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(error).__name__
 
 
 def _read_tiff(path: Path) -> np.ndarray:
@@ -148,6 +154,10 @@ def _read_tiff(path: Path) -> np.ndarray:
 
 
 def _read_other(path: Path) -> np.ndarray:
+    import warnings
+
     from skimage import io
 
-    return io.imread(path)
+    with warnings.catch_warnings():  # the reader's notes on its own plugins are no concern of the user
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return io.imread(path)

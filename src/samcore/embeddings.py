@@ -301,7 +301,8 @@ class EmbeddingStore:
             raise FileNotFoundError(
                 f"The embedding store {path} is not here: on a cluster, put it on a disk every worker shares."
             )
-        if path.exists():
+        empty = path.is_dir() and not any(path.iterdir())  # made for the store (mkdir): a new one
+        if path.exists() and not (create and empty):
             try:
                 group = zarr.open_group(str(path), mode="r+")
             except (ValueError, OSError) as error:  # nothing is written into a folder that is no store

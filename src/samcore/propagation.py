@@ -259,7 +259,7 @@ def check_z_range(z_range: tuple[int, int] | None, depth: int) -> tuple[int, int
 
 
 def _object_ids(labels: np.ndarray, object_ids: Iterable[int] | None) -> list[int]:
-    present = [int(i) for i in _ids_in(labels)]
+    present = [int(i) for i in _ids_in(labels) if i > 0]  # negative values are not objects: left alone
     if object_ids is None:
         if not present:
             raise ValueError("The labels hold no object to propagate: annotate one on a slice first.")

@@ -126,6 +126,30 @@ def test_a_store_of_other_data_or_another_model_is_refused(tmp_path, stack_file,
     assert "made for other data or another model" in capsys.readouterr().err
 
 
+def test_an_empty_folder_made_for_the_store_becomes_it_and_another_folder_is_refused(
+    tmp_path, stack_file, checkpoint, capsys
+):
+    store = tmp_path / "stack.zarr"
+    store.mkdir()
+    assert cli("embed", stack_file, "--store", store, checkpoint=checkpoint) == 0
+    assert any(store.iterdir())
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert cli("embed", stack_file, "--store", other, checkpoint=checkpoint) == 1
+    assert "is not an embedding store" in capsys.readouterr().err
+    assert [path.name for path in other.iterdir()] == ["notes.txt"]
+
+
+def test_a_file_that_is_no_image_is_one_line_naming_it(tmp_path, capsys):
+    fake = tmp_path / "fake.png"
+    fake.write_text("hello")
+    assert main(["segment", str(fake), "--point", "1", "1", "-o", str(tmp_path / "o.tif")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "fake.png: it cannot be read as an image" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -323,3 +347,19 @@ def test_labels_stopped_while_written_leave_no_file_that_looks_finished(tmp_path
     write_labels(out, labels)
     np.testing.assert_array_equal(tifffile.imread(out), labels)
     assert [path.name for path in tmp_path.iterdir()] == ["labels.tif"]
+
+
+@pytest.mark.parametrize(
+    ("option", "said"),
+    [
+        (["--crop-layers", "-1"], "--crop-layers cannot be negative"),
+        (["--points-per-side", "0"], "--points-per-side must be at least 1"),
+        (["--min-iou", "1.5"], "--min-iou is a fraction"),
+        (["--min-area", "-3"], "--min-area cannot be negative"),
+    ],
+)
+def test_bad_auto_settings_are_named_by_their_option(tmp_path, capsys, option, said):
+    tifffile.imwrite(tmp_path / "image.tif", np.zeros((20, 20), np.uint8))
+    assert main(["auto", str(tmp_path / "image.tif"), *option]) == 1
+    err = capsys.readouterr().err
+    assert said in err and "_" not in err.split("error:")[-1]

@@ -421,6 +421,16 @@ def test_embeddings_reached_are_cached_and_reused(tiny_predictor, stack):
     assert not any(event.stage == "embedding" for event in again)
 
 
+def test_negative_values_are_not_objects_and_stay(tiny_predictor, stack):
+    image, truth = stack
+    labels = np.zeros(truth.shape, np.int32)
+    labels[5] = truth[5]
+    labels[:, :3, :3] = -1  # a mark of the user's, not an object
+    result = propagate(tiny_predictor, image, labels, **EVERYTHING)
+    assert -1 not in result.filled and set(result.filled) == {int(i) for i in np.unique(truth[5]) if i}
+    np.testing.assert_array_equal(result.labels == -1, labels == -1)
+
+
 def test_a_store_of_another_stack_is_refused(tiny_predictor, stack):
     image, truth = stack
     labels = np.zeros_like(truth)
