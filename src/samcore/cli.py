@@ -290,8 +290,15 @@ def _run_prompts(args: argparse.Namespace) -> int:
         view = StackView.of(image, rgb=rgb)
     objects = read_prompts(args.prompts, image.shape[:-1] if rgb else image.shape)
     z_range = None if args.z_range is None else check_z_range(args.z_range, view.n_slices)
+    for entry in objects if z_range is not None else ():  # refused now, not after the model loads
+        if not any(z_range[0] <= prompted.z <= z_range[1] for prompted in entry.slices):
+            raise ValueError(f"Object {entry.object_id} is not on any slice between {z_range[0]} and "
+                             f"{z_range[1]}: prompt it on a slice inside --z-range.")
     options = {"mode": args.mode, "min_contrast": args.min_contrast}
-    settings = PropagationSettings(**{k: v for k, v in options.items() if v is not None}, z_range=z_range)
+    try:
+        settings = PropagationSettings(**{k: v for k, v in options.items() if v is not None}, z_range=z_range)
+    except ValueError as error:  # named by the option that gave it
+        raise ValueError(str(error).replace("min_contrast", "--min-contrast")) from None
     boxes = any(prompted.box is not None for entry in objects for prompted in entry.slices)
     clicks = any(prompted.box is None for entry in objects for prompted in entry.slices)
     zooms_on = " and ".join(["small boxes"] * boxes + ["clicks on large images"] * clicks)

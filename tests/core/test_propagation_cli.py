@@ -97,7 +97,9 @@ def test_a_2d_image_gives_2d_labels(tmp_path, stack_file, checkpoint, capsys):
         ([{"id": 1, "points": [[2, 5, 5]]}], ["--z-range", "1", "4"], "add --propagate, or leave them out"),
         ([{"id": 1, "points": [[2, 5, 5]]}], ["--min-contrast", "0"], "add --propagate, or leave them out"),
         ([{"id": 1, "points": [[2, 5, 5]]}], ["--propagate", "--min-contrast", "1.5"],
-         "min_contrast is a fraction between 0 and 1"),
+         "--min-contrast is a fraction between 0 and 1"),
+        ([{"id": 1, "points": [[2, 5, 5]]}], ["--propagate", "--z-range", "3", "5"],
+         "Object 1 is not on any slice between 3 and 5"),
     ],
 )
 def test_bad_prompts_are_one_clear_line(tmp_path, stack_file, checkpoint, capsys, no_model, objects, extra,
