@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from .cancel import Cancelled
-from .predictor import ImageEmbedding, Predictor, resized_shape
+from .predictor import ImageEmbedding, Predictor
 from .preprocess import MAX_PERCENTILE_PIXELS, percentile_range, to_rgb_uint8
+from .transforms import model_input_size
 
 FORMAT_VERSION = 2  # 2: each slice holds (V, C, h, w), its mirrored views (`Predictor.views`)
 STORE_DTYPES = ("float16", "float32")
@@ -333,7 +334,7 @@ def embedding_geometry(
     """The (V, C, h, w) features shape of `views` views, and the model-input (h', w'), of an image of
     `original_size` (H, W)."""
     features = (views, model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size)
-    return features, resized_shape(*original_size, model.img_size)
+    return features, model_input_size(model, original_size)
 
 
 def nearest_first(center: int, n_slices: int) -> list[int]:

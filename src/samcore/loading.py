@@ -94,6 +94,7 @@ def _decode_as(model: nn.Module, entry: zoo.ModelEntry, thresholds: tuple[float,
     model.refine_masks = entry.refine
     model.views = entry.views
     model.zoom_boxes = entry.zoom
+    model.max_enlargement = entry.max_enlargement
 
 
 def _calibrated_thresholds(checkpoint: Path) -> tuple[float, float] | None:

@@ -22,7 +22,7 @@ from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_prompt
 from .precision import autocast, resolve_precision
 from .preprocess import resize_uint8, to_rgb_uint8
 from .prompt_checks import check_box, check_mask_input, check_points
-from .transforms import ResizeLongestSide, resized_shape
+from .transforms import ResizeLongestSide, model_input_size
 from .views import MIRRORS, Mirror, check_views
 from .zoom import Window, click_window, serves, zoom_window
 
@@ -150,10 +150,13 @@ class Predictor:
         """
         return self.embed_rgb(_rgb(image, image_format, channel_axis), cancel)
 
-    def embed_rgb(self, rgb: np.ndarray, cancel: threading.Event | None = None) -> ImageEmbedding:
-        """Embedding of a (H, W, 3) uint8 RGB image; `cancel` as in `embed`."""
+    def embed_rgb(
+        self, rgb: np.ndarray, cancel: threading.Event | None = None, crop: bool = False
+    ) -> ImageEmbedding:
+        """Embedding of a (H, W, 3) uint8 RGB image; `cancel` as in `embed`. A zoomed `crop` is enlarged to
+        the model's input size whatever its size (see `samcore.transforms.model_input_size`)."""
         original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
-        input_size = resized_shape(*original_size, self.model.img_size)
+        input_size = model_input_size(self.model, original_size, crop)
         resized = resize_uint8(rgb, input_size)
         features = []
         with torch.inference_mode(), autocast(self.precision, self.device), stopping_on(cancel):
@@ -417,7 +420,7 @@ class Predictor:
         pixels = self._pixels
         if pixels is None:
             raise RuntimeError("Zooming in needs the image's pixels: set_image, or set_embedding(image=...).")
-        crop = self.embed_rgb(np.ascontiguousarray(pixels[window.slices]), cancel)
+        crop = self.embed_rgb(np.ascontiguousarray(pixels[window.slices]), cancel, crop=True)
         if pixels is self._pixels:  # still the current image
             kept = [held for held in self._held_crops() if held[1] != window]
             self._crops = [*kept, (pixels, window, crop)][-HELD_CROPS:]
@@ -560,9 +563,11 @@ class Predictor:
 
     @property
     def transform(self) -> ResizeLongestSide:
-        """segment-anything's `predictor.transform`: prompts of an image to model-input pixels, for
-        `predict_torch` (`transform_coords` and `transform_boxes` do it for the current image)."""
-        return ResizeLongestSide(self.model.img_size)
+        """segment-anything's `predictor.transform`: prompts of the current image to model-input pixels,
+        for `predict_torch` (`transform_coords` and `transform_boxes` do the same)."""
+        if self._embedding is None:
+            return ResizeLongestSide(self.model.img_size)
+        return ResizeLongestSide(max(self._embedding.input_size))  # the image's longest side, as embedded
 
     @property
     def features(self) -> torch.Tensor:
@@ -572,11 +577,16 @@ class Predictor:
 
     def transform_coords(self, coords: np.ndarray) -> np.ndarray:
         """Map (..., 2) XY original-image pixels of the current image to model-input pixels."""
-        return self.transform.apply_coords(coords, self._current().original_size)
+        embedding = self._current()
+        (height, width), (new_h, new_w) = embedding.original_size, embedding.input_size
+        scaled = np.array(coords, dtype=np.float64, copy=True)
+        scaled[..., 0] *= new_w / width
+        scaled[..., 1] *= new_h / height
+        return scaled
 
     def transform_boxes(self, boxes: np.ndarray) -> np.ndarray:
         """Map (..., 4) XYXY original-image boxes of the current image to model-input pixels."""
-        return self.transform.apply_boxes(boxes, self._current().original_size)
+        return self.transform_coords(np.asarray(boxes).reshape(-1, 2, 2)).reshape(-1, 4)
 
     def logits_from_mask(self, mask: np.ndarray) -> np.ndarray:
         """Low-resolution logits standing for a (H, W) mask of the current image, as a `mask_input`.

@@ -19,8 +19,9 @@ import torch
 from .cancel import stopping_on
 from .embeddings import EmbeddingStore, StackView, model_key, stack_key
 from .logits import mask_logits
-from .predictor import Predictor, resized_shape
+from .predictor import Predictor
 from .progress import Job, Progress, run
+from .transforms import model_input_size
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ class StackDecoder:
     def logits_from_mask(self, mask: np.ndarray) -> np.ndarray:
         """Low-resolution logits standing for a (Y, X) bool mask of a slice, as a `mask_input`."""
         model = self.predictor.model
-        return mask_logits(mask, model, resized_shape(self.shape[1], self.shape[2], model.img_size))
+        return mask_logits(mask, model, model_input_size(model, (self.shape[1], self.shape[2])))
 
     def intensities(self, z: int) -> np.ndarray:
         """Slice z's own (Y, X) float32 intensities (RGB: the mean of its channels)."""

@@ -12,6 +12,24 @@ def resized_shape(height: int, width: int, longest: int) -> tuple[int, int]:
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def model_input_size(
+    model: torch.nn.Module, original_size: tuple[int, int], crop: bool = False
+) -> tuple[int, int]:
+    """(h, w) at which `model` sees an image of `original_size` (H, W) inside its square input.
+
+    SAM scales the longest side to its input size (1024 px). A model with a `max_enlargement` (the
+    bundled model: see `samcore.zoo.ModelEntry.max_enlargement`) enlarges a small image at most that
+    many times, and the rest of its input is padding: objects keep sizes closer to those it was
+    trained on. A zoomed `crop` is enlarged to the input size whatever its size: that is what zooming
+    is for.
+    """
+    longest = model.img_size
+    most = getattr(model, "max_enlargement", None)
+    if most and not crop:
+        longest = min(longest, max(1, round(max(original_size) * most)))
+    return resized_shape(*original_size, longest)
+
+
 class ResizeLongestSide:
     """segment-anything's `predictor.transform`: XY points and XYXY boxes of an image of `original_size`
     (H, W) to the pixels of the model's input, where the image's longest side is `target_length`.

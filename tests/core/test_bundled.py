@@ -100,6 +100,19 @@ def test_the_bundled_model_segments_nuclei_in_a_long_narrow_image(shape) -> None
     assert box > 0.85 and point > 0.85
 
 
+def test_a_small_image_is_enlarged_at_most_twice_and_segments_well() -> None:
+    model = samcore.load_model()
+    boxes = []
+    for seed in range(3):
+        image, labels = nuclei_image((64, 64), n_nuclei=3, radius=(7.0, 11.0), seed=seed)
+        predictor = Predictor(model)
+        predictor.set_image(image)
+        assert predictor.input_size == (128, 128)  # not 512: the rest of the input is padding
+        boxes.append(prompted_ious(model, image, labels)[0])
+    # Enlarged to the whole 512 px input, these nuclei scored 0.79 from a box (worst 0.55).
+    assert np.mean(boxes) > 0.85, boxes
+
+
 @pytest.mark.slow
 def test_zooming_in_outlines_small_nuclei_better() -> None:
     # Nuclei of 4-7 px radius in a 512 px image: a cell or two of the embedding grid each.

@@ -49,7 +49,7 @@ def test_int8_embedding_stays_close_to_fp32(model, image):
 
 
 def fp32_input(predictor: Predictor, image: np.ndarray) -> torch.Tensor:
-    from samcore.predictor import resized_shape
+    from samcore.transforms import resized_shape
     from samcore.preprocess import resize_uint8
 
     rgb = np.repeat(image[..., None], 3, axis=2)

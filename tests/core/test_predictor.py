@@ -355,3 +355,28 @@ def test_a_model_that_pads_with_the_mirror_image_fills_the_square_with_reflectio
     mirrored_key = model_key(model)
     model.padding = "zeros"
     assert model_key(model) != mirrored_key
+
+
+def test_a_model_that_enlarges_small_images_at_most_twice_maps_prompts_and_masks_alike():
+    from samcore.slice_decoder import StackDecoder
+    from samcore.transforms import model_input_size
+
+    torch.manual_seed(4)
+    model = build_sam("vit_test")  # input 256 px
+    assert model_input_size(model, (60, 40)) == (256, 171)  # SAM's way: the longest side to the input
+    model.max_enlargement = 2.0
+    assert model_input_size(model, (60, 40)) == (120, 80)
+    assert model_input_size(model, (200, 100)) == (256, 128)  # twice would pass the input size
+    assert model_input_size(model, (60, 40), crop=True) == (256, 171)  # a zoomed crop fills the input
+    predictor = Predictor(model, precision="fp32")
+    image = np.random.default_rng(5).integers(0, 255, (60, 40), dtype=np.uint8)
+    predictor.set_image(image)
+    assert predictor.input_size == (120, 80)
+    np.testing.assert_allclose(predictor.transform_coords(np.array([[10.0, 30.0]])), [[20.0, 60.0]])
+    mapped = predictor.transform.apply_coords(np.array([[10.0, 30.0]]), (60, 40))
+    np.testing.assert_allclose(mapped, [[20.0, 60.0]])
+    masks, _, low_res = predictor.predict(point_coords=np.array([[20.0, 30.0]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 60, 40)
+    mask = masks[0] if masks[0].any() else np.pad(np.ones((10, 10), bool), ((20, 30), (10, 20)))
+    decoder = StackDecoder(predictor, image)  # propagation's mask inputs: the same geometry
+    np.testing.assert_allclose(decoder.logits_from_mask(mask), predictor.logits_from_mask(mask))
