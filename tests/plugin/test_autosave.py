@@ -19,6 +19,15 @@ def saved(widget, folder):
     return files[0], read_objects(files[0])
 
 
+def commit_box(viewer, widget):
+    """Embed slice 2, commit the object in BOX there; the objects layer."""
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget._prompt_layers.boxes.add_rectangles(BOX)
+    widget.commit()
+    return widget.output_layer()
+
+
 def test_rows_touched_by_flat_indices_and_by_paint_atoms():
     assert touched_rows(np.array([0, 5, 99, 100, 250]), (3, 10, 10)).tolist() == [0, 1, 2]
     assert touched_rows(np.array([3, 17]), (4, 5)).tolist() == [0, 3]  # rows of a 2D image
@@ -31,11 +40,7 @@ def test_rows_touched_by_flat_indices_and_by_paint_atoms():
 
 def test_commit_undo_and_brush_strokes_are_on_disk(sam, private_folders, messages):
     viewer, widget = sam
-    viewer.dims.set_current_step(0, 2)
-    widget.load(block=True)
-    widget._prompt_layers.boxes.add_rectangles(BOX)
-    widget.commit()
-    objects = widget.output_layer()
+    objects = commit_box(viewer, widget)
     path, on_disk = saved(widget, private_folders)
     assert path.name == "nuclei - SAM objects" + SUFFIX
     assert (on_disk == 1).sum() > 20
@@ -171,11 +176,7 @@ def _on_disk(widget, folder, name):
 
 def test_strokes_in_the_objects_layer_are_on_disk_after_the_widget_is_reopened(sam, private_folders):
     viewer, widget = sam
-    viewer.dims.set_current_step(0, 2)
-    widget.load(block=True)
-    widget._prompt_layers.boxes.add_rectangles(BOX)
-    widget.commit()
-    objects = widget.output_layer()
+    objects = commit_box(viewer, widget)
     viewer.window.remove_dock_widget(widget.native)
     _, reopened = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
     assert reopened._output.value is objects
@@ -192,11 +193,7 @@ def test_a_stroke_in_one_images_objects_is_saved_under_that_image_with_another_p
     viewer, widget = sam
     viewer.add_image(stack.copy(), name="other")
     widget._image.value = viewer.layers["nuclei"]
-    viewer.dims.set_current_step(0, 2)
-    widget.load(block=True)
-    widget._prompt_layers.boxes.add_rectangles(BOX)
-    widget.commit()
-    objects = widget.output_layer()
+    objects = commit_box(viewer, widget)
     widget._image.value = viewer.layers["other"]
     objects.selected_label, objects.brush_size = 9, 5
     objects.paint((0, 40, 40), 9)

@@ -9,16 +9,21 @@ import pytest
 from samcore import Predictor
 
 
+def embedded(make_napari_viewer, checkpoint, image, name):
+    """A viewer with `image`, the widget opened from the plugin menu, its embedding ready."""
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name=name)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=checkpoint)
+    widget.load(block=True)
+    return viewer, widget
+
+
 @pytest.fixture
 def wide(make_napari_viewer, tiny_checkpoint):
     """A 300x400 image, where a 12-pixel box is small enough to zoom in on, its embedding ready."""
-    viewer = make_napari_viewer()
     image = np.random.default_rng(2).integers(0, 255, (300, 400), dtype=np.uint8)
-    viewer.add_image(image, name="wide")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
-    widget.set_model(checkpoint=tiny_checkpoint)
-    widget.load(block=True)
-    return viewer, widget, image
+    return (*embedded(make_napari_viewer, tiny_checkpoint, image, "wide"), image)
 
 
 def test_the_preview_of_a_small_box_is_redrawn_from_the_crop_around_it(wide):
@@ -91,12 +96,8 @@ def test_a_new_box_abandons_the_crop_of_the_last_one(wide, qtbot):
 
 
 def test_a_click_on_a_large_image_is_redrawn_from_the_crop_around_it(make_napari_viewer, tiny_checkpoint):
-    viewer = make_napari_viewer()
     image = np.random.default_rng(4).integers(0, 255, (300, 600), dtype=np.uint8)  # over twice 256 px
-    viewer.add_image(image, name="large")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
-    widget.set_model(checkpoint=tiny_checkpoint)
-    widget.load(block=True)
+    _, widget = embedded(make_napari_viewer, tiny_checkpoint, image, "large")
     widget._zoom.value = True
     widget.add_point((150, 420))
     assert widget._candidate.value.endswith("zooming in…")  # the whole image's mask meanwhile
@@ -117,12 +118,8 @@ def test_a_click_on_a_large_image_is_redrawn_from_the_crop_around_it(make_napari
 
 
 def test_a_zoomed_click_refines_the_candidate_shown_and_the_next_on_n(make_napari_viewer, tiny_checkpoint):
-    viewer = make_napari_viewer()
     image = np.random.default_rng(5).integers(0, 255, (300, 600), dtype=np.uint8)
-    viewer.add_image(image, name="large")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
-    widget.set_model(checkpoint=tiny_checkpoint)
-    widget.load(block=True)
+    _, widget = embedded(make_napari_viewer, tiny_checkpoint, image, "large")
     widget._zoom.value = True
     widget._refine.value = True
     widget.add_point((150, 420))
