@@ -99,6 +99,13 @@ def check_image_file(path: Path) -> tuple[int, ...]:
     return shape
 
 
+def _not_a_tiff(error: Exception) -> ValueError:
+    """The error for a file tifffile cannot read: in its words where it has some; a lookup that failed
+    inside it ("list index out of range") says nothing to a user."""
+    said = str(error) if isinstance(error, (ValueError, OSError)) and str(error) else "damaged, or not a TIFF"
+    return ValueError(f"it cannot be read as a TIFF file ({said}).")
+
+
 def tiff_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """The shape and pixel type of a TIFF's image, from its header; ValueError (the message follows the
     file's name and a colon) if it is not a TIFF, or holds less than its header announces."""
@@ -111,7 +118,7 @@ def tiff_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
                 shape, dtype = tuple(series.shape), np.dtype(series.dtype)
                 missing = _missing_data(tiff, series, Path(path).stat().st_size)
         except (ValueError, IndexError, KeyError, OSError) as error:  # tifffile.TiffFileError is a ValueError
-            raise ValueError(f"it cannot be read as a TIFF file ({error}).") from None
+            raise _not_a_tiff(error) from None
     if missing:
         raise ValueError(f"the file is damaged or was cut short (an interrupted copy?): {missing}.")
     return shape, dtype
@@ -167,7 +174,7 @@ def read_image(path: Path) -> np.ndarray:
     try:
         return tifffile.imread(path)
     except (ValueError, TypeError, IndexError, OSError) as error:
-        raise ValueError(f"it cannot be read as a TIFF file ({error}).") from None
+        raise _not_a_tiff(error) from None
 
 
 def lazy_stack(path: Path):

@@ -65,8 +65,7 @@ def percentile_range(
         sample = _finite_values(data)
     if sample.size == 0:
         raise ValueError(
-            f"The image (shape {data.shape}, dtype {data.dtype}) contains no "
-            "finite values: every pixel is NaN or infinite."
+            f"The image ({data.dtype}) contains no finite values: every pixel is NaN or infinite."
         )
     lo, hi = np.percentile(sample, [p_low, p_high])
     return float(lo), float(hi)

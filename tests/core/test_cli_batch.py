@@ -363,3 +363,11 @@ def test_bad_auto_settings_are_named_by_their_option(tmp_path, capsys, option, s
     assert main(["auto", str(tmp_path / "image.tif"), *option]) == 1
     err = capsys.readouterr().err
     assert said in err and "_" not in err.split("error:")[-1]
+
+
+def test_a_tiff_of_garbage_is_called_damaged_in_words_a_user_reads(tmp_path, capsys):
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"II*\x00garbage" * 6)  # a TIFF's first bytes, then nothing a reader can use
+    assert main(["segment", str(broken), "--point", "1", "1", "-o", str(tmp_path / "o.tif")]) == 1
+    err = capsys.readouterr().err
+    assert "broken.tif: it cannot be read as a TIFF file (damaged, or not a TIFF)" in err and "index" not in err

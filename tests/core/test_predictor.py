@@ -380,3 +380,8 @@ def test_a_model_that_enlarges_small_images_at_most_twice_maps_prompts_and_masks
     mask = masks[0] if masks[0].any() else np.pad(np.ones((10, 10), bool), ((20, 30), (10, 20)))
     decoder = StackDecoder(predictor, image)  # propagation's mask inputs: the same geometry
     np.testing.assert_allclose(decoder.logits_from_mask(mask), predictor.logits_from_mask(mask))
+
+
+def test_an_image_of_nan_only_is_refused_in_its_own_terms(predictor):
+    with pytest.raises(ValueError, match=r"^The image \(float32\) contains no finite values"):
+        predictor.set_image(np.full((64, 64), np.nan, np.float32))
