@@ -24,12 +24,6 @@ if TYPE_CHECKING:
     from ._widget import SamWidget
 
 
-def objects_on_slice(labels: np.ndarray, z: int) -> list[int]:
-    """The object ids (not 0) with pixels on slice z of (Z, Y, X) labels, sorted."""
-    plane = np.asarray(labels[z])
-    return [int(i) for i in np.unique(plane[plane != 0])]
-
-
 def paint(labels: np.ndarray, z: int, written: dict[int, np.ndarray]) -> np.ndarray:
     """Write each object's (Y, X) bool pixels into slice z of (Z, Y, X) labels, where still 0.
 
@@ -62,7 +56,7 @@ class Propagation(BackgroundJob):
     def start(self, object_ids: Iterable[int] | None = None, settings: PropagationSettings | None = None) -> bool:
         """Check the widget's state, then start propagating; False (after a notification) if it cannot."""
         from samcore import Predictor
-        from samcore.propagation import propagate_iter
+        from samcore.propagation import object_ids_in, propagate_iter
         from samcore.slice_decoder import StackDecoder
 
         # The widget's notifications (tests replace them).
@@ -99,7 +93,7 @@ class Propagation(BackgroundJob):
             show_error(f"SAM: {error}")
             return False
         labels = np.array(layer.data)  # a snapshot: the user may edit the layer meanwhile
-        ids = objects_on_slice(labels, z) if object_ids is None else [int(i) for i in object_ids]
+        ids = object_ids_in(labels[z]) if object_ids is None else [int(i) for i in object_ids]
         if not ids:
             show_warning(f"SAM: slice {z} of '{layer.name}' holds no object; commit one on it first.")
             return False

@@ -20,7 +20,7 @@ from .automatic import AutoSettings, segment_embedding
 from .embeddings import EmbeddingStore, StackView, as_stored, embed_slices, model_key, stack_key
 from .linking import link_slices
 from .predictor import ImageEmbedding, Predictor
-from .progress import Job, Progress, T, run
+from .progress import Job, Progress, restepped, run
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -102,7 +102,7 @@ def slice_labels(
     """
     embedding, computed = slice_embedding(predictor, rgb, z, store, done, cancel)
     job = segment_embedding(predictor.model, embedding, rgb, settings, predictor.precision)
-    labels = yield from _at_slice(job, z)
+    labels = yield from restepped(job, lambda step: dataclasses.replace(step, z=z))  # steps of slice z
     return labels, computed
 
 
@@ -183,13 +183,3 @@ def segment_everything(
         disk = EmbeddingStore(key, view.n_slices, store, cache_slices=2)
     labels = run(segment_stack(predictor, view, disk, settings, link_overlap, client), on_progress)
     return labels[0] if np.ndim(image) - int(rgb) == 2 else labels
-
-
-def _at_slice(job: Job[T], z: int) -> Job[T]:
-    """The job's steps, marked as steps of slice z."""
-    while True:
-        try:
-            step = next(job)
-        except StopIteration as finished:
-            return finished.value
-        yield dataclasses.replace(step, z=z)

@@ -46,12 +46,17 @@ def run(job: Job[T], on_progress: Callable[[Progress], None] | None = None) -> T
             on_progress(step)
 
 
-def counted_on(job: Job[T], before: int, total: int) -> Job[T]:
-    """`job` as one part of a larger one: its steps counted on from `before` earlier steps, out of
-    `total`; it returns the part's result."""
+def restepped(job: Job[T], change: Callable[[Progress], Progress]) -> Job[T]:
+    """`job` with each of its steps passed through `change`; it returns the job's result."""
     while True:
         try:
             step = next(job)
         except StopIteration as finished:
             return finished.value
-        yield replace(step, done=before + step.done, total=total)
+        yield change(step)
+
+
+def counted_on(job: Job[T], before: int, total: int) -> Job[T]:
+    """`job` as one part of a larger one: its steps counted on from `before` earlier steps, out of
+    `total`; it returns the part's result."""
+    return restepped(job, lambda step: replace(step, done=before + step.done, total=total))

@@ -259,7 +259,7 @@ def check_z_range(z_range: tuple[int, int] | None, depth: int) -> tuple[int, int
 
 
 def _object_ids(labels: np.ndarray, object_ids: Iterable[int] | None) -> list[int]:
-    present = [int(i) for i in _ids_in(labels) if i > 0]  # negative values are not objects: left alone
+    present = object_ids_in(labels)
     if object_ids is None:
         if not present:
             raise ValueError("The labels hold no object to propagate: annotate one on a slice first.")
@@ -275,15 +275,17 @@ def _object_ids(labels: np.ndarray, object_ids: Iterable[int] | None) -> list[in
     return ids
 
 
-def _ids_in(labels: np.ndarray) -> np.ndarray:
-    """The object ids in `labels`, sorted: of the labelled pixels only (mostly background: many times faster)."""
-    return np.unique(labels[labels != 0])
+def object_ids_in(labels: np.ndarray) -> list[int]:
+    """The objects in `labels`, sorted: its positive values (0 is background; negative values are not
+    objects and are left alone). Only labelled pixels are sorted: many times faster on mostly background."""
+    labels = np.asarray(labels)
+    return [int(i) for i in np.unique(labels[labels > 0])]
 
 
 def _slices_of(labels: np.ndarray, object_ids: list[int]) -> dict[int, list[int]]:
     wanted = np.asarray(object_ids)
     slices: dict[int, list[int]] = {object_id: [] for object_id in object_ids}
     for z in range(labels.shape[0]):
-        for object_id in np.intersect1d(_ids_in(labels[z]), wanted):
+        for object_id in np.intersect1d(object_ids_in(labels[z]), wanted):
             slices[int(object_id)].append(z)
     return slices

@@ -57,5 +57,18 @@ def sam(make_napari_viewer, tiny_checkpoint, stack):
     return viewer, widget
 
 
+# A rectangle around a nucleus of the `stack` fixture on slice 2, as (z, y, x) corners.
+BOX = np.array([[2, 5, 5], [2, 5, 80], [2, 80, 80], [2, 80, 5]])
+
+
+def commit_box(viewer, widget):
+    """Embed slice 2, commit the object in BOX there; the objects layer."""
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget._prompt_layers.boxes.add_rectangles(BOX)
+    widget.commit()
+    return widget.output_layer()
+
+
 def preview_mask(widget, z):
     return np.asarray(widget._prompt_layers.preview.data[z]) > 0

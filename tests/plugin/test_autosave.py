@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
+from conftest import BOX, commit_box
 from qtpy.QtCore import QCoreApplication
 from test_propagate import one_object_embedded
 
 from napari_sam._autosave import SUFFIX, painted_rows, read_objects, touched_rows
-
-BOX = np.array([[2, 5, 5], [2, 5, 80], [2, 80, 80], [2, 80, 5]])
 
 
 def saved(widget, folder):
@@ -17,15 +16,6 @@ def saved(widget, folder):
     files = sorted(folder.glob("*" + SUFFIX))
     assert len(files) == 1
     return files[0], read_objects(files[0])
-
-
-def commit_box(viewer, widget):
-    """Embed slice 2, commit the object in BOX there; the objects layer."""
-    viewer.dims.set_current_step(0, 2)
-    widget.load(block=True)
-    widget._prompt_layers.boxes.add_rectangles(BOX)
-    widget.commit()
-    return widget.output_layer()
 
 
 def test_rows_touched_by_flat_indices_and_by_paint_atoms():

@@ -6,25 +6,15 @@ import time
 
 import dask.array as da
 import numpy as np
-from conftest import preview_mask
+from conftest import BOX, commit_box, preview_mask
 from test_propagate import _objects, one_object_embedded
 
 from napari_sam._candidates import Candidates
 
-BOX = np.array([[2, 5, 5], [2, 5, 80], [2, 80, 80], [2, 80, 5]])
-
-
-def _commit_box(viewer, widget):
-    viewer.dims.set_current_step(0, 2)
-    widget.load(block=True)
-    widget._prompt_layers.boxes.add_rectangles(BOX)
-    widget.commit()
-    return widget.output_layer()
-
 
 def test_undo_keeps_what_the_user_painted_after_the_commit(sam):
     viewer, widget = sam
-    objects = _commit_box(viewer, widget)
+    objects = commit_box(viewer, widget)
     committed = objects.data == 1
     assert committed.sum() > 20
     ys, xs = np.nonzero(committed[2])
@@ -135,7 +125,7 @@ def test_a_strided_labels_layer_is_copied_before_objects_are_added(sam, messages
     mine = viewer.add_labels(base.transpose(2, 0, 1), name="transposed")  # a strided view of `base`
     widget._output.reset_choices()
     widget._output.value = mine
-    objects = _commit_box(viewer, widget)
+    objects = commit_box(viewer, widget)
     assert objects is mine and (mine.data == 1).any()
     assert mine.data.flags.c_contiguous
     assert not base.any()  # the user's own array is left as it was
