@@ -22,7 +22,7 @@ from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_prompt
 from .precision import autocast, resolve_precision
 from .preprocess import resize_uint8, to_rgb_uint8
 from .prompt_checks import check_box, check_mask_input, check_points
-from .transforms import ResizeLongestSide, model_input_size
+from .transforms import ResizeLongestSide, model_input_size, resized_shape
 from .views import MIRRORS, Mirror, check_views
 from .zoom import Window, click_window, serves, zoom_window
 
@@ -157,16 +157,22 @@ class Predictor:
         the model's input size whatever its size (see `samcore.transforms.model_input_size`)."""
         original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
         input_size = model_input_size(self.model, original_size, crop)
-        resized = resize_uint8(rgb, input_size)
+        resized = torch.from_numpy(np.ascontiguousarray(resize_uint8(rgb, input_size)))
+        return self._embed_resized(resized.permute(2, 0, 1)[None], original_size, cancel)
+
+    def _embed_resized(
+        self, resized: torch.Tensor, original_size: tuple[int, int], cancel: threading.Event | None
+    ) -> ImageEmbedding:
+        """Embedding of an image of `original_size` already resized to the model's input: (1, 3, h, w),
+        0-255 RGB of any dtype."""
         features = []
         with torch.inference_mode(), autocast(self.precision, self.device), stopping_on(cancel):
+            pixels = resized.to(self.device).float()
             for mirror_x, mirror_y in MIRRORS[: self.views]:  # mirrored after resizing: exact mirror images
-                view = resized[:: -1 if mirror_y else 1, :: -1 if mirror_x else 1]
-                # A copy: a mirrored axis of length 1 (a strip one pixel wide) keeps a negative stride
-                # through ascontiguousarray, which torch refuses.
-                pixels = torch.from_numpy(view.copy()).to(self.device)
-                pixels = pixels.permute(2, 0, 1)[None].float()
-                features.append(self._encode(self.model.preprocess(pixels)))
+                axes = [axis for axis, mirrored in ((-1, mirror_x), (-2, mirror_y)) if mirrored]
+                view = pixels.flip(axes) if axes else pixels
+                features.append(self._encode(self.model.preprocess(view)))
+        input_size = (int(resized.shape[-2]), int(resized.shape[-1]))
         return ImageEmbedding(torch.cat(features).float(), original_size, input_size)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -204,6 +210,48 @@ class Predictor:
         """
         rgb = _rgb(image, image_format, channel_axis)
         self._use(self.embed_rgb(rgb, cancel), rgb)
+
+    def set_torch_image(
+        self,
+        transformed_image: torch.Tensor,
+        original_image_size: tuple[int, int],
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """segment-anything's `set_torch_image`: embed an image already resized for the model.
+
+        Args:
+            transformed_image: (1, 3, h, w) 0-255 RGB, the image with its longest side scaled to the
+                model's input size, as ``predictor.transform.apply_image`` (then permuted to channels
+                first) or ``apply_image_torch`` give it.
+            original_image_size: (H, W) of the image before resizing: prompts and masks are in its pixels.
+            cancel: as in `embed`.
+
+        Without the original pixels, boxes and clicks are decoded on the whole image (no `zoom`).
+        """
+        if not isinstance(transformed_image, torch.Tensor):
+            raise TypeError(
+                f"set_torch_image takes a torch.Tensor, not {type(transformed_image).__name__}; "
+                f"set_image takes a numpy image."
+            )
+        shape = tuple(transformed_image.shape)
+        if len(shape) != 4 or shape[:2] != (1, 3):
+            raise ValueError(
+                f"set_torch_image takes one RGB image as a (1, 3, h, w) tensor, not one of shape {shape}."
+            )
+        try:
+            height, width = (int(side) for side in original_image_size)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"original_image_size must be the image's (H, W), not {original_image_size!r}."
+            ) from None
+        longest = max(shape[2:])
+        resized = height >= 1 and width >= 1 and shape[2:] == resized_shape(height, width, longest)
+        if not resized or longest > self.model.img_size:
+            raise ValueError(
+                f"The image of shape {shape} is not a {height}x{width} image resized for this model, whose "
+                f"input is {self.model.img_size} px: resize it with predictor.transform.apply_image first."
+            )
+        self._use(self._embed_resized(transformed_image, (height, width), cancel))
 
     def set_embedding(self, embedding: ImageEmbedding, image: np.ndarray | None = None) -> None:
         """Use a precomputed embedding (e.g. from a cache) as the current image.

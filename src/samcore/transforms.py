@@ -1,9 +1,10 @@
-"""Prompts of an image mapped to the model's input, whose longest side is the model's input size."""
+"""Images and their prompts mapped to the model's input, whose longest side is the model's input size."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def resized_shape(height: int, width: int, longest: int) -> tuple[int, int]:
@@ -42,6 +43,29 @@ class ResizeLongestSide:
 
     def __init__(self, target_length: int) -> None:
         self.target_length = int(target_length)
+
+    def apply_image(self, image: np.ndarray) -> np.ndarray:
+        """A (H, W, 3) uint8 RGB image resized so that its longest side is `target_length` (bilinear,
+        antialiased), for `Predictor.set_torch_image` once permuted to (1, 3, h, w)."""
+        from .preprocess import resize_uint8
+
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(
+                f"apply_image takes a (H, W, 3) uint8 RGB image, not an array of shape {image.shape} and "
+                f"dtype {image.dtype}; samcore.preprocess.to_rgb_uint8 makes one from microscopy data."
+            )
+        return resize_uint8(image, resized_shape(*image.shape[:2], self.target_length))
+
+    def apply_image_torch(self, image: torch.Tensor) -> torch.Tensor:
+        """A (B, 3, H, W) batch resized so that its longest side is `target_length` (bilinear,
+        antialiased), as float32."""
+        if image.ndim != 4:
+            raise ValueError(
+                f"apply_image_torch takes a (B, 3, H, W) tensor, not one of shape {tuple(image.shape)}."
+            )
+        size = resized_shape(*image.shape[-2:], self.target_length)
+        return F.interpolate(image.float(), size, mode="bilinear", align_corners=False, antialias=True)
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """(..., 2) XY points to model-input pixels, as float64."""

@@ -121,6 +121,25 @@ def test_predictions_match_official(pair, image_name, request):
         assert_same_prediction(official, ours, kwargs)
 
 
+def test_an_image_resized_by_the_caller_matches_official_set_torch_image(pair, real_rgb):
+    official_model, our_model = pair
+    official, ours = SamPredictor(official_model), Predictor(our_model, precision="fp32")
+    resized = torch.as_tensor(official.transform.apply_image(real_rgb)).permute(2, 0, 1)[None]
+    np.testing.assert_array_equal(ours.transform.apply_image(real_rgb), official.transform.apply_image(real_rgb))
+    official.set_torch_image(resized, real_rgb.shape[:2])
+    ours.set_torch_image(resized, real_rgb.shape[:2])
+    torch.testing.assert_close(ours.get_image_embedding(), official.features, atol=1e-4, rtol=1e-4)
+    assert ours.input_size == official.input_size and ours.original_size == official.original_size
+    assert_same_prediction(official, ours, prompts(*real_rgb.shape[:2])["box"])
+    # segment-anything's apply_image_torch sizes its output from the batch and channel axes; ours from
+    # the image's, and it agrees with apply_image up to rounding.
+    strip = real_rgb[:300]
+    batch = ours.transform.apply_image_torch(torch.as_tensor(strip).permute(2, 0, 1)[None])
+    assert batch.shape == (1, 3, 600, 1024) and batch.dtype == torch.float32
+    as_image = torch.as_tensor(ours.transform.apply_image(strip)).permute(2, 0, 1)[None].float()
+    assert (batch - as_image).abs().mean() < 1.0
+
+
 @pytest.mark.slow
 def test_full_size_vit_b_matches_official(real_rgb):
     torch.manual_seed(1)

@@ -252,6 +252,41 @@ def test_segment_anythings_batched_boxes_run_as_written_for_it(predictor):
     assert predictor.features is predictor.get_image_embedding()
 
 
+@pytest.mark.parametrize("views", [1, 2])
+def test_an_image_resized_by_the_caller_embeds_as_set_image_does(views):
+    torch.manual_seed(1)
+    predictor = Predictor(build_sam("vit_test"), precision="fp32", views=views)
+    image = np.random.default_rng(4).integers(0, 255, (120, 90, 3), dtype=np.uint8)
+    predictor.set_image(image)
+    expected = predictor.get_image_embedding().clone()
+    predictor.reset_image()
+    resized = torch.as_tensor(predictor.transform.apply_image(image)).permute(2, 0, 1)[None]
+    assert resized.shape == (1, 3, 256, 192)
+    predictor.set_torch_image(resized, image.shape[:2])
+    torch.testing.assert_close(predictor.get_image_embedding(), expected)
+    assert predictor.original_size == (120, 90) and predictor.input_size == (256, 192)
+    masks, _, _ = predictor.predict(box=np.array([10, 20, 60, 70]))
+    assert masks.shape == (3, 120, 90)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "size", "message"),
+    [
+        (np.zeros((1, 3, 256, 192)), (120, 90), "takes a torch.Tensor"),
+        (torch.zeros(3, 256, 192), (120, 90), r"\(1, 3, h, w\)"),
+        (torch.zeros(2, 3, 256, 192), (120, 90), r"\(1, 3, h, w\)"),
+        (torch.zeros(1, 3, 256, 256), (120, 90), "not a 120x90 image resized for this model"),
+        (torch.zeros(1, 3, 512, 384), (120, 90), "not a 120x90 image resized for this model"),
+        (torch.zeros(1, 3, 256, 192), 120, r"must be the image's \(H, W\)"),
+    ],
+)
+def test_set_torch_image_refuses_what_is_not_a_resized_image(predictor, tensor, size, message):
+    predictor.set_image(np.zeros((32, 32), dtype=np.uint8))
+    with pytest.raises((TypeError, ValueError), match=message):
+        predictor.set_torch_image(tensor, size)
+    assert predictor.original_size == (32, 32)  # the image set before is kept
+
+
 def test_views_average_the_masks_of_the_mirror_images():
     torch.manual_seed(1)
     model = build_sam("vit_test")
