@@ -22,6 +22,7 @@ from .logits import mask_logits
 from .predictor import Predictor
 from .progress import Job, Progress, run
 from .transforms import model_input_size
+from .zoom import click_order
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,11 @@ class StackDecoder:
                 zoomed.append(index)
             else:
                 groups.setdefault(prompt.structure(), []).append(index)
+        # Clicks alone in an order that shares their crops; boxes first, each with its own crop.
+        clicks = [index for index in zoomed if prompts[index].box is None]
+        points = [prompts[index].points for index in clicks]
+        order = click_order(points, self.shape[1:3], self.predictor.model.img_size)
+        zoomed = [index for index in zoomed if prompts[index].box is not None] + [clicks[i] for i in order]
         # A zoomed prompt embeds its crop, and the decoder checks before each prompt: both stop on `cancel`.
         for done, index in enumerate(zoomed, start=1):
             with stopping_on(self.cancel):

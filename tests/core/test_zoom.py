@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from samcore import Predictor, build_sam
-from samcore.zoom import CLICK_MARGIN, ZOOM_CONTEXT, Window, click_window, serves, zoom_window
+from samcore.zoom import CLICK_MARGIN, ZOOM_CONTEXT, Window, click_order, click_window, serves, zoom_window
 
 
 @contextmanager
@@ -206,6 +206,45 @@ def test_clicks_near_earlier_ones_reuse_their_crop_and_a_few_crops_are_kept(mode
         assert len(calls) == 1 + len(places)
         predictor.predict(np.array([[300.0, 250.0]]), np.array([1]), zoom=False)  # the whole image's
         assert len(calls) == 1 + len(places)
+
+
+def test_a_batch_of_clicks_is_taken_in_an_order_that_shares_crops():
+    points = list(np.random.default_rng(11).uniform(0, 2048, (300, 1, 2)))
+    order = click_order(points, (2048, 2048), 512)
+    assert sorted(order) == list(range(len(points)))
+
+    def crops(sequence):  # as the predictor does it: a new crop unless the last one serves
+        count, held = 0, None
+        for p in sequence:
+            if held is None or not serves(held, p, (2048, 2048)):
+                held, count = click_window(p, (2048, 2048), 512), count + 1
+        return count
+
+    assert crops([points[i] for i in order]) * 2 < crops(points)
+    spread = [np.array([[100.0, 100.0], [900.0, 100.0]]), np.array([[120.0, 110.0]])]
+    assert sorted(click_order(spread, (2048, 2048), 512)) == [0, 1]  # crops of other sizes are not shared
+
+
+def test_a_stack_decoder_decodes_a_batch_of_clicks_on_few_crops_in_the_order_given(model):
+    from samcore.embeddings import StackView
+    from samcore.slice_decoder import SlicePrompt, StackDecoder
+
+    stack = np.random.default_rng(12).integers(0, 256, (1, 1024, 1024), dtype=np.uint8)
+    regions = [(x, y) for y in (100.0, 900.0) for x in (100.0, 500.0, 900.0)]  # more than HELD_CROPS
+    places = regions + [(x + 20, y + 15) for x, y in regions]  # every region, then every one again
+    prompts = [SlicePrompt(points=np.array([xy]), labels=np.array([1])) for xy in places]
+    decoder = StackDecoder(Predictor(model, precision="fp32"), StackView.of(stack), zoom=True)
+    decoder.embed(0)
+    with encodings(model) as calls:
+        outputs = decoder.decode(0, prompts)
+    assert len(calls) == len(regions)  # in the order given, the second round would embed each again
+    reference = Predictor(model, precision="fp32", zoom=True)
+    for index in range(len(regions)):  # each region's two clicks, on the crop of its first
+        reference.set_image(decoder.view.rgb_slice(0))  # no crop held
+        for which in (index, index + len(regions)):  # outputs come in the order given
+            click = np.array([places[which]])
+            logits, _, _ = reference.predict(click, np.array([1]), multimask_output=False, return_logits=True)
+            np.testing.assert_allclose(outputs[which].logits, logits[0], atol=1e-4)
 
 
 def test_a_crop_decoder_decodes_clicks_as_a_zoomed_predict_one_candidate_at_a_time(model, large):
