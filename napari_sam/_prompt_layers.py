@@ -53,25 +53,33 @@ class PromptLayers:
         ndim = spatial_ndim(image)
         shape = image.data.shape[:ndim]
         viewer = self._viewer
+        placed = placement(image)
         self._take_over_left_layers()
         new_preview = not self._usable(self.preview, ndim) or self.preview.data.shape != shape
         if new_preview:
             self._remove(self.preview)
-            self.preview = viewer.add_labels(np.zeros(shape, np.uint8), name="SAM preview", opacity=0.5)
+            self.preview = viewer.add_labels(
+                np.zeros(shape, np.uint8), name="SAM preview", opacity=0.5, **placed
+            )
             self._preview_slice, self._preview_empty = None, True
         if not self._usable(self.brush, ndim) or self.brush.data.shape != shape:
             self._remove(self.brush)
-            self.brush = viewer.add_labels(np.zeros(shape, np.uint8), name="SAM brush", opacity=0.4)
+            self.brush = viewer.add_labels(
+                np.zeros(shape, np.uint8), name="SAM brush", opacity=0.4, **placed
+            )
             self._wire(self.brush)
         if not self._usable(self.boxes, ndim):
             self._remove(self.boxes)
             self.boxes = viewer.add_shapes(
-                ndim=ndim, name="SAM boxes", edge_color="yellow", face_color="transparent", edge_width=2
+                ndim=ndim, name="SAM boxes", edge_color="yellow", face_color="transparent", edge_width=2,
+                **placed,
             )
             self._wire(self.boxes)
         if not self._usable(self.points, ndim):
             self._remove(self.points)
-            self.points = viewer.add_points(ndim=ndim, name="SAM points", size=8, features={"label": np.zeros(0, int)})
+            self.points = viewer.add_points(
+                ndim=ndim, name="SAM points", size=8, features={"label": np.zeros(0, int)}, **placed
+            )
             self._wire(self.points)
         self.align(image)
 
@@ -235,6 +243,19 @@ class PromptLayers:
         self.forget(layer)
         if layer in self._viewer.layers:
             self._viewer.layers.remove(layer)
+
+
+def placement(image: Image) -> dict:
+    """`image`'s world placement (scale, offset, rotation, shear, affine), as keywords for napari's
+    ``add_labels`` / ``add_points`` / ``add_shapes``.
+
+    A layer is made already placed: added at scale 1 first, it would change the world's extent until
+    aligned, and napari would move the slider to another slice meanwhile.
+    """
+    return {
+        "scale": image.scale, "translate": image.translate, "rotate": image.rotate, "shear": image.shear,
+        "affine": image.affine.affine_matrix,
+    }
 
 
 def align_with(layer: Layer, image: Image) -> None:

@@ -24,7 +24,7 @@ from ._annotations import Commit, commit_mask, undo_commit
 from ._autosave import Autosave, autosave_dir, earlier_autosaves, painted_rows, touched_rows
 from ._candidates import Candidates
 from ._embedding_job import EmbeddingJob, Session
-from ._prompt_layers import PromptLayers, align_with
+from ._prompt_layers import PromptLayers, align_with, placement
 from ._prompts import POSITIVE, spatial_ndim
 from ._propagate import Propagation
 from ._segment_all import SCOPES, AutoSegmentation
@@ -868,9 +868,9 @@ class SamWidget(Container):
         image = self._session.layer
         active = self._viewer.layers.selection.active  # napari selects a new layer: keep the user's one
         layer = self._viewer.add_labels(
-            np.zeros(shape, np.uint32), name="SAM objects", metadata={OBJECTS_KEY: {"image": image.unique_id}}
+            np.zeros(shape, np.uint32), name="SAM objects", metadata={OBJECTS_KEY: {"image": image.unique_id}},
+            **placement(image),
         )
-        align_with(layer, image)
         if active is not None and active in self._viewer.layers:
             self._viewer.layers.selection.active = active  # the next click still adds a point
         self._output.reset_choices()
@@ -947,10 +947,11 @@ class SamWidget(Container):
             self._tell("the mask is empty, nothing to commit; move the click or box, or add clicks.",
                        "warning")
             return
-        z = self._current_z(self._session.layer)
+        # Taken now: making the objects layer can move napari's slider, which drops the candidates.
+        z, mask = self._current_z(self._session.layer), self._candidates.shown
         try:
             layer = self.output_layer()
-            done = commit_mask(layer.data, self._candidates.shown, () if z is None else (z,), self._overwrite.value)
+            done = commit_mask(layer.data, mask, () if z is None else (z,), self._overwrite.value)
         except ValueError as error:
             self._tell(str(error), "error")
             return

@@ -5,6 +5,8 @@ import pytest
 import torch
 from samcore import build_sam
 
+from conftest import BOX
+
 from napari_sam._candidates import Candidates
 from napari_sam._widget import CHECKPOINT_CHOICE
 
@@ -190,6 +192,25 @@ def test_scripted_clicks_and_boxes_are_in_world_coordinates(make_napari_viewer, 
     assert widget._candidates is not None
     widget.add_box((18, 105, 205), (18, 125, 225))
     np.testing.assert_allclose(widget._prompt_layers.boxes.data[0][[0, 2]], [[2, 10, 10], [2, 50, 50]])
+
+
+@pytest.mark.parametrize("placed", [{"scale": (3, 1, 1)}, {"translate": (10, 0, 0)}], ids=["z scale", "z offset"])
+def test_on_a_stack_placed_in_the_world_the_slice_shown_stays_and_is_committed_to(
+    make_napari_viewer, tiny_checkpoint, stack, placed
+):
+    viewer = make_napari_viewer()
+    viewer.add_image(stack, name="nuclei", **placed)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)  # the SAM layers are made: the slider stays where it was
+    assert widget._current_z(viewer.layers["nuclei"]) == 2
+    widget._prompt_layers.boxes.add_rectangles(BOX)
+    widget.commit()  # the objects layer is made: the same
+    assert widget._current_z(viewer.layers["nuclei"]) == 2
+    objects = np.asarray(widget.output_layer().data)
+    assert objects[2].any() and not np.delete(objects, 2, axis=0).any()
+    assert widget._status.value == "Committed object 1."
 
 
 def test_a_weight_file_trained_here_shows_its_own_settings_once_loaded(sam, tmp_path):
