@@ -108,6 +108,7 @@ class Propagation(BackgroundJob):
             show_error(f"SAM: {error}")
             return False
 
+        widget._embedding.pause()  # the propagation computes the embeddings it needs itself
         self._layer, self._painted, self._written, self._ids = layer, [], [], ids
         plural = "s" if len(ids) > 1 else ""
         self._launch(_drive, job, status=f"Propagating object{plural} {', '.join(map(str, ids))}…")

@@ -1000,7 +1000,6 @@ class SamWidget(Container):
         if self._automatic.running:
             show_info("SAM: segment all is running; wait for it or cancel it first.")
             return
-        self._embedding.pause()  # the propagation computes the embeddings it needs itself
         if self._propagation.start(object_ids, self._propagation_settings()) and block:
             self.wait()
 

@@ -115,6 +115,25 @@ def test_embeddings_paused_for_a_propagation_resume_after_it(make_napari_viewer,
     widget.wait()  # the resumed worker ends before the viewer closes
 
 
+def test_a_propagation_refused_leaves_the_embeddings_running(make_napari_viewer, tiny_checkpoint, qtbot, messages):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(1).random((40, 96, 96)).astype(np.float32), name="stack")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    objects = viewer.add_labels(np.zeros((40, 96, 96), np.uint32), name="mine")
+    widget._output.reset_choices()
+    widget._output.value = objects
+    widget.load()
+    qtbot.waitUntil(lambda: widget._session is not None and len(widget._session.store) > 0, timeout=60_000)
+    assert widget._embedding.running  # 40 slices: still at work
+    widget.propagate()  # nothing committed on the slice shown
+    assert any("holds no object" in message for message in messages["warning"])
+    assert widget._embedding.running
+    qtbot.waitUntil(lambda: len(widget._session.store) == 40, timeout=120_000)
+    assert widget._status.value.startswith("Embeddings ready")
+    widget.wait()
+
+
 def test_the_views_menu_makes_new_embeddings_that_propagation_uses(sam, messages):
     viewer, widget = sam
     objects, _ = one_object_embedded(viewer, widget)
