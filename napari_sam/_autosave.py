@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -76,6 +77,27 @@ def painted_rows(atoms, shape: tuple[int, ...]) -> np.ndarray | None:
             return None
         rows.append(np.unique(first))
     return np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.intp)
+
+
+def watch_history(layer, callback: Callable[[object], None]) -> None:
+    """Call ``callback(layer)`` after napari's undo or redo in the Labels `layer`: napari sends no event
+    for them (and what they replay is private to it). A later watch replaces an earlier one's callback."""
+    for name in ("undo", "redo"):
+        original = getattr(getattr(layer, name), "replayed", getattr(layer, name))
+
+        def replay(original=original) -> None:
+            original()
+            callback(layer)
+
+        replay.replayed = original
+        setattr(layer, name, replay)
+
+
+def unwatch_history(layer) -> None:
+    """Give `layer` napari's own undo and redo back (see `watch_history`)."""
+    for name in ("undo", "redo"):
+        if hasattr(getattr(layer, name), "replayed"):
+            delattr(layer, name)
 
 
 class Autosave:

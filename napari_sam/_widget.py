@@ -21,7 +21,9 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, QObject, QTimer
 
 from ._annotations import Commit, commit_mask, undo_commit
-from ._autosave import Autosave, autosave_dir, earlier_autosaves, painted_rows, touched_rows
+from ._autosave import (
+    Autosave, autosave_dir, earlier_autosaves, painted_rows, touched_rows, unwatch_history, watch_history,
+)
 from ._candidates import Candidates
 from ._embedding_job import EmbeddingJob, Session
 from ._prompt_layers import PromptLayers, align_with, placement
@@ -359,6 +361,7 @@ class SamWidget(Container):
         written into it in this session (a reopened widget, a layer of the user's)."""
         if isinstance(layer, Labels) and not self._closed:
             layer.events.paint.connect(self._on_paint)  # once: napari ignores a callback connected again
+            watch_history(layer, self._on_history)  # Ctrl-Z and Ctrl-Shift-Z send no paint event
 
     def _image_of_objects(self, layer: Labels) -> Image | None:
         """The image whose objects `layer` holds: the one the widget made it for, else the one it was
@@ -490,6 +493,7 @@ class SamWidget(Container):
         for layer in self._viewer.layers:  # brush strokes are no longer autosaved
             if isinstance(layer, Labels):
                 layer.events.paint.disconnect(self._on_paint)
+                unwatch_history(layer)
         self._session = None
         self._earlier = []
 
@@ -905,6 +909,7 @@ class SamWidget(Container):
                 "napari closes before you save them, open that folder in napari to get them back."
             )
             layer.events.paint.connect(self._on_paint)  # `first` comes once per layer and session
+            watch_history(layer, self._on_history)
 
     def _tell_earlier_autosaves(self, image: Image) -> None:
         """Once per image: say where autosaves of its objects from earlier sessions are, if there are any."""
@@ -932,6 +937,12 @@ class SamWidget(Container):
 
         if self._autosave_box.value:
             QTimer.singleShot(0, write)
+
+    def _on_history(self, layer: Labels) -> None:
+        """napari's undo or redo in an autosaved objects layer: write it whole (which rows changed is
+        napari's to know)."""
+        if self._autosave_box.value and not self._closed and layer in self._viewer.layers:
+            self._autosave_objects(layer)
 
     def commit(self, _=None) -> None:
         """Make the preview a new object in the output labels layer, then clear the prompts."""

@@ -51,6 +51,28 @@ def test_commit_undo_and_brush_strokes_are_on_disk(sam, private_folders, message
     assert (objects.data == 8).any() and not (on_disk == 8).any()
 
 
+def test_napari_undo_and_redo_in_the_objects_layer_are_on_disk(sam, private_folders):
+    viewer, widget = sam
+    objects = commit_box(viewer, widget)
+    objects.selected_label, objects.brush_size = 7, 5
+    objects.paint((0, 40, 40), 7)
+    _, on_disk = saved(widget, private_folders)
+    assert (on_disk[0] == 7).any()
+    objects.undo()  # napari's Ctrl-Z: the stroke is undone
+    _, on_disk = saved(widget, private_folders)
+    assert not (objects.data == 7).any()
+    np.testing.assert_array_equal(on_disk, objects.data)
+    objects.redo()  # and Ctrl-Shift-Z: it is back
+    _, on_disk = saved(widget, private_folders)
+    assert (objects.data == 7).any()
+    np.testing.assert_array_equal(on_disk, objects.data)
+    viewer.window.remove_dock_widget(widget.native)  # closed: napari's own undo again, not saved
+    assert "undo" not in vars(objects)
+    objects.undo()
+    _, on_disk = saved(widget, private_folders)
+    assert not (objects.data == 7).any() and (on_disk[0] == 7).any()
+
+
 def test_a_propagation_is_on_disk_and_the_folder_opens_as_labels(sam, private_folders):
     viewer, widget = sam
     objects, _ = one_object_embedded(viewer, widget)
