@@ -977,13 +977,17 @@ class SamWidget(Container):
         self._status.value = f"Committed object {done.object_id}."
 
     def undo(self, _=None) -> None:
-        """Remove the last committed object, restoring what it covered."""
+        """Remove the last object SAM committed (or the last propagation or segment all) in the chosen
+        objects layer, restoring what it covered."""
         if self._refuse_while_job_runs("undo"):
             return
-        if not self._history:
-            self._tell("nothing to undo.")
+        chosen = self._output.value
+        # Compared with ==: napari hands a plugin its layers behind proxies, so `is` can tell one apart.
+        steps = [i for i, step in enumerate(self._history) if chosen is not None and step[0] == chosen]
+        if not steps:  # another image's objects layer may have steps: they are undone with it chosen
+            self._tell("nothing to undo." if chosen is None else f"nothing to undo in '{chosen.name}'.")
             return
-        layer, written_to, done = self._history.pop()
+        layer, written_to, done = self._history.pop(steps[-1])
         if layer.data is not written_to:  # replaced since: the step's pixels index another array
             self._history = [step for step in self._history if step[0] != layer]
             self._tell(f"nothing undone: the data of '{layer.name}' was replaced since SAM last wrote to it.",
@@ -992,6 +996,10 @@ class SamWidget(Container):
         kept = undo_commit(layer.data, done)
         layer.refresh()
         self._autosave_objects(layer, done.index)
+        what = f"the {done.note}" if done.note else f"object {done.object_id}"
+        if kept == done.index.size:
+            self._status.value = f"Nothing of {what} was left to undo: all its pixels were edited since."
+            return
         self._status.value = f"Undid the {done.note}." if done.note else f"Removed object {done.object_id}."
         if kept:
             self._status.value += f" {kept} of its pixels, edited since, were kept."

@@ -128,6 +128,42 @@ def test_a_reopened_widget_commits_into_the_objects_layer_made_for_the_image(sam
     assert len(_objects_of(viewer)) == 1 and int(objects.data.max()) == 2
 
 
+def test_undo_steps_back_in_the_objects_of_the_image_picked(sam, stack, messages):
+    viewer, widget = sam
+    viewer.add_image(stack.copy(), name="other")
+    first = {}
+    for name in ("nuclei", "other"):
+        widget._image.value = viewer.layers[name]
+        _loaded(viewer, widget, 1)
+        widget.add_point((1, 40, 40))
+        widget.commit()
+        first[name] = widget.output_layer()
+    assert first["nuclei"] is not first["other"]
+    widget._image.value = viewer.layers["nuclei"]
+    assert widget._output.value is first["nuclei"]
+    widget.undo()
+    assert not first["nuclei"].data.any() and first["other"].data.any()  # this image's object, not the last
+    assert widget._status.value == "Removed object 1."
+    widget.undo()
+    assert messages["info"][-1] == f"SAM: nothing to undo in '{first['nuclei'].name}'."
+    assert first["other"].data.any()
+    widget._image.value = viewer.layers["other"]
+    widget.undo()
+    assert not first["other"].data.any()
+
+
+def test_undo_of_an_object_erased_by_hand_says_nothing_was_left(sam):
+    viewer, widget = sam
+    _loaded(viewer, widget, 1)
+    widget.add_point((1, 40, 40))
+    widget.commit()
+    objects = widget.output_layer()
+    objects.data[objects.data == 1] = 0  # erased by hand
+    widget.undo()
+    assert widget._status.value == "Nothing of object 1 was left to undo: all its pixels were edited since."
+    assert not objects.data.any()
+
+
 def test_undo_leaves_labels_alone_that_replaced_the_ones_it_wrote_to(sam, messages):
     viewer, widget = sam
     _loaded(viewer, widget, 1)
@@ -143,7 +179,7 @@ def test_undo_leaves_labels_alone_that_replaced_the_ones_it_wrote_to(sam, messag
     assert any("replaced" in message for message in messages["warning"])
     assert "Nothing undone" in widget._status.value
     widget.undo()  # and the history of the old array is gone
-    assert messages["info"][-1] == "SAM: nothing to undo."
+    assert messages["info"][-1] == "SAM: nothing to undo in 'SAM objects'."
 
 
 @pytest.mark.parametrize("channels", [2, 5])  # 3 and 4: napari opens them as RGB(A)
