@@ -19,6 +19,7 @@ from magicgui.widgets import (
 from napari.layers import Image, Labels, Points, Shapes
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, QObject, QTimer
+from qtpy.QtWidgets import QSizePolicy
 
 from ._annotations import Commit, commit_mask, undo_commit
 from ._autosave import (
@@ -144,6 +145,9 @@ class SamWidget(Container):
         )
         self._candidate = Label(value="")
         self._status = Label(value="Pick an image and a model, then compute embeddings.")
+        for line in (self._candidate, self._status):  # a long message wraps; it does not widen the dock
+            line.native.setWordWrap(True)
+            line.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         self._help = Label(value="\n".join([
             "click in 'SAM points', draw rectangles in 'SAM boxes',",
             "or paint roughly over an object in 'SAM brush'",

@@ -333,3 +333,13 @@ def test_a_checkpoint_file_written_since_it_was_loaded_is_loaded_again(sam, stac
     widget._image.value = viewer.add_image(stack[:, :, ::-1].copy(), name="third")
     widget.load(block=True)
     assert widget._session.predictor.model is not model
+
+
+def test_a_long_message_wraps_and_does_not_widen_the_dock(sam):
+    _, widget = sam
+    widget._status.value = "The objects layer 'SAM objects' has shape (12, 256, 256), the image (8, 160, 200). " * 4
+    widget._candidate.value = "candidate 1/3 (best), predicted IoU 0.97, zooming in… " * 4
+    for line in (widget._status.native, widget._candidate.native):
+        assert line.fontMetrics().horizontalAdvance(line.text()) > 1200
+        assert line.sizeHint().width() < 600 and line.minimumSizeHint().width() < 600
+        assert line.heightForWidth(300) > line.fontMetrics().height() * 3
