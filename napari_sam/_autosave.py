@@ -224,6 +224,11 @@ def _keep_earlier(path: Path) -> Path:
     return kept
 
 
+# Where an objects layer's metadata says which image it belongs to: {"image": unique id} for a layer the
+# widget made, {"image_name": name} for one opened from an autosave.
+OBJECTS_KEY = "napari-sam"
+
+
 def read_objects(path: str | Path) -> np.ndarray:
     """The labels array of an autosaved objects folder."""
     import zarr
@@ -245,4 +250,7 @@ def _read_layer(path):
     attrs = dict(zarr.open_array(path, mode="r").attrs)
     name = attrs.get("objects", Path(path).name[: -len(SUFFIX)])
     saved = f", autosaved {attrs['saved']}" if "saved" in attrs else ""
-    return [(read_objects(path), {"name": f"{name} ({attrs.get('image', 'image')}{saved})"}, "labels")]
+    image = attrs.get("image", "image")
+    # The image's name tells the widget whose objects these are: it picks the layer for that image.
+    metadata = {OBJECTS_KEY: {"image_name": image}}
+    return [(read_objects(path), {"name": f"{name} ({image}{saved})", "metadata": metadata}, "labels")]

@@ -23,6 +23,7 @@ from qtpy.QtWidgets import QSizePolicy
 
 from ._annotations import Commit, commit_mask, undo_commit
 from ._autosave import (
+    OBJECTS_KEY,
     Autosave, autosave_dir, earlier_autosaves, painted_rows, touched_rows, unwatch_history, watch_history,
 )
 from ._candidates import Candidates
@@ -50,7 +51,6 @@ REFOCUS_MS = 250
 # in float16): going back to one of them computes nothing.
 KEEP_EARLIER = 2
 # In the metadata of an objects layer the widget made: {"image": the image layer's unique_id}.
-OBJECTS_KEY = "napari-sam"
 # An image layer's events that move it in the world; the SAM layers follow them.
 PLACEMENT = ("scale", "translate", "rotate", "shear", "affine")
 KEYS = {
@@ -71,10 +71,11 @@ NAPARI_LAYER_KEYS = {
 }
 
 
-def _objects_image(layer) -> str | None:
-    """The unique id of the image an objects layer was made for by the widget, or None."""
+def _objects_image(layer, key: str = "image") -> str | None:
+    """The unique id of the image an objects layer was made for by the widget, or None; with `key`
+    "image_name", the name of the image of an objects layer opened from an autosave."""
     made = layer.metadata.get(OBJECTS_KEY) if isinstance(layer, Labels) else None
-    return made.get("image") if isinstance(made, dict) else None
+    return made.get(key) if isinstance(made, dict) else None
 
 
 def model_choices() -> list[str]:
@@ -235,11 +236,17 @@ class SamWidget(Container):
         """
         pickers = (self._image, self._output)
         before = [picker.value for picker in pickers]
+        known = list(self._output.choices)
         with self._image.changed.blocked(), self._output.changed.blocked():
             super().reset_choices(*args)
             for picker, value in zip(pickers, before):
                 if value is not None and value in self._viewer.layers and picker.value is not value:
                     picker.value = value
+            image = self._image.value
+            if self._output.value is None and image is not None:  # an autosave of its objects, just opened
+                opened = [layer for layer in self._restored(image) if layer not in known]
+                if opened:
+                    self._output.value = opened[-1]
         for picker, value in zip(pickers, before):
             if picker.value is not value:
                 picker.changed.emit(picker.value)
@@ -349,10 +356,19 @@ class SamWidget(Container):
         if image is None:
             return None
         made = [layer for layer in self._viewer.layers if _objects_image(layer) == image.unique_id]
-        for layer in (self._objects_of.get(image.unique_id), *reversed(made)):
+        restored = self._restored(image)
+        for layer in (self._objects_of.get(image.unique_id), *reversed(made), *reversed(restored)):
             if layer is not None and layer in self._viewer.layers and not self._prompt_layers.owns(layer):
                 return layer
         return None
+
+    def _restored(self, image: Image) -> list[Labels]:
+        """Objects layers opened from an autosave of `image`'s objects (by its name) that fit it."""
+        shape = image.data.shape[: spatial_ndim(image)]
+        return [
+            layer for layer in self._viewer.layers
+            if _objects_image(layer, "image_name") == image.name and layer.data.shape == shape
+        ]
 
     def _on_objects_choice(self, layer: Labels | None) -> None:
         image = self._image.value

@@ -84,6 +84,36 @@ def test_a_propagation_is_on_disk_and_the_folder_opens_as_labels(sam, private_fo
     np.testing.assert_array_equal(layers[0].data, objects.data)
 
 
+@pytest.mark.parametrize("when", ["before the widget", "after the widget"])
+def test_objects_opened_from_an_autosave_are_picked_for_their_image(
+    make_napari_viewer, tiny_checkpoint, stack, private_folders, when
+):
+    from napari_sam._autosave import Autosave
+
+    earlier = np.zeros(stack.shape, np.uint32)
+    earlier[2, 10:20, 10:20], earlier[0, 60:70, 60:70] = 1, 2  # two objects from a session that crashed
+    autosave = Autosave(private_folders)
+    path, _, _ = autosave.save(earlier, "nuclei", "SAM objects")
+    autosave.flush()
+    viewer = make_napari_viewer()
+    viewer.add_image(stack, name="nuclei")
+    viewer.add_image(stack[:, :50], name="other")
+    open_it = lambda: viewer.open(str(path), plugin="napari-sam")[0]  # noqa: E731
+    restored = open_it() if when == "before the widget" else None
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    widget._image.value = viewer.layers["nuclei"]
+    if restored is None:
+        restored = open_it()
+    assert widget._output.value == restored
+    widget._image.value = viewer.layers["other"]
+    assert widget._output.value is None  # not its objects
+    widget._image.value = viewer.layers["nuclei"]
+    commit_box(viewer, widget)
+    assert widget.output_layer() == restored
+    assert set(np.unique(restored.data)) == {0, 1, 2, 3}  # the new object gets the next id
+
+
 def test_unticked_nothing_is_written(sam, private_folders):
     viewer, widget = sam
     widget._autosave_box.value = False
