@@ -126,7 +126,14 @@ class Propagation(BackgroundJob):
     def _on_done(self, result) -> None:
         filled = sum(len(slices) for slices in result.filled.values())
         word = "Cancelled" if result.cancelled else "Propagated"
-        self._widget._status.value = f"{word}: {filled} object-slices filled for {len(self._ids)} object(s)."
+        status = f"{word}: {filled} object-slices filled for {len(self._ids)} object(s)."
+        if not result.cancelled:  # say why an object went nowhere: the settings, or a slice to prompt on
+            for object_id in self._ids:
+                if not result.filled.get(object_id):
+                    stops = [stop.describe() for stop in result.stops if stop.object_id == object_id]
+                    if stops:
+                        status += f" Object {object_id} stayed where it was: {'; '.join(stops)}."
+        self._widget._status.value = status
 
     def _undo_entry(self) -> tuple[int, str]:
         plural = "s" if len(self._ids) > 1 else ""

@@ -319,12 +319,16 @@ def _run_prompts(args: argparse.Namespace) -> int:
             # Whole slices only: zoomed slices made propagation worse on the real nuclei3d stack.
             whole = StackDecoder(predictor, view, decoder.store)
             job = propagate_iter(whole, labels, found, settings)
-            labels = with_progress_bar(job, f"{name}: propagation", unit="object-slice").labels
+            result = with_progress_bar(job, f"{name}: propagation", unit="object-slice")
+            labels, stops = result.labels, result.stops
+    else:
+        stops = ()
     labels = labels.reshape(image.shape[:-1] if rgb else image.shape)  # a 2D image stays 2D
     write_tiff(args.output, labels)
     for object_id in found:
         slices = np.flatnonzero((labels.reshape(view.data.shape[:3]) == object_id).any(axis=(1, 2)))
-        print(f"object {object_id}: slices {slices[0]} to {slices[-1]}", file=sys.stderr)
+        ended = "".join(f"; ended {stop.describe()}" for stop in stops if stop.object_id == object_id)
+        print(f"object {object_id}: slices {slices[0]} to {slices[-1]}{ended}", file=sys.stderr)
     print(f"wrote {args.output}: {len(found)} objects, shape {labels.shape}", file=sys.stderr)
     return 0
 

@@ -84,6 +84,17 @@ class Stop:
     reason: str
     value: float
 
+    def describe(self) -> str:
+        """Why, in words: "on slice 9, its IoU with the slice it came from was 0.30 only (min_iou)"."""
+        why = {
+            "empty": "no mask was found",
+            "small": f"its mask had {self.value:.0f} pixels only (min_area)",
+            "score": f"the model's predicted IoU was {self.value:.2f} only (min_score)",
+            "iou": f"its IoU with the slice it came from was {self.value:.2f} only (min_iou)",
+            "contrast": f"it stood out by {self.value:.0%} of its key slice's contrast only (min_contrast)",
+        }.get(self.reason, f"{self.reason} {self.value:g}")
+        return f"on slice {self.z}, {why}"
+
 
 @dataclass(frozen=True)
 class Run:

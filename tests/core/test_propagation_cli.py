@@ -71,6 +71,19 @@ def test_round_trip_writes_labels_of_the_stack_shape(tmp_path, stack_file, check
     assert f"wrote {spread}" in err
 
 
+def test_where_and_why_each_object_ended_is_printed(tmp_path, stack_file, checkpoint, capsys, monkeypatch):
+    stack, truth = stack_file
+    object_id = int(np.unique(truth[3])[1])
+    prompts = write_prompts(tmp_path, [{"id": 7, "boxes": [box_of(truth[3] == object_id, 3)]}])
+    strict = functools.partial(samcore.propagation.PropagationSettings, min_area=10**9)  # nothing spreads
+    monkeypatch.setattr(samcore.propagation, "PropagationSettings", strict)
+    code = segment(stack, "--prompts", prompts, "--propagate", "-o", tmp_path / "out.tif", "--checkpoint", checkpoint)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    line = next(line for line in err.splitlines() if line.startswith("object 7: slices 3 to 3"))
+    assert "; ended on slice 2, " in line and "; ended on slice 4, " in line
+
+
 def test_a_2d_image_gives_2d_labels(tmp_path, stack_file, checkpoint, capsys):
     stack, _ = stack_file
     image = tmp_path / "plane.tif"

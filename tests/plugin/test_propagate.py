@@ -75,6 +75,17 @@ def test_cancel_stops_the_propagation_and_keeps_what_was_filled(make_napari_view
     assert 15 in filled and len(filled) < 30
 
 
+def test_an_object_that_goes_nowhere_is_told_why(sam):
+    viewer, widget = sam
+    objects, existing = one_object_embedded(viewer, widget)
+    widget.propagation_settings = PropagationSettings(min_iou=0.0, min_score=0.0, min_area=96 * 96 + 1)
+    widget.propagate(block=True)
+    np.testing.assert_array_equal(objects.data, existing)
+    assert widget._status.value.startswith("Propagated: 0 object-slices filled for 1 object(s). Object 5 stayed")
+    assert "on slice 3, " in widget._status.value and "on slice 1, " in widget._status.value
+    assert "(min_area)" in widget._status.value or "no mask was found" in widget._status.value
+
+
 def test_2d_image_and_empty_slice_are_refused_with_a_message(sam, make_napari_viewer, messages):
     viewer, widget = sam
     _objects(viewer, widget, np.zeros((4, 96, 96), np.uint32))
