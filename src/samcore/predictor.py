@@ -521,6 +521,9 @@ class Predictor:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Predict masks for a batch of B prompts, in model-input coordinates.
 
+        The batch is decoded on the whole image: no prompt is zoomed in on (see the class), so with
+        the bundled model a small box gives a coarser mask here than through `predict`.
+
         Args:
             point_coords: (B, N, 2) XY points already mapped with `transform_coords`.
             point_labels: (B, N) labels.

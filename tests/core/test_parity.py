@@ -140,6 +140,48 @@ def test_an_image_resized_by_the_caller_matches_official_set_torch_image(pair, r
     assert (batch - as_image).abs().mean() < 1.0
 
 
+def test_the_end_to_end_batched_call_matches_official(pair, real_rgb, real_gray):
+    official_model, our_model = pair
+    transform = Predictor(our_model).transform  # no image set: the model's input size
+    batch = []
+    for image, prompt in ((real_rgb, "points"), (np.stack([real_gray[:300]] * 3, axis=-1), "boxes")):
+        entry = {
+            "image": torch.as_tensor(transform.apply_image(image)).permute(2, 0, 1),
+            "original_size": image.shape[:2],
+        }
+        height, width = image.shape[:2]
+        if prompt == "points":
+            xy = np.array([[[0.4 * width, 0.5 * height], [0.6 * width, 0.3 * height]]])
+            entry["point_coords"] = transform.apply_coords_torch(torch.as_tensor(xy), image.shape[:2])
+            entry["point_labels"] = torch.tensor([[1, 0]])
+        else:
+            boxes = np.array(
+                [[0.2 * width, 0.3 * height, 0.6 * width, 0.7 * height], [10, 10, 0.5 * width, 0.9 * height]]
+            )
+            entry["boxes"] = transform.apply_boxes_torch(torch.as_tensor(boxes), image.shape[:2])
+        batch.append(entry)
+    for multimask in (True, False):
+        with torch.no_grad():
+            expected, got = official_model(batch, multimask), our_model(batch, multimask)
+        for one, other in zip(expected, got):
+            assert other["masks"].shape == one["masks"].shape and other["masks"].dtype == torch.bool
+            for o_mask, mask in zip(one["masks"].flatten(0, 1).numpy(), other["masks"].flatten(0, 1).numpy()):
+                assert 0.01 < o_mask.mean() < 0.99 and iou(o_mask, mask) >= 0.99
+            torch.testing.assert_close(other["iou_predictions"], one["iou_predictions"], atol=0.01, rtol=0)
+            torch.testing.assert_close(other["low_res_logits"], one["low_res_logits"], atol=1e-3, rtol=1e-3)
+
+
+def test_the_end_to_end_call_refuses_what_is_not_a_batch(pair, real_rgb):
+    _, our_model = pair
+    image = torch.as_tensor(real_rgb).permute(2, 0, 1)
+    with pytest.raises(TypeError, match="one dict per image"):
+        our_model({"image": image, "original_size": (512, 512)}, False)
+    with pytest.raises(ValueError, match="lacks original_size"):
+        our_model([{"image": image}], False)
+    with pytest.raises(ValueError, match="apply_image_torch"):
+        our_model([{"image": torch.zeros(3, 2048, 1024), "original_size": (2048, 1024)}], False)
+
+
 @pytest.mark.slow
 def test_full_size_vit_b_matches_official(real_rgb):
     torch.manual_seed(1)

@@ -94,6 +94,49 @@ class Sam(nn.Module):
         return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
 
 
+    def forward(self, batched_input: list[dict], multimask_output: bool) -> list[dict]:
+        """segment-anything's end-to-end call, ``sam(batched_input, multimask_output)``, for scripts
+        written for it (interactive work is faster through `samcore.Predictor`).
+
+        Args:
+            batched_input: One dict per image: "image", a (3, h, w) 0-255 RGB tensor already resized so
+                that its longest side is `img_size` (``ResizeLongestSide.apply_image_torch`` or
+                ``apply_image``); "original_size", its (H, W) before resizing; and optionally
+                "point_coords" (B, N, 2) with "point_labels" (B, N), "boxes" (B, 4) and "mask_inputs"
+                (B, 1, 256, 256), in the resized image's pixels.
+            multimask_output: Three masks per prompt instead of one.
+
+        Returns:
+            One dict per image: "masks" (B, C, H, W) bool, "iou_predictions" (B, C) and
+            "low_res_logits" (B, C, 256, 256).
+        """
+        if isinstance(batched_input, dict) or not all(isinstance(entry, dict) for entry in batched_input):
+            raise TypeError("sam(...) takes a list with one dict per image, as segment-anything's batched input.")
+        for index, entry in enumerate(batched_input):
+            missing = {"image", "original_size"} - set(entry)
+            if missing:
+                raise ValueError(f"Image {index} of the batch lacks {', '.join(sorted(missing))}.")
+            image = entry["image"]
+            if image.ndim != 3 or image.shape[0] != 3 or max(image.shape[1:]) > self.img_size:
+                raise ValueError(
+                    f"Image {index} of the batch has shape {tuple(image.shape)}: it must be (3, h, w), "
+                    f"resized so that its longest side is at most {self.img_size} (apply_image_torch)."
+                )
+        images = torch.stack([self.preprocess(entry["image"][None].float())[0] for entry in batched_input])
+        embeddings = self.image_encoder(images)
+        outputs = []
+        for entry, embedding in zip(batched_input, embeddings):
+            points = (entry["point_coords"], entry["point_labels"]) if "point_coords" in entry else None
+            sparse, dense = self.prompt_encoder(points, entry.get("boxes"), entry.get("mask_inputs"))
+            low_res, iou_predictions = self.mask_decoder(
+                embedding[None], self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
+            )
+            input_size, original_size = tuple(entry["image"].shape[-2:]), tuple(entry["original_size"])
+            masks = self.postprocess_masks(low_res, input_size, original_size) > self.mask_threshold
+            outputs.append({"masks": masks, "iou_predictions": iou_predictions, "low_res_logits": low_res})
+        return outputs
+
+
 def _mirrored_indices(length: int, size: int, device: torch.device) -> torch.Tensor:
     """Indices 0..length-1 followed by their reflection, edge pixel repeated, up to `size` entries."""
     position = torch.arange(size, device=device) % (2 * length)
