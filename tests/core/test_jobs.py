@@ -119,3 +119,14 @@ def test_crops_run_on_a_real_model(model):
     with EncoderCalls(model) as calls:
         labels = segment_everything(image, model, settings=settings, precision="fp32")
     assert labels.shape == image.shape and calls.count == 1 + 4  # the whole image, then 2x2 crops
+
+
+def test_the_number_of_slices_is_told_before_the_first_is_segmented():
+    from tiny_models import permissive_settings, tiny_sam
+
+    stack = nuclei_stack((3, 40, 48), n_nuclei=3, radius=(5.0, 8.0), seed=7)[0]
+    steps = []
+    segment_everything(stack, tiny_sam(), settings=permissive_settings(), precision="fp32", on_progress=steps.append)
+    first = next(step for step in steps if step.stage in ("slices", "masks"))
+    assert (first.stage, first.done, first.total) == ("slices", 0, 3)  # a progress bar shows 0/3 at once
+    assert [step.done for step in steps if step.stage == "slices"] == [0, 1, 2, 3]
