@@ -100,18 +100,33 @@ def unwatch_history(layer) -> None:
             delattr(layer, name)
 
 
+class Session:
+    """What one napari session (process) wrote: files written whole, and the array each holds."""
+
+    def __init__(self) -> None:
+        self.layouts: dict[Path, tuple] = {}  # (shape, dtype, array id) of each file written whole
+        self.written: set[Path] = set()
+
+
+# Shared by the widgets of this process: a dock closed and opened again goes on writing the same files,
+# and does not take them for a crashed session's.
+PROCESS = Session()
+
+
 class Autosave:
     """Writes labels arrays, whole or by rows of their first axis, in one background thread.
 
     Args:
         folder: The autosave folder; default `autosave_dir()` when the first write is asked for.
+        session: What this napari session wrote so far (`PROCESS`; another `Session` stands for a new
+            napari session).
     """
 
-    def __init__(self, folder: Path | None = None) -> None:
+    def __init__(self, folder: Path | None = None, session: Session = PROCESS) -> None:
         self.folder = folder
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-sam-autosave")
-        self._layouts: dict[Path, tuple] = {}  # (shape, dtype) of each file written whole
-        self.written: set[Path] = set()  # the files of this session
+        self._layouts = session.layouts
+        self.written = session.written  # the files of this session
         self._pending: list[Future] = []
         self._errors: list[str] = []
         self._lock = threading.Lock()

@@ -88,11 +88,11 @@ def test_a_propagation_is_on_disk_and_the_folder_opens_as_labels(sam, private_fo
 def test_objects_opened_from_an_autosave_are_picked_for_their_image(
     make_napari_viewer, tiny_checkpoint, stack, private_folders, when
 ):
-    from napari_sam._autosave import Autosave
+    from napari_sam._autosave import Autosave, Session
 
     earlier = np.zeros(stack.shape, np.uint32)
     earlier[2, 10:20, 10:20], earlier[0, 60:70, 60:70] = 1, 2  # two objects from a session that crashed
-    autosave = Autosave(private_folders)
+    autosave = Autosave(private_folders, Session())
     path, _, _ = autosave.save(earlier, "nuclei", "SAM objects")
     autosave.flush()
     viewer = make_napari_viewer()
@@ -168,15 +168,15 @@ def test_a_2d_image_is_saved_by_rows(make_napari_viewer, tiny_checkpoint, stack,
 
 
 def test_a_new_session_keeps_the_earlier_autosave_beside(tmp_path):
-    from napari_sam._autosave import KEEP_EARLIER, Autosave
+    from napari_sam._autosave import KEEP_EARLIER, Autosave, Session
 
     labels = np.zeros((2, 8, 8), np.uint32)
-    other = Autosave(tmp_path)
+    other = Autosave(tmp_path, Session())
     other_path, _, _ = other.save(labels, "cells [1]", "SAM objects (2)")  # another layer's, never pruned
     other.flush()
     for session in range(KEEP_EARLIER + 2):  # napari started again and again, after a crash each time
         labels[0, 0, 0] = session + 1
-        autosave = Autosave(tmp_path)
+        autosave = Autosave(tmp_path, Session())
         path, first, earlier = autosave.save(labels, "cells [1]", "SAM objects")
         assert first and earlier == (session > 0)
         autosave.flush()
@@ -193,10 +193,10 @@ def test_a_new_session_keeps_the_earlier_autosave_beside(tmp_path):
 
 
 def test_autosaves_of_an_earlier_session_are_pointed_out_once(sam, private_folders, messages):
-    from napari_sam._autosave import Autosave
+    from napari_sam._autosave import Autosave, Session
 
     viewer, widget = sam
-    crashed = Autosave(private_folders)  # what a session that crashed left
+    crashed = Autosave(private_folders, Session())  # what a session that crashed left
     crashed.save(np.ones((4, 96, 96), np.uint32), "nuclei", "SAM objects")
     crashed.save(np.ones((4, 96, 96), np.uint32), "other image", "SAM objects")
     crashed.flush()
@@ -226,6 +226,21 @@ def test_strokes_in_the_objects_layer_are_on_disk_after_the_widget_is_reopened(s
     on_disk = _on_disk(reopened, private_folders, "nuclei - SAM objects")
     assert (objects.data == 9).any()
     np.testing.assert_array_equal(on_disk, objects.data)
+
+
+def test_a_widget_opened_again_goes_on_with_the_same_autosave(sam, private_folders, messages):
+    viewer, widget = sam
+    objects = commit_box(viewer, widget)
+    viewer.window.remove_dock_widget(widget.native)
+    _, reopened = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    reopened.set_model(checkpoint=widget._checkpoint.value)
+    reopened.load(block=True)
+    assert not [message for message in messages["info"] if "autosave(s)" in message]  # it is not a crash's
+    objects.selected_label, objects.brush_size = 9, 5
+    objects.paint((0, 40, 40), 9)
+    on_disk = _on_disk(reopened, private_folders, "nuclei - SAM objects")
+    np.testing.assert_array_equal(on_disk, objects.data)
+    assert [path.name for path in private_folders.glob("*" + SUFFIX)] == ["nuclei - SAM objects" + SUFFIX]
 
 
 def test_a_stroke_in_one_images_objects_is_saved_under_that_image_with_another_picked(
