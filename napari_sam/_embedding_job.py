@@ -90,6 +90,7 @@ class EmbeddingJob:
         self._model_name = ""  # the named model being loaded, for the download's status line
         self._downloading = threading.Event()  # set by the worker while it downloads the weights
         self._download_seen = False  # this run reported download progress
+        self._after = ""  # the summary of the job these embeddings resumed after, kept in the status line
 
     @property
     def running(self) -> bool:
@@ -112,6 +113,7 @@ class EmbeddingJob:
             session = None
         # Errors go to _on_error (a notification), not back into the event loop.
         self._stop, self._downloading, self._download_seen = threading.Event(), threading.Event(), False
+        self._after = ""
         # A model another kept session loaded already is used again, not loaded a second time.
         loaded = None if session is not None else widget._loaded_model(model_source, settings[0])
         worker = thread_worker(reported(_compute), ignore_errors=True)(
@@ -157,7 +159,9 @@ class EmbeddingJob:
         if cancelled:  # Cancel stops everything: say what is left
             widget._status.value += f" Embeddings stopped at {done}/{total} slices: press Compute embeddings."
         else:
+            summary = widget._status.value  # what the job found: the user still reads it
             self.start(session.layer, session.model_source, session.settings)
+            self._after = summary + " "
 
     def _on_progress(self, event: tuple) -> None:
         widget = self._widget
@@ -178,7 +182,7 @@ class EmbeddingJob:
             session = widget._session
             if self.worker is not None:  # a slice reported after the worker stopped keeps "Stopped: …"
                 done, total = len(session.store), session.view.n_slices
-                widget._status.value = f"Computing embeddings: {done}/{total} slices…"
+                widget._status.value = f"{self._after}Computing embeddings: {done}/{total} slices…"
             if payload == widget._current_z(session.layer) or session.view.n_slices == 1:
                 widget.segment()
 
@@ -201,7 +205,8 @@ class EmbeddingJob:
 
     def _on_done(self, session: Session | None) -> None:
         if session is not None:  # None: stopped while downloading (see `_on_finished`)
-            self._widget._status.value = f"Embeddings ready ({len(session.store)}/{session.view.n_slices} slices)."
+            ready = f"Embeddings ready ({len(session.store)}/{session.view.n_slices} slices)."
+            self._widget._status.value = self._after + ready
 
     def _on_error(self, error: Exception) -> None:
         self._failed = True

@@ -124,6 +124,8 @@ def test_embeddings_paused_for_a_propagation_resume_after_it(make_napari_viewer,
     # ... and continue afterwards: the propagation alone embeds only slices 5 to 7.
     qtbot.waitUntil(lambda: len(widget._session.store) == 12, timeout=60_000)
     widget.wait()  # the resumed worker ends before the viewer closes
+    qtbot.waitUntil(lambda: widget._status.value.endswith("Embeddings ready (12/12 slices)."), timeout=10_000)
+    assert widget._status.value.startswith("Propagated: ")  # what the propagation found is still told
 
 
 def test_a_propagation_refused_leaves_the_embeddings_running(make_napari_viewer, tiny_checkpoint, qtbot, messages):
