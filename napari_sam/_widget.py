@@ -527,7 +527,8 @@ class SamWidget(Container):
         if everything:
             self._earlier = []
         self._said_deleted = self._said_view_problem = self._advised_view = False
-        self._cancel_jobs("(the image, the model or its settings changed)")
+        reason = status.split(":")[0]  # "Model changed", "The image 'cells' was deleted", ...
+        self._cancel_jobs(f"({reason[0].lower()}{reason[1:]})")
         self.cancel()
         self._session = None
         self._candidates = None

@@ -115,6 +115,17 @@ def test_undo_and_commit_are_refused_while_a_propagation_paints(sam, messages, q
     qtbot.waitUntil(lambda: not widget._busy(), timeout=20_000)
 
 
+def test_a_propagation_cancelled_by_the_image_deleted_says_so(sam, messages, qtbot):
+    viewer, widget = sam
+    commit_one(viewer, widget)
+    widget.propagate()
+    viewer.layers.remove(viewer.layers["nuclei"])  # as napari closing does
+    qtbot.waitUntil(lambda: not widget._busy(), timeout=20_000)
+    assert any(
+        "propagation cancelled (the image 'nuclei' was deleted)" in message for message in messages["info"]
+    )
+
+
 def test_deleting_the_image_stops_its_embeddings(sam, qtbot):
     viewer, widget = sam
     widget.load()
