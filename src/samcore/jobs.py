@@ -176,6 +176,8 @@ def segment_everything(
     Returns:
         Instance labels with the image's spatial shape ((Y, X) or (Z, Y, X)), int32.
     """
+    if isinstance(model, Predictor):
+        raise TypeError("segment_everything takes the model, not a Predictor: pass predictor.model.")
     view = StackView.of(image, rgb=rgb)
     predictor = Predictor(model, precision=precision)
     disk = None

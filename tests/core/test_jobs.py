@@ -130,3 +130,10 @@ def test_the_number_of_slices_is_told_before_the_first_is_segmented():
     first = next(step for step in steps if step.stage in ("slices", "masks"))
     assert (first.stage, first.done, first.total) == ("slices", 0, 3)  # a progress bar shows 0/3 at once
     assert [step.done for step in steps if step.stage == "slices"] == [0, 1, 2, 3]
+
+
+def test_a_predictor_given_for_the_model_is_refused_with_the_fix():
+    from tiny_models import tiny_sam
+
+    with pytest.raises(TypeError, match=r"pass predictor.model"):
+        segment_everything(np.zeros((32, 32), np.uint8), Predictor(tiny_sam(), precision="fp32"))
