@@ -18,7 +18,7 @@ class Candidates:
     the three candidates of a click costs more than decoding them, and the user looks at one. With
     refinement, a single click's candidates are also refined one at a time, when first shown: the
     best one at once, the others on N (refining all three first takes twice as long, and was as good
-    on generated scenes). A zoomed click's are too, on the crop around it.
+    on generated scenes), each keeping its own reading of the click (see `refine_shown`). A zoomed click's are too, on the crop around it.
 
     Args:
         scores: (C,) predicted IoUs; the best candidate is shown first.
@@ -75,10 +75,16 @@ class Candidates:
         """Refine the shown candidate if it is not yet."""
         if self.index not in self._pending:
             return
+        # The best candidate through the single-mask output, as `Predictor(refine=True)` does. Each other
+        # through its own multimask output: through the single one they all became the best one again
+        # (300 clicks on generated scenes: the three candidates overlapped by a median IoU of 0.97, against
+        # 0.65 this way, and the best of the three matched the object by 0.739, against 0.756).
+        own = self._rank > 0
         score, low_res = self._decoder.predict_logits(
-            **self._prompt, mask_input=self.low_res[self.index][None], multimask_output=False, refine=False
+            **self._prompt, mask_input=self.low_res[self.index][None], multimask_output=own, refine=False
         )
-        self.low_res[self.index], self.scores[self.index] = low_res[0], score[0]
+        pick = self.index if own else 0
+        self.low_res[self.index], self.scores[self.index] = low_res[pick], score[pick]
         self._masks[self.index] = None
         self._pending.discard(self.index)
 

@@ -62,7 +62,9 @@ class Predictor:
             logits as `mask_input` (SAM's way of adding clicks, here without a new click), and
             return the second pass. None follows the model: on for weights registered as gaining
             from it (`samcore.zoo.ModelEntry.refine`: the bundled model), off otherwise, as in
-            segment-anything. `predict` and `predict_torch` take it per call too.
+            segment-anything. `predict` and `predict_torch` take it per call too. The second pass
+            gives the single-mask output, which makes the best candidate better but the three
+            candidates of a click much alike: pass ``refine=False`` to choose among distinct ones.
         views: 1, 2 or 4 views of each image: the image itself, then its mirror image left to
             right, then top to bottom and both. Each view is embedded, every prompt is mirrored
             with it and decoded, and the masks are mirrored back and their logits averaged (as are

@@ -316,15 +316,18 @@ def test_the_refine_box_follows_the_model_and_decides_the_preview(sam):
     click = {"point_coords": np.array([[40.0, 40.0]]), "point_labels": np.array([1])}
     first, scores, low_res = predictor.predict(**click, refine=False)
     widget._refine.value = True  # the preview is decoded again at once
-    # A click's candidates are refined as they are shown: the best one first, the others on N.
-    assert widget._candidates.index == int(np.argmax(scores))
+    # A click's candidates are refined as they are shown: the best one first, through the single-mask
+    # output; the others on N, each through its own output.
+    best = int(np.argmax(scores))
+    assert widget._candidates.index == best
     shown = set()
     for _ in range(3):
         shown.add(widget._candidates.index)
         for i in range(3):
             if i in shown:
-                again, _, _ = predictor.predict(**click, mask_input=low_res[i][None], multimask_output=False)
-                np.testing.assert_array_equal(widget._candidates.mask(i), again[0])
+                own = i != best
+                again, _, _ = predictor.predict(**click, mask_input=low_res[i][None], multimask_output=own)
+                np.testing.assert_array_equal(widget._candidates.mask(i), again[i if own else 0])
             else:
                 np.testing.assert_array_equal(widget._candidates.mask(i), first[i])
         widget.next_candidate()
