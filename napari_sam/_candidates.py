@@ -18,7 +18,8 @@ class Candidates:
     the three candidates of a click costs more than decoding them, and the user looks at one. With
     refinement, a single click's candidates are also refined one at a time, when first shown: the
     best one at once, the others on N (refining all three first takes twice as long, and was as good
-    on generated scenes), each keeping its own reading of the click (see `refine_shown`). A zoomed click's are too, on the crop around it.
+    on generated scenes), each keeping its own reading of the click (see `refine_shown`). A zoomed
+    click's are too, on the crop around it.
 
     Args:
         scores: (C,) predicted IoUs; the best candidate is shown first.

@@ -50,7 +50,6 @@ REFOCUS_MS = 250
 # Images whose embeddings are kept in memory after the picker moves on (about 2 MB per slice and view,
 # in float16): going back to one of them computes nothing.
 KEEP_EARLIER = 2
-# In the metadata of an objects layer the widget made: {"image": the image layer's unique_id}.
 # An image layer's events that move it in the world; the SAM layers follow them.
 PLACEMENT = ("scale", "translate", "rotate", "shear", "affine")
 KEYS = {
@@ -893,8 +892,8 @@ class SamWidget(Container):
         image = self._session.layer
         active = self._viewer.layers.selection.active  # napari selects a new layer: keep the user's one
         layer = self._viewer.add_labels(
-            np.zeros(shape, np.uint32), name="SAM objects", metadata={OBJECTS_KEY: {"image": image.unique_id}},
-            **placement(image),
+            np.zeros(shape, np.uint32), name="SAM objects",
+            metadata={OBJECTS_KEY: {"image": image.unique_id}}, **placement(image),
         )
         if active is not None and active in self._viewer.layers:
             self._viewer.layers.selection.active = active  # the next click still adds a point

@@ -135,7 +135,7 @@ def segment_stack(
 
         yield from segment_on_cluster(client, predictor, view, store, settings, labels)
     else:
-        yield Progress("slices", 0, view.n_slices, 0)  # the total, for a progress bar, before the first slice
+        yield Progress("slices", 0, view.n_slices, 0)  # the total, for a progress bar, before any slice
         for z in range(view.n_slices):
             labels[z], _ = yield from slice_labels(predictor, view.rgb_slice(z), z, store, settings)
             yield Progress("slices", z + 1, view.n_slices, z)

@@ -126,7 +126,9 @@ def test_the_number_of_slices_is_told_before_the_first_is_segmented():
 
     stack = nuclei_stack((3, 40, 48), n_nuclei=3, radius=(5.0, 8.0), seed=7)[0]
     steps = []
-    segment_everything(stack, tiny_sam(), settings=permissive_settings(), precision="fp32", on_progress=steps.append)
+    segment_everything(
+        stack, tiny_sam(), settings=permissive_settings(), precision="fp32", on_progress=steps.append
+    )
     first = next(step for step in steps if step.stage in ("slices", "masks"))
     assert (first.stage, first.done, first.total) == ("slices", 0, 3)  # a progress bar shows 0/3 at once
     assert [step.done for step in steps if step.stage == "slices"] == [0, 1, 2, 3]

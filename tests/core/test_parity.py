@@ -125,7 +125,9 @@ def test_an_image_resized_by_the_caller_matches_official_set_torch_image(pair, r
     official_model, our_model = pair
     official, ours = SamPredictor(official_model), Predictor(our_model, precision="fp32")
     resized = torch.as_tensor(official.transform.apply_image(real_rgb)).permute(2, 0, 1)[None]
-    np.testing.assert_array_equal(ours.transform.apply_image(real_rgb), official.transform.apply_image(real_rgb))
+    np.testing.assert_array_equal(
+        ours.transform.apply_image(real_rgb), official.transform.apply_image(real_rgb)
+    )
     official.set_torch_image(resized, real_rgb.shape[:2])
     ours.set_torch_image(resized, real_rgb.shape[:2])
     torch.testing.assert_close(ours.get_image_embedding(), official.features, atol=1e-4, rtol=1e-4)

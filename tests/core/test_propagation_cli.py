@@ -77,7 +77,9 @@ def test_where_and_why_each_object_ended_is_printed(tmp_path, stack_file, checkp
     prompts = write_prompts(tmp_path, [{"id": 7, "boxes": [box_of(truth[3] == object_id, 3)]}])
     strict = functools.partial(samcore.propagation.PropagationSettings, min_area=10**9)  # nothing spreads
     monkeypatch.setattr(samcore.propagation, "PropagationSettings", strict)
-    code = segment(stack, "--prompts", prompts, "--propagate", "-o", tmp_path / "out.tif", "--checkpoint", checkpoint)
+    code = segment(
+        stack, "--prompts", prompts, "--propagate", "-o", tmp_path / "out.tif", "--checkpoint", checkpoint
+    )
     err = capsys.readouterr().err
     assert code == 0, err
     line = next(line for line in err.splitlines() if line.startswith("object 7: slices 3 to 3"))

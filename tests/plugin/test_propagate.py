@@ -81,7 +81,9 @@ def test_an_object_that_goes_nowhere_is_told_why(sam):
     widget.propagation_settings = PropagationSettings(min_iou=0.0, min_score=0.0, min_area=96 * 96 + 1)
     widget.propagate(block=True)
     np.testing.assert_array_equal(objects.data, existing)
-    assert widget._status.value.startswith("Propagated: 0 object-slices filled for 1 object(s). Object 5 stayed")
+    assert widget._status.value.startswith(
+        "Propagated: 0 object-slices filled for 1 object(s). Object 5 stayed"
+    )
     assert "on slice 3, " in widget._status.value and "on slice 1, " in widget._status.value
     assert "(min_area)" in widget._status.value or "no mask was found" in widget._status.value
 
@@ -128,7 +130,9 @@ def test_embeddings_paused_for_a_propagation_resume_after_it(make_napari_viewer,
     assert widget._status.value.startswith("Propagated: ")  # what the propagation found is still told
 
 
-def test_a_propagation_refused_leaves_the_embeddings_running(make_napari_viewer, tiny_checkpoint, qtbot, messages):
+def test_a_propagation_refused_leaves_the_embeddings_running(
+    make_napari_viewer, tiny_checkpoint, qtbot, messages
+):
     viewer = make_napari_viewer()
     viewer.add_image(np.random.default_rng(1).random((40, 96, 96)).astype(np.float32), name="stack")
     _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")

@@ -205,7 +205,9 @@ def test_scripted_clicks_and_boxes_are_in_world_coordinates(make_napari_viewer, 
     np.testing.assert_allclose(widget._prompt_layers.boxes.data[0][[0, 2]], [[2, 10, 10], [2, 50, 50]])
 
 
-@pytest.mark.parametrize("placed", [{"scale": (3, 1, 1)}, {"translate": (10, 0, 0)}], ids=["z scale", "z offset"])
+@pytest.mark.parametrize(
+    "placed", [{"scale": (3, 1, 1)}, {"translate": (10, 0, 0)}], ids=["z scale", "z offset"]
+)
 def test_on_a_stack_placed_in_the_world_the_slice_shown_stays_and_is_committed_to(
     make_napari_viewer, tiny_checkpoint, stack, placed
 ):
@@ -348,7 +350,7 @@ def test_a_checkpoint_file_written_since_it_was_loaded_is_loaded_again(sam, stac
 
 def test_a_long_message_wraps_and_does_not_widen_the_dock(sam):
     _, widget = sam
-    widget._status.value = "The objects layer 'SAM objects' has shape (12, 256, 256), the image (8, 160, 200). " * 4
+    widget._status.value = "The objects layer 'SAM objects' has shape (12, 256, 256), the image (8, 9). " * 4
     widget._candidate.value = "candidate 1/3 (best), predicted IoU 0.97, zooming in… " * 4
     for line in (widget._status.native, widget._candidate.native):
         assert line.fontMetrics().horizontalAdvance(line.text()) > 1200

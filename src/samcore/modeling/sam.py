@@ -93,7 +93,7 @@ class Sam(nn.Module):
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
 
-
+    @torch.no_grad()
     def forward(self, batched_input: list[dict], multimask_output: bool) -> list[dict]:
         """segment-anything's end-to-end call, ``sam(batched_input, multimask_output)``, for scripts
         written for it (interactive work is faster through `samcore.Predictor`).
@@ -111,7 +111,7 @@ class Sam(nn.Module):
             "low_res_logits" (B, C, 256, 256).
         """
         if isinstance(batched_input, dict) or not all(isinstance(entry, dict) for entry in batched_input):
-            raise TypeError("sam(...) takes a list with one dict per image, as segment-anything's batched input.")
+            raise TypeError("sam(...) takes a list of one dict per image (segment-anything's batched input).")
         for index, entry in enumerate(batched_input):
             missing = {"image", "original_size"} - set(entry)
             if missing:
