@@ -18,6 +18,14 @@ def _loaded(viewer, widget, z):
     widget.load(block=True)
 
 
+def _committed(viewer, widget):
+    """Embed slice 1 and commit the object clicked at (40, 40) there; the objects layer."""
+    _loaded(viewer, widget, 1)
+    widget.add_point((1, 40, 40))
+    widget.commit()
+    return widget.output_layer()
+
+
 def _widget(viewer, checkpoint):
     _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
     widget.set_model(checkpoint=checkpoint)
@@ -114,10 +122,7 @@ def test_each_image_gets_its_own_objects_layer_and_gets_it_back(make_napari_view
 
 def test_a_reopened_widget_commits_into_the_objects_layer_made_for_the_image(sam):
     viewer, widget = sam
-    _loaded(viewer, widget, 1)
-    widget.add_point((1, 40, 40))
-    widget.commit()
-    objects = widget.output_layer()
+    objects = _committed(viewer, widget)
     viewer.window.remove_dock_widget(widget.native)
     _, again = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
     assert again._output.value is objects
@@ -154,10 +159,7 @@ def test_undo_steps_back_in_the_objects_of_the_image_picked(sam, stack, messages
 
 def test_undo_of_an_object_erased_by_hand_says_nothing_was_left(sam):
     viewer, widget = sam
-    _loaded(viewer, widget, 1)
-    widget.add_point((1, 40, 40))
-    widget.commit()
-    objects = widget.output_layer()
+    objects = _committed(viewer, widget)
     objects.data[objects.data == 1] = 0  # erased by hand
     widget.undo()
     assert widget._status.value == "Nothing of object 1 was left to undo: all its pixels were edited since."
@@ -166,10 +168,7 @@ def test_undo_of_an_object_erased_by_hand_says_nothing_was_left(sam):
 
 def test_undo_leaves_labels_alone_that_replaced_the_ones_it_wrote_to(sam, messages):
     viewer, widget = sam
-    _loaded(viewer, widget, 1)
-    widget.add_point((1, 40, 40))
-    widget.commit()
-    objects = widget.output_layer()
+    objects = _committed(viewer, widget)
     curated = np.zeros_like(objects.data)
     curated[1, 30:50, 30:50] = 1  # labels loaded into the same layer
     objects.data = curated
