@@ -147,8 +147,8 @@ def test_a_propagation_refused_leaves_the_embeddings_running(
     assert any("holds no object" in message for message in messages["warning"])
     assert widget._embedding.running
     qtbot.waitUntil(lambda: len(widget._session.store) == 40, timeout=120_000)
-    assert widget._status.value.startswith("Embeddings ready")
     widget.wait()
+    qtbot.waitUntil(lambda: widget._status.value.startswith("Embeddings ready"), timeout=10_000)
 
 
 def test_the_views_menu_makes_new_embeddings_that_propagation_uses(sam, messages):
