@@ -630,12 +630,7 @@ class Predictor:
 
     def transform_coords(self, coords: np.ndarray) -> np.ndarray:
         """Map (..., 2) XY original-image pixels of the current image to model-input pixels."""
-        embedding = self._current()
-        (height, width), (new_h, new_w) = embedding.original_size, embedding.input_size
-        scaled = np.array(coords, dtype=np.float64, copy=True)
-        scaled[..., 0] *= new_w / width
-        scaled[..., 1] *= new_h / height
-        return scaled
+        return self.transform.apply_coords(coords, self._current().original_size)
 
     def transform_boxes(self, boxes: np.ndarray) -> np.ndarray:
         """Map (..., 4) XYXY original-image boxes of the current image to model-input pixels."""
