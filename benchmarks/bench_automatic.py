@@ -10,7 +10,10 @@ Prints, in one run:
   * float16 embeddings: mask agreement between float32 and float16 embeddings of dsb2018, one
     point prompt per labelled object (at its most interior pixel);
   * peak memory of `napari-sam embed` on a synthetic 200-slice 512x512 stack, next to a 2-slice
-    run and to the size of the stack's embeddings in float32.
+    run and to the size of the stack's embeddings in float32;
+  * mask records: `samcore.AutomaticMaskGenerator` and segment-anything's `SamAutomaticMaskGenerator`
+    on the same model, parameters and image (dsb2018): seconds, records, how well each one's masks
+    are found among the other's, and the F1 of each one's records painted largest first.
 
 The baseline's parameters (Gaussian sigma 1, peaks at least 5 pixels apart, objects of at least 30
 pixels) were fixed beforehand: nothing is tuned on this data, which is for measurement only.
@@ -51,7 +54,7 @@ from samcore.progress import run
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_AREA = 30
-PARTS = ("dsb2018", "nuclei3d", "float16", "memory")
+PARTS = ("dsb2018", "nuclei3d", "float16", "memory", "records")
 
 
 def main() -> None:
@@ -107,6 +110,8 @@ def main() -> None:
         print_float16_agreement(predictor, image, truth)
     if "memory" in parts:
         print_memory(args, model, args.memory_slices)
+    if "records" in parts:
+        print_records(model, image, truth, settings)
 
 
 def segment_2d(predictor: Predictor, image: np.ndarray, settings: AutoSettings):
@@ -194,6 +199,38 @@ def print_float16_agreement(predictor: Predictor, image: np.ndarray, truth: np.n
     changed = np.mean([np.mean(a != b) for a, b in zip(*masks)])
     print(f"\nfloat16 vs float32 embeddings, {len(clicks)} clicks on dsb2018: mask IoU mean "
           f"{np.mean(ious):.4f}, min {np.min(ious):.4f}; pixels that differ {changed:.2e}")
+
+
+def print_records(model: torch.nn.Module, image: np.ndarray, truth: np.ndarray, settings: AutoSettings) -> None:
+    """Both mask generators on one image, with the same model and parameters, side by side."""
+    sys.path.insert(0, str(ROOT / "tests" / "reference"))  # torchvision stand-in for segment-anything
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from samcore import AutomaticMaskGenerator
+
+    options = {
+        "points_per_side": settings.points_per_side,
+        "pred_iou_thresh": settings.min_predicted_iou,
+        "stability_score_thresh": settings.min_stability,
+    }
+    rgb = to_rgb_uint8(image)
+    records, seconds = {}, {}
+    for name, make in (("official", SamAutomaticMaskGenerator), ("ours", AutomaticMaskGenerator)):
+        generator = make(model, **options)
+        started = time.perf_counter()
+        records[name] = generator.generate(rgb)
+        seconds[name] = time.perf_counter() - started
+    official, ours = ([r["segmentation"] for r in records[name]] for name in ("official", "ours"))
+    print(f"\nmask records on dsb2018, {options}:")
+    print(f"  {'generator':<12}{'seconds':>9}{'records':>9}{'found in the other (IoU >= 0.9)':>34}{'F1@0.5':>8}")
+    for name, mine, other in (("official", official, ours), ("ours", ours, official)):
+        found = np.mean([max((iou(m, o) for o in other), default=0.0) >= 0.9 for m in mine]) if mine else 0.0
+        painted = np.zeros(image.shape[:2], np.int32)
+        for label, mask in enumerate(sorted(mine, key=np.count_nonzero, reverse=True), start=1):
+            painted[mask] = label
+        ious, n_true, n_found = matched_ious(truth, painted)
+        f1 = 2 * np.count_nonzero(ious >= 0.5) / (n_true + n_found) if n_true + n_found else 0.0
+        print(f"  {name:<12}{seconds[name]:>9.1f}{len(mine):>9}{found:>34.3f}{f1:>8.3f}")
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -225,9 +225,11 @@ def scored_candidates(
     """`filter_candidates` with explicit thresholds, also returning each kept mask's stability score.
 
     Returns:
-        The kept (non-empty) masks with their predicted IoUs, and (N,) their stability scores.
+        The kept (non-empty) masks with their predicted IoUs, their points and stability scores as
+        `meta` "points" and "stability", and (N,) the stability scores again.
     """
     logits, scores = decoder.decode(points)
+    per_point = logits.shape[1]
     logits, scores = logits.flatten(0, 1), scores.flatten(0, 1).float()
     keep = torch.nonzero(scores >= min_predicted_iou).flatten()
     parts, stabilities = [], []
@@ -239,15 +241,24 @@ def scored_candidates(
         stability = stability_score(full, 0.0, stability_offset)
         positive = full > 0
         kept = (stability >= min_stability) & positive.flatten(1).any(dim=1)
-        parts.append(Masks.from_dense(positive[kept], scores[index][kept]))
-        stabilities.append(stability[kept].float().cpu().numpy())
+        rows = index[kept].cpu().numpy()
+        meta = {
+            "points": np.asarray(points, np.float64)[rows // per_point],
+            "stability": stability[kept].float().cpu().numpy(),
+        }
+        kept_masks = Masks.from_dense(positive[kept], scores[index][kept], meta)
+        parts.append(kept_masks)
+        stabilities.append(kept_masks.meta["stability"])
         start += len(index)
         chunk = max(1, min(upscale_chunk, UPSCALE_PIXELS // full[0].numel()))
     return concat(parts), np.concatenate(stabilities) if stabilities else np.zeros(0, np.float32)
 
 
 def generate_masks(
-    decoder_for: Callable[[Box], PointDecoder], image_size: tuple[int, int], settings: AutoSettings
+    decoder_for: Callable[[Box], PointDecoder],
+    image_size: tuple[int, int],
+    settings: AutoSettings,
+    grids: Sequence[np.ndarray] | None = None,
 ) -> Job[Masks]:
     """The masks of every object found in an image, as a job yielding one step per batch of points.
 
@@ -255,26 +266,38 @@ def generate_masks(
         decoder_for: Makes the decoder of a crop box (the whole image first).
         image_size: (H, W) of the image.
         settings: Parameters.
+        grids: The (n, 2) XY points on the unit square of the whole image, then of each crop layer's
+            crops (`settings.crop_layers + 1` grids); default `point_grid(settings.points_per_side)` for all.
 
     Returns:
-        Deduplicated, cleaned masks in image pixels, with their predicted IoUs.
+        Deduplicated, cleaned masks in image pixels, with their predicted IoUs and, as `meta`, their
+        points (image pixels), stability scores and the crop boxes they were decoded on.
     """
     height, width = image_size
     crops = crop_boxes(height, width, settings.crop_layers, settings.crop_overlap)
-    grid = point_grid(settings.points_per_side)
-    batches = math.ceil(len(grid) / settings.points_per_batch)
+    layers = [0] + [layer for layer in range(1, settings.crop_layers + 1) for _ in range(4**layer)]
+    if grids is None:
+        grids = [point_grid(settings.points_per_side)] * (settings.crop_layers + 1)
+    elif len(grids) != settings.crop_layers + 1:
+        raise ValueError(
+            f"{len(grids)} point grids for {settings.crop_layers} crop layers: give one for the whole "
+            f"image and one per crop layer ({settings.crop_layers + 1})."
+        )
+    step = settings.points_per_batch
+    total = sum(math.ceil(len(grids[layer]) / step) for layer in layers)
     found, done = [], 0
-    for crop in crops:
+    for crop, layer in zip(crops, layers):
         decoder = decoder_for(crop)
         crop_h, crop_w = crop[3] - crop[1], crop[2] - crop[0]
-        points = grid * np.array([crop_w, crop_h])
+        points = grids[layer] * np.array([crop_w, crop_h])
         parts = []
-        step = settings.points_per_batch
         for start in range(0, len(points), step):
             parts.append(filter_candidates(decoder, points[start : start + step], settings))
             done += 1
-            yield Progress("masks", done, batches * len(crops))
-        found.append(deduplicate_crop(concat(parts), crop, image_size, settings))
+            yield Progress("masks", done, total)
+        masks = deduplicate_crop(concat(parts), crop, image_size, settings)
+        crop_rows = np.tile(np.array(crop, np.int64), (len(masks), 1))
+        found.append(dataclasses.replace(masks, meta={**masks.meta, "crop_boxes": crop_rows}))
     return merge_crops(found, settings)
 
 
@@ -315,6 +338,22 @@ def segment_embedding(
         (H, W) int32 instance labels.
     """
     settings = (settings or AutoSettings()).resolved(model)
+    masks = yield from embedding_masks(model, embedding, rgb, settings, precision)
+    return paint_labels(masks, embedding.original_size, settings.min_visible)
+
+
+def embedding_masks(
+    model: torch.nn.Module,
+    embedding: ImageEmbedding,
+    rgb: np.ndarray | None,
+    settings: AutoSettings,
+    precision: str = "auto",
+    grids: Sequence[np.ndarray] | None = None,
+) -> Job[Masks]:
+    """The masks of `segment_embedding` before they are painted, possibly overlapping (see `generate_masks`).
+
+    `settings` are taken as they are: `AutoSettings.resolved` fills in the model's thresholds.
+    """
     if settings.crop_layers and rgb is None:
         raise ValueError("Crops are embedded anew: pass the image (rgb) along with its embedding.")
     whole = EmbeddingDecoder(model, embedding, precision)
@@ -326,6 +365,4 @@ def segment_embedding(
         x0, y0, x1, y1 = crop
         return EmbeddingDecoder(model, encoder.embed_rgb(np.ascontiguousarray(rgb[y0:y1, x0:x1])), precision)
 
-    masks = yield from generate_masks(decoder_for, embedding.original_size, settings)
-    return paint_labels(masks, embedding.original_size, settings.min_visible)
-
+    return (yield from generate_masks(decoder_for, embedding.original_size, settings, grids))

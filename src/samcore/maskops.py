@@ -7,7 +7,7 @@ large image cost little memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,19 +22,28 @@ class Masks:
         crops: N (h_i, w_i) bool arrays, the masks inside their boxes.
         boxes: (N, 4) int64 XYXY boxes in image pixels, x1 and y1 exclusive.
         scores: (N,) float predicted IoU of each mask.
+        meta: More per-mask arrays, one row per mask, kept along with the masks: "points" (N, 2) XY
+            point prompts in the same pixels as `boxes`, "stability" (N,) stability scores,
+            "crop_boxes" (N, 4) XYXY boxes of the crop each mask was decoded on.
     """
 
     crops: tuple[np.ndarray, ...]
     boxes: np.ndarray
     scores: np.ndarray
+    meta: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> Masks:
         return cls((), np.zeros((0, 4), np.int64), np.zeros(0, np.float32))
 
     @classmethod
-    def from_dense(cls, masks: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray) -> Masks:
-        """Masks from a (N, H, W) bool stack; empty masks are dropped."""
+    def from_dense(
+        cls,
+        masks: torch.Tensor | np.ndarray,
+        scores: torch.Tensor | np.ndarray,
+        meta: dict[str, np.ndarray] | None = None,
+    ) -> Masks:
+        """Masks from a (N, H, W) bool stack, with N-row `meta` arrays; empty masks are dropped."""
         dense = torch.as_tensor(masks)
         boxes = mask_boxes(dense).cpu().numpy()
         score_array = torch.as_tensor(scores).float().cpu().numpy()
@@ -43,7 +52,7 @@ class Masks:
         for i in keep:
             x0, y0, x1, y1 = boxes[i]
             crops.append(dense[i, y0:y1, x0:x1].cpu().numpy())
-        return cls(tuple(crops), boxes[keep], score_array[keep])
+        return cls(tuple(crops), boxes[keep], score_array[keep], _rows(meta or {}, keep))
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -51,11 +60,18 @@ class Masks:
     def select(self, indices: np.ndarray | list[int]) -> Masks:
         """The masks at `indices`, in that order."""
         index = np.asarray(indices, dtype=np.int64).reshape(-1)
-        return Masks(tuple(self.crops[i] for i in index), self.boxes[index], self.scores[index])
+        crops = tuple(self.crops[i] for i in index)
+        return Masks(crops, self.boxes[index], self.scores[index], _rows(self.meta, index))
 
     def shifted(self, dx: int, dy: int) -> Masks:
-        """The same masks in a frame whose origin is (-dx, -dy): crop coordinates to image coordinates."""
-        return Masks(self.crops, self.boxes + np.array([dx, dy, dx, dy]), self.scores)
+        """The same masks in a frame whose origin is (-dx, -dy): crop coordinates to image coordinates.
+
+        Their "points" move with them; "crop_boxes" are image coordinates already.
+        """
+        meta = dict(self.meta)
+        if "points" in meta:
+            meta["points"] = meta["points"] + np.array([dx, dy])
+        return Masks(self.crops, self.boxes + np.array([dx, dy, dx, dy]), self.scores, meta)
 
     def areas(self) -> np.ndarray:
         """(N,) pixel count of each mask."""
@@ -75,7 +91,15 @@ def concat(parts: list[Masks]) -> Masks:
     if not parts:
         return Masks.empty()
     crops = tuple(c for p in parts for c in p.crops)
-    return Masks(crops, np.concatenate([p.boxes for p in parts]), np.concatenate([p.scores for p in parts]))
+    shared = set.intersection(*(set(p.meta) for p in parts))  # what every part has
+    meta = {name: np.concatenate([p.meta[name] for p in parts]) for name in sorted(shared)}
+    boxes, scores = np.concatenate([p.boxes for p in parts]), np.concatenate([p.scores for p in parts])
+    return Masks(crops, boxes, scores, meta)
+
+
+def _rows(meta: dict[str, np.ndarray], index: np.ndarray | list[int]) -> dict[str, np.ndarray]:
+    """The rows at `index` of every per-mask array."""
+    return {name: np.asarray(values)[index] for name, values in meta.items()}
 
 
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -225,7 +249,7 @@ def clean_masks(masks: Masks, min_area: int) -> Masks:
         keep.append(i)
     if not keep:
         return Masks.empty()
-    return Masks(tuple(crops), np.array(boxes, dtype=np.int64), masks.scores[keep])
+    return Masks(tuple(crops), np.array(boxes, dtype=np.int64), masks.scores[keep], _rows(masks.meta, keep))
 
 
 def paint_labels(masks: Masks, shape: tuple[int, int], min_visible: float = 0.5) -> np.ndarray:

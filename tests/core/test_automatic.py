@@ -19,6 +19,7 @@ from samcore.maskops import (
     box_iou,
     box_nms,
     clean_masks,
+    concat,
     mask_boxes,
     mask_nms,
     paint_labels,
@@ -155,6 +156,22 @@ def test_cleaned_masks_get_tight_boxes():
     crop[5, 5] = True
     masks = clean_masks(Masks((crop,), np.array([[10, 20, 16, 26]]), np.array([0.9])), min_area=3)
     assert masks.boxes.tolist() == [[11, 21, 14, 24]] and masks.crops[0].all()
+
+
+def test_per_mask_meta_follows_its_masks():
+    big, speck = np.ones((4, 4), bool), np.ones((1, 1), bool)
+    meta = {"points": np.array([[1.0, 2.0], [3.0, 4.0]]), "stability": np.array([0.9, 0.8])}
+    masks = Masks((speck, big), np.array([[0, 0, 1, 1], [5, 5, 9, 9]]), np.array([0.7, 0.6]), meta)
+    cleaned = clean_masks(masks, min_area=2)  # the speck goes, and its row with it
+    assert cleaned.meta["stability"].tolist() == [0.8] and cleaned.meta["points"].tolist() == [[3.0, 4.0]]
+    shifted = masks.shifted(10, 20)
+    assert shifted.meta["points"].tolist() == [[11.0, 22.0], [13.0, 24.0]]
+    assert masks.meta["points"].tolist() == [[1.0, 2.0], [3.0, 4.0]]  # the original is left as it was
+    assert masks.select([1, 0]).meta["stability"].tolist() == [0.8, 0.9]
+    plain = Masks((big,), np.array([[0, 0, 4, 4]]), np.array([0.5]))
+    both = concat([masks, plain])
+    assert len(both) == 3 and both.meta == {}  # rows that one part lacks cannot be made up
+    assert concat([masks, masks]).meta["stability"].tolist() == [0.9, 0.8, 0.9, 0.8]
 
 
 def test_paint_keeps_small_objects_on_top_and_drops_clumps():

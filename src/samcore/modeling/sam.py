@@ -33,6 +33,7 @@ class Sam(nn.Module):
     """
 
     mask_threshold: float = 0.0
+    image_format: str = "RGB"  # the channel order the encoder expects, as segment-anything's model says
 
     def __init__(
         self,
