@@ -4,6 +4,9 @@ The user prompts in the first three ("SAM points", "SAM boxes", "SAM brush"); th
 mask of the displayed slice into "SAM preview". They follow the image's scale and translate, so
 prompts line up with it however the image is placed in the world. A widget opened again after its dock
 was closed takes over the layers of that name it finds, instead of adding a second set.
+
+Prompts belong to one image: when another image is picked, the clicks, boxes and painting not yet
+committed are put aside for their image and come back when it is picked again (`switch`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class PromptLayers:
         self.polarity = POSITIVE  # of the next click
         self._preview_slice: int | None = None  # the slice the preview was last drawn on
         self._preview_empty = True  # nothing drawn since the preview was made or cleared
+        self._owner: str | None = None  # unique id of the image the prompts in the layers belong to
+        self._aside: dict[str, _Prompts] = {}  # other images' prompts, by unique id
 
     def ensure(self, image: Image) -> None:
         """Create the layers for `image`, or re-align the existing ones."""
@@ -55,6 +60,7 @@ class PromptLayers:
         viewer = self._viewer
         placed = placement(image)
         self._take_over_left_layers()
+        self.switch(image)
         new_preview = not self._usable(self.preview, ndim) or self.preview.data.shape != shape
         if new_preview:
             self._remove(self.preview)
@@ -81,7 +87,75 @@ class PromptLayers:
                 ndim=ndim, name="SAM points", size=8, features={"label": np.zeros(0, int)}, **placed
             )
             self._wire(self.points)
+        self._bring_back(image.unique_id)  # into layers made anew for its shape
         self.align(image)
+        self.keep_above(image)
+
+    def keep_above(self, image: Image) -> None:
+        """Move these layers to the top of the layer list if `image` hides some of them (it was added or
+        moved above them): prompts and preview drawn under the image would not be seen."""
+        layers = self._viewer.layers
+        own = [layer for layer in (self.preview, self.brush, self.boxes, self.points) if self._live(layer)]
+        if not own or image not in layers or min(map(layers.index, own)) > layers.index(image):
+            return
+        for layer in own:  # in this order: the preview lowest, the clicks on top
+            layers.move(layers.index(layer), len(layers))
+
+    def switch(self, image: Image) -> int:
+        """Make the prompts in the layers `image`'s: put aside those of the image they belonged to, and
+        bring back those put aside for `image` where the layers fit them.
+
+        Returns:
+            How many clicks and boxes were put aside (a painting counts as one).
+        """
+        key = image.unique_id
+        if key == self._owner:
+            return 0
+        if self._owner is None:  # the first image, or layers a closed widget left: what they hold is its
+            self._owner = key
+            self._bring_back(key)
+            return 0
+        kept = _Prompts.take(self)
+        if kept.count:
+            self._aside[self._owner] = kept
+            self._empty()
+        self._owner = key
+        self._bring_back(key)
+        self.keep_above(image)
+        return kept.count
+
+    @property
+    def owner(self) -> str | None:
+        """The unique id of the image the prompts in the layers belong to (None before the first)."""
+        return self._owner
+
+    def drop_aside(self, image: Layer) -> None:
+        """Forget the prompts of `image` (deleted): those put aside, or those in the layers."""
+        self._aside.pop(image.unique_id, None)
+        if self._owner == image.unique_id:
+            self._empty()
+            self._owner = None
+
+    def aside_for(self, image: Layer) -> int:
+        """How many clicks and boxes are put aside for `image`."""
+        kept = self._aside.get(image.unique_id)
+        return 0 if kept is None else kept.count
+
+    def _bring_back(self, key: str) -> None:
+        kept = self._aside.get(key)
+        if kept is not None and kept.restore(self):
+            del self._aside[key]
+
+    def _empty(self) -> None:
+        """Remove every prompt from the layers without a change event (the image is changing)."""
+        for layer in (self.points, self.boxes):
+            if self._live(layer) and len(layer.data):
+                layer.selected_data = set()
+                with layer.events.data.blocker():
+                    layer.data = [] if isinstance(layer, Shapes) else np.zeros((0, layer.ndim))
+        if self._live(self.brush) and self.brush.data.any():
+            self.brush.data[...] = 0
+            self.brush.refresh()
 
     def align(self, image: Image) -> None:
         """Place the layers over `image` as it is placed in the world (its pixel size, offset, rotation)."""
@@ -243,6 +317,68 @@ class PromptLayers:
         self.forget(layer)
         if layer in self._viewer.layers:
             self._viewer.layers.remove(layer)
+
+
+class _Prompts:
+    """Copies of one image's clicks (with their labels and colours), boxes and painting."""
+
+    def __init__(self, points=None, boxes=None, brush=None) -> None:
+        self.points = points  # (data, features, face colours) or None
+        self.boxes = boxes  # (data, shape types) or None
+        self.brush = brush  # (shape, {slice index or None: painted slice}) or None
+        clicks = 0 if points is None else len(points[0])
+        self.count = clicks + (0 if boxes is None else len(boxes[0])) + (brush is not None)
+
+    @classmethod
+    def take(cls, layers: PromptLayers) -> _Prompts:
+        """Copies of what `layers` hold now."""
+        points = boxes = brush = None
+        if layers._live(layers.points) and len(layers.points.data):
+            layer = layers.points
+            points = (layer.data.copy(), layer.features.copy(), layer.face_color.copy())
+        if layers._live(layers.boxes) and len(layers.boxes.data):
+            boxes = ([item.copy() for item in layers.boxes.data], list(layers.boxes.shape_type))
+        if layers._live(layers.brush) and layers.brush.data.any():
+            data = layers.brush.data
+            if data.ndim == 2:
+                painted = {None: np.array(data, copy=True)}
+            else:  # the painted slices only: a stack's brush may be large
+                painted = {z: np.array(data[z], copy=True) for z in range(len(data)) if data[z].any()}
+            brush = (data.shape, painted)
+        return cls(points, boxes, brush)
+
+    def restore(self, layers: PromptLayers) -> bool:
+        """Put the copies back into `layers` where they fit; whether all of them went back."""
+        done = True
+        if self.points is not None:
+            layer = layers.points
+            if layers._live(layer) and layer.ndim == self.points[0].shape[1]:
+                with layer.events.data.blocker():
+                    layer.data = self.points[0]
+                layer.features = self.points[1]
+                layer.face_color = self.points[2]
+                self.points = None
+            else:
+                done = False
+        if self.boxes is not None:
+            layer = layers.boxes
+            if layers._live(layer) and layer.ndim == self.boxes[0][0].shape[1]:
+                with layer.events.data.blocker():
+                    layer.add(self.boxes[0], shape_type=self.boxes[1])
+                self.boxes = None
+            else:
+                done = False
+        if self.brush is not None:
+            layer = layers.brush
+            shape, painted = self.brush
+            if layers._live(layer) and layer.data.shape == shape:
+                for z, values in painted.items():
+                    (layer.data if z is None else layer.data[z])[...] = values
+                layer.refresh()
+                self.brush = None
+            else:
+                done = False
+        return done
 
 
 def placement(image: Image) -> dict:

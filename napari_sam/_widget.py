@@ -334,7 +334,10 @@ class SamWidget(Container):
         self._zoom.value = zoom
 
     def _on_image_change(self, _=None) -> None:
-        self._output.value = self._objects_layer_for(self._image.value)
+        image = self._image.value
+        self._output.value = self._objects_layer_for(image)
+        before = {layer.unique_id: layer.name for layer in self._viewer.layers}.get(self._prompt_layers.owner)
+        aside = self._prompt_layers.switch(image) if image is not None and self._prompt_layers.layers() else 0
         session = self._session
         if session is not None and session.layer not in self._viewer.layers:  # the picker moved on from it
             self._forget_deleted(session.layer)
@@ -345,6 +348,12 @@ class SamWidget(Container):
                 self._earlier = kept[-KEEP_EARLIER:]
             self._take_up_earlier()
         # else: the image was deleted, and the status line says so (`_on_layer_removed` ran first)
+        if aside:
+            what = f"{aside} prompts not committed on '{before}' are" if aside > 1 else (
+                f"prompt not committed on '{before}' is"
+            )
+            comes = "they come" if aside > 1 else "it comes"
+            self._status.value += f" The {what} kept for it: {comes} back when you pick it again."
 
     def _objects_layer_for(self, image: Image | None) -> Labels | None:
         """The objects layer to show in the picker for `image`: the one last chosen for it, else the
@@ -449,6 +458,8 @@ class SamWidget(Container):
         if embedding is not None and layer == embedding and working:
             self._forget_deleted(layer)
         self._earlier = [session for session in self._earlier if session.layer != layer]
+        if isinstance(layer, Image):
+            self._prompt_layers.drop_aside(layer)
         for job in (self._propagation, self._automatic):
             job.forget_layer(layer)
         self._history = [step for step in self._history if step[0] != layer]

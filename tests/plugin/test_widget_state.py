@@ -5,7 +5,7 @@ import pytest
 import torch
 from samcore import build_sam
 
-from conftest import BOX
+from conftest import BOX, preview_mask
 
 from napari_sam._candidates import Candidates
 from napari_sam._widget import CHECKPOINT_CHOICE
@@ -356,3 +356,49 @@ def test_a_long_message_wraps_and_does_not_widen_the_dock(sam):
         assert line.fontMetrics().horizontalAdvance(line.text()) > 1200
         assert line.sizeHint().width() < 600 and line.minimumSizeHint().width() < 600
         assert line.heightForWidth(300) > line.fontMetrics().height() * 3
+
+
+def test_prompts_not_committed_stay_with_their_image_and_come_back_to_it(sam, stack, messages):
+    viewer, widget = sam
+    nuclei = viewer.layers["nuclei"]
+    viewer.dims.set_current_step(0, 2)
+    widget.load(block=True)
+    widget.add_point((2, 40, 40))
+    widget.add_point((2, 60, 20), positive=False)
+    widget._prompt_layers.boxes.add_rectangles(BOX)
+    stroke = np.zeros(stack.shape[1:], bool)
+    stroke[40:44, 30:50] = True
+    widget.paint(stroke, z=2)
+    layers = widget._prompt_layers
+    colours = layers.points.face_color.copy()
+    assert preview_mask(widget, 2).any()
+
+    other = viewer.add_image(stack[:, ::-1].copy(), name="other")
+    widget._image.value = other
+    assert len(layers.points.data) == 0 and len(layers.boxes.data) == 0  # nothing of 'nuclei' prompts 'other'
+    assert not layers.brush.data.any()
+    names = [layer.name for layer in viewer.layers]  # 'other' came last: it would hide the prompts
+    assert names.index("other") < min(names.index(layer.name) for layer in layers.layers())
+    assert widget._status.value == (
+        "Image changed: compute embeddings for it. The 4 prompts not committed on 'nuclei' are kept for it: "
+        "they come back when you pick it again."
+    )
+    widget.load(block=True)
+    assert not preview_mask(widget, 2).any()  # no prompt on 'other' yet
+    widget.add_point((2, 30, 30))
+
+    widget._image.value = nuclei
+    widget.wait()
+    assert layers.points.data.tolist() == [[2, 40, 40], [2, 60, 20]]
+    assert layers.points.features["label"].tolist() == [1, 0]
+    np.testing.assert_array_equal(layers.points.face_color, colours)  # a negative click still looks negative
+    assert len(layers.boxes.data) == 1
+    np.testing.assert_array_equal(layers.brush.data[2] > 0, stroke)
+    assert not layers.brush.data[[0, 1, 3]].any()
+    assert preview_mask(widget, 2).any()  # the embeddings were taken up, and the prompts decoded again
+
+    widget._image.value = other  # its one click comes back too
+    assert layers.points.data.tolist() == [[2, 30, 30]]
+    viewer.layers.remove(nuclei)  # what was kept for a deleted image goes with it
+    assert layers.aside_for(nuclei) == 0
+    assert not messages["error"]
