@@ -22,7 +22,7 @@ BATCH_EXAMPLES = """examples:
   napari-sam embed stack.tif --cache-dir emb/         # the widget finds them with the same cache folder
   napari-sam embed stacks/ --cache-dir emb/           # every .tif/.tiff of a folder
   napari-sam auto cells.tif -o cells_labels.tif
-  napari-sam auto stacks/ -o labels/ --cache-dir emb/ # run again: reuses the embeddings stored
+  napari-sam auto stacks/ -o labels/ --cache-dir emb/ # run again: reuses the slices embedded and segmented
   napari-sam auto stack.tif --store stack.zarr --points-per-side 16 --min-area 50
   napari-sam auto stacks/ -o labels/ --cache-dir /shared/emb --scheduler tcp://10.0.0.5:8786
 """

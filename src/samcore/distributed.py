@@ -75,8 +75,13 @@ def segment_on_cluster(
     store: EmbeddingStore | None,
     settings: AutoSettings,
     labels: np.ndarray,
+    kept: Iterable[int] = (),
 ) -> Job[None]:
-    """Automatic segmentation of every slice on the cluster's workers, into `labels` (Z, Y, X)."""
+    """Automatic segmentation of every slice on the cluster's workers, into `labels` (Z, Y, X).
+
+    The slices `kept` hold labels of an earlier run already and are left as they are; the others'
+    labels go to the store too (`EmbeddingStore.put_labels`), written here by the client.
+    """
     if store is not None:
         _check_shared(store)
         _prepare(store, predictor, view)
@@ -88,12 +93,15 @@ def segment_on_cluster(
             _segment_task, model, view.rgb_slice(z), z, _settings(predictor), spec, settings, pure=False
         )
 
-    results = _stream(client, submit, range(view.n_slices))
+    kept = set(kept)
+    results = _stream(client, submit, [z for z in range(view.n_slices) if z not in kept])
     try:
-        for done, (z, (found, computed)) in enumerate(results, start=1):
+        for done, (z, (found, computed)) in enumerate(results, start=len(kept) + 1):
             labels[z] = found
-            if computed and store is not None:
-                store.mark_done(z)
+            if store is not None:
+                if computed:
+                    store.mark_done(z)
+                store.put_labels(z, found)
             yield Progress("slices", done, view.n_slices, z)
     finally:
         results.close()

@@ -284,6 +284,56 @@ class EmbeddingStore:
         done = None if self._group is None else self._group["done"][:]
         return [z for z in order if z not in self._memory and (done is None or not done[z])]
 
+    # -- automatic segmentation's slice labels, kept beside the embeddings ----------------------
+
+    def use_labels(self, settings_key: str, shape: tuple[int, int]) -> int:
+        """Keep the labels that automatic segmentation finds on each slice, made with `settings_key`.
+
+        Only a store with a folder keeps them; labels made with other settings (or none yet) are
+        cleared here, so a run with new settings segments every slice again.
+
+        Args:
+            settings_key: What decides the labels besides the data and the model: the segmentation
+                settings and the encoder's precision.
+            shape: (Y, X) of a slice.
+
+        Returns:
+            How many slices have labels already.
+        """
+        group = self._group
+        if group is None:
+            return 0
+        if group.attrs.get("labels_settings") == settings_key and "labels" in group:
+            return int(np.count_nonzero(group["labels_done"][:]))
+        group.attrs["labels_settings"] = None  # while the arrays are made anew: no half-made set is taken
+        group.create_array(
+            "labels_done", shape=(self.n_slices,), chunks=(self.n_slices,), dtype="bool", fill_value=False,
+            overwrite=True,
+        )
+        group.create_array(
+            "labels", shape=(self.n_slices, *shape), chunks=(1, *shape), dtype="int32", fill_value=0,
+            overwrite=True,
+        )
+        group.attrs["labels_settings"] = settings_key
+        return 0
+
+    def get_labels(self, z: int) -> np.ndarray | None:
+        """Slice z's labels kept by `use_labels`'s run, or None."""
+        self._check_index(z)
+        group = self._group
+        if group is None or group.attrs.get("labels_settings") is None or "labels_done" not in group:
+            return None
+        return np.asarray(group["labels"][z]) if group["labels_done"][z] else None
+
+    def put_labels(self, z: int, labels: np.ndarray) -> None:
+        """Keep slice z's labels (after `use_labels`; without a folder, nothing is kept)."""
+        self._check_index(z)
+        group = self._group
+        if group is None or group.attrs.get("labels_settings") is None or "labels" not in group:
+            return
+        group["labels"][z] = labels
+        group["labels_done"][z] = True  # after the labels: an interrupted write is segmented again
+
     def _remember(self, z: int, embedding: ImageEmbedding) -> ImageEmbedding:
         self._memory[z] = embedding
         self._memory.move_to_end(z)

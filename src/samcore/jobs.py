@@ -8,6 +8,7 @@ spread over the cluster's workers (`samcore.distributed`), with the same result.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -119,7 +120,9 @@ def segment_stack(
     Args:
         predictor: Holds the model and precision.
         view: The stack.
-        store: Embeddings already computed are used, missing ones are computed and kept there.
+        store: Embeddings already computed are used, missing ones are computed and kept there. A
+            store with a folder keeps each slice's labels too (`EmbeddingStore.use_labels`): slices
+            segmented before with the same settings and precision are not segmented again.
         settings: Automatic segmentation parameters.
         link_overlap: Least fraction of the smaller of two objects on adjacent slices that their
             overlap must cover for them to be one 3D object (see `samcore.linking`).
@@ -130,21 +133,39 @@ def segment_stack(
     """
     settings = (settings or AutoSettings()).resolved(predictor.model)
     labels = np.zeros(view.data.shape[:3], np.int32)
+    kept = []  # slices segmented by an earlier run with these settings (a store with a folder keeps them)
+    if store is not None:
+        store.use_labels(labels_key(settings, predictor.precision), labels.shape[1:])
+        for z in range(view.n_slices):
+            found = store.get_labels(z)
+            if found is not None:
+                labels[z] = found
+                kept.append(z)
     if client is not None:
         from .distributed import segment_on_cluster
 
-        yield from segment_on_cluster(client, predictor, view, store, settings, labels)
+        yield from segment_on_cluster(client, predictor, view, store, settings, labels, kept)
     else:
-        yield Progress("slices", 0, view.n_slices, 0)  # the total, for a progress bar, before any slice
-        for z in range(view.n_slices):
+        yield Progress("slices", len(kept), view.n_slices, 0)  # the total, for a progress bar, at once
+        done = len(kept)
+        for z in sorted(set(range(view.n_slices)) - set(kept)):
             labels[z], _ = yield from slice_labels(predictor, view.rgb_slice(z), z, store, settings)
-            yield Progress("slices", z + 1, view.n_slices, z)
+            if store is not None:
+                store.put_labels(z, labels[z])
+            done += 1
+            yield Progress("slices", done, view.n_slices, z)
     if view.n_slices == 1:
         return labels
     yield Progress("linking", 0, 1)
     linked = link_slices(labels, link_overlap)
     yield Progress("linking", 1, 1)
     return linked
+
+
+def labels_key(settings: AutoSettings, precision: str) -> str:
+    """What decides automatic segmentation's labels of a slice besides its data and the model (the store's
+    key): the settings, resolved, and the encoder's precision."""
+    return json.dumps({"settings": dataclasses.asdict(settings), "precision": precision}, sort_keys=True)
 
 
 def segment_everything(
@@ -165,8 +186,8 @@ def segment_everything(
         model: A SAM model.
         rgb: The last axis holds RGB channels.
         settings: Automatic segmentation parameters.
-        store: A zarr folder for the embeddings: an interrupted run resumes from it, a store of
-            other data or another model is refused.
+        store: A zarr folder for the embeddings and each slice's labels: an interrupted run resumes
+            from it, a store of other data or another model is refused.
         client: A `dask.distributed.Client` to work on its workers (with a store on a shared disk).
         precision: Encoder precision.
         link_overlap: Least fraction of the smaller of two objects on adjacent slices that their

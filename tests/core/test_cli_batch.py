@@ -371,3 +371,48 @@ def test_a_tiff_of_garbage_is_called_damaged_in_words_a_user_reads(tmp_path, cap
     assert main(["segment", str(broken), "--point", "1", "1", "-o", str(tmp_path / "o.tif")]) == 1
     err = capsys.readouterr().err
     assert "broken.tif: it cannot be read as a TIFF file (damaged, or not a TIFF)" in err and "index" not in err
+
+
+def test_an_interrupted_auto_resumes_with_the_slices_it_segmented(
+    tmp_path, stack_file, checkpoint, monkeypatch
+):
+    import samcore.jobs
+
+    segmented = []
+    segment_embedding = samcore.jobs.segment_embedding
+
+    def counted(*args, **kwargs):
+        if len(segmented) == limit:
+            raise KeyboardInterrupt
+        segmented.append(1)
+        return segment_embedding(*args, **kwargs)
+
+    monkeypatch.setattr(samcore.jobs, "segment_embedding", counted)
+    store, output = tmp_path / "stack.zarr", tmp_path / "labels.tif"
+    common = ["auto", stack_file, "-o", output, "--store", store, "--min-iou", "0", "--min-stability", "0",
+              "--points-per-side", "8"]
+    limit = None
+    assert cli(*common, "--overwrite", checkpoint=checkpoint) == 0  # uninterrupted, for comparison
+    whole = tifffile.imread(output)
+    assert whole.any() and len(segmented) == 4
+    assert cli(*common, "--overwrite", checkpoint=checkpoint) == 0
+    assert len(segmented) == 4  # every slice's labels were kept: none is segmented again
+    np.testing.assert_array_equal(tifffile.imread(output), whole)
+
+    other = tmp_path / "other.zarr"
+    common[common.index(store)] = other
+    output.unlink()
+    segmented.clear()
+    limit = 3  # Ctrl-C while the fourth slice is segmented
+    assert cli(*common, checkpoint=checkpoint) == 130
+    assert not output.exists()
+    segmented.clear()
+    limit = None
+    assert cli(*common, checkpoint=checkpoint) == 0
+    assert len(segmented) == 1  # the fourth slice only
+    np.testing.assert_array_equal(tifffile.imread(output), whole)
+
+    # Other settings make other labels: every slice is segmented again.
+    segmented.clear()
+    assert cli(*common, "--overwrite", "--min-area", "5", checkpoint=checkpoint) == 0
+    assert len(segmented) == 4

@@ -35,7 +35,23 @@ def test_two_workers_give_the_labels_of_the_local_run(tmp_path, client):
     assert local.max() > 1
     np.testing.assert_array_equal(spread, local)
     assert sorted(s.z for s in steps if s.stage == "slices") == list(range(6))
-    assert zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["done"][:].all()  # marked by the client
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert group["done"][:].all() and group["labels_done"][:].all()  # marked by the client
+
+
+def test_slices_segmented_on_the_cluster_are_not_segmented_again(tmp_path, client, monkeypatch):
+    import samcore.jobs
+
+    model = tiny_sam()
+    stack = nuclei_stack((4, 40, 48), n_nuclei=4, radius=(5.0, 8.0), seed=5)[0]
+    options = {"settings": permissive_settings(), "precision": "fp32", "store": tmp_path / "s.zarr"}
+    spread = segment_everything(stack, model, client=client, **options)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a slice was segmented again")
+
+    monkeypatch.setattr(samcore.jobs, "segment_embedding", refused)
+    np.testing.assert_array_equal(segment_everything(stack, model, **options), spread)
 
 
 def test_cli_scheduler_fills_the_same_store(tmp_path, client, monkeypatch):
