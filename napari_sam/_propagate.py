@@ -103,7 +103,8 @@ class Propagation(BackgroundJob):
         # propagation worse (README, 3D), and three to four times slower.
         decoder = StackDecoder(predictor, session.view, session.store, cancel=self._cancel)
         try:
-            job = propagate_iter(decoder, labels, ids, settings, self._cancel)
+            erased = widget.erased_slices(layer)
+            job = propagate_iter(decoder, labels, ids, settings, self._cancel, keep_out=erased)
         except (ValueError, TypeError) as error:
             show_error(f"SAM: {error}")
             return False
@@ -133,6 +134,13 @@ class Propagation(BackgroundJob):
                     stops = [stop.describe() for stop in result.stops if stop.object_id == object_id]
                     if stops:
                         status += f" Object {object_id} stayed where it was: {'; '.join(stops)}."
+            kept_out = sorted(  # of objects that spread elsewhere (the others' stops are told above)
+                {(stop.object_id, stop.z) for stop in result.stops
+                 if stop.reason == "erased" and result.filled.get(stop.object_id)}
+            )
+            if kept_out:
+                where = ", ".join(f"object {object_id} from slice {z}" for object_id, z in kept_out)
+                status += f" Kept out of slices where you erased them: {where}."
         self._widget._status.value = status
 
     def _undo_entry(self) -> tuple[int, str]:

@@ -206,6 +206,9 @@ class SamWidget(Container):
         self._candidates: Candidates | None = None  # of the prompts on the displayed slice
         # Undo steps: the objects layer, the array the step wrote into, and what it wrote.
         self._history: list[tuple[Labels, np.ndarray, Commit]] = []
+        # Slices where the user erased an object by hand, by objects layer (unique id) and object id:
+        # propagating the object again keeps out of them (`erased_slices`).
+        self._erased: dict[str, dict[int, set[int]]] = {}
         self._propagation = Propagation(self)
         self.propagation_settings = None  # a samcore PropagationSettings; None for its defaults
         self._automatic = AutoSegmentation(self)
@@ -961,13 +964,41 @@ class SamWidget(Container):
         napari sends the event before it writes the new pixels, so they are read once it is handled.
         """
         layer, rows = event.source, painted_rows(event.value, event.source.data.shape)
+        before = self._objects_on(layer, rows)
 
-        def write() -> None:
-            if layer in self._viewer.layers:
+        def written() -> None:
+            if layer not in self._viewer.layers:
+                return
+            self._note_erased(layer, before)
+            if self._autosave_box.value:
                 self._autosave_objects(layer, rows=rows)
 
-        if self._autosave_box.value:
-            QTimer.singleShot(0, write)
+        QTimer.singleShot(0, written)
+
+    @staticmethod
+    def _objects_on(layer: Labels, rows) -> dict[int, list[int]]:
+        """The objects on each slice a stroke is about to change, in a 3D objects layer."""
+        from samcore.propagation import object_ids_in
+
+        if layer.data.ndim != 3 or rows is None or len(rows) > 8:  # a fill over many slices: not a hand edit
+            return {}
+        return {int(z): object_ids_in(np.asarray(layer.data[z])) for z in rows}
+
+    def _note_erased(self, layer: Labels, before: dict[int, list[int]]) -> None:
+        """Remember each object that a stroke removed from a slice entirely (see `erased_slices`)."""
+        from samcore.propagation import object_ids_in
+
+        for z, ids in before.items():
+            gone = set(ids) - set(object_ids_in(np.asarray(layer.data[z])))
+            for object_id in gone:
+                self._erased.setdefault(layer.unique_id, {}).setdefault(object_id, set()).add(z)
+
+    def erased_slices(self, layer: Labels) -> dict[int, list[int]]:
+        """Object id -> the slices of `layer` where the user erased it by hand since it was made.
+
+        Propagation keeps each object out of them (where it has no pixels again by then).
+        """
+        return {k: sorted(v) for k, v in self._erased.get(layer.unique_id, {}).items() if v}
 
     def _on_history(self, layer: Labels) -> None:
         """napari's undo or redo in an autosaved objects layer: write it whole (which rows changed is
@@ -1002,6 +1033,7 @@ class SamWidget(Container):
                        "warning")
             return
         self._history.append((layer, layer.data, done))
+        self._erased.get(layer.unique_id, {}).pop(done.object_id, None)  # a new object under an old id
         layer.refresh()
         self._autosave_objects(layer, done.index)
         self.clear()

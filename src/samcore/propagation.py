@@ -92,6 +92,7 @@ def propagate_iter(
     object_ids: Iterable[int] | None = None,
     settings: PropagationSettings | None = None,
     cancel: threading.Event | None = None,
+    keep_out: Mapping[int, Iterable[int]] | None = None,
 ) -> Generator[PropagationProgress, None, PropagationResult]:
     """Propagate objects through the stack, one step at a time.
 
@@ -103,6 +104,9 @@ def propagate_iter(
         settings: Mode and stop rules; default `PropagationSettings()`.
         cancel: Set it to stop after the current step; the result keeps what was filled. To stop
             within an embedding too, give the `StackDecoder` the same event.
+        keep_out: Object id -> slices it must not be propagated into or across (where the user
+            erased it); each run ends before them, with a `Stop` of reason "erased". A slice where
+            the object has pixels is one of its key slices and is never kept out.
 
     Yields:
         A `PropagationProgress` after each embedding computed and each slice decided.
@@ -119,8 +123,10 @@ def propagate_iter(
     labels = _check_labels(labels, decoder.shape)
     z_range = check_z_range(settings.z_range, labels.shape[0])
     ids = _object_ids(labels, object_ids)
-    chains = start_chains(decoder, labels, _slices_of(labels, ids), z_range, settings)
-    return _steps(decoder, labels.copy(), ids, chains, settings, cancel)
+    key_slices = _slices_of(labels, ids)
+    walls = _check_keep_out(keep_out, ids, labels.shape[0], z_range, key_slices)
+    chains = start_chains(decoder, labels, key_slices, z_range, settings, walls)
+    return _steps(decoder, labels.copy(), ids, chains, settings, cancel, (key_slices, walls))
 
 
 def _steps(
@@ -130,26 +136,31 @@ def _steps(
     chains: list[Chain],
     settings: PropagationSettings,
     cancel: threading.Event | None,
+    kept_out: tuple[dict[int, list[int]], dict[int, list[int]]] = ({}, {}),
 ) -> Generator[PropagationProgress, None, PropagationResult]:
-    """Decide one slice per step, for every running chain that needs it (see `_next_slice`)."""
+    """Decide one slice per step, for every running chain that needs it (see `_next_slice`).
+
+    `kept_out` is (key slices, walls) by object: the walls an object reached are told as stops.
+    """
     filled: dict[int, list[int]] = {object_id: [] for object_id in ids}
     stops: list[Stop] = []
+
     done = 0
     direction = +1
     while any(chain.running for chain in chains):
         z, direction = _next_slice(chains, direction)
         group = [chain for chain in chains if chain.running and chain.next_z == z]
         if cancel is not None and cancel.is_set():
-            return _result(out, filled, stops, cancelled=True)
+            return _result(out, filled, stops + _walls_reached(filled, *kept_out), cancelled=True)
         try:
             if not decoder.has_embedding(z):
                 decoder.embed(z)
                 yield PropagationProgress("embedding", done, done + _remaining(chains), z)
                 if cancel is not None and cancel.is_set():
-                    return _result(out, filled, stops, cancelled=True)
+                    return _result(out, filled, stops + _walls_reached(filled, *kept_out), cancelled=True)
             outputs = decoder.decode(z, [chain.prompt(settings) for chain in group])
         except Cancelled:  # the decoder's own cancel event stopped an embedding (a zoomed crop too) or a batch
-            return _result(out, filled, stops, cancelled=True)
+            return _result(out, filled, stops + _walls_reached(filled, *kept_out), cancelled=True)
         contrast = settings.min_contrast > 0 and any(chain.reference is not None for chain in group)
         image = decoder.intensities(z) if contrast else None
         written, new_stops = decide_slice(out, z, group, outputs, settings, image)
@@ -159,7 +170,7 @@ def _steps(
         stops += new_stops
         total = done + _remaining(chains)
         yield PropagationProgress("propagation", done, total, z, written, tuple(new_stops))
-    return _result(out, filled, stops, cancelled=False)
+    return _result(out, filled, stops + _walls_reached(filled, *kept_out), cancelled=False)
 
 
 def _next_slice(chains: list[Chain], direction: int) -> tuple[int, int]:
@@ -189,6 +200,7 @@ def propagate(
     settings: PropagationSettings | None = None,
     store: EmbeddingStore | None = None,
     cancel: threading.Event | None = None,
+    keep_out: Mapping[int, Iterable[int]] | None = None,
     **options: Any,
 ) -> PropagationResult:
     """Propagate objects through a stack and return the filled labels (see `propagate_iter`).
@@ -202,6 +214,7 @@ def propagate(
         store: Embeddings of the stack already computed (missing ones are computed and kept there);
             one made for another stack, model or views setting is refused.
         cancel: Set it from another thread to stop early.
+        keep_out: Object id -> slices it must stay out of (see `propagate_iter`).
 
     Returns:
         The `PropagationResult`.
@@ -219,7 +232,21 @@ def propagate(
                 "for this stack with this predictor, or none."
             )
     decoder = StackDecoder(predictor, image, store, cancel=cancel)
-    return run(propagate_iter(decoder, labels, object_ids, settings, cancel))
+    return run(propagate_iter(decoder, labels, object_ids, settings, cancel, keep_out))
+
+
+def _walls_reached(
+    filled: dict[int, list[int]], key_slices: dict[int, list[int]], walls: dict[int, list[int]]
+) -> list[Stop]:
+    """A stop of reason "erased" at each wall next to a slice its object holds (a key slice or filled)."""
+    stops = []
+    for object_id, object_walls in walls.items():
+        held = set(key_slices.get(object_id, ())) | set(filled.get(object_id, ()))
+        for wall in object_walls:
+            for direction in (+1, -1):
+                if wall - direction in held:
+                    stops.append(Stop(object_id, direction, wall, "erased", 0.0))
+    return stops
 
 
 def _remaining(chains: list[Chain]) -> int:
@@ -256,6 +283,35 @@ def check_z_range(z_range: tuple[int, int] | None, depth: int) -> tuple[int, int
     if first < 0 or last >= depth:
         raise ValueError(f"The z range {first}-{last} is outside the stack's {depth} slices (0 to {depth - 1}).")
     return first, last
+
+
+def _check_keep_out(
+    keep_out: Mapping[int, Iterable[int]] | None,
+    ids: list[int],
+    depth: int,
+    z_range: tuple[int, int],
+    key_slices: dict[int, list[int]],
+) -> dict[int, list[int]]:
+    """The walls of each object propagated: its kept-out slices in `z_range`, less its key slices."""
+    if keep_out is None:
+        return {}
+    if not isinstance(keep_out, Mapping):
+        raise TypeError(
+            "keep_out maps object ids to the slices each one must stay out of, e.g. {3: [12, 13]}."
+        )
+    walls = {}
+    for object_id, slices in keep_out.items():
+        chosen = []
+        for z in slices:
+            if int(z) != z or not 0 <= z < depth:
+                raise ValueError(
+                    f"keep_out slice {z!r} of object {object_id} is outside the stack's {depth} slices."
+                )
+            if z_range[0] <= z <= z_range[1] and int(z) not in key_slices.get(object_id, ()):
+                chosen.append(int(z))
+        if object_id in ids and chosen:
+            walls[int(object_id)] = sorted(set(chosen))
+    return walls
 
 
 def _object_ids(labels: np.ndarray, object_ids: Iterable[int] | None) -> list[int]:

@@ -6,7 +6,7 @@ See `samcore.propagation` for the behaviour these rules make up.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,8 +73,8 @@ class Stop:
         object_id: The object.
         direction: +1 for a run going up in z, -1 going down.
         z: The slice where the object was found to end (left empty).
-        reason: "empty", "small" (below min_area), "score" (below min_score), "iou" (below min_iou)
-            or "contrast" (below min_contrast).
+        reason: "empty", "small" (below min_area), "score" (below min_score), "iou" (below min_iou),
+            "contrast" (below min_contrast) or "erased" (a slice the object is kept out of).
         value: The measured pixels, predicted IoU, IoU or contrast (a fraction of the key slice's).
     """
 
@@ -92,6 +92,7 @@ class Stop:
             "score": f"the model's predicted IoU was {self.value:.2f} only (min_score)",
             "iou": f"its IoU with the slice it came from was {self.value:.2f} only (min_iou)",
             "contrast": f"it stood out by {self.value:.0%} of its key slice's contrast only (min_contrast)",
+            "erased": "it was erased there by hand, so it is kept out",
         }.get(self.reason, f"{self.reason} {self.value:g}")
         return f"on slice {self.z}, {why}"
 
@@ -113,14 +114,29 @@ class Run:
     partner: int | None = None
 
 
-def plan_runs(key_slices: Iterable[int], z_range: tuple[int, int]) -> list[Run]:
+def plan_runs(
+    key_slices: Iterable[int], z_range: tuple[int, int], walls: Iterable[int] = ()
+) -> list[Run]:
     """The runs that extend an object from its key slices within `z_range` (inclusive).
 
     Key slices outside the range are ignored. Between two key slices a < b, the run from a fills
-    a+1 .. a + (b-a)//2 and the run from b the rest; each is the other's partner.
+    a+1 .. a + (b-a)//2 and the run from b the rest; each is the other's partner. No run reaches or
+    crosses a slice of `walls` (slices the object must stay out of; a key slice is never one).
     """
     low, high = z_range
-    keys = sorted({int(k) for k in key_slices if low <= k <= high})
+    keys = {int(k) for k in key_slices if low <= k <= high}
+    inside = sorted({int(w) for w in walls if low <= w <= high} - keys)
+    if inside:  # plan each stretch between walls on its own
+        runs: list[Run] = []
+        for first, last in zip([low, *(w + 1 for w in inside)], [*(w - 1 for w in inside), high]):
+            if first > last:
+                continue
+            offset = len(runs)
+            for run in plan_runs(keys, (first, last)):
+                partner = None if run.partner is None else run.partner + offset
+                runs.append(Run(run.start, run.direction, run.limit, partner))
+        return runs
+    keys = sorted(keys)
     if not keys:
         return []
     runs = [Run(keys[0], -1, low)] if keys[0] > low else []
@@ -186,6 +202,7 @@ def start_chains(
     key_slices: dict[int, list[int]],
     z_range: tuple[int, int],
     settings: PropagationSettings,
+    keep_out: Mapping[int, Iterable[int]] | None = None,
 ) -> list[Chain]:
     """The chains of every object's planned runs, started from its masks on its key slices.
 
@@ -195,11 +212,13 @@ def start_chains(
         key_slices: Object id -> the slices where it has pixels.
         z_range: (first, last) slices that may be filled.
         settings: The mode and its parameters.
+        keep_out: Object id -> slices its runs may not reach (see `plan_runs`' walls).
     """
+    keep_out = keep_out or {}
     chains: list[Chain] = []
     images: dict[int, tuple[np.ndarray, float]] = {}  # key slice -> intensities, their robust range
     for object_id, present in key_slices.items():
-        plan = plan_runs(present, z_range)
+        plan = plan_runs(present, z_range, keep_out.get(object_id, ()))
         if not plan and not any(z_range[0] <= z <= z_range[1] for z in present):
             raise ValueError(
                 f"Object {object_id} is not on any slice between {z_range[0]} and {z_range[1]}: "

@@ -193,6 +193,32 @@ def test_plan_splits_each_gap_between_its_two_key_slices():
     assert plan_runs([2, 30], (5, 10)) == []  # no key slice in the range
 
 
+def test_walls_split_the_plan_and_no_run_reaches_or_crosses_them():
+    assert plan_runs([3, 15], (0, 19), walls=[9, 17, 15]) == [  # 15 is a key slice: not a wall
+        Run(3, -1, 0),
+        Run(3, +1, 8),  # the gap's middle lay beyond the wall: the run from 3 fills up to it alone
+        Run(15, -1, 10),
+        Run(15, +1, 16),
+    ]
+    assert plan_runs([3, 8], (0, 10), walls=[2]) == [Run(3, +1, 5, 1), Run(8, -1, 6, 0), Run(8, +1, 10)]
+    assert plan_runs([5], (0, 10), walls=[4, 6]) == []
+
+
+def test_slices_erased_by_hand_are_kept_out_and_said(two_nuclei):
+    labels = seeded(two_nuclei, {1: [8], 2: [14]})
+    result = run(propagate_iter(Oracle(two_nuclei), labels, keep_out={1: [10], 2: [3, 14]}))
+    assert max(result.filled[1]) == 9  # object 1 reaches 13 otherwise
+    assert not (result.labels[10:] == 1).any()
+    assert min(result.filled[2]) < 14  # a slice holding the object is no wall
+    erased = [stop for stop in result.stops if stop.reason == "erased"]
+    assert [(stop.object_id, stop.direction, stop.z) for stop in erased] == [(1, 1, 10)]
+    assert erased[0].describe() == "on slice 10, it was erased there by hand, so it is kept out"
+    with pytest.raises(ValueError, match="outside the stack's 24 slices"):
+        propagate_iter(Oracle(two_nuclei), labels, keep_out={1: [30]})
+    with pytest.raises(TypeError, match="maps object ids"):
+        propagate_iter(Oracle(two_nuclei), labels, keep_out=[10])
+
+
 def two_part_column():
     """One column changing shape at z = 10: a user's object seen as part A below, part B above."""
     truth = np.zeros(SHAPE, np.uint16)

@@ -104,7 +104,20 @@ def test_2d_image_and_empty_slice_are_refused_with_a_message(sam, make_napari_vi
     assert "3D (Z, Y, X)" in messages["warning"][-1]
 
 
-def test_embeddings_paused_for_a_propagation_resume_after_it(make_napari_viewer, tiny_checkpoint, qtbot):
+def test_embeddings_paused_for_a_propagation_resume_after_it(
+    make_napari_viewer, tiny_checkpoint, qtbot, monkeypatch
+):
+    import time
+
+    from samcore import Predictor
+
+    embed_rgb = Predictor.embed_rgb
+
+    def slowed(self, *args, **kwargs):  # the tiny model embeds all 12 slices before the test looks
+        time.sleep(0.1)
+        return embed_rgb(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "embed_rgb", slowed)
     viewer = make_napari_viewer()
     viewer.add_image(np.random.default_rng(1).random((12, 64, 64)).astype(np.float32), name="stack")
     _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
@@ -148,7 +161,11 @@ def test_a_propagation_refused_leaves_the_embeddings_running(
     assert widget._embedding.running
     qtbot.waitUntil(lambda: len(widget._session.store) == 40, timeout=120_000)
     widget.wait()
-    qtbot.waitUntil(lambda: widget._status.value.startswith("Embeddings ready"), timeout=10_000)
+
+    def ready() -> None:  # on a timeout, the status line it holds instead is told
+        assert widget._status.value.startswith("Embeddings ready"), widget._status.value
+
+    qtbot.waitUntil(ready, timeout=10_000)
 
 
 def test_the_views_menu_makes_new_embeddings_that_propagation_uses(sam, messages):
@@ -198,9 +215,9 @@ def test_unticking_fade_turns_the_contrast_rule_off_and_keeps_the_other_settings
     used = []
     real = samcore.propagation.propagate_iter
 
-    def spy(decoder, labels, object_ids=None, settings=None, cancel=None):
+    def spy(decoder, labels, object_ids=None, settings=None, cancel=None, keep_out=None):
         used.append(settings)
-        return real(decoder, labels, object_ids, settings, cancel)
+        return real(decoder, labels, object_ids, settings, cancel, keep_out)
 
     monkeypatch.setattr(samcore.propagation, "propagate_iter", spy)
     assert widget._fade.value  # ticked by default: the engine's rule applies
@@ -213,3 +230,26 @@ def test_unticking_fade_turns_the_contrast_rule_off_and_keeps_the_other_settings
     widget.propagation_settings = None  # the engine's defaults, less the contrast rule
     widget.propagate(block=True)
     assert used[-1] == PropagationSettings(min_contrast=0.0)
+
+
+def test_a_slice_erased_by_hand_is_not_filled_again_by_the_next_propagation(sam, qtbot):
+    viewer, widget = sam
+    objects, _ = one_object_embedded(viewer, widget)
+    widget.propagate(block=True)
+    assert (objects.data[3] == 5).any()
+    viewer.dims.set_current_step(0, 3)
+    objects.brush_size = 200  # the eraser over the whole slice: object 5 does not go on to slice 3
+    objects.paint((3, 48, 48), 0)
+    qtbot.waitUntil(lambda: widget.erased_slices(objects) == {5: [3]}, timeout=5_000)
+    assert not (objects.data[3] == 5).any()
+
+    viewer.dims.set_current_step(0, 2)
+    widget.propagate(block=True)
+    assert not (objects.data[3] == 5).any()  # not grown back
+    assert widget._status.value.endswith(
+        "Object 5 stayed where it was: on slice 3, it was erased there by hand, so it is kept out."
+    )
+    objects.paint((3, 48, 48), 5)  # painted back by hand: slice 3 holds it again, and is no wall
+    qtbot.waitUntil(lambda: widget.erased_slices(objects) == {5: [3]}, timeout=5_000)
+    widget.propagate(block=True)
+    assert (objects.data[3] == 5).all()
