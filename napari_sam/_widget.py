@@ -463,6 +463,7 @@ class SamWidget(Container):
         self._earlier = [session for session in self._earlier if session.layer != layer]
         if isinstance(layer, Image):
             self._prompt_layers.drop_aside(layer)
+        self._erased.pop(layer.unique_id, None)
         for job in (self._propagation, self._automatic):
             job.forget_layer(layer)
         self._history = [step for step in self._history if step[0] != layer]
