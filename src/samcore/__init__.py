@@ -9,7 +9,7 @@ painted into labels; `AutomaticMaskGenerator` gives segment-anything's mask reco
 from .automatic import AutoSettings
 from .build import ARCHITECTURES, build_sam
 from .jobs import segment_everything
-from .loading import list_models, load_model
+from .loading import list_models, load_model, sam_model_registry
 from .mask_generator import AutomaticMaskGenerator
 from .predictor import ImageEmbedding, Predictor
 from .propagation import PropagationSettings, propagate, propagate_iter
@@ -17,6 +17,6 @@ from .propagation import PropagationSettings, propagate, propagate_iter
 __all__ = [
     "ARCHITECTURES", "AutoSettings", "AutomaticMaskGenerator", "ImageEmbedding", "Predictor",
     "PropagationSettings", "build_sam", "list_models", "load_model", "propagate", "propagate_iter",
-    "segment_everything",
+    "sam_model_registry", "segment_everything",
 ]
 __version__ = "0.1.0"

@@ -87,6 +87,34 @@ def load_model(
     return model.to(target).eval()
 
 
+class _RegistryBuilder:
+    """One entry of `sam_model_registry`: called as segment-anything's builders are."""
+
+    def __init__(self, architecture: str) -> None:
+        self.architecture = architecture
+
+    def __call__(self, checkpoint: str | os.PathLike | None = None) -> nn.Module:
+        """The model with the weights of `checkpoint` (any layout `load_model` reads), on the CPU and in
+        eval mode; without one, randomly initialised weights, as segment-anything gives."""
+        if checkpoint is None:
+            from .build import build_sam
+
+            return build_sam(self.architecture).eval()
+        return load_model(self.architecture, checkpoint, device="cpu")
+
+    def __repr__(self) -> str:
+        return f"sam_model_registry builder of {self.architecture!r}"
+
+
+#: segment-anything's (and MobileSAM's) `sam_model_registry`, for code written for them:
+#: ``sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth")``. "default" is ViT-H there, as
+#: in segment-anything; `load_model()` gives the bundled model.
+sam_model_registry = {
+    name: _RegistryBuilder("vit_h" if name == "default" else name)
+    for name in ("default", "vit_h", "vit_l", "vit_b", "vit_t")
+}
+
+
 def _decode_as(model: nn.Module, entry: zoo.ModelEntry, thresholds: tuple[float, float] | None) -> None:
     """Give `model` the decoding defaults of `entry` and segment-all `thresholds` (None: SAM's)."""
     if thresholds is not None:

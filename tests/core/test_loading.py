@@ -382,3 +382,26 @@ def test_a_model_trained_here_decodes_as_the_bundled_one_with_its_thresholds(tmp
     assert tuple(load_model(checkpoint=path, device="cpu").auto_defaults.values()) == (0.25, 0.7)
     notes.write_text("not json")
     assert tuple(load_model(checkpoint=path, device="cpu").auto_defaults.values()) == bundled.auto_thresholds
+
+
+def test_sam_model_registry_builds_and_loads_as_segment_anything_does(tmp_path):
+    from segment_anything import sam_model_registry as official_registry
+
+    from samcore import sam_model_registry
+
+    assert set(sam_model_registry) == {"default", "vit_h", "vit_l", "vit_b", "vit_t"}
+    assert sam_model_registry["default"].architecture == "vit_h"  # as in segment-anything
+    torch.manual_seed(0)
+    official = official_registry["vit_b"]()
+    ours = sam_model_registry["vit_b"]()
+    assert not ours.training
+    theirs = {k: v.shape for k, v in official.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == theirs
+    path = tmp_path / "sam_vit_b.pth"
+    torch.save(official.state_dict(), path)
+    loaded = sam_model_registry["vit_b"](checkpoint=path)
+    assert loaded.architecture == "vit_b" and next(loaded.parameters()).device.type == "cpu"
+    for key, value in official.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="vit_l"):  # a file of another architecture is refused by name
+        sam_model_registry["vit_l"](checkpoint=path)
