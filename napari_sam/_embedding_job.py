@@ -91,6 +91,7 @@ class EmbeddingJob:
         self._downloading = threading.Event()  # set by the worker while it downloads the weights
         self._download_seen = False  # this run reported download progress
         self._after = ""  # the summary of the job these embeddings resumed after, kept in the status line
+        self._loading = False  # the worker is loading the model (it has not reported its session yet)
 
     @property
     def running(self) -> bool:
@@ -126,7 +127,9 @@ class EmbeddingJob:
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self.worker, self.layer, self._failed = worker, layer, False
-        self._model_name = model_source[0] or "the default model"
+        self._loading = session is None  # until the worker reports the session: the model loads first
+        name, checkpoint = model_source
+        self._model_name = name or (f"'{Path(checkpoint).name}'" if checkpoint else "the default model")
         widget._cancel_button.enabled = True
         widget._status.value = "Loading the model…" if session is None else "Computing embeddings…"
         worker.start()
@@ -138,6 +141,10 @@ class EmbeddingJob:
             self._stop.set()
             if not self._downloading.is_set():  # a download stops at its next chunk and deletes its part
                 self.worker.quit()
+                if self._loading:  # reading weights cannot be interrupted: say why Cancel takes a moment
+                    self._widget._status.value = (
+                        f"Stopping once the weights of {self._model_name} are read (that cannot be interrupted)…"
+                    )
 
     def pause(self) -> None:
         """Stop for a job that computes the embeddings it needs itself; see `resume`."""
@@ -170,6 +177,7 @@ class EmbeddingJob:
             if self.worker is not None:  # not one that arrives after the stopped job's last word
                 self._show_download(payload)
         elif kind == "session":
+            self._loading = False
             widget._session = payload
             bar = self._progress  # napari's bar may run queued events, this job's end among them
             if self._download_seen:

@@ -222,6 +222,29 @@ def test_a_widget_opened_again_takes_over_the_layers_of_the_closed_one(sam):
     assert widget._status.value == closed_status  # the closed widget no longer hears the layers
 
 
+def test_cancel_while_the_weights_are_read_says_why_it_takes_a_moment(sam, monkeypatch, qtbot):
+    import samcore
+
+    viewer, widget = sam
+    reading = threading.Event()
+    load_model = samcore.load_model
+
+    def slow_reading(*args, **kwargs):  # ViT-H's 2.5 GB take seconds to read, and torch cannot be stopped
+        reading.set()
+        time.sleep(0.5)
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(samcore, "load_model", slow_reading)
+    widget.load()
+    qtbot.waitUntil(reading.is_set, timeout=10_000)
+    told = []
+    widget._embedding.quit()
+    told.append(widget._status.value)
+    widget.wait()
+    assert told == ["Stopping once the weights of 'tiny.pth' are read (that cannot be interrupted)…"]
+    assert widget._status.value == "Stopped: 0/4 slices have embeddings."
+
+
 def test_cancel_abandons_the_slice_being_embedded(sam, monkeypatch, qtbot):
     """Cancel does not wait for the slice in progress (about a minute with ViT-H on a laptop CPU)."""
     import samcore
