@@ -142,8 +142,9 @@ class EmbeddingJob:
             if not self._downloading.is_set():  # a download stops at its next chunk and deletes its part
                 self.worker.quit()
                 if self._loading:  # reading weights cannot be interrupted: say why Cancel takes a moment
+                    name = self._model_name
                     self._widget._status.value = (
-                        f"Stopping once the weights of {self._model_name} are read (that cannot be interrupted)…"
+                        f"Stopping once the weights of {name} are read (that cannot be interrupted)…"
                     )
 
     def pause(self) -> None:
