@@ -186,8 +186,6 @@ class EmbeddingJob:
             bar.total, bar.n = payload.view.n_slices, len(payload.store)
             bar.refresh()
             widget._on_session(payload)
-            if (widget._current_z(payload.layer) or 0) in payload.store:
-                widget.segment()  # prompts waiting on a slice embedded before (back with their image)
         elif kind == "slice":
             self._progress.update(1)
             session = widget._session

@@ -438,6 +438,8 @@ class SamWidget(Container):
         self._earlier.remove(earlier)
         self._session = earlier  # `load` keeps it if the model, the settings and the data are the same
         self.load()
+        if self._session is earlier:
+            self.segment()  # the prompts brought back with the image, on a slice embedded before
 
     def _loaded_model(self, model_source, device: str):
         """The model of a kept session with these weights on this device, so as not to load it twice.
