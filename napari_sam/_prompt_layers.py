@@ -118,7 +118,7 @@ class PromptLayers:
         kept = _Prompts.take(self)
         if kept.count:
             self._aside[self._owner] = kept
-            self._empty()
+            self.clear(None)  # every slice's
         self._owner = key
         self._bring_back(key)
         self.keep_above(image)
@@ -133,7 +133,7 @@ class PromptLayers:
         """Forget the prompts of `image` (deleted): those put aside, or those in the layers."""
         self._aside.pop(image.unique_id, None)
         if self._owner == image.unique_id:
-            self._empty()
+            self.clear(None)
             self._owner = None
 
     def aside_for(self, image: Layer) -> int:
@@ -145,17 +145,6 @@ class PromptLayers:
         kept = self._aside.get(key)
         if kept is not None and kept.restore(self):
             del self._aside[key]
-
-    def _empty(self) -> None:
-        """Remove every prompt from the layers without a change event (the image is changing)."""
-        for layer in (self.points, self.boxes):
-            if self._live(layer) and len(layer.data):
-                layer.selected_data = set()
-                with layer.events.data.blocker():
-                    layer.data = [] if isinstance(layer, Shapes) else np.zeros((0, layer.ndim))
-        if self._live(self.brush) and self.brush.data.any():
-            self.brush.data[...] = 0
-            self.brush.refresh()
 
     def align(self, image: Image) -> None:
         """Place the layers over `image` as it is placed in the world (its pixel size, offset, rotation)."""

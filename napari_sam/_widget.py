@@ -339,7 +339,7 @@ class SamWidget(Container):
     def _on_image_change(self, _=None) -> None:
         image = self._image.value
         self._output.value = self._objects_layer_for(image)
-        before = {layer.unique_id: layer.name for layer in self._viewer.layers}.get(self._prompt_layers.owner)
+        owner = self._prompt_layers.owner
         aside = self._prompt_layers.switch(image) if image is not None and self._prompt_layers.layers() else 0
         session = self._session
         if session is not None and session.layer not in self._viewer.layers:  # the picker moved on from it
@@ -352,6 +352,7 @@ class SamWidget(Container):
             self._take_up_earlier()
         # else: the image was deleted, and the status line says so (`_on_layer_removed` ran first)
         if aside:
+            before = next(layer.name for layer in self._viewer.layers if layer.unique_id == owner)
             what = f"{aside} prompts not committed on '{before}' are" if aside > 1 else (
                 f"prompt not committed on '{before}' is"
             )
