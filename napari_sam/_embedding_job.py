@@ -187,13 +187,14 @@ class EmbeddingJob:
             bar.refresh()
             widget._on_session(payload)
         elif kind == "slice":
-            self._progress.update(1)
             session = widget._session
             if self.worker is not None:  # a slice reported after the worker stopped keeps "Stopped: …"
                 done, total = len(session.store), session.view.n_slices
                 widget._status.value = f"{self._after}Computing embeddings: {done}/{total} slices…"
             if payload == widget._current_z(session.layer) or session.view.n_slices == 1:
                 widget.segment()
+            # Last: napari's bar may run queued events, and the job's end among them must have the last word.
+            self._progress.update(1)
 
     def _show_download(self, step) -> None:
         """A chunk of the model's weights arrived: MB in the status line and the progress bar."""
