@@ -371,7 +371,10 @@ def load_predictor(
     from .predictor import Predictor
 
     model = load_model(args.model, args.checkpoint, args.device)
-    predictor = Predictor(model, precision=args.precision, refine=refine, views=args.views, zoom=zoom)
+    predictor = Predictor(
+        model, precision=args.precision, refine=refine, views=args.views, zoom=zoom,
+        embed_batch=getattr(args, "embed_batch", None),
+    )
     passes = ("refined, " if predictor.refine else "one pass, ") if show_refine else ""
     if predictor.zoom and zooms_on:
         passes += f"zoom on {zooms_on}, "

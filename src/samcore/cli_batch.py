@@ -73,7 +73,21 @@ def _batch_parser(commands, name: str, summary: str) -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", metavar="ADDRESS",
                         help="Dask scheduler to spread slices over its workers (stores on a shared disk)")
     model_options(parser)
+    parser.add_argument("--embed-batch", type=_at_least_one, metavar="N",
+                        help="slices given to the encoder per pass (default: 8 on a CUDA GPU, 1 elsewhere; "
+                        "lower it if the GPU runs out of memory)")
     return parser
+
+
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number is needed, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 is needed, not {value}")
+    return value
 
 
 class _Setup(NamedTuple):

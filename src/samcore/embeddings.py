@@ -399,21 +399,25 @@ def embed_slices(
     order: Iterable[int],
     cancel: threading.Event | None = None,
 ) -> Iterator[int]:
-    """Compute the missing embeddings of `order`, one slice at a time.
+    """Compute the missing embeddings of `order`, `predictor.embed_batch` slices an encoder pass (one
+    on a CPU, several on a GPU).
 
-    A generator, so callers can show progress and stop between slices.
+    A generator, so callers can show progress and stop between passes.
 
     Args:
-        cancel: Set it from another thread to stop within the slice being embedded (whose embedding
-            is dropped) instead of after it.
+        cancel: Set it from another thread to stop within the pass in progress (whose embeddings
+            are dropped) instead of after it.
 
     Yields:
         Each slice index once its embedding is in the store.
     """
-    for z in store.missing(order):
+    missing = store.missing(order)
+    for start in range(0, len(missing), predictor.embed_batch):
+        group = missing[start : start + predictor.embed_batch]
         try:
-            embedding = predictor.embed_rgb(view.rgb_slice(z), cancel)
+            embeddings = predictor.embed_rgb_batch([view.rgb_slice(z) for z in group], cancel)
         except Cancelled:
             return
-        store.put(z, embedding)
-        yield z
+        for z, embedding in zip(group, embeddings):  # all stored before the caller hears of one
+            store.put(z, embedding)
+        yield from group

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,8 @@ from .zoom import Window, click_window, serves, zoom_window
 
 # Zoomed crops kept per image: clicking back and forth between a few places embeds nothing new.
 HELD_CROPS = 4
+# Images a CUDA GPU embeds in one encoder pass when a stack's slices are embedded (`embed_batch`).
+CUDA_EMBED_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,11 @@ class Predictor:
             clicks outside the crops held (the last `HELD_CROPS`). None follows the model
             (`samcore.zoo.ModelEntry.zoom`: on for the bundled model, off otherwise, as in
             segment-anything). `predict` takes it per call too.
+        embed_batch: How many images go through the encoder in one pass where there are several of
+            one size, as the slices of a stack (`embed_rgb_batch`, `samcore.embeddings.embed_slices`).
+            None: `CUDA_EMBED_BATCH` on a CUDA GPU, which runs several images a pass faster than one
+            at a time; 1 elsewhere, where a CPU gains nothing from it and progress and cancel come
+            per pass.
     """
 
     def __init__(
@@ -90,6 +98,7 @@ class Predictor:
         refine: bool | None = None,
         views: int | None = None,
         zoom: bool | None = None,
+        embed_batch: int | None = None,
     ) -> None:
         self.model = model.eval()
         make_cancellable(model.image_encoder)  # now, before any thread encodes with it (samcore.cancel)
@@ -97,6 +106,11 @@ class Predictor:
         self.refine = bool(getattr(model, "refine_masks", False)) if refine is None else bool(refine)
         self.views = check_views(getattr(model, "views", 1) if views is None else views)
         self.zoom = bool(getattr(model, "zoom_boxes", False)) if zoom is None else bool(zoom)
+        if embed_batch is None:
+            embed_batch = CUDA_EMBED_BATCH if self.device.type == "cuda" else 1
+        if isinstance(embed_batch, bool) or not isinstance(embed_batch, int) or embed_batch < 1:
+            raise ValueError(f"embed_batch is a number of images, at least 1, not {embed_batch!r}.")
+        self.embed_batch = embed_batch
         if self.device.type == "cpu":
             reuse_freed_memory()  # large activations reused, not faulted in anew (samcore.allocator)
         self._embedding: ImageEmbedding | None = None
@@ -157,15 +171,31 @@ class Predictor:
     ) -> ImageEmbedding:
         """Embedding of a (H, W, 3) uint8 RGB image; `cancel` as in `embed`. A zoomed `crop` is enlarged to
         the model's input size whatever its size (see `samcore.transforms.model_input_size`)."""
-        original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
+        return self.embed_rgb_batch([rgb], cancel, crop)[0]
+
+    def embed_rgb_batch(
+        self, images: Sequence[np.ndarray], cancel: threading.Event | None = None, crop: bool = False
+    ) -> list[ImageEmbedding]:
+        """Embeddings of (H, W, 3) uint8 RGB images of one size, given to the encoder together.
+
+        The same embeddings as `embed_rgb` of each image (to float rounding), in one encoder pass per
+        view: on a GPU several images a pass run faster than one at a time (see `embed_batch`). A
+        cancel drops them all.
+        """
+        if not images:
+            return []
+        sizes = {tuple(np.shape(rgb)) for rgb in images}
+        if len(sizes) > 1:
+            raise ValueError(f"Images embedded together must have one size, not {sorted(sizes)}.")
+        original_size = (int(images[0].shape[0]), int(images[0].shape[1]))
         input_size = model_input_size(self.model, original_size, crop)
-        resized = torch.from_numpy(np.ascontiguousarray(resize_uint8(rgb, input_size)))
-        return self._embed_resized(resized.permute(2, 0, 1)[None], original_size, cancel)
+        resized = np.stack([resize_uint8(rgb, input_size) for rgb in images])
+        return self._embed_resized(torch.from_numpy(resized).permute(0, 3, 1, 2), original_size, cancel)
 
     def _embed_resized(
         self, resized: torch.Tensor, original_size: tuple[int, int], cancel: threading.Event | None
-    ) -> ImageEmbedding:
-        """Embedding of an image of `original_size` already resized to the model's input: (1, 3, h, w),
+    ) -> list[ImageEmbedding]:
+        """Embeddings of B images of `original_size` already resized to the model's input: (B, 3, h, w),
         0-255 RGB of any dtype."""
         features = []
         with torch.inference_mode(), autocast(self.precision, self.device), stopping_on(cancel):
@@ -173,9 +203,13 @@ class Predictor:
             for mirror_x, mirror_y in MIRRORS[: self.views]:  # mirrored after resizing: exact mirror images
                 axes = [axis for axis, mirrored in ((-1, mirror_x), (-2, mirror_y)) if mirrored]
                 view = pixels.flip(axes) if axes else pixels
-                features.append(self._encode(self.model.preprocess(view)))
+                features.append(self._encode(self.model.preprocess(view)).float())
         input_size = (int(resized.shape[-2]), int(resized.shape[-1]))
-        return ImageEmbedding(torch.cat(features).float(), original_size, input_size)
+        views = torch.stack(features, dim=1)  # (B, views, C, h, w)
+        if len(views) == 1:
+            return [ImageEmbedding(views[0], original_size, input_size)]
+        # Each its own copy: a stored embedding does not keep its whole batch in memory.
+        return [ImageEmbedding(image_views.clone(), original_size, input_size) for image_views in views]
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.precision != "int8":
@@ -253,7 +287,7 @@ class Predictor:
                 f"The image of shape {shape} is not a {height}x{width} image resized for this model, whose "
                 f"input is {self.model.img_size} px: resize it with predictor.transform.apply_image first."
             )
-        self._use(self._embed_resized(transformed_image, (height, width), cancel))
+        self._use(self._embed_resized(transformed_image, (height, width), cancel)[0])
 
     def set_embedding(self, embedding: ImageEmbedding, image: np.ndarray | None = None) -> None:
         """Use a precomputed embedding (e.g. from a cache) as the current image.

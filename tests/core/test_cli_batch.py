@@ -88,17 +88,38 @@ def test_embed_makes_the_store_the_widget_finds(tmp_path, stack_file, checkpoint
     torch.testing.assert_close(store.get(2).features, expected, atol=2e-2, rtol=2e-3)
 
 
-def test_interrupted_embed_resumes_without_recomputing(tmp_path, stack_file, checkpoint, monkeypatch, capsys):
-    calls = []
-    embed_rgb = Predictor.embed_rgb
+def test_embed_in_passes_of_several_slices_stores_what_one_at_a_time_stores(tmp_path, stack_file, checkpoint):
+    for batch in (1, 3):  # 3: a pass of three slices, then one of the last
+        assert cli("embed", stack_file, "--store", tmp_path / f"{batch}.zarr", "--embed-batch", batch,
+                   checkpoint=checkpoint) == 0
+    model = load_model(checkpoint=checkpoint, device="cpu")
+    view = StackView.of(tifffile.imread(stack_file))
+    key = stack_key(view, model_key(model), Predictor(model, "fp32").views)
+    one, three = (EmbeddingStore(key, view.n_slices, tmp_path / f"{batch}.zarr") for batch in (1, 3))
+    assert len(one) == len(three) == 4
+    for z in range(4):
+        torch.testing.assert_close(three.get(z).features, one.get(z).features, atol=2e-2, rtol=2e-3)
 
-    def counted(self, rgb, cancel=None):
+
+@pytest.mark.parametrize("command", ["embed", "auto"])
+def test_embed_batch_is_a_count_of_slices(tmp_path, stack_file, checkpoint, capsys, no_model, command):
+    with pytest.raises(SystemExit):
+        cli(command, stack_file, "--store", tmp_path / "s.zarr", "--embed-batch", 0, checkpoint=checkpoint)
+    assert "argument --embed-batch: at least 1 is needed, not 0" in capsys.readouterr().err
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_interrupted_embed_resumes_without_recomputing(tmp_path, stack_file, checkpoint, monkeypatch, capsys):
+    calls = []  # one per slice: on a CPU, a pass of the encoder embeds one
+    embed_rgb_batch = Predictor.embed_rgb_batch
+
+    def counted(self, images, cancel=None, crop=False):
         if len(calls) == limit:
             raise KeyboardInterrupt
-        calls.append(1)
-        return embed_rgb(self, rgb, cancel)
+        calls.extend([1] * len(images))
+        return embed_rgb_batch(self, images, cancel, crop)
 
-    monkeypatch.setattr(Predictor, "embed_rgb", counted)
+    monkeypatch.setattr(Predictor, "embed_rgb_batch", counted)
     store = tmp_path / "stack.zarr"
     limit = 2
     # Ctrl-C while the third slice is embedded

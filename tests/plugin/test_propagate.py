@@ -111,13 +111,13 @@ def test_embeddings_paused_for_a_propagation_resume_after_it(
 
     from samcore import Predictor
 
-    embed_rgb = Predictor.embed_rgb
+    embed_rgb_batch = Predictor.embed_rgb_batch  # every embedding goes through it
 
     def slowed(self, *args, **kwargs):  # the tiny model embeds all 12 slices before the test looks
         time.sleep(0.1)
-        return embed_rgb(self, *args, **kwargs)
+        return embed_rgb_batch(self, *args, **kwargs)
 
-    monkeypatch.setattr(Predictor, "embed_rgb", slowed)
+    monkeypatch.setattr(Predictor, "embed_rgb_batch", slowed)
     viewer = make_napari_viewer()
     viewer.add_image(np.random.default_rng(1).random((12, 64, 64)).astype(np.float32), name="stack")
     _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")

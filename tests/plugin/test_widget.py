@@ -240,9 +240,22 @@ def test_commit_without_a_preview_says_what_to_do(sam, messages):
     assert messages["warning"] and "nothing to commit" in messages["warning"][0]
 
 
-def test_moving_to_a_slice_without_embedding_computes_it_next(make_napari_viewer, tiny_checkpoint):
+def test_moving_to_a_slice_without_embedding_computes_it_next(
+    make_napari_viewer, tiny_checkpoint, monkeypatch
+):
+    import time
+
     from qtpy.QtCore import QCoreApplication
 
+    from samcore import Predictor
+
+    embed_rgb_batch = Predictor.embed_rgb_batch
+
+    def slowed(self, *args, **kwargs):  # the tiny model would embed all 30 slices before the slider rests
+        time.sleep(0.03)
+        return embed_rgb_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "embed_rgb_batch", slowed)
     viewer = make_napari_viewer()
     viewer.add_image(np.random.default_rng(1).random((30, 64, 64)).astype(np.float32), name="stack")
     _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
@@ -279,13 +292,13 @@ def test_disk_cache_is_reused_when_the_stack_is_opened_again(sam, tmp_path, monk
     widget._forget("reopen")
 
     calls = []
-    original = Predictor.embed_rgb
+    original = Predictor.embed_rgb_batch  # every embedding goes through it
 
-    def counted(self, rgb, cancel=None):
-        calls.append(1)
-        return original(self, rgb, cancel)
+    def counted(self, images, cancel=None, crop=False):
+        calls.extend([1] * len(images))
+        return original(self, images, cancel, crop)
 
-    monkeypatch.setattr(Predictor, "embed_rgb", counted)
+    monkeypatch.setattr(Predictor, "embed_rgb_batch", counted)
     widget.load(block=True)
     assert calls == []  # every slice came from the zarr folder
     assert len(widget._session.store) == 4

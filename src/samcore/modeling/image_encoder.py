@@ -144,16 +144,47 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: tuple[int, int]
     ) -> torch.Tensor:
         """Attention of (B, heads, H*W, head_dim) q, k, v on an (H, W) grid, relative positions included."""
-        if size[0] * size[1] > CHUNKED_ATTENTION_TOKENS:
+        if size[0] * size[1] <= CHUNKED_ATTENTION_TOKENS:
+            bias = relative_position_bias(q, self.rel_pos_h, self.rel_pos_w, size)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if q.device.type == "cpu":
             return chunked_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, size)
-        bias = relative_position_bias(q, self.rel_pos_h, self.rel_pos_w, size)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return grouped_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, size)
 
 
-# Above this many tokens, attention is computed a block of queries at a time, so that the
+# Above this many tokens, attention is computed a block of queries at a time on a CPU, so that the
 # relative-position bias never exists as a whole (12 x 4096 x 4096 floats for ViT-B's global blocks).
 CHUNKED_ATTENTION_TOKENS = 1024
 QUERY_CHUNK = 256
+# Elsewhere (a GPU), the bias of a few heads of one image is made at a time, at most this many values.
+BIAS_VALUES = 2**27
+
+
+def grouped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: tuple[int, int],
+) -> torch.Tensor:
+    """`scaled_dot_product_attention` with `relative_position_bias` as mask, a group of heads of one
+    image at a time.
+
+    For GPUs: one fused attention call per group instead of the many small products of
+    `chunked_attention`, with the bias bounded by `BIAS_VALUES` (256 MB in bf16) whatever the batch.
+    Arguments and result as in `chunked_attention`.
+    """
+    batch, heads, tokens, _ = q.shape
+    group = max(1, min(heads, BIAS_VALUES // (tokens * tokens)))
+    out = torch.empty_like(q)
+    for b in range(batch):
+        for first in range(0, heads, group):
+            check_cancel()
+            part = (slice(b, b + 1), slice(first, first + group))
+            bias = relative_position_bias(q[part], rel_pos_h, rel_pos_w, size)
+            out[part] = F.scaled_dot_product_attention(q[part], k[part], v[part], attn_mask=bias)
+    return out
 
 
 def chunked_attention(
