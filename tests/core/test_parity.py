@@ -9,6 +9,8 @@ from conftest import randomize_
 
 from samcore import Predictor, build_sam
 from samcore.build import ViTConfig
+from samcore.logits import upscale_logits
+from samcore.transforms import resized_shape
 
 from segment_anything import SamPredictor
 from segment_anything.modeling import (
@@ -107,9 +109,19 @@ def test_state_dict_keys_match_official_vit_b():
     assert all(official[k].shape == ours[k].shape for k in official)
 
 
-@pytest.mark.parametrize("image_name", ["real_rgb", "real_gray"])
-def test_predictions_match_official(pair, image_name, request):
+@pytest.mark.parametrize(
+    ("image_name", "crop"),
+    [
+        ("real_rgb", None),
+        ("real_gray", None),
+        ("real_rgb", (slice(100, 356), slice(50, 306))),  # 256 x 256: masks scaled down 4x at the end
+        ("real_gray", (slice(0, 150), slice(0, 220))),
+    ],
+)
+def test_predictions_match_official(pair, image_name, crop, request):
     image = request.getfixturevalue(image_name)
+    if crop is not None:
+        image = np.ascontiguousarray(image[crop])
     if image.ndim == 2:
         image = np.stack([image] * 3, axis=-1)
     official_model, our_model = pair
@@ -119,6 +131,19 @@ def test_predictions_match_official(pair, image_name, request):
     torch.testing.assert_close(ours.get_image_embedding(), official.features, atol=1e-4, rtol=1e-4)
     for kwargs in prompts(*image.shape[:2]).values():
         assert_same_prediction(official, ours, kwargs)
+
+
+@pytest.mark.parametrize(
+    "original_size",
+    [(1024, 1024), (800, 600), (512, 512), (256, 256), (150, 220), (90, 140), (33, 1), (2000, 1500)],
+)
+def test_logits_scale_to_the_image_as_official_postprocessing_does(pair, original_size):
+    official_model, our_model = pair
+    low_res = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    input_size = resized_shape(*original_size, our_model.img_size)
+    expected = official_model.postprocess_masks(low_res, input_size, original_size)
+    ours = upscale_logits(low_res, our_model.img_size, input_size, original_size)
+    torch.testing.assert_close(ours, expected, rtol=0.0, atol=1e-5)
 
 
 def test_an_image_resized_by_the_caller_matches_official_set_torch_image(pair, real_rgb):

@@ -292,9 +292,10 @@ def test_views_average_the_masks_of_the_mirror_images():
     model = build_sam("vit_test")
     mirrored = Predictor(model, precision="fp32", views=4)
     single = Predictor(model, precision="fp32", views=1)
-    # The longest side is the model's (no resizing) and both sides are whole low-resolution cells,
-    # so the average can be rebuilt from single views of the mirrored images.
-    image = np.random.default_rng(6).integers(0, 255, (256, 200, 3), dtype=np.uint8)
+    # Both sides are the model's input (no resizing, no padding), so the masks are scaled up as they
+    # are mirrored and the average can be rebuilt from single views of the mirrored images. (The
+    # padding of another shape takes part in segment-anything's scaling at the image's far edges.)
+    image = np.random.default_rng(6).integers(0, 255, (256, 256, 3), dtype=np.uint8)
     height, width = image.shape[:2]
     mirrored.set_image(image)
     assert mirrored.get_image_embedding().shape[0] == 4
