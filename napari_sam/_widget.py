@@ -358,6 +358,12 @@ class SamWidget(Container):
             )
             comes = "they come" if aside > 1 else "it comes"
             self._status.value += f" The {what} kept for it: {comes} back when you pick it again."
+        cover = None if image is None else covering_image(self._viewer.layers, image)
+        if cover is not None:
+            self._status.value += (
+                f" '{image.name}' lies under '{cover.name}', which hides it: hide '{cover.name}' or move "
+                f"'{image.name}' above it to see what you segment."
+            )
 
     def _objects_layer_for(self, image: Image | None) -> Labels | None:
         """The objects layer to show in the picker for `image`: the one last chosen for it, else the
@@ -1169,6 +1175,26 @@ class SamWidget(Container):
         handler.__name__ = f"sam_{method}"
         handler.sam_widget = self  # whose key it is, to unbind it when the widget closes
         return handler
+
+
+# Blendings that let an image hide the layers under it (additive and minimum mix them in).
+HIDING_BLENDINGS = ("opaque", "translucent", "translucent_no_depth")
+
+
+def covering_image(layers, image: Image) -> Image | None:
+    """The topmost visible image above `image` in `layers` that hides it where they overlap (mostly
+    opaque, not mixed in), if any: the user would see it instead of the image they segment."""
+    index = layers.index(image)
+    low, high = (np.asarray(bound, float)[-2:] for bound in image.extent.world)
+    for layer in reversed(list(layers)[index + 1 :]):
+        if not isinstance(layer, Image) or not layer.visible or layer.opacity < 0.5:
+            continue
+        if str(layer.blending) not in HIDING_BLENDINGS:
+            continue
+        other_low, other_high = (np.asarray(bound, float)[-2:] for bound in layer.extent.world)
+        if np.all(other_low < high) and np.all(low < other_high):
+            return layer
+    return None
 
 
 def editable(layer: Labels) -> None:

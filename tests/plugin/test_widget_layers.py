@@ -236,3 +236,24 @@ def test_layers_the_widget_makes_anew_for_another_image_are_not_taken_for_delete
     assert widget._prompt_layers.preview.data.shape == second.data.shape
     assert taken_for_deleted == []
     assert "deleted" not in widget._status.value
+
+
+def test_picking_an_image_that_another_hides_says_which_and_what_to_do(sam):
+    viewer, widget = sam
+    nuclei = viewer.layers["nuclei"]
+    cover = viewer.add_image(np.zeros((4, 96, 96), np.float32), name="cover")
+    widget._image.value = cover
+    assert "lies under" not in widget._status.value  # the image on top
+    widget._image.value = nuclei
+    status = widget._status.value
+    assert "'nuclei' lies under 'cover', which hides it: hide 'cover' or move 'nuclei' above it" in status
+    for harmless in ({"blending": "additive"}, {"visible": False}, {"opacity": 0.3}, {"translate": (0, 200, 0)}):
+        widget._image.value = cover
+        saved = {name: getattr(cover, name) for name in harmless}
+        for name, value in harmless.items():
+            setattr(cover, name, value)
+        widget._image.value = nuclei
+        assert "lies under" not in widget._status.value, harmless
+        for name, value in saved.items():
+            setattr(cover, name, value)
+    assert viewer.layers.index(nuclei) < viewer.layers.index(cover)  # the user's order is left alone
