@@ -8,7 +8,9 @@ in a background thread, to the zarr folder `<image> - <objects>.sam.zarr` in the
 ``~/.local/share/napari-sam/autosave`` on Linux). A layer's first write is the whole array; an autosave
 of that name from an earlier session is first renamed "<image> - <objects> (<when>).sam.zarr" (the newest
 five are kept), so starting again after a crash does not overwrite what the crash left. Opening the
-folder in napari (File > Open Folder, or dragging it in) gives the objects back as a labels layer.
+folder in napari (File > Open Folder, or dragging it in) gives the objects back as a labels layer. The
+folder's attributes name the image and the objects layer, and hold the slices where the user erased each
+object by hand, which the layer opened from it keeps in its metadata (`erased_slices`).
 """
 
 from __future__ import annotations
@@ -132,9 +134,10 @@ class Autosave:
         self._lock = threading.Lock()
 
     def save(
-        self, labels: np.ndarray, image_name: str, labels_name: str, rows=None
+        self, labels: np.ndarray, image_name: str, labels_name: str, rows=None, erased: dict | None = None
     ) -> tuple[Path, bool, bool]:
-        """Copy `rows` of `labels` (None: all of it) now and write them in the background.
+        """Copy `rows` of `labels` (None: all of it) now and write them in the background; `erased`: the
+        objects the user erased by hand, as `erased_slices` gives them, kept with the array.
 
         Returns:
             The file's path, whether this is its first write in this session (the whole array), and
@@ -157,6 +160,7 @@ class Autosave:
         self.written.add(path)
         saved = datetime.now().isoformat(timespec="seconds")
         attrs = {"image": image_name, "objects": labels_name, "saved": saved}
+        attrs[ERASED_KEY] = {str(object_id): list(slices) for object_id, slices in (erased or {}).items()}
         future = self._executor.submit(_write, path, layout[:2], parts, first, attrs)
         future.add_done_callback(self._done)
         with self._lock:
@@ -240,8 +244,33 @@ def _keep_earlier(path: Path) -> Path:
 
 
 # Where an objects layer's metadata says which image it belongs to: {"image": unique id} for a layer the
-# widget made, {"image_name": name} for one opened from an autosave.
+# widget made, {"image_name": name} for one opened from an autosave; and, under "erased", the slices
+# where the user erased each object by hand ({"3": [4, 5]}: object 3 on slices 4 and 5).
 OBJECTS_KEY = "napari-sam"
+ERASED_KEY = "erased"
+
+
+def erased_slices(layer) -> dict[int, list[int]]:
+    """Object id -> the slices of the objects layer `layer` where the user erased it by hand."""
+    own = layer.metadata.get(OBJECTS_KEY)
+    erased = own.get(ERASED_KEY, {}) if isinstance(own, dict) else {}
+    return {int(object_id): sorted(int(z) for z in slices) for object_id, slices in erased.items() if slices}
+
+
+def note_erased(layer, object_id: int, z: int) -> None:
+    """Remember in `layer`'s metadata that the user erased object `object_id` from slice `z`: it travels
+    with the layer, and with its autosave."""
+    own = layer.metadata.setdefault(OBJECTS_KEY, {})
+    slices = own.setdefault(ERASED_KEY, {}).setdefault(str(int(object_id)), [])
+    if int(z) not in slices:
+        slices.append(int(z))
+
+
+def forget_erased(layer, object_id: int) -> None:
+    """Forget object `object_id`'s erasures in `layer` (a new object was given its id)."""
+    own = layer.metadata.get(OBJECTS_KEY)
+    if isinstance(own, dict):
+        own.get(ERASED_KEY, {}).pop(str(int(object_id)), None)
 
 
 def read_objects(path: str | Path) -> np.ndarray:
@@ -267,5 +296,5 @@ def _read_layer(path):
     saved = f", autosaved {attrs['saved']}" if "saved" in attrs else ""
     image = attrs.get("image", "image")
     # The image's name tells the widget whose objects these are: it picks the layer for that image.
-    metadata = {OBJECTS_KEY: {"image_name": image}}
+    metadata = {OBJECTS_KEY: {"image_name": image, ERASED_KEY: dict(attrs.get(ERASED_KEY, {}))}}
     return [(read_objects(path), {"name": f"{name} ({image}{saved})", "metadata": metadata}, "labels")]

@@ -24,7 +24,8 @@ from qtpy.QtWidgets import QSizePolicy
 from ._annotations import Commit, commit_mask, undo_commit
 from ._autosave import (
     OBJECTS_KEY,
-    Autosave, autosave_dir, earlier_autosaves, painted_rows, touched_rows, unwatch_history, watch_history,
+    Autosave, autosave_dir, earlier_autosaves, erased_slices, forget_erased, note_erased, painted_rows,
+    touched_rows, unwatch_history, watch_history,
 )
 from ._candidates import Candidates
 from ._embedding_job import EmbeddingJob, Session
@@ -206,9 +207,6 @@ class SamWidget(Container):
         self._candidates: Candidates | None = None  # of the prompts on the displayed slice
         # Undo steps: the objects layer, the array the step wrote into, and what it wrote.
         self._history: list[tuple[Labels, np.ndarray, Commit]] = []
-        # Slices where the user erased an object by hand, by objects layer (unique id) and object id:
-        # propagating the object again keeps out of them (`erased_slices`).
-        self._erased: dict[str, dict[int, set[int]]] = {}
         self._propagation = Propagation(self)
         self.propagation_settings = None  # a samcore PropagationSettings; None for its defaults
         self._automatic = AutoSegmentation(self)
@@ -472,7 +470,6 @@ class SamWidget(Container):
         self._earlier = [session for session in self._earlier if session.layer != layer]
         if isinstance(layer, Image):
             self._prompt_layers.drop_aside(layer)
-        self._erased.pop(layer.unique_id, None)
         for job in (self._propagation, self._automatic):
             job.forget_layer(layer)
         self._history = [step for step in self._history if step[0] != layer]
@@ -944,7 +941,7 @@ class SamWidget(Container):
             rows = touched_rows(index, data.shape)
         image = self._image_of_objects(layer)
         path, first, earlier = self._autosave.save(
-            data, image.name if image is not None else "image", layer.name, rows
+            data, image.name if image is not None else "image", layer.name, rows, erased_slices(layer)
         )
         if first:
             kept = " (the autosave found there is kept beside it, named with its time)" if earlier else ""
@@ -1001,14 +998,16 @@ class SamWidget(Container):
         for z, ids in before.items():
             gone = set(ids) - set(object_ids_in(np.asarray(layer.data[z])))
             for object_id in gone:
-                self._erased.setdefault(layer.unique_id, {}).setdefault(object_id, set()).add(z)
+                note_erased(layer, object_id, z)
 
-    def erased_slices(self, layer: Labels) -> dict[int, list[int]]:
+    @staticmethod
+    def erased_slices(layer: Labels) -> dict[int, list[int]]:
         """Object id -> the slices of `layer` where the user erased it by hand since it was made.
 
-        Propagation keeps each object out of them (where it has no pixels again by then).
+        Propagation keeps each object out of them (where it has no pixels again by then). They are kept
+        in the layer's metadata, so a reopened widget and a layer opened from its autosave know them.
         """
-        return {k: sorted(v) for k, v in self._erased.get(layer.unique_id, {}).items() if v}
+        return erased_slices(layer)
 
     def _on_history(self, layer: Labels) -> None:
         """napari's undo or redo in an autosaved objects layer: write it whole (which rows changed is
@@ -1043,7 +1042,7 @@ class SamWidget(Container):
                        "warning")
             return
         self._history.append((layer, layer.data, done))
-        self._erased.get(layer.unique_id, {}).pop(done.object_id, None)  # a new object under an old id
+        forget_erased(layer, done.object_id)  # a new object under an old id
         layer.refresh()
         self._autosave_objects(layer, done.index)
         self.clear()

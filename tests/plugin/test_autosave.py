@@ -84,6 +84,30 @@ def test_a_propagation_is_on_disk_and_the_folder_opens_as_labels(sam, private_fo
     np.testing.assert_array_equal(layers[0].data, objects.data)
 
 
+def test_objects_erased_by_hand_stay_kept_out_in_the_autosave_and_a_layer_opened_from_it(
+    sam, private_folders, qtbot
+):
+    viewer, widget = sam
+    objects, _ = one_object_embedded(viewer, widget)
+    widget.propagate(block=True)
+    assert (objects.data[3] == 5).any()
+    viewer.dims.set_current_step(0, 3)
+    objects.brush_size = 200
+    objects.paint((3, 48, 48), 0)  # the eraser over slice 3
+    qtbot.waitUntil(lambda: widget.erased_slices(objects) == {5: [3]}, timeout=5_000)
+    path, on_disk = saved(widget, private_folders)
+    assert not (on_disk[3] == 5).any()
+    restored = viewer.open(str(path), plugin="napari-sam")[0]
+    assert widget.erased_slices(restored) == {5: [3]}
+    # After a crash, the objects come back from the autosave: propagating again keeps out of slice 3.
+    viewer.layers.remove(objects)
+    widget._output.value = restored
+    viewer.dims.set_current_step(0, 2)
+    widget.propagate(block=True)
+    assert not (restored.data[3] == 5).any()
+    assert "on slice 3, it was erased there by hand, so it is kept out" in widget._status.value
+
+
 @pytest.mark.parametrize("when", ["before the widget", "after the widget"])
 def test_objects_opened_from_an_autosave_are_picked_for_their_image(
     make_napari_viewer, tiny_checkpoint, stack, private_folders, when
