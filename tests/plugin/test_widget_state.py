@@ -306,7 +306,9 @@ def test_going_back_to_an_image_takes_up_its_embeddings_and_the_model_is_loaded_
     model.image_encoder.register_forward_hook(lambda *args: encoded.append(1))
     others = [viewer.add_image(stack[:, ::-1].copy(), name=f"other {i}") for i in range(KEEP_EARLIER + 1)]
     widget._image.value = others[0]
-    assert widget._session is None and widget._status.value == "Image changed: compute embeddings for it."
+    assert widget._session is None
+    assert widget._status.value.startswith("Image changed: compute embeddings for it.")
+    assert "'other 0' lies under 'other 2', which hides it" in widget._status.value  # added above it
     widget.load(block=True)
     assert widget._session.predictor.model is model  # not loaded again
     assert len(encoded) == 4  # the new image's slices only
