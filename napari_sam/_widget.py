@@ -60,7 +60,7 @@ KEYS = {
     "n": ("next_candidate", "next of the 3 candidate masks"),
     "Shift-C": ("clear", "clear the prompts"),
     "u": ("undo", "undo the last commit"),
-    "Shift-P": ("propagate", "propagate the objects of this slice through the stack"),
+    "Shift-P": ("propagate", "propagate this slice's objects through the stack"),
 }
 # napari's own keys for the layer types of the SAM layers (napari.utils.shortcuts): in those layers they
 # keep napari's meaning (S selects points, P paints in the brush layer, T draws paths...), not ours.
@@ -146,20 +146,25 @@ class SamWidget(Container):
         )
         self._candidate = Label(value="")
         self._status = Label(value="Pick an image and a model, then compute embeddings.")
-        for line in (self._candidate, self._status):  # a long message wraps; it does not widen the dock
+        self._help = Label(value="\n".join([
+            "click in 'SAM points', draw rectangles in",
+            "'SAM boxes', or paint roughly over an object",
+            "in 'SAM brush'",
+            *(f"{key.upper():>8}  {action}" for key, (_, action) in KEYS.items()),
+            "(in the SAM layers, napari's own S, P, Shift-P",
+            "and T keep their meaning)",
+        ]))
+        for line in (self._candidate, self._status, self._help):  # a long line wraps: the dock stays narrow
             line.native.setWordWrap(True)
             line.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
-        self._help = Label(value="\n".join([
-            "click in 'SAM points', draw rectangles in 'SAM boxes',",
-            "or paint roughly over an object in 'SAM brush'",
-            *(f"{key.upper():>8}  {action}" for key, (_, action) in KEYS.items()),
-            "(in the SAM layers, napari's own S, P, Shift-P and T keep their meaning)",
-        ]))
-        buttons = Container(layout="horizontal", labels=False)
-        for name in ("segment", "commit", "next_candidate", "undo", "clear", "propagate"):
+        # Two rows of three: one row of six made the dock wider than its other rows need.
+        buttons = [Container(layout="horizontal", labels=False) for _ in range(2)]
+        for row in buttons:
+            row.margins = (0, 0, 0, 0)
+        for index, name in enumerate(("segment", "commit", "next_candidate", "undo", "clear", "propagate")):
             button = PushButton(text=name.replace("_", " "))
             button.changed.connect(getattr(self, name))
-            buttons.append(button)
+            buttons[index // 3].append(button)
         self._scope = ComboBox(choices=[(text, scope) for scope, text in SCOPES.items()])
         segment_all = PushButton(text="segment all", tooltip="find every object automatically")
         segment_all.changed.connect(self.segment_all)
@@ -167,19 +172,22 @@ class SamWidget(Container):
         automatic.extend([segment_all, self._scope])
         # Segment all keeps a candidate mask when both pass; set to the model's own values when it is chosen.
         self._min_iou = FloatSpinBox(
-            label="predicted IoU ≥", min=0.0, max=1.0, step=0.05, value=0.88,
-            tooltip="segment all: lower it to keep more (and worse) masks",
+            label="IoU ≥", min=0.0, max=1.0, step=0.05, value=0.88,
+            tooltip="segment all keeps a mask whose predicted IoU is at least this: lower it to keep more "
+            "(and worse) masks",
         )
         self._min_stability = FloatSpinBox(
             label="stability ≥", min=0.0, max=1.0, step=0.05, value=0.95,
             tooltip="segment all: lower it on dim or noisy images, where masks are less stable",
         )
+        for spin in (self._min_iou, self._min_stability):  # wide enough for 0.05 and its - and + buttons
+            spin.native.setMaximumWidth(110)
         thresholds = Container(layout="horizontal", label="keep if")
         thresholds.extend([self._min_iou, self._min_stability])
         self.extend([
             self._image, self._model, self._checkpoint, self._device, self._views, self._cache_dir,
             self._load_button, self._cancel_button, self._output, self._overwrite, self._autosave_box,
-            self._refine, self._zoom, self._fade, buttons, automatic, thresholds, self._candidate, self._status,
+            self._refine, self._zoom, self._fade, *buttons, automatic, thresholds, self._candidate, self._status,
             self._help,
         ])
         self._model.changed.connect(self._on_model_choice)
