@@ -187,8 +187,8 @@ class SamWidget(Container):
         self.extend([
             self._image, self._model, self._checkpoint, self._device, self._views, self._cache_dir,
             self._load_button, self._cancel_button, self._output, self._overwrite, self._autosave_box,
-            self._refine, self._zoom, self._fade, *buttons, automatic, thresholds, self._candidate, self._status,
-            self._help,
+            self._refine, self._zoom, self._fade, *buttons, automatic, thresholds, self._candidate,
+            self._status, self._help,
         ])
         self._model.changed.connect(self._on_model_choice)
         self._checkpoint.changed.connect(self._on_checkpoint_choice)
