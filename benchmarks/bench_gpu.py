@@ -5,7 +5,10 @@ Prints, for the same ViT-B weights and the same slices, on one device:
     fp32 one slice a pass, then bf16 with `--batches` slices a pass (`Predictor.embed_batch`, as the
     widget and `napari-sam embed` run a stack on a CUDA GPU), each with its speed-up;
   * the mask IoU of each of ours against the official fp32 masks, one box per labelled object on
-    the first slices.
+    the first slices;
+  * prompts per second of segment all's unit of work, 64 single points decoded at once
+    (`predict_torch`), official against ours (which decodes them all at once on a GPU, one at a time
+    on a CPU: `Predictor.decodes_in_batches`).
 
 Each variant embeds the slices once to warm up (kernel selection, the allocator), then `--repeats`
 rounds that time every variant in turn; the figures are the medians of the rounds.
@@ -94,8 +97,46 @@ def main() -> None:
         if predictor is not None:
             quality = "{:.3f} / {:.3f}".format(*mask_iou(predictor, rgbs, reference))
         print(f"  {name:26} {len(rgbs) / seconds:9.2f} {baseline / seconds:8.2f}x   {quality}")
+    print_decoding(official, ours["ours fp32, 1 a pass"], rgbs[0], device, args.repeats)
     if device.type == "cuda":
-        print(f"  peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+
+
+def print_decoding(
+    official: SamPredictor, predictor: Predictor, rgb: np.ndarray, device: torch.device, repeats: int
+) -> None:
+    """Time segment all's unit of work on one slice: a batch of 64 single-point prompts (an 8 x 8 grid),
+    three masks each at full resolution, through `predict_torch`; say how ours decodes them."""
+    official.set_image(rgb)
+    predictor.set_image(rgb)
+    height, width = rgb.shape[:2]
+    cells = (np.arange(8) + 0.5) / 8
+    grid = np.stack(np.meshgrid(cells * width, cells * height), axis=-1).reshape(-1, 2)
+    labels = torch.ones(len(grid), 1, dtype=torch.int64, device=device)
+
+    def points(transform) -> torch.Tensor:
+        coords = transform.apply_coords(grid, (height, width))
+        return torch.as_tensor(coords, dtype=torch.float32, device=device)
+
+    official_points, our_points = points(official.transform)[:, None], points(predictor.transform)[:, None]
+    runs = {
+        "official": lambda: official.predict_torch(official_points, labels, multimask_output=True),
+        "ours": lambda: predictor.predict_torch(our_points, labels, multimask_output=True),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        for run in runs.values():  # warm-up
+            run()
+        for _ in range(max(repeats, 3)):
+            for name, run in runs.items():
+                seconds[name].append(timed(run, device))
+    how = "all at once" if predictor.decodes_in_batches else "one at a time (the CPU's rewrite)"
+    print(f"\nDecoding 64 point prompts at once (predict_torch, 3 masks each, full resolution), median of "
+          f"{max(repeats, 3)}; ours decodes them {how}:")
+    baseline = statistics.median(seconds["official"])
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        print(f"  {name:26} {len(grid) / median:9.1f} prompts/s {baseline / median:8.2f}x")
 
 
 def load_slices(count: int) -> tuple[list[np.ndarray], np.ndarray]:
