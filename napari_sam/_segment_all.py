@@ -200,15 +200,27 @@ class AutoSegmentation(BackgroundJob):
 def _segment(predictor, view, store, slices, settings, link_overlap, cancel):
     """Worker body: segment the slices in order, yielding each one's objects as linked 3D ids.
 
+    A store with a folder (the widget's disk cache) keeps each slice's objects, as `napari-sam auto`
+    does: a slice segmented before with the same settings and precision is taken from it, not
+    segmented again (after a cancel, or with the objects undone).
+
     Yields ("step", k, Progress) within the k-th slice and ("slice", z, (Y, X) int32 ids) after it;
     returns the number of slices finished (fewer when cancelled).
     """
     from samcore.cancel import Cancelled, stopping_on
-    from samcore.jobs import slice_labels
+    from samcore.jobs import labels_key, slice_labels
     from samcore.linking import SliceLinker
+    from samcore.progress import Progress
 
     linker = SliceLinker(link_overlap)
+    settings = settings.resolved(predictor.model)
+    store.use_labels(labels_key(settings, predictor.precision), tuple(view.data.shape[1:3]))
     for k, z in enumerate(slices):
+        kept = store.get_labels(z)
+        if kept is not None:
+            yield ("step", k, Progress("slices", 1, 1, z))
+            yield ("slice", z, linker.add(kept))
+            continue
         job = slice_labels(predictor, view.rgb_slice(z), z, store, settings, cancel=cancel)
         while True:
             if cancel.is_set():
@@ -223,5 +235,6 @@ def _segment(predictor, view, store, slices, settings, link_overlap, cancel):
             except Cancelled:  # within the slice's embedding or a batch of points
                 return k
             yield ("step", k, step)
+        store.put_labels(z, labels)
         yield ("slice", z, linker.add(labels))
     return len(slices)

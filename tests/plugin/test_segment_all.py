@@ -254,3 +254,27 @@ def test_cancel_stops_the_real_engine_within_a_batch_of_points(sam, monkeypatch,
     assert len(decoded) < 10  # of the batch's 64 points: stopped within one prompt, not at the batch's end
     assert widget._status.value.startswith("Cancelled")
     np.testing.assert_array_equal(objects.data, existing_objects())
+
+
+def test_with_a_disk_cache_a_second_run_takes_each_slices_objects_from_it(
+    sam, monkeypatch, tmp_path, messages
+):
+    viewer, widget = sam
+    existing, found = existing_objects(), found_objects()
+    objects = _objects(viewer, widget, existing)
+    calls = fake_engine(monkeypatch, found)
+    widget._cache_dir.value = str(tmp_path)
+    widget.load(block=True)
+    widget.segment_all("stack", block=True)
+    first = np.asarray(objects.data).copy()
+    assert calls == [0, 1, 2, 3] and (first > 9).any()
+    widget.undo()
+    widget.segment_all("stack", block=True)  # the same settings: nothing is segmented again
+    assert calls == [0, 1, 2, 3]
+    np.testing.assert_array_equal(objects.data, first)
+    assert widget._status.value == "Segmented all: 3 new object(s) in 4 slices."
+    widget.undo()
+    widget._min_stability.value = round(widget._min_stability.value - 0.1, 2)  # other settings: all again
+    widget.segment_all("stack", block=True)
+    assert calls == [0, 1, 2, 3] * 2
+    np.testing.assert_array_equal(objects.data, first)
