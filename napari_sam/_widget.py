@@ -1191,6 +1191,8 @@ HIDING_BLENDINGS = ("opaque", "translucent", "translucent_no_depth")
 def covering_image(layers, image: Image) -> Image | None:
     """The topmost visible image above `image` in `layers` that hides it where they overlap (mostly
     opaque, not mixed in), if any: the user would see it instead of the image they segment."""
+    if image not in layers:
+        return None
     index = layers.index(image)
     low, high = (np.asarray(bound, float)[-2:] for bound in image.extent.world)
     for layer in reversed(list(layers)[index + 1 :]):
