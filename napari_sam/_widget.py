@@ -48,9 +48,12 @@ VIEW_CHOICES = [
 ]
 # How long the slider must rest on a slice without an embedding before the embedding job restarts there.
 REFOCUS_MS = 250
-# Images whose embeddings are kept in memory after the picker moves on (about 2 MB per slice and view,
-# in float16): going back to one of them computes nothing.
-KEEP_EARLIER = 2
+# Images whose embeddings are kept in memory after the picker moves on: going back to one of them
+# computes nothing. The newest are kept, at most KEEP_EARLIER of them, while their embeddings add up to
+# at most KEEP_EARLIER_BYTES (about 2 MB per slice and view in float16: two 60-slice stacks of two
+# views fill it); the newest one is kept whatever its size.
+KEEP_EARLIER = 8
+KEEP_EARLIER_BYTES = 2**30
 # An image layer's events that move it in the world; the SAM layers follow them.
 PLACEMENT = ("scale", "translate", "rotate", "shear", "affine")
 KEYS = {
@@ -353,9 +356,10 @@ class SamWidget(Container):
         elif session is not None or self._embedding.running or not self._said_deleted:
             self._forget("Image changed: compute embeddings for it.")
             if session is not None:
-                kept = [earlier for earlier in self._earlier if earlier.layer != session.layer] + [session]
-                self._earlier = kept[-KEEP_EARLIER:]
+                self._earlier = [earlier for earlier in self._earlier if earlier.layer != session.layer]
+                self._earlier.append(session)
             self._take_up_earlier()
+            self._earlier = newest_within_budget(self._earlier)  # the one taken up is not among them
         # else: the image was deleted, and the status line says so (`_on_layer_removed` ran first)
         if aside:
             before = next(layer.name for layer in self._viewer.layers if layer.unique_id == owner)
@@ -1182,6 +1186,19 @@ class SamWidget(Container):
         handler.__name__ = f"sam_{method}"
         handler.sam_widget = self  # whose key it is, to unbind it when the widget closes
         return handler
+
+
+def newest_within_budget(sessions: list[Session]) -> list[Session]:
+    """The newest of `sessions` (oldest first) to keep: see `KEEP_EARLIER_BYTES`."""
+    kept: list[Session] = []
+    total = 0
+    for session in reversed(sessions):
+        size = session.store.memory_bytes
+        if kept and (len(kept) == KEEP_EARLIER or total + size > KEEP_EARLIER_BYTES):
+            break
+        kept.insert(0, session)
+        total += size
+    return kept
 
 
 # Blendings that let an image hide the layers under it (additive and minimum mix them in).

@@ -226,6 +226,11 @@ class EmbeddingStore:
             return True
         return self._group is not None and bool(self._group["done"][z])
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the embeddings held in memory."""
+        return sum(embedding.features.nbytes for embedding in self._memory.values())
+
     def __len__(self) -> int:
         if self._group is None:
             return len(self._memory)

@@ -294,9 +294,13 @@ def test_a_2d_image_has_no_side_view_to_refuse(make_napari_viewer, tiny_checkpoi
     assert not any("view" in m for m in messages["info"])
 
 
-def test_going_back_to_an_image_takes_up_its_embeddings_and_the_model_is_loaded_once(sam, stack, messages):
-    from napari_sam._widget import KEEP_EARLIER
+def test_going_back_to_an_image_takes_up_its_embeddings_and_the_model_is_loaded_once(
+    sam, stack, messages, monkeypatch
+):
+    import napari_sam._widget
 
+    monkeypatch.setattr(napari_sam._widget, "KEEP_EARLIER", 2)  # three other images are enough to see it
+    KEEP_EARLIER = 2
     viewer, widget = sam
     nuclei = viewer.layers["nuclei"]
     widget.load(block=True)
@@ -328,6 +332,33 @@ def test_going_back_to_an_image_takes_up_its_embeddings_and_the_model_is_loaded_
     assert [session.layer for session in widget._earlier] == [nuclei]
     widget.set_model("default")  # another model: the kept embeddings are of no use
     assert widget._earlier == [] and not messages["error"]
+
+
+def test_the_images_kept_in_memory_are_the_newest_that_fit_its_budget(sam, stack, monkeypatch):
+    import napari_sam._widget
+
+    viewer, widget = sam
+    others = [viewer.add_image(stack * (i + 2), name=f"other {i}") for i in range(3)]
+    images = [viewer.layers["nuclei"], *others]
+    sessions = []
+    for image in images:
+        widget._image.value = image
+        widget.load(block=True)
+        sessions.append(widget._session)
+    widget._image.value = images[0]  # back to the first: taken up, the other three kept
+    widget.wait()
+    assert widget._session is sessions[0] and [s.layer for s in widget._earlier] == images[1:]
+    one = sessions[1].store.memory_bytes
+    assert one == sum(s.store.memory_bytes for s in sessions) / 4 > 0
+    monkeypatch.setattr(napari_sam._widget, "KEEP_EARLIER_BYTES", int(2.5 * one))  # room for two
+    widget._image.value = images[3]
+    widget.wait()
+    assert [s.layer for s in widget._earlier] == [images[2], images[0]]  # the newest two fit
+    monkeypatch.setattr(napari_sam._widget, "KEEP_EARLIER_BYTES", one // 2)  # room for none
+    widget._image.value = images[1]
+    widget.load(block=True)
+    widget._image.value = images[2]
+    assert [s.layer for s in widget._earlier] == [images[1]]  # the newest is kept whatever its size
 
 
 def test_a_checkpoint_file_written_since_it_was_loaded_is_loaded_again(sam, stack, tiny_checkpoint, tmp_path):
