@@ -4,9 +4,9 @@ one prompt at a time: the same masks and scores for every kind of prompt."""
 import numpy as np
 import pytest
 import torch
+from weights import randomize_
 
 from samcore import Predictor, build_sam
-from weights import randomize_
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ slices a pass, prompts decoded all at once. Skipped where there is no CUDA GPU (
 import numpy as np
 import pytest
 import torch
+from weights import randomize_
 
 from samcore import Predictor, build_sam
 from samcore.build import ViTConfig
 from samcore.embeddings import EmbeddingStore, StackView, embed_slices
-from weights import randomize_
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
