@@ -75,7 +75,7 @@ def _batch_parser(commands, name: str, summary: str) -> argparse.ArgumentParser:
     model_options(parser)
     parser.add_argument("--embed-batch", type=_at_least_one, metavar="N",
                         help="slices given to the encoder per pass (default: 8 on a CUDA GPU, 1 elsewhere; "
-                        "lower it if the GPU runs out of memory)")
+                        "halved by itself where the GPU runs out of memory)")
     return parser
 
 

@@ -405,7 +405,8 @@ def embed_slices(
     cancel: threading.Event | None = None,
 ) -> Iterator[int]:
     """Compute the missing embeddings of `order`, `predictor.embed_batch` slices an encoder pass (one
-    on a CPU, several on a GPU).
+    on a CPU, several on a GPU). A pass that runs out of memory is tried again with half as many slices,
+    and `predictor.embed_batch` keeps the smaller number.
 
     A generator, so callers can show progress and stop between passes.
 
@@ -417,12 +418,22 @@ def embed_slices(
         Each slice index once its embedding is in the store.
     """
     missing = store.missing(order)
-    for start in range(0, len(missing), predictor.embed_batch):
+    start = 0
+    while start < len(missing):
         group = missing[start : start + predictor.embed_batch]
         try:
             embeddings = predictor.embed_rgb_batch([view.rgb_slice(z) for z in group], cancel)
         except Cancelled:
             return
+        except torch.OutOfMemoryError:
+            if len(group) == 1:
+                raise
+            # A GPU short of memory for this many slices a pass: half as many, from now on.
+            if predictor.device.type == "cuda":
+                torch.cuda.empty_cache()
+            predictor.embed_batch = max(1, len(group) // 2)
+            continue
         for z, embedding in zip(group, embeddings):  # all stored before the caller hears of one
             store.put(z, embedding)
+        start += len(group)
         yield from group

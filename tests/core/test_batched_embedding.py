@@ -99,3 +99,30 @@ def test_a_cancelled_pass_stores_none_of_its_slices(models):
     predictor = Predictor(models["vit"], precision="fp32", embed_batch=4)
     assert list(embed_slices(predictor, view, store, range(4), cancel)) == []
     assert store.missing(range(4)) == [0, 1, 2, 3]
+
+
+def test_a_pass_that_runs_out_of_memory_is_tried_again_with_half_as_many_slices(models, monkeypatch):
+    view = StackView.of(np.random.default_rng(3).integers(0, 255, size=(5, 40, 50)).astype(np.uint8))
+    embed_rgb_batch = Predictor.embed_rgb_batch
+    passes = []
+
+    def short_of_memory(self, images, cancel=None, crop=False):  # as a GPU with room for two slices
+        passes.append(len(images))
+        if len(images) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return embed_rgb_batch(self, images, cancel, crop)
+
+    monkeypatch.setattr(Predictor, "embed_rgb_batch", short_of_memory)
+    predictor = Predictor(models["vit"], precision="fp32", embed_batch=8)
+    store = EmbeddingStore("key", 5)
+    assert list(embed_slices(predictor, view, store, range(5))) == [0, 1, 2, 3, 4]
+    assert passes == [5, 2, 2, 1] and predictor.embed_batch == 2  # all five, then two a pass
+    assert store.missing(range(5)) == []
+    one_a_pass = Predictor(models["vit"], precision="fp32", embed_batch=1)
+
+    def no_memory(self, images, cancel=None, crop=False):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(Predictor, "embed_rgb_batch", no_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # one slice that does not fit: the error is the user's to see
+        list(embed_slices(one_a_pass, view, EmbeddingStore("key", 5), range(5)))
