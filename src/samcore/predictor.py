@@ -611,12 +611,10 @@ class Predictor:
                 points = None if point_coords is None else (mirror.points(point_coords), point_labels)
                 view_boxes = None if boxes is None else mirror.boxes(boxes)
                 view_masks = None if mask_input is None else mirror.logits(mask_input)
-                prompts = (points, view_boxes, view_masks, multimask_output, refine)
-                if contexts is None:
-                    view = embedding.features[index : index + 1]
-                    view_low_res, view_scores = self._decode_batched(view, *prompts)
-                else:
-                    view_low_res, view_scores = self._decode(contexts[index], *prompts)
+                source = embedding.features[index : index + 1] if contexts is None else contexts[index]
+                view_low_res, view_scores = self._decode(
+                    source, points, view_boxes, view_masks, multimask_output, refine
+                )
                 view_low_res = mirror.logits(view_low_res)
                 if low_res is None:
                     low_res, scores = view_low_res, view_scores
@@ -628,52 +626,47 @@ class Predictor:
 
     def _decode(
         self,
-        context: ImageContext,
+        source: ImageContext | torch.Tensor,
         points: tuple[torch.Tensor, torch.Tensor] | None,
         boxes: torch.Tensor | None,
         mask_input: torch.Tensor | None,
         multimask_output: bool,
         refine: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-resolution logits and scores of one view, from its decoder context."""
-        # The dense embedding of a mask input is made by `decode_with_masks`, in low-rank form.
-        sparse, _ = self.model.prompt_encoder(points, boxes, None)
-        if mask_input is None:
-            low_res, scores = decode_prompts(context, sparse, multimask_output)
-        else:
-            if points is None and boxes is None:  # one sparse row (no prompt) for every mask
-                sparse = sparse.expand(len(mask_input), -1, -1)
-            low_res, scores = decode_with_masks(context, sparse, mask_input, multimask_output)
+        """Low-resolution logits and scores of one view. `source` is the view's decoder context, for the
+        rewrite of `samcore.modeling.fast_decoder` one prompt at a time, or its (1, C, h, w) features, for
+        the model's own mask decoder with every prompt at once (see `decodes_in_batches`)."""
+        sparse, dense = self.model.prompt_encoder(points, boxes, None)
+        if mask_input is not None and points is None and boxes is None:  # one sparse row (no prompt) per mask
+            sparse = sparse.expand(len(mask_input), -1, -1)
+        low_res, scores = self._decode_once(source, sparse, dense, mask_input, multimask_output)
         if not refine:
             return low_res, scores
         # Each candidate again, with its own logits and the same prompts: the single-mask output.
         batch, count = scores.shape
         again = sparse.expand(batch, -1, -1).repeat_interleave(count, dim=0)
-        low_res, scores = decode_with_masks(context, again, low_res.flatten(0, 1)[:, None], False)
+        low_res, scores = self._decode_once(source, again, dense, low_res.flatten(0, 1)[:, None], False)
         return low_res.view(batch, count, *low_res.shape[-2:]), scores.view(batch, count)
 
-    def _decode_batched(
+    def _decode_once(
         self,
-        features: torch.Tensor,
-        points: tuple[torch.Tensor, torch.Tensor] | None,
-        boxes: torch.Tensor | None,
+        source: ImageContext | torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
         mask_input: torch.Tensor | None,
         multimask_output: bool,
-        refine: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_decode` with the model's own mask decoder, every prompt at once, on (1, C, h, w) features of
-        one view (see `decodes_in_batches`)."""
-        prompt_encoder, decoder = self.model.prompt_encoder, self.model.mask_decoder
-        image_pe = prompt_encoder.get_dense_pe()
-        sparse, dense = prompt_encoder(points, boxes, mask_input)
-        low_res, scores = decoder(features, image_pe, sparse, dense, multimask_output)
-        if not refine:
-            return low_res, scores
-        batch, count = scores.shape
-        again = sparse.expand(batch, -1, -1).repeat_interleave(count, dim=0)
-        _, dense = prompt_encoder(None, None, low_res.flatten(0, 1)[:, None])
-        low_res, scores = decoder(features, image_pe, again, dense, False)
-        return low_res.view(batch, count, *low_res.shape[-2:]), scores.view(batch, count)
+        """One decoder pass over (N, T, C) sparse prompts, with (N, 1, h, w) mask inputs or none (then
+        `dense`, the prompt encoder's no-mask embedding); `source` as in `_decode`."""
+        if isinstance(source, ImageContext):
+            # The dense embedding of a mask input is made by `decode_with_masks`, in low-rank form.
+            if mask_input is None:
+                return decode_prompts(source, sparse, multimask_output)
+            return decode_with_masks(source, sparse, mask_input, multimask_output)
+        prompt_encoder = self.model.prompt_encoder
+        if mask_input is not None:
+            dense = prompt_encoder(None, None, mask_input)[1]
+        return self.model.mask_decoder(source, prompt_encoder.get_dense_pe(), sparse, dense, multimask_output)
 
     @property
     def decodes_in_batches(self) -> bool:
