@@ -75,6 +75,11 @@ def _silence_stdout() -> None:
         pass
 
 
+def counted(number: int, noun: str) -> str:
+    """"1 object", "2 objects": a count with its noun, for what the commands print."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def describe_error(error: BaseException) -> str:
     """The error as a sentence; a system error names its path and the problem, not its errno."""
     if not isinstance(error, OSError) or error.filename is None or error.strerror is None:
@@ -261,7 +266,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     if zoomed:
         how = "; decoded zoomed in on the box" if box is not None else "; decoded on a crop around the clicks"
     print(
-        f"wrote {args.output}: {int(mask.sum())} pixels, predicted IoU {scores[best]:.3f} "
+        f"wrote {args.output}: {counted(int(mask.sum()), 'pixel')}, predicted IoU {scores[best]:.3f} "
         f"(embedding {embedded - started:.1f} s incl. model load{how})",
         file=sys.stderr,
     )
@@ -329,7 +334,7 @@ def _run_prompts(args: argparse.Namespace) -> int:
         slices = np.flatnonzero((labels.reshape(view.data.shape[:3]) == object_id).any(axis=(1, 2)))
         ended = "".join(f"; ended {stop.describe()}" for stop in stops if stop.object_id == object_id)
         print(f"object {object_id}: slices {slices[0]} to {slices[-1]}{ended}", file=sys.stderr)
-    print(f"wrote {args.output}: {len(found)} objects, shape {labels.shape}", file=sys.stderr)
+    print(f"wrote {args.output}: {counted(len(found), 'object')}, shape {labels.shape}", file=sys.stderr)
     return 0
 
 

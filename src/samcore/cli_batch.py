@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from .cli import describe_error, load_predictor, model_options
+from .cli import counted, describe_error, load_predictor, model_options
 from .cli_inputs import check_labels_option
 
 if TYPE_CHECKING:
@@ -111,7 +111,10 @@ def run_embed(args: argparse.Namespace) -> int:
             path, setup.predictor, setup.model_id, args.cache_dir, args.store, setup.client
         )
         folder, computed = batch.with_progress_bar(job, path.name)
-        print(f"{folder}: {computed} slices computed", file=sys.stderr)
+        if computed == 0:
+            print(f"{folder}: every slice was already there, none computed", file=sys.stderr)
+        else:
+            print(f"{folder}: {counted(computed, 'slice')} computed", file=sys.stderr)
 
     return _run_files(args, readable, failed, len(files), embed)
 
@@ -161,7 +164,7 @@ def run_auto(args: argparse.Namespace) -> int:
         job = batch.auto_file(path, outputs[path], setup.predictor, setup.model_id, settings,
                               args.link_overlap, args.cache_dir, args.store, setup.client)
         count = batch.with_progress_bar(job, path.name)
-        print(f"wrote {outputs[path]}: {count} objects", file=sys.stderr)
+        print(f"wrote {outputs[path]}: {counted(count, 'object')}", file=sys.stderr)
         if count == 0:
             print(f"  no mask was kept: none reached both a predicted IoU of {settings.min_predicted_iou:g} "
                   f"and a stability of {settings.min_stability:g}; lower --min-iou or --min-stability "

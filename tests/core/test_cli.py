@@ -96,7 +96,9 @@ def test_zoom_on_a_small_box_is_asked_for_or_the_models_choice(tmp_path, checkpo
         out = tmp_path / f"prompts{extra[0]}.tif"
         assert main(["segment", str(tmp_path / "image.tif"), "--prompts", str(prompts), *extra,
                      "-o", str(out), "--checkpoint", str(checkpoint)]) == 0
-        assert ("zoom on small boxes" in capsys.readouterr().err) == (extra == ["--zoom"])
+        err = capsys.readouterr().err
+        assert ("zoom on small boxes" in err) == (extra == ["--zoom"])
+        assert f"wrote {out}: 1 object, shape (300, 400)" in err
         assert ((tifffile.imread(out) == 7) != (masks[tuple(extra)] > 0)).mean() < 0.001
 
 

@@ -130,6 +130,10 @@ def test_interrupted_embed_resumes_without_recomputing(tmp_path, stack_file, che
     assert cli("embed", stack_file, "--store", store, checkpoint=checkpoint) == 0
     assert len(calls) == 2
     assert "2 slices computed" in capsys.readouterr().err
+    calls.clear()
+    assert cli("embed", stack_file, "--store", store, checkpoint=checkpoint) == 0  # all there now
+    assert not calls
+    assert "every slice was already there, none computed" in capsys.readouterr().err
 
 
 def test_a_store_of_other_data_or_another_model_is_refused(tmp_path, stack_file, checkpoint, capsys):
