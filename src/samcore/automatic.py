@@ -5,8 +5,9 @@ The steps, each a function of `samcore.maskops` or of this module:
 1. A regular grid of single positive points (`point_grid`) over the image, and optionally over
    overlapping crops of it (`crop_boxes`), each crop embedded anew at the model's resolution.
 2. Points go through the decoder in batches; each gives 3 candidate masks. Candidates whose
-   predicted IoU is below `min_predicted_iou` are dropped before upscaling, then those whose
-   `stability_score` is below `min_stability`.
+   predicted IoU is below `min_predicted_iou` are dropped before upscaling (the decoder does not
+   even make the masks of a point whose 3 candidates all are), then those whose `stability_score`
+   is below `min_stability`.
 3. Per crop, box non-maximum suppression keeps one mask per object; masks cut by a crop's inner
    edge are dropped (another crop, or the whole image, holds them entire).
 4. Holes and islands smaller than `min_area` are removed, then mask NMS removes duplicates left
@@ -108,8 +109,12 @@ class PointDecoder(Protocol):
 
     size: tuple[int, int]
 
-    def decode(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 2) XY pixel points to logits (B, C, h, w) at any resolution and predicted IoUs (B, C)."""
+    def decode(self, points: np.ndarray, min_score: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 2) XY pixel points to logits (B, C, h, w) at any resolution and predicted IoUs (B, C).
+
+        The masks of a point whose predicted IoUs are all below `min_score` may be left out
+        (empty logits): the caller drops them.
+        """
 
     def upscale(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, h, w) logits from `decode` to (N, H, W) logits of the image."""
@@ -131,14 +136,16 @@ class EmbeddingDecoder:
         self._predictor.set_embedding(embedding)
         self.size = embedding.original_size
 
-    def decode(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, points: np.ndarray, min_score: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         predictor = self._predictor
         device = predictor.device
         coords = torch.as_tensor(predictor.transform_coords(points), dtype=torch.float32, device=device)
         labels = torch.ones(len(points), 1, dtype=torch.int64, device=device)
         # The image itself only, as the thresholds were calibrated: one decoding per point is
         # most of segment-all's time.
-        return predictor.predict_low_res(coords[:, None, :], labels, multimask_output=True, views=1)
+        return predictor.predict_low_res(
+            coords[:, None, :], labels, multimask_output=True, views=1, min_score=min_score
+        )
 
     def upscale(self, logits: torch.Tensor) -> torch.Tensor:
         model = self._predictor.model
@@ -228,7 +235,8 @@ def scored_candidates(
         The kept (non-empty) masks with their predicted IoUs, their points and stability scores as
         `meta` "points" and "stability", and (N,) the stability scores again.
     """
-    logits, scores = decoder.decode(points)
+    # Candidates scored below the threshold are dropped here: the decoder need not make their masks.
+    logits, scores = decoder.decode(points, min_score=min_predicted_iou)
     per_point = logits.shape[1]
     logits, scores = logits.flatten(0, 1), scores.flatten(0, 1).float()
     keep = torch.nonzero(scores >= min_predicted_iou).flatten()

@@ -8,6 +8,7 @@ from scipy import ndimage
 
 from samcore.automatic import (
     AutoSettings,
+    EmbeddingDecoder,
     crop_boxes,
     cut_by_crop,
     filter_candidates,
@@ -44,7 +45,7 @@ class TruthDecoder:
         self.size = truth.shape
         self.calls = 0
 
-    def decode(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, points: np.ndarray, min_score: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls += 1
         logits, scores = [], []
         for x, y in points:
@@ -279,3 +280,45 @@ def test_settings_made_in_a_script_find_the_nuclei_with_the_bundled_model():
     image, truth = nuclei_image((128, 128), n_nuclei=5, radius=(8.0, 12.0), seed=4)
     labels = segment_everything(image, load_model("default"), settings=AutoSettings(points_per_side=8))
     assert labels.max() >= 3  # SAM's thresholds, which the bundled model's predicted IoUs rarely reach, kept none
+
+
+class IgnoringThreshold:
+    """A decoder that makes every mask, whatever threshold it is told."""
+
+    def __init__(self, decoder: EmbeddingDecoder) -> None:
+        self.decoder, self.size = decoder, decoder.size
+
+    def decode(self, points: np.ndarray, min_score: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.decode(points)
+
+    def upscale(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.decoder.upscale(logits)
+
+
+def test_masks_of_points_scored_below_the_threshold_are_not_made_and_the_rest_are_unchanged(truth):
+    from weights import randomize_
+
+    from samcore import Predictor, build_sam
+    from samcore.preprocess import to_rgb_uint8
+
+    model = randomize_(build_sam("vit_test").eval(), seed=4)
+    image = nuclei_image(truth.shape, n_nuclei=7, radius=(6.0, 12.0), seed=3)[0]
+    decoder = EmbeddingDecoder(model, Predictor(model, precision="fp32").embed_rgb(to_rgb_uint8(image)), "fp32")
+    points = point_grid(8) * np.array([truth.shape[1], truth.shape[0]])
+    all_logits, all_scores = decoder.decode(points)
+    threshold = float(all_scores.max(dim=1).values.median())
+    logits, scores = decoder.decode(points, min_score=threshold)
+    torch.testing.assert_close(scores, all_scores)
+    left_out = (all_scores < threshold).all(dim=1)
+    assert 0 < int(left_out.sum()) < len(points)
+    assert bool((logits[left_out] == -1e4).all())
+    torch.testing.assert_close(logits[~left_out], all_logits[~left_out])
+    # Segment all keeps the same candidates either way.
+    settings = AutoSettings(min_predicted_iou=threshold, min_stability=0.0)
+    kept = filter_candidates(decoder, points, settings)
+    expected = filter_candidates(IgnoringThreshold(decoder), points, settings)
+    assert len(kept) == len(expected) > 0
+    np.testing.assert_array_equal(kept.boxes, expected.boxes)
+    np.testing.assert_array_equal(kept.scores, expected.scores)
+    for mine, theirs in zip(kept.crops, expected.crops):
+        np.testing.assert_array_equal(mine, theirs)

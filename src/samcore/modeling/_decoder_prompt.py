@@ -15,16 +15,28 @@ if TYPE_CHECKING:
     from .fast_decoder import DecoderConstants, ImageContext
 
 
+# The logits of the masks of a prompt that `decode_one` leaves out: an empty mask, finite so that
+# scaling them by interpolation gives no NaN.
+LEFT_OUT = -1e4
+
+
 def decode_one(
-    context: ImageContext, tokens: torch.Tensor, multimask_output: bool
+    context: ImageContext, tokens: torch.Tensor, multimask_output: bool, min_score: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Low-resolution logits (M, 4H, 4W) and predicted IoUs (M,) of (T, C) output and prompt tokens."""
+    """Low-resolution logits (M, 4H, 4W) and predicted IoUs (M,) of (T, C) output and prompt tokens.
+
+    When every predicted IoU is below `min_score`, the masks are left out (their logits are all
+    `LEFT_OUT`): the upscaling is about half the work of a prompt.
+    """
     decoder = context.constants.decoder
     picked = slice(1, None) if multimask_output else slice(0, 1)
     masks = range(decoder.num_mask_tokens)[picked]
     outputs, mixing = _transformer(context, tokens, [0, *(1 + m for m in masks)])
     dense = context.constants.dense
     iou_pred = mlp_head(decoder.iou_prediction_head, outputs[:1], dense)[0, picked]
+    if min_score is not None and bool((iou_pred < min_score).all()):
+        height, width = context.constants.grid
+        return iou_pred.new_full((len(masks), 4 * height, 4 * width), LEFT_OUT), iou_pred
     mlps = decoder.output_hypernetworks_mlps
     hyper_in = torch.cat(
         [mlp_head(mlps[m], outputs[1 + i : 2 + i], dense) for i, m in enumerate(masks)]

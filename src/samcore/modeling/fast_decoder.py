@@ -255,12 +255,16 @@ class ImageContext:
             context.second_queries = updated(SECOND_NAMES[2], self.second_queries)
         return context
 
-    def decode(self, tokens: torch.Tensor, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, tokens: torch.Tensor, multimask_output: bool, min_score: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks and IoU predictions of one prompt.
 
         Args:
             tokens: (T, C) output tokens followed by the prompt's sparse embeddings.
             multimask_output: The 3 multimask outputs instead of the single one.
+            min_score: When every predicted IoU is below it, the masks are not made: their logits
+                are all -1e4 (empty masks).
 
         Returns:
             Low-resolution logits (M, 4H, 4W) and predicted IoUs (M,), M = 3 or 1.
@@ -271,7 +275,7 @@ class ImageContext:
         """
         check_cancel()
         with self.constants.lock:
-            return decode_one(self, tokens, multimask_output)
+            return decode_one(self, tokens, multimask_output, min_score)
 
 
 def decode_masks(
@@ -313,7 +317,10 @@ def decode_masks(
 
 
 def decode_prompts(
-    context: ImageContext, sparse_prompt_embeddings: torch.Tensor, multimask_output: bool
+    context: ImageContext,
+    sparse_prompt_embeddings: torch.Tensor,
+    multimask_output: bool,
+    min_score: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`MaskDecoder.forward` for prompts without a mask input, on the image of `context`.
 
@@ -321,6 +328,8 @@ def decode_prompts(
         context: The image's `ImageContext`, made with the no-mask dense embedding.
         sparse_prompt_embeddings: (B, T', C).
         multimask_output: Return the 3 multimask outputs instead of the single one.
+        min_score: The masks of a prompt whose predicted IoUs are all below it are not made (see
+            `ImageContext.decode`).
 
     Returns:
         Low-resolution mask logits (B, M, 4H, 4W) and predicted IoUs (B, M), M = 3 or 1.
@@ -328,7 +337,7 @@ def decode_prompts(
     decoder = context.constants.decoder
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     results = [
-        context.decode(torch.cat([output_tokens, sparse], dim=0), multimask_output)
+        context.decode(torch.cat([output_tokens, sparse], dim=0), multimask_output, min_score)
         for sparse in sparse_prompt_embeddings
     ]
     return torch.stack([masks for masks, _ in results]), torch.stack([scores for _, scores in results])
