@@ -9,6 +9,7 @@ The same actions are methods (`load`, `segment`, `commit`, `next_candidate`, `un
 from __future__ import annotations
 
 import dataclasses
+import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,7 @@ from magicgui.widgets import (
 )
 from napari.layers import Image, Labels, Points, Shapes
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QEvent, QObject, QTimer
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import QSizePolicy
 
 from ._annotations import Commit, commit_mask, undo_commit
@@ -65,6 +66,23 @@ KEYS = {
     "u": ("undo", "undo the last commit"),
     "Shift-P": ("propagate", "propagate this slice's objects through the stack"),
 }
+
+
+def help_text() -> str:
+    """The widget's help: how to prompt, then the keys in a table (spaces cannot line them up in the
+    dock's proportional font)."""
+    rows = "".join(
+        f"<tr><td align='right'><b>{key.upper() if len(key) == 1 else key}</b>&nbsp;&nbsp;</td>"
+        f"<td>{html.escape(action)}</td></tr>"
+        for key, (_, action) in KEYS.items()
+    )
+    return (
+        "<p>Click in 'SAM points', draw rectangles in 'SAM boxes', or paint roughly over an object in "
+        f"'SAM brush'.</p><table cellspacing='0' cellpadding='0'>{rows}</table>"
+        "<p>In the SAM layers, napari's own S, P, Shift-P and T keep their meaning.</p>"
+    )
+
+
 # napari's own keys for the layer types of the SAM layers (napari.utils.shortcuts): in those layers they
 # keep napari's meaning (S selects points, P paints in the brush layer, T draws paths...), not ours.
 NAPARI_LAYER_KEYS = {
@@ -149,14 +167,8 @@ class SamWidget(Container):
         )
         self._candidate = Label(value="")
         self._status = Label(value="Pick an image and a model, then compute embeddings.")
-        self._help = Label(value="\n".join([
-            "click in 'SAM points', draw rectangles in",
-            "'SAM boxes', or paint roughly over an object",
-            "in 'SAM brush'",
-            *(f"{key.upper():>8}  {action}" for key, (_, action) in KEYS.items()),
-            "(in the SAM layers, napari's own S, P, Shift-P",
-            "and T keep their meaning)",
-        ]))
+        self._help = Label(value=help_text())
+        self._help.native.setTextFormat(Qt.RichText)  # the keys in a column of their own
         for line in (self._candidate, self._status, self._help):  # a long line wraps: the dock stays narrow
             line.native.setWordWrap(True)
             line.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)

@@ -435,3 +435,28 @@ def test_prompts_not_committed_stay_with_their_image_and_come_back_to_it(sam, st
     viewer.layers.remove(nuclei)  # what was kept for a deleted image goes with it
     assert layers.aside_for(nuclei) == 0
     assert not messages["error"]
+
+
+def test_the_help_lines_up_the_keys_and_their_actions_in_two_columns(sam):
+    from qtpy.QtCore import Qt
+    from qtpy.QtGui import QTextDocument
+
+    from napari_sam._widget import KEYS
+
+    _, widget = sam
+    label = widget._help.native
+    assert label.textFormat() == Qt.RichText
+    document = QTextDocument()
+    document.setHtml(label.text())
+    document.setTextWidth(400)
+    layout = document.documentLayout()
+    lefts = {}
+    block = document.begin()
+    while block.isValid():
+        lefts[block.text().replace("\xa0", "").strip()] = layout.blockBoundingRect(block).left()
+        block = block.next()
+    actions = [action for _, action in KEYS.values()]
+    assert set(actions) <= set(lefts)
+    assert len({lefts[action] for action in actions}) == 1  # every action starts at the same x
+    keys = [key.upper() if len(key) == 1 else key for key in KEYS]
+    assert set(keys) <= set(lefts) and all(lefts[key] < lefts[actions[0]] for key in keys)
