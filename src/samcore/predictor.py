@@ -599,7 +599,7 @@ class Predictor:
         `min_score`: for callers that drop every mask scored below it. The masks of a prompt whose
         scores are all lower may then be left out, their logits all -1e4 (empty masks): decoded
         one prompt at a time (`decodes_in_batches` False), in one view and one pass without mask
-        input, such a prompt costs about half as much. The scores are always made.
+        input, such a prompt takes about a third less time. The scores are always made.
 
         Returns:
             low-resolution logits (B, C, 256, 256) and scores (B, C); `upscale_logits` maps kept

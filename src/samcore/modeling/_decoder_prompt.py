@@ -26,7 +26,7 @@ def decode_one(
     """Low-resolution logits (M, 4H, 4W) and predicted IoUs (M,) of (T, C) output and prompt tokens.
 
     When every predicted IoU is below `min_score`, the masks are left out (their logits are all
-    `LEFT_OUT`): the upscaling is about half the work of a prompt.
+    `LEFT_OUT`): the upscaling is about a third of a prompt's time.
     """
     decoder = context.constants.decoder
     picked = slice(1, None) if multimask_output else slice(0, 1)
