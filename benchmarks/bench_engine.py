@@ -49,9 +49,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=40, help="objects used for mask IoU and decode timing")
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "int8"), default=None,
                         help="our variants to time (default: those this CPU has the instructions for)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="of the random weights (the mask IoUs move by a few thousandths between draws)")
     args = parser.parse_args()
 
     image, labels = load_image()
+    torch.manual_seed(args.seed)
     official_model, weights_name = official_vit_b()
     ours_model = build_sam("vit_b").eval()
     ours_model.load_state_dict(official_model.state_dict())
@@ -129,7 +132,8 @@ def official_vit_b() -> tuple[torch.nn.Module, str]:
     if checkpoint:
         return sam_model_registry["vit_b"](checkpoint=checkpoint).eval(), f"official weights ({checkpoint})"
     model = randomize_(sam_model_registry["vit_b"]())
-    return model.eval(), "random weights (every parameter randomised; set SAM_VIT_B_CHECKPOINT for real ones)"
+    return model.eval(), (f"random weights, seed {torch.initial_seed()} (every parameter randomised; set "
+                          "SAM_VIT_B_CHECKPOINT for real ones)")
 
 
 def object_boxes(labels: np.ndarray) -> list[np.ndarray]:
