@@ -76,10 +76,11 @@ def help_text() -> str:
         f"<td>{html.escape(action)}</td></tr>"
         for key, (_, action) in KEYS.items()
     )
+    # Paragraphs without Qt's default margins: the dock does not scroll, and a short window cuts its end.
     return (
-        "<p>Click in 'SAM points', draw rectangles in 'SAM boxes', or paint roughly over an object in "
-        f"'SAM brush'.</p><table cellspacing='0' cellpadding='0'>{rows}</table>"
-        "<p>In the SAM layers, napari's own S, P, Shift-P and T keep their meaning.</p>"
+        "<p style='margin:0'>Click in 'SAM points', draw rectangles in 'SAM boxes', or paint roughly over an "
+        f"object in 'SAM brush'.</p><table cellspacing='0' cellpadding='0'>{rows}</table>"
+        "<p style='margin:4px 0 0 0'>In the SAM layers, napari's own S, P, Shift-P and T keep their meaning.</p>"
     )
 
 
@@ -205,6 +206,7 @@ class SamWidget(Container):
             self._refine, self._zoom, self._fade, *buttons, automatic, thresholds, self._candidate,
             self._status, self._help,
         ])
+        self._candidate.visible = False  # see `_say_candidate`
         self._model.changed.connect(self._on_model_choice)
         self._checkpoint.changed.connect(self._on_checkpoint_choice)
         self._image.changed.connect(self._on_image_change)
@@ -577,7 +579,7 @@ class SamWidget(Container):
         self._session = None
         self._candidates = None
         self._prompt_layers.clear_preview()
-        self._candidate.value = ""
+        self._say_candidate("")
         self._status.value = status
 
     def image_layer(self) -> Image:
@@ -768,7 +770,7 @@ class SamWidget(Container):
         if problem is not None:
             self._candidates = None
             self._prompt_layers.clear_preview()
-            self._candidate.value = ""
+            self._say_candidate("")
             self._status.value = problem[0]  # the advice in full comes with the first prompt there
             self._said_view_problem = True
         elif self._said_view_problem:
@@ -910,7 +912,13 @@ class SamWidget(Container):
             self._candidates = None
         candidates = self._candidates
         self._prompt_layers.show_preview(None if candidates is None else candidates.shown, z)
-        self._candidate.value = "" if candidates is None else candidates.describe(self._zoom_job.running)
+        self._say_candidate("" if candidates is None else candidates.describe(self._zoom_job.running))
+
+    def _say_candidate(self, text: str) -> None:
+        """The candidate line, shown only while it says something: the dock does not scroll, and in a
+        short window an empty line would push the end of the help out of sight."""
+        self._candidate.value = text
+        self._candidate.visible = bool(text)
 
     def next_candidate(self, _=None) -> None:
         """Show the next of the candidate masks of an ambiguous single click."""

@@ -147,13 +147,18 @@ def test_a_scripted_painting_must_match_the_slices(sam):
 def test_next_candidate_cycles_the_three_masks(sam):
     viewer, widget = sam
     viewer.dims.set_current_step(0, 0)
+    line = widget._candidate.native
+    assert line.isHidden()  # no room taken while there is nothing to say
     widget.load(block=True)
     widget._prompt_layers.points.add([0, 50, 50])
+    assert widget._candidate.value.startswith("candidate 1/3") and not line.isHidden()
     seen = set()
     for _ in range(3):
         seen.add(widget._candidates.index)
         widget.next_candidate()
     assert seen == {0, 1, 2}
+    widget.clear()
+    assert widget._candidate.value == "" and line.isHidden()
 
 
 def test_cancel_stops_the_worker_and_keeps_what_was_computed(make_napari_viewer, tiny_checkpoint):
