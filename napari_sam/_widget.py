@@ -80,7 +80,8 @@ def help_text() -> str:
     return (
         "<p style='margin:0'>Click in 'SAM points', draw rectangles in 'SAM boxes', or paint roughly over an "
         f"object in 'SAM brush'.</p><table cellspacing='0' cellpadding='0'>{rows}</table>"
-        "<p style='margin:4px 0 0 0'>In the SAM layers, napari's own S, P, Shift-P and T keep their meaning.</p>"
+        "<p style='margin:4px 0 0 0'>In the SAM layers, napari's own S, P, Shift-P and T keep their "
+        "meaning.</p>"
     )
 
 
