@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from ._decoder_ops import feed_forward, layer_norm, mlp_head, split_heads, split_rows
 from .transformer import Attention
 
+# Block 1's per-image tensors, as `DecoderConstants.mask_maps` names them.
+SECOND_KEYS, SECOND_VALUES, SECOND_QUERIES = "second keys", "second values", "second queries"
+
 if TYPE_CHECKING:
     from .fast_decoder import DecoderConstants, ImageContext
 
@@ -94,13 +97,15 @@ def _tokens_to_context(attn: Attention, q: torch.Tensor, context: ImageContext) 
     heads, tokens = attn.num_heads, len(q)
     workspace, dense = context.constants.workspace, context.constants.dense
     q = split_heads(dense[attn.q_proj](q), heads)  # (h, T, d)
+    q = q * q.shape[-1] ** -0.5
     count = context.keys.shape[-1]
-    logits = torch.bmm(
-        q * q.shape[-1] ** -0.5, context.keys, out=workspace.get("t2i logits", heads, tokens, count)
-    )
-    # (h, T, N)
+    logits = torch.bmm(q, context.keys, out=workspace.get("t2i logits", heads, tokens, count))  # (h, T, N)
+    if context.mask_factors is not None:
+        _add_mask_change(context, "keys", q, logits.view(heads * tokens, count))
     weights = torch.softmax(logits, dim=-1, out=workspace.get("t2i weights", heads, tokens, count))
     pooled = torch.bmm(weights, context.values)  # (h, T, d), value bias included
+    if context.mask_factors is not None:
+        pooled += _mask_change_pooled(context, "values", weights)
     return dense[attn.out_proj](pooled.transpose(0, 1).reshape(tokens, -1))
 
 
@@ -115,12 +120,15 @@ def _tokens_to_first_output(
     q = q * q.shape[-1] ** -0.5
     logits = workspace.get("t2i logits", heads * tokens, len(rstd))
     # q.(W_k b_0) is one constant per token and head: it cancels in the softmax.
-    _second_block_logits(q, context.second_keys, constants.second_projections[0], mixing, logits)
+    projection = constants.second_projections[0]
+    _second_block_logits(context, SECOND_KEYS, q, context.second_keys, projection, mixing, logits)
     logits.view(heads, tokens, -1).baddbmm_(q, constants.key_pos[1])  # positional part
     weights = torch.softmax(logits, dim=-1, out=workspace.get("t2i weights", heads * tokens, len(rstd)))
     # sum_n w_n (keys_0 W_v^T)_n = sum_n (w_n r_n)(S + A_0 U)_n + b_0 W_v^T, as the weights sum to one.
     weights = weights.mul_(rstd)
     pooled = torch.bmm(weights.view(heads, tokens, -1), context.second_values)  # (h, T, d)
+    if context.mask_factors is not None:
+        pooled += _mask_change_pooled(context, SECOND_VALUES, weights.view(heads, tokens, -1))
     mixed = (weights @ first_weights.T).view(heads, tokens, -1)  # (h, T, h T0)
     update = _centred_rows(mixing.values[0]) @ constants.second_projections[1]  # U, (h T0, h d)
     pooled += torch.bmm(mixed, update.view(len(update), heads, -1).transpose(0, 1))
@@ -129,19 +137,44 @@ def _tokens_to_first_output(
 
 
 def _second_block_logits(
-    q: torch.Tensor, projected: torch.Tensor, projection: torch.Tensor, mixing: Mixing, out: torch.Tensor
+    context: ImageContext,
+    name: str,
+    q: torch.Tensor,
+    projected: torch.Tensor,
+    projection: torch.Tensor,
+    mixing: Mixing,
+    out: torch.Tensor,
 ) -> torch.Tensor:
     """(h T, N) products of (h, T, d) queries with block 0's output keys_0 projected by `projection`.
 
     keys_0 W^T = r_0 (S + A_0 U) + b_0 W^T (see `DecoderConstants._prepare_second_block`); the
-    constant b_0 W^T part is left to the caller. `projected` is S as (h, d, N).
+    constant b_0 W^T part is left to the caller. `projected` is S as (h, d, N), the context's
+    tensor `name`.
     """
     heads, tokens, width = q.shape
     update = _centred_rows(mixing.values[0]) @ projection  # U, (h T0, h d)
     per_row = torch.bmm(q, update.view(len(update), heads, width).permute(1, 2, 0))  # (h, T, h T0)
     torch.mm(per_row.view(heads * tokens, -1), mixing.weights[0], out=out)  # A_0 U part, (h T, N)
     out.view(heads, tokens, -1).baddbmm_(q, projected)  # S part
+    if context.mask_factors is not None:
+        _add_mask_change(context, name, q, out)
     return out.mul_(mixing.rstds[0])
+
+
+def _add_mask_change(context: ImageContext, name: str, q: torch.Tensor, out: torch.Tensor) -> None:
+    """Adds to (h T, N) `out` the products of (h, T, d) `q` with the change a mask input makes to
+    the context's (h, d, N) tensor `name`: M [h; 1], taken as (q M) [h; 1] (`ImageContext.with_mask`)."""
+    heads, tokens, _ = q.shape
+    per_factor = torch.bmm(q, context.constants.mask_maps[name])  # (h, T, 17)
+    out.addmm_(per_factor.view(heads * tokens, -1), context.mask_factors)
+
+
+def _mask_change_pooled(context: ImageContext, name: str, weights: torch.Tensor) -> torch.Tensor:
+    """(h, T, d): (h, T, N) attention `weights` applied to the change a mask input makes to the
+    context's values `name` (h, N, d), taken as (weights [h; 1]^T) M^T."""
+    heads, tokens, count = weights.shape
+    pooled = torch.mm(weights.reshape(heads * tokens, count), context.mask_factors.T)  # (h T, 17)
+    return torch.bmm(pooled.view(heads, tokens, -1), context.constants.mask_maps[name].transpose(1, 2))
 
 
 def _centred_rows(x: torch.Tensor) -> torch.Tensor:
@@ -190,8 +223,12 @@ def _image_to_tokens(
     logits = workspace.get("i2t logits", heads, tokens, len(constants.pos))
     if index == 0:
         torch.bmm(k, context.queries, out=logits)  # (h, T, N), query bias included
+        if context.mask_factors is not None:
+            _add_mask_change(context, "queries", k, logits.view(heads * tokens, -1))
     elif index == 1:  # block 0's output in low-rank form; b_0 W_q^T is in the positional part
         _second_block_logits(
+            context,
+            SECOND_QUERIES,
             k,
             context.second_queries,
             constants.second_projections[2],
@@ -211,6 +248,8 @@ def _image_to_tokens(
         keys = torch.addmm(
             context.image_tokens, weights.T, values, out=workspace.get("residual", *constants.pos.shape)
         )
+        if context.mask_factors is not None:  # the tokens' change, D = change [h; 1]
+            keys.addmm_(context.mask_factors.T, constants.mask_maps["tokens"])
     else:
         keys.addmm_(weights.T, values)  # the previous keys are not needed any more
     keys, mean, rstd = torch.native_layer_norm(keys, (keys.shape[-1],), norm.weight, norm.bias, norm.eps)
@@ -234,6 +273,8 @@ def _upscale_and_project(context: ImageContext, mixing: Mixing, hyper_in: torch.
     left, right, scale = _upscaling_input(context, mixing)
     x = torch.mul(context.projected, scale[:, None], out=workspace.get("conv1", *context.projected.shape))
     x.addmm_(left.T, right)  # conv1 of the final image tokens, (N, 4 * C1) ordered (dy, dx, c)
+    if context.mask_factors is not None:  # P's change by a mask input, scaled as P
+        x.addmm_((context.mask_factors * scale).T, constants.mask_maps["projected"])
     x = F.layer_norm(x.view(-1, norm.weight.shape[0]), norm.weight.shape, norm.weight, norm.bias, norm.eps)
     x = torch._C._nn.gelu_(x)  # (4 N, C1)
     bias = constants.conv2_bias  # added by the product: 2% of a prompt's time less than a pass of its own

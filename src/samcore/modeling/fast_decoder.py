@@ -14,7 +14,8 @@ The rewrites are exact in exact arithmetic (results differ by float rounding onl
   projections of the image tokens are made once per image (`ImageContext`). A mask input adds
   W h + b - d0 to those tokens, with h the 16 channels of the mask downscaling's last hidden layer
   (its last layer is a 1x1 convolution W, b) and d0 the no-mask embedding: a change of rank 17 in
-  the channels, so each projection of the image context gets a thin update (`with_mask`).
+  the channels, so each product of a prompt that reads a projection of the image context adds
+  that change in low-rank form, and nothing image-sized is made for the mask (`with_mask`).
 * The final attention only feeds the IoU token and the mask tokens that are returned, and tokens
   attend to the image independently, so it runs for those tokens alone.
 * The first transposed convolution of the upscaling is linear, and the image tokens it sees are the
@@ -33,6 +34,7 @@ for so few rows that is about twice as fast as `F.linear` on the stored (out, in
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import torch
@@ -40,14 +42,14 @@ from torch import nn
 
 from ..cancel import check as check_cancel
 from ._decoder_ops import Dense, SelfAttention, Workspace, as_matrix, out_heads, project_t
-from ._decoder_prompt import decode_one
+from ._decoder_prompt import SECOND_KEYS, SECOND_QUERIES, SECOND_VALUES, decode_one
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .transformer import TwoWayAttentionBlock
 
 # The second block's per-image projections (keys and values of token-to-image attention, queries
 # of image-to-token attention), in the order of `DecoderConstants.second_projections`.
-SECOND_NAMES = ("second keys", "second values", "second queries")
+SECOND_NAMES = (SECOND_KEYS, SECOND_VALUES, SECOND_QUERIES)
 
 
 class DecoderConstants:
@@ -93,8 +95,6 @@ class DecoderConstants:
         # For the contexts its owner keeps at a time (see `ImageContext`); never the per-prompt one.
         self._context_spaces: list[Workspace] = []
         self.lock = threading.Lock()  # the workspace serves one prompt at a time
-        self.mask_space = Workspace(pos.device, pos.dtype)  # the context of one mask input at a time
-        self.mask_lock = threading.Lock()
 
     def _prepare_second_block(self) -> None:
         # Block 1 projects block 0's output keys_0 = r_0 (Y_0 - mu_0) g_0 + b_0 with a weight W as
@@ -137,18 +137,21 @@ class DecoderConstants:
         offset = last.bias - prompt_encoder.no_mask_embed.weight[0]
         change = torch.cat([last.weight.flatten(1), offset[:, None]], dim=1)  # (C, 17)
         centred = change - change.mean(0)
+        # The projections' maps are (h, d, 17), one per head; the tokens' (17, C), P's (17, 4 C1).
         first = self.layers[0]
         t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        heads = t2i.num_heads
         self.mask_maps = {
-            "keys": t2i.k_proj.weight @ change,
-            "queries": i2t.q_proj.weight @ change,
-            "values": t2i.v_proj.weight @ change,
+            "keys": (t2i.k_proj.weight @ change).view(heads, -1, change.shape[1]),
+            "queries": (i2t.q_proj.weight @ change).view(i2t.num_heads, -1, change.shape[1]),
+            "values": (t2i.v_proj.weight @ change).view(heads, -1, change.shape[1]),
             "tokens": change.T.contiguous(),
             "projected": centred.T @ self.chain[0],
         }
         if len(self.layers) > 1:
+            second_heads = self.layers[1].cross_attn_token_to_image.num_heads
             for name, projection in zip(SECOND_NAMES, self.second_projections):
-                self.mask_maps[name] = projection.T @ centred
+                self.mask_maps[name] = (projection.T @ centred).view(second_heads, -1, change.shape[1])
 
     def context_space(self, index: int = 0) -> Workspace:
         """The workspace of the `index`-th image context an owner keeps (one per view of an image)."""
@@ -213,46 +216,26 @@ class ImageContext:
             )
             self.second_keys, self.second_queries = keys, queries  # (h, d, N)
             self.second_values = values.transpose(1, 2)  # (h, N, d)
+        self.mask_factors: torch.Tensor | None = None  # [h; 1] of a mask input (`with_mask`)
 
-    def with_mask(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> ImageContext:
+    def with_mask(self, hidden: torch.Tensor) -> ImageContext:
         """The context of this image with a mask input, from this (no-mask) context.
+
+        The mask input changes every per-image tensor by a product of rank 17, M @ [h; 1] (see
+        `DecoderConstants._prepare_mask_inputs`). Those changes are not made here: the new context
+        shares this one's tensors and holds the factors [h; 1], and each product of a prompt that
+        reads a tensor adds its change in that low-rank form (`_decoder_prompt`). Made whole, they
+        were 5 million floats written once and read once, a quarter of such a prompt's time.
 
         Args:
             hidden: (16, N) the mask downscaling's last hidden layer (`DecoderConstants.mask_hidden`,
                 made with a prompt encoder) for the mask input.
-            workspace: Where the new context's tensors live; by default, new tensors.
 
         Returns:
             A context for prompts with that mask input; this one is left as it was.
         """
-        constants = self.constants
-        maps = constants.mask_maps
-        space = workspace if workspace is not None else Workspace(hidden.device, hidden.dtype)
-        factors = torch.cat([hidden, hidden.new_ones(1, hidden.shape[1])])  # [h; 1], (17, N)
-
-        def updated(name: str, base: torch.Tensor) -> torch.Tensor:
-            heads, width, count = base.shape  # (h, d, N)
-            flat = base.reshape(heads * width, count)
-            out = space.get(name, heads * width, count)
-            return torch.addmm(flat, maps[name], factors, out=out).view(heads, width, count)
-
-        context = ImageContext.__new__(ImageContext)
-        context.constants = constants
-        context.keys = updated("keys", self.keys)
-        context.queries = updated("queries", self.queries)
-        context.values = updated("values", self.values.transpose(1, 2)).transpose(1, 2)
-        tokens, projected = self.image_tokens, self.projected
-        context.image_tokens = torch.addmm(
-            tokens, factors.T, maps["tokens"], out=space.get("tokens", *tokens.shape)
-        )
-        context.projected = torch.addmm(
-            projected, factors.T, maps["projected"], out=space.get("projected", *projected.shape)
-        )
-        if len(constants.layers) > 1:
-            context.second_keys = updated(SECOND_NAMES[0], self.second_keys)
-            values = updated(SECOND_NAMES[1], self.second_values.transpose(1, 2))
-            context.second_values = values.transpose(1, 2)
-            context.second_queries = updated(SECOND_NAMES[2], self.second_queries)
+        context = copy.copy(self)
+        context.mask_factors = torch.cat([hidden, hidden.new_ones(1, hidden.shape[1])])  # [h; 1], (17, N)
         return context
 
     def decode(
@@ -368,10 +351,9 @@ def decode_with_masks(
     decoder = constants.decoder
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     masks, scores = [], []
-    with constants.mask_lock:  # one mask context in the workspace at a time
-        for sparse, features in zip(sparse_prompt_embeddings, hidden):
-            mask_context = context.with_mask(features, constants.mask_space)
-            mask, score = mask_context.decode(torch.cat([output_tokens, sparse], dim=0), multimask_output)
-            masks.append(mask)
-            scores.append(score)
+    for sparse, features in zip(sparse_prompt_embeddings, hidden):
+        mask_context = context.with_mask(features)
+        mask, score = mask_context.decode(torch.cat([output_tokens, sparse], dim=0), multimask_output)
+        masks.append(mask)
+        scores.append(score)
     return torch.stack(masks), torch.stack(scores)
