@@ -649,9 +649,7 @@ class Predictor:
         sparse, dense = self.model.prompt_encoder(points, boxes, None)
         if mask_input is not None and points is None and boxes is None:  # one sparse row (no prompt) per mask
             sparse = sparse.expand(len(mask_input), -1, -1)
-        if min_score is not None and isinstance(source, ImageContext) and not refine and mask_input is None:
-            return decode_prompts(source, sparse, multimask_output, min_score)
-        low_res, scores = self._decode_once(source, sparse, dense, mask_input, multimask_output)
+        low_res, scores = self._decode_once(source, sparse, dense, mask_input, multimask_output, min_score)
         if not refine:
             return low_res, scores
         # Each candidate again, with its own logits and the same prompts: the single-mask output.
@@ -667,13 +665,15 @@ class Predictor:
         dense: torch.Tensor,
         mask_input: torch.Tensor | None,
         multimask_output: bool,
+        min_score: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoder pass over (N, T, C) sparse prompts, with (N, 1, h, w) mask inputs or none (then
-        `dense`, the prompt encoder's no-mask embedding); `source` as in `_decode`."""
+        `dense`, the prompt encoder's no-mask embedding); `source` as in `_decode`. `min_score`: see
+        `predict_low_res` (taken by the rewrite without mask inputs)."""
         if isinstance(source, ImageContext):
             # The dense embedding of a mask input is made by `decode_with_masks`, in low-rank form.
             if mask_input is None:
-                return decode_prompts(source, sparse, multimask_output)
+                return decode_prompts(source, sparse, multimask_output, min_score)
             return decode_with_masks(source, sparse, mask_input, multimask_output)
         prompt_encoder = self.model.prompt_encoder
         if mask_input is not None:
