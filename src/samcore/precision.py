@@ -74,7 +74,7 @@ def _cpu_speedup(
         rows, inner, columns = shape
         a = torch.randn(rows, inner, generator=generator)
         b = torch.randn(inner, columns, generator=generator)
-        return _best(torch.mm, a, b, fp32_repeats) / _best(product, convert(a), convert(b), repeats)
+        return best_time(torch.mm, a, b, fp32_repeats) / best_time(product, convert(a), convert(b), repeats)
 
     with torch.inference_mode():
         # The fp32 probe takes under a millisecond: a busy machine can stall every one of a few
@@ -85,7 +85,7 @@ def _cpu_speedup(
         return ratio(ENCODER_PRODUCT, 5, 5)
 
 
-def _best(
+def best_time(
     product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     a: torch.Tensor,
     b: torch.Tensor,

@@ -152,7 +152,7 @@ def test_the_cpu_speed_probe_skips_the_large_product_where_bf16_is_emulated(
         timed_rows.append(len(a))
         return len(a) * (bf16_slowdown if a.dtype == torch.bfloat16 else 1.0)
 
-    monkeypatch.setattr(precision, "_best", timing)
+    monkeypatch.setattr(precision, "best_time", timing)
     precision.cpu_bf16_speedup.cache_clear()
     try:
         speedup = precision.cpu_bf16_speedup()

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..cancel import check as check_cancel
 from .common import MLPBlock, encoder_neck
+from .linear import Linear
 
 
 class ImageEncoderViT(nn.Module):
@@ -125,8 +126,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=True)
+        self.proj = Linear(dim, dim)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * size - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * size - 1, head_dim))
 

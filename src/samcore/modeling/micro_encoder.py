@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLPBlock, encoder_neck
+from .linear import Linear
 
 STRIDES = (8, 16)  # token strides the stem can produce
 
@@ -202,8 +203,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape

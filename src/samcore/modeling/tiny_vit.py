@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import encoder_neck
+from .linear import Linear, linear_gelu
 
 
 class ConvBN(nn.Sequential):
@@ -104,12 +105,12 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+        return self.fc2(linear_gelu(self.fc1, self.norm(x), self.act.approximate))
 
 
 class Attention(nn.Module):
@@ -127,8 +128,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window_size * window_size))
         # Offset (|dy|, |dx|) of two positions is stored at column |dy| * window_size + |dx|.
         coords = torch.arange(window_size)

@@ -1,0 +1,67 @@
+"""The encoders' linear layers give `nn.Linear`'s results whichever kernels run them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samcore.modeling import linear
+from samcore.modeling.linear import Linear, linear_gelu, through_onednn
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """oneDNN's path taken whether or not it is the faster one on this machine."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    monkeypatch.setattr(linear, "onednn_is_faster", lambda: True)
+
+
+def layer_and_input(rows=37, inner=48, columns=80):
+    generator = torch.Generator().manual_seed(0)
+    layer = Linear(inner, columns)
+    x = torch.randn(2, rows, inner, generator=generator)
+    return layer, x
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_inference_through_onednn_matches_torch(onednn, approximate):
+    layer, x = layer_and_input()
+    with torch.inference_mode():
+        assert through_onednn(x, layer.weight)
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5)
+        expected = F.gelu(F.linear(x, layer.weight, layer.bias), approximate=approximate)
+        fused = linear_gelu(layer, x, approximate)
+    assert fused.shape == (2, 37, 80)
+    assert torch.allclose(fused, expected, atol=1e-5)
+
+
+def test_autograd_autocast_and_a_disabled_onednn_take_torchs_own_path(monkeypatch):
+    layer, x = layer_and_input()
+    x.requires_grad_(True)
+    assert not through_onednn(x, layer.weight)
+    linear_gelu(layer, x).sum().backward()  # gradients flow to the input and the weights
+    assert x.grad is not None and layer.weight.grad is not None
+    with torch.inference_mode():
+        plain = x.detach()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not through_onednn(plain, layer.weight)
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+        assert not through_onednn(plain, layer.weight)
+        assert torch.equal(layer(plain), F.linear(plain, layer.weight, layer.bias))
+
+
+def test_onednn_is_not_used_where_its_product_disagrees(monkeypatch):
+    def wrong(x, weight, bias, *args):
+        return torch.zeros(len(x), len(weight))
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", wrong, raising=False)
+    assert not linear.onednn_is_faster.__wrapped__()
+
+
+def test_without_onednn_the_layers_fall_back_to_torch(monkeypatch):
+    monkeypatch.setattr(linear, "onednn_is_faster", lambda: False)
+    layer, x = layer_and_input()
+    with torch.inference_mode():
+        assert not through_onednn(x, layer.weight)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert torch.equal(linear_gelu(layer, x), F.gelu(F.linear(x, layer.weight, layer.bias)))
