@@ -7,7 +7,7 @@ from conftest import randomize_
 
 from samcore import ImageEmbedding, Predictor, build_sam
 from samcore.logits import upscale_logits
-from samcore.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from samcore.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer, linear
 from samcore.modeling.fast_decoder import (
     DecoderConstants,
     ImageContext,
@@ -108,6 +108,20 @@ def test_image_context_serves_prompts_without_mask_input(parts):
             for multimask in (False, True):
                 reference = decoder(image, image_pe, sparse, dense, multimask)
                 assert_matches_reference(decode_prompts(context, sparse, multimask), reference)
+
+
+def test_upscaling_without_onednn_matches_the_reference_decoder(parts, monkeypatch):
+    # Where oneDNN is not faster (or not there), the upscaling's product and GELU take two passes.
+    monkeypatch.setattr(linear, "onednn_is_faster", lambda: False)
+    prompt_encoder, decoder = parts
+    image, image_pe = embedding(5), prompt_encoder.get_dense_pe()
+    with torch.inference_mode():
+        constants = DecoderConstants(decoder, image_pe)
+        context = ImageContext(constants, image[0].flatten(1) + prompt_encoder.no_mask_embed.weight.T)
+        prompt = prompts(1, seed=6)["box"]
+        sparse, dense = prompt_encoder(prompt["points"], prompt["boxes"], None)
+        reference = decoder(image, image_pe, sparse, dense, True)
+        assert_matches_reference(decode_prompts(context, sparse, True), reference)
 
 
 @pytest.mark.parametrize("offset", [0.0, 30.0])

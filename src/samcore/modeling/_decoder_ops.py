@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, MLPBlock
+from .linear import onednn_linear, through_onednn
 from .transformer import Attention
 
 
@@ -50,10 +51,30 @@ class SelfAttention:
         return self.out(out.transpose(0, 1).reshape(len(qk), -1))
 
 
+class LinearGelu:
+    """GELU(x W^T + b) for (R, in) rows: through oneDNN's product with the GELU fused in where the
+    encoders' `Linear` takes that path (`samcore.modeling.linear`), else a product and a GELU in place."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        self.weight = weight.contiguous()  # (out, in)
+        self.weight_t = weight.T.contiguous()
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """(R, in) -> (R, out); `out` is the buffer of the product and GELU in place."""
+        if through_onednn(x, self.weight):
+            return onednn_linear(x, self.weight, self.bias, "gelu", "none")
+        return torch._C._nn.gelu_(torch.addmm(self.bias, x, self.weight_t, out=out))
+
+
 def feed_forward(mlp: MLPBlock, x: torch.Tensor, dense: dict[nn.Module, Dense]) -> torch.Tensor:
+    rows = len(x)
+    if rows % 8 == 7:  # the 7 tokens of a box or a click: MKL multiplies 8 rows by the 2048-wide
+        # matrices about a fifth faster than 7 (0.39 against 0.50 ms a block on a 2-core Zen 4)
+        x = torch.cat([x, x.new_zeros(1, x.shape[1])])
     hidden = dense[mlp.lin1](x)
     hidden = hidden.relu_() if isinstance(mlp.act, nn.ReLU) else mlp.act(hidden)
-    return dense[mlp.lin2](hidden)
+    return dense[mlp.lin2](hidden)[:rows]
 
 
 def mlp_head(mlp: MLP, x: torch.Tensor, dense: dict[nn.Module, Dense]) -> torch.Tensor:

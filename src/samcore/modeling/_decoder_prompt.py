@@ -277,9 +277,7 @@ def _upscale_and_project(context: ImageContext, mixing: Mixing, hyper_in: torch.
         x.addmm_((context.mask_factors * scale).T, constants.mask_maps["projected"])
     x = F.layer_norm(x.view(-1, norm.weight.shape[0]), norm.weight.shape, norm.weight, norm.bias, norm.eps)
     x = torch._C._nn.gelu_(x)  # (4 N, C1)
-    bias = constants.conv2_bias  # added by the product: 2% of a prompt's time less than a pass of its own
-    y = torch.addmm(bias, x, constants.conv2_matrix_t, out=workspace.get("conv2", len(x), len(bias)))
-    y = torch._C._nn.gelu_(y)  # (4 N, 4 * C2)
+    y = constants.conv2(x, workspace.get("conv2", len(x), len(constants.conv2.bias)))  # (4 N, 4 * C2)
     masks = torch.mm(
         y.view(-1, hyper_in.shape[1]), hyper_in.T, out=workspace.get("masks", len(y) * 4, len(hyper_in))
     )
