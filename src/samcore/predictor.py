@@ -20,6 +20,7 @@ from .crop_decoder import BACKGROUND_LOGIT, CropDecoder, pasted_on_background
 from .logits import crop_to_low_res, mask_logits, to_low_res, upscale_logits
 from .modeling import Sam
 from .modeling.fast_decoder import DecoderConstants, ImageContext, decode_prompts, decode_with_masks
+from .modeling.versions import tensor_versions
 from .precision import autocast, resolve_precision
 from .preprocess import resize_uint8, to_rgb_uint8
 from .prompt_checks import check_box, check_mask_input, check_points
@@ -746,14 +747,15 @@ class Predictor:
         prompt_encoder, decoder = self.model.prompt_encoder, self.model.mask_decoder
         if self._decoder_tensors is None:  # listing them walks the modules: slower than checking them
             self._decoder_tensors = [*prompt_encoder.parameters(), *prompt_encoder.buffers(), *decoder.parameters()]
-        weights = _versions(self._decoder_tensors)
+        weights = tensor_versions(self._decoder_tensors)
         if self._constants is None or self._constants[0] != weights:
             constants = DecoderConstants(decoder, prompt_encoder.get_dense_pe(), prompt_encoder)
             self._constants = (weights, constants)
             self._context = None
         constants = self._constants[1]
         features = embedding.features
-        if self._context is None or self._context[0] is not features or self._context[1] != _versions([features]):
+        current = self._context
+        if current is None or current[0] is not features or current[1] != tensor_versions([features]):
             self._context = None  # its buffers are about to be reused
             no_mask = prompt_encoder.no_mask_embed.weight.T  # the no-mask dense prompt
             contexts = [
@@ -761,7 +763,7 @@ class Predictor:
                 for index, view in enumerate(features)
             ]
             # Holding `features` keeps its storage from being reused by another embedding.
-            self._context = (features, _versions([features]), contexts)
+            self._context = (features, tensor_versions([features]), contexts)
         return constants, self._context[2]
 
     def _current(self) -> ImageEmbedding:
@@ -800,11 +802,3 @@ def _rgb(image: np.ndarray, image_format: str, channel_axis: int | None) -> np.n
     rgb = to_rgb_uint8(np.asarray(image), channel_axis=channel_axis)
     return np.ascontiguousarray(rgb[..., ::-1]) if image_format == "BGR" else rgb
 
-
-def _versions(tensors: list[torch.Tensor]) -> tuple[tuple[int, int], ...]:
-    """Where each tensor's data lives and how often it was modified in place.
-
-    Inference tensors (made under `torch.inference_mode`) keep no modification count: only their
-    location is compared.
-    """
-    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)

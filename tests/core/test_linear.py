@@ -1,5 +1,8 @@
 """The encoders' linear layers give `nn.Linear`'s results whichever kernels run them."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,3 +68,35 @@ def test_without_onednn_the_layers_fall_back_to_torch(monkeypatch):
         assert not through_onednn(x, layer.weight)
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
         assert torch.equal(linear_gelu(layer, x), F.gelu(F.linear(x, layer.weight, layer.bias)))
+
+
+def test_bf16_autocast_gives_autocasts_product_and_follows_weight_changes():
+    if not linear.bf16_packing_works():
+        pytest.skip("this PyTorch has no oneDNN bf16 products")
+    layer, x = layer_and_input()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear.bf16_through_onednn(x, layer.weight)
+        product = layer(x)
+        assert product.dtype == torch.bfloat16
+        assert torch.equal(product, F.linear(x, layer.weight, layer.bias))
+        activated = linear_gelu(layer, x)
+        assert activated.dtype == torch.bfloat16
+        assert torch.allclose(activated.float(), F.gelu(product.float()), atol=0.05)
+    layer.load_state_dict({"weight": -layer.weight.detach(), "bias": layer.bias.detach()})  # in place
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    # The packed weight is oneDNN's opaque tensor: copies and pickles (a Dask worker's model) leave it out.
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(copied(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_layers_made_in_inference_mode_run_in_bf16():
+    # Their weights are inference tensors, which keep no count of in-place changes.
+    if not linear.bf16_packing_works():
+        pytest.skip("this PyTorch has no oneDNN bf16 products")
+    with torch.inference_mode():
+        layer, x = layer_and_input()
+        assert layer.weight.is_inference()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))

@@ -1,15 +1,22 @@
-"""Linear layers whose float32 inference on a CPU runs through oneDNN's kernels where those are faster.
+"""Linear layers whose inference on a CPU runs through oneDNN's kernels, with their weights made ready once.
 
-PyTorch multiplies a float32 `nn.Linear` on the CPU with MKL. It also ships oneDNN, whose kernels it
-uses for bf16, and whose fused linear can apply a GELU as it writes the product. On a 2-core AMD
-EPYC (Zen 4), oneDNN ran the four linear layers of a ViT-B block 10 to 20% faster than MKL, and a
-whole fp32 ViT-B embedding 10% faster (paired runs); other CPUs may differ, so the two are timed once
-per process on an encoder-sized product (`onednn_is_faster`) and oneDNN is used only where it is
-clearly faster and gives the same product.
+float32: PyTorch multiplies a float32 `nn.Linear` on the CPU with MKL. It also ships oneDNN, whose
+fused linear can apply a GELU as it writes the product. On a 2-core AMD EPYC (Zen 4), oneDNN ran the
+four linear layers of a ViT-B block 10 to 20% faster than MKL, and a whole fp32 ViT-B embedding 13%
+faster (paired runs); other CPUs may differ, so the two are timed once per process on an
+encoder-sized product (`onednn_is_faster`) and oneDNN is used only where it is clearly faster and
+gives the same product.
 
-Only inference takes this path: with autograd recording, under autocast, off the CPU or in another
-dtype, `Linear` is `nn.Linear`. `torch.backends.mkldnn.enabled = False` turns it off. The layers are
-`nn.Linear` subclasses with the same parameters, so checkpoints load into them unchanged.
+bf16 (under CPU autocast, as `Predictor(precision="bf16")` runs the encoder): autocast converts every
+weight to bf16 again for each image, and oneDNN reorders it into its own layout for each product.
+Here each layer keeps its weight converted and reordered (`packed_bf16`), made again if the weight
+changes; the product is the one autocast gives, bit for bit. That holds a bf16 copy of the encoder's
+linear weights for as long as the model lives (170 MB for ViT-B, 1.2 GB for ViT-H), as autocast
+itself does while an image is embedded.
+
+Only inference takes these paths: with autograd recording, off the CPU or in other dtypes, `Linear`
+is `nn.Linear`. `torch.backends.mkldnn.enabled = False` turns them off. The layers are `nn.Linear`
+subclasses with the same parameters, so checkpoints load into them unchanged.
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..precision import best_time
+from .versions import tensor_versions
 
 MIN_SPEEDUP = 1.05  # oneDNN must beat MKL by this much on the probe product
 PROBE = (512, 768, 3072)  # rows, inner, columns: ViT-B's first MLP layer on 512 tokens
+PACKED_ROWS = 4096  # the rows oneDNN's bf16 weight layout is chosen for: a 64 x 64 token grid
 _ALGORITHMS = {"none", "tanh"}  # nn.GELU's approximations, as oneDNN's fused GELU names them
 
 
@@ -33,7 +42,14 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if through_onednn(x, self.weight):
             return onednn_linear(x, self.weight, self.bias, "none", "")
+        if bf16_through_onednn(x, self.weight):
+            return onednn_linear(x.to(torch.bfloat16), *packed_bf16(self), "none", "")
         return F.linear(x, self.weight, self.bias)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_packed_bf16", None)  # oneDNN's opaque tensors neither copy nor pickle; remade on use
+        return state
 
 
 def linear_gelu(layer: nn.Linear, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -47,8 +63,11 @@ def linear_gelu(layer: nn.Linear, x: torch.Tensor, approximate: str = "none") ->
     Returns:
         (..., out) activations.
     """
-    if approximate in _ALGORITHMS and isinstance(layer, Linear) and through_onednn(x, layer.weight):
-        return onednn_linear(x, layer.weight, layer.bias, "gelu", approximate)
+    if approximate in _ALGORITHMS and isinstance(layer, Linear):
+        if through_onednn(x, layer.weight):
+            return onednn_linear(x, layer.weight, layer.bias, "gelu", approximate)
+        if bf16_through_onednn(x, layer.weight):
+            return onednn_linear(x.to(torch.bfloat16), *packed_bf16(layer), "gelu", approximate)
     hidden = layer(x)
     if hidden.requires_grad:
         return F.gelu(hidden, approximate=approximate)
@@ -71,6 +90,36 @@ def through_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and torch.backends.mkldnn.enabled
         and onednn_is_faster()
     )
+
+
+def bf16_through_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a product of `x` with float32 `weight` goes through oneDNN with a packed bf16 weight:
+    inference under the CPU's bf16 autocast."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype == torch.float32
+        and x.numel() > 0
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and torch.backends.mkldnn.enabled
+        and bf16_packing_works()
+    )
+
+
+def packed_bf16(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's weight in bf16, reordered for oneDNN, and its bias in bf16: made once, and again
+    whenever the weight or bias is replaced or (outside inference mode) changed in place."""
+    tensors = [layer.weight] if layer.bias is None else [layer.weight, layer.bias]
+    key = tensor_versions(tensors)
+    cached = layer.__dict__.get("_packed_bf16")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.to(torch.bfloat16), PACKED_ROWS)
+            cached = (key, packed, None if layer.bias is None else layer.bias.to(torch.bfloat16))
+        layer.__dict__["_packed_bf16"] = cached
+    return cached[1], cached[2]
 
 
 def onednn_linear(
@@ -112,3 +161,24 @@ def onednn_is_faster() -> bool:
         mkl = best_time(lambda a, b: F.linear(a, b, bias), x, weight, 3)
         onednn = best_time(lambda a, b: onednn_linear(a, b, bias, "none", ""), x, weight, 3)
     return mkl >= MIN_SPEEDUP * onednn
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_packing_works() -> bool:
+    """Whether oneDNN's bf16 product with a packed weight runs here and gives autocast's product."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode(False):  # a probe layer made under inference mode would be odd to cache
+        layer = nn.utils.skip_init(Linear, 64, 48)  # no draw from the global random generator
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(48, 64, generator=generator) / 8)
+            layer.bias.copy_(torch.randn(48, generator=generator))
+    x = torch.randn(40, 64, generator=generator)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.linear(x, layer.weight, layer.bias).float()
+        try:
+            product = onednn_linear(x.to(torch.bfloat16), *packed_bf16(layer), "none", "").float()
+        except (AttributeError, RuntimeError):  # a build without oneDNN's packed bf16 weights
+            return False
+    return torch.allclose(product, expected, rtol=2e-2, atol=2e-2)
