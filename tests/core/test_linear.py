@@ -1,4 +1,4 @@
-"""The encoders' linear layers give `nn.Linear`'s results whichever kernels run them."""
+"""The encoders' linear layers and global attention give PyTorch's results whichever kernels run them."""
 
 import copy
 import pickle
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from samcore.modeling import linear
+from samcore.modeling.image_encoder import chunked_attention, relative_position_bias
 from samcore.modeling.linear import Linear, linear_gelu, through_onednn
 
 
@@ -100,3 +101,21 @@ def test_layers_made_in_inference_mode_run_in_bf16():
         assert layer.weight.is_inference()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("through", [False, True])
+def test_global_attention_gives_the_fused_attentions_result_either_way(monkeypatch, through):
+    # q, k and v as the encoder makes them: strided views of one (3, B, heads, N, d) tensor.
+    if through and not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    monkeypatch.setattr(linear, "onednn_is_faster", lambda: through)
+    size, heads, width = (24, 20), 3, 8
+    generator = torch.Generator().manual_seed(1)
+    qkv = torch.randn(1, size[0] * size[1], 3, heads, width, generator=generator).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    rel_h, rel_w = (torch.randn(2 * side - 1, width, generator=generator) for side in size)
+    with torch.inference_mode():
+        assert through_onednn(q, k) == through
+        chunked = chunked_attention(q, k, v, rel_h, rel_w, size)
+        whole = F.scaled_dot_product_attention(q, k, v, attn_mask=relative_position_bias(q, rel_h, rel_w, size))
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..cancel import check as check_cancel
 from .common import MLPBlock, encoder_neck
-from .linear import Linear
+from .linear import Linear, onednn_linear, through_onednn
 
 
 class ImageEncoderViT(nn.Module):
@@ -218,16 +218,26 @@ def chunked_attention(
     bias_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w).reshape(batch, heads, tokens, width)
     scale = head_dim**-0.5
     out = torch.empty_like(q)
+    onednn = through_onednn(q, k)  # float32 inference where oneDNN multiplies faster (`linear`)
     for b in range(batch):
         for n in range(heads):
             check_cancel()  # a global block runs about a second here, with no module call inside
-            keys_t = k[b, n].transpose(0, 1)
+            keys, values = k[b, n], v[b, n]
+            if onednn:  # both products as x W^T, with keys and values as the "weights"
+                keys, values_t = keys.contiguous(), values.transpose(0, 1).contiguous()
             for start in range(0, tokens, QUERY_CHUNK):
                 rows = slice(start, start + QUERY_CHUNK)
-                logits = torch.mm(q[b, n, rows], keys_t).mul_(scale).view(-1, height, width)
+                if onednn:
+                    logits = onednn_linear(q[b, n, rows], keys, None, "none", "")
+                else:
+                    logits = torch.mm(q[b, n, rows], keys.transpose(0, 1))
+                logits = logits.mul_(scale).view(-1, height, width)
                 logits.add_(bias_h[b, n, rows, :, None]).add_(bias_w[b, n, rows, None, :])
                 weights = torch.softmax(logits.view(-1, tokens), dim=-1)
-                torch.mm(weights, v[b, n], out=out[b, n, rows])
+                if onednn:
+                    out[b, n, rows] = onednn_linear(weights, values_t, None, "none", "")
+                else:
+                    torch.mm(weights, values, out=out[b, n, rows])
     return out
 
 
