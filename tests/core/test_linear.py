@@ -119,3 +119,9 @@ def test_global_attention_gives_the_fused_attentions_result_either_way(monkeypat
         chunked = chunked_attention(q, k, v, rel_h, rel_w, size)
         whole = F.scaled_dot_product_attention(q, k, v, attn_mask=relative_position_bias(q, rel_h, rel_w, size))
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_autocast_dtype_is_none_outside_autocast():
+    assert linear.cpu_autocast_dtype() is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear.cpu_autocast_dtype() == torch.bfloat16

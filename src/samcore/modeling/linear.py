@@ -86,7 +86,7 @@ def through_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == torch.float32
         and x.numel() > 0
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.is_autocast_enabled("cpu")
+        and cpu_autocast_dtype() is None
         and torch.backends.mkldnn.enabled
         and onednn_is_faster()
     )
@@ -101,11 +101,17 @@ def bf16_through_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == torch.float32
         and x.numel() > 0
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and cpu_autocast_dtype() == torch.bfloat16
         and torch.backends.mkldnn.enabled
         and bf16_packing_works()
     )
+
+
+def cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype of the CPU's autocast where it is on, else None."""
+    if hasattr(torch, "get_autocast_dtype"):  # PyTorch 2.4 and later
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
 def packed_bf16(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -155,7 +161,7 @@ def onednn_is_faster() -> bool:
         try:
             product = onednn_linear(x, weight, bias, "none", "")
             activated = onednn_linear(x, weight, bias, "gelu", "none")
-        except (AttributeError, RuntimeError):  # a build without oneDNN's fused linear
+        except (AttributeError, RuntimeError, TypeError):  # a build without oneDNN's fused linear
             return False
         if not (
             torch.allclose(product, expected, rtol=1e-4, atol=1e-4)
@@ -183,6 +189,6 @@ def bf16_packing_works() -> bool:
         expected = F.linear(x, layer.weight, layer.bias).float()
         try:
             product = onednn_linear(x.to(torch.bfloat16), *packed_bf16(layer), "none", "").float()
-        except (AttributeError, RuntimeError):  # a build without oneDNN's packed bf16 weights
+        except (AttributeError, RuntimeError, TypeError):  # a build without oneDNN's packed bf16 weights
             return False
     return torch.allclose(product, expected, rtol=2e-2, atol=2e-2)
