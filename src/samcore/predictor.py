@@ -801,4 +801,3 @@ def _rgb(image: np.ndarray, image_format: str, channel_axis: int | None) -> np.n
         raise ValueError(f"image_format must be 'RGB' or 'BGR', not {image_format!r}.")
     rgb = to_rgb_uint8(np.asarray(image), channel_axis=channel_axis)
     return np.ascontiguousarray(rgb[..., ::-1]) if image_format == "BGR" else rgb
-

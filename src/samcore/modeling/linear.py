@@ -81,13 +81,9 @@ def through_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a product of `x` with `weight` (out, in) goes through oneDNN: float32 inference on a
     CPU where oneDNN is faster."""
     return (
-        x.device.type == "cpu"
+        _inference_on_cpu(x, weight)
         and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.numel() > 0
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and cpu_autocast_dtype() is None
-        and torch.backends.mkldnn.enabled
         and onednn_is_faster()
     )
 
@@ -96,14 +92,21 @@ def bf16_through_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a product of `x` with float32 `weight` goes through oneDNN with a packed bf16 weight:
     inference under the CPU's bf16 autocast."""
     return (
-        x.device.type == "cpu"
+        _inference_on_cpu(x, weight)
         and x.dtype in (torch.float32, torch.bfloat16)
+        and cpu_autocast_dtype() == torch.bfloat16
+        and bf16_packing_works()
+    )
+
+
+def _inference_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A product with a float32 weight, on the CPU, that autograd does not record, with oneDNN on."""
+    return (
+        x.device.type == "cpu"
         and weight.dtype == torch.float32
         and x.numel() > 0
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and cpu_autocast_dtype() == torch.bfloat16
         and torch.backends.mkldnn.enabled
-        and bf16_packing_works()
     )
 
 
