@@ -121,6 +121,22 @@ def test_global_attention_gives_the_fused_attentions_result_either_way(monkeypat
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
 
 
+def test_global_attention_in_bf16_stays_close_to_float32():
+    # bf16 takes the path that writes the bias first and adds the product to it.
+    size, heads, width = (24, 20), 3, 64
+    generator = torch.Generator().manual_seed(2)
+    qkv = torch.randn(1, size[0] * size[1], 3, heads, width, generator=generator).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    rel_h, rel_w = (torch.randn(2 * side - 1, width, generator=generator) / 4 for side in size)
+    with torch.inference_mode():
+        assert not through_onednn(q.bfloat16(), k.bfloat16())
+        chunked = chunked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), rel_h, rel_w, size)
+        whole = F.scaled_dot_product_attention(q, k, v, attn_mask=relative_position_bias(q, rel_h, rel_w, size))
+    assert chunked.dtype == torch.bfloat16
+    error = (chunked.float() - whole).abs()
+    assert error.mean() < 0.01 and error.max() < 0.2, (error.mean(), error.max())
+
+
 def test_cpu_autocast_dtype_is_none_outside_autocast():
     assert linear.cpu_autocast_dtype() is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
