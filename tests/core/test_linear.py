@@ -1,4 +1,4 @@
-"""The encoders' linear layers and global attention give PyTorch's results whichever kernels run them."""
+"""The encoders' linear layers and attention give PyTorch's results whichever kernels run them."""
 
 import copy
 import pickle
@@ -6,9 +6,15 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from samcore.modeling import linear
-from samcore.modeling.image_encoder import chunked_attention, relative_position_bias
+from samcore.modeling.image_encoder import (
+    Attention,
+    chunked_attention,
+    relative_position_bias,
+    relative_table,
+)
 from samcore.modeling.linear import Linear, linear_gelu, through_onednn
 
 
@@ -135,6 +141,38 @@ def test_global_attention_in_bf16_stays_close_to_float32():
     assert chunked.dtype == torch.bfloat16
     error = (chunked.float() - whole).abs()
     assert error.mean() < 0.01 and error.max() < 0.2, (error.mean(), error.max())
+
+
+def test_windowed_attention_trains_and_infers_alike():
+    # Inference writes the bias into a buffer (no gradient through out=); training sums it.
+    attention = Attention(dim=32, num_heads=2, size=6)
+    for table in (attention.rel_pos_h, attention.rel_pos_w):
+        nn.init.normal_(table)
+    x = torch.randn(2, 6, 6, 32)
+    trained = attention(x)
+    trained.square().sum().backward()
+    assert attention.rel_pos_h.grad.abs().sum() > 0 and attention.rel_pos_w.grad.abs().sum() > 0
+    with torch.inference_mode():
+        inferred = attention(x)
+        bias = relative_position_bias(x.new_ones(1, 1, 36, 16), attention.rel_pos_h, attention.rel_pos_w, (6, 6))
+    torch.testing.assert_close(inferred, trained.detach(), rtol=1e-5, atol=1e-6)
+    assert bias.is_contiguous() and bias.shape == (1, 1, 36, 36)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_relative_position_bias_is_the_sum_of_its_two_terms(dtype):
+    # bf16 makes it as a product with a 0/1 matrix; each value must still be the one rounded sum.
+    size, width = (5, 7), 16
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, size[0] * size[1], width, generator=generator).to(dtype)
+    rel_h, rel_w = (torch.randn(2 * side - 1, width, generator=generator) for side in size)
+    with torch.inference_mode():
+        bias = relative_position_bias(q, rel_h, rel_w, size)
+    grid = q.reshape(2, 3, *size, width)
+    terms_h = torch.einsum("bnhwc,hkc->bnhwk", grid, relative_table(size[0], rel_h).to(dtype))
+    terms_w = torch.einsum("bnhwc,wkc->bnhwk", grid, relative_table(size[1], rel_w).to(dtype))
+    expected = (terms_h[..., :, None] + terms_w[..., None, :]).reshape(bias.shape)
+    assert bias.dtype == dtype and torch.equal(bias, expected)
 
 
 def test_cpu_autocast_dtype_is_none_outside_autocast():
