@@ -121,6 +121,27 @@ def test_attention_bias_index_table():
     assert torch.equal(idxs, idxs.T)
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"), reason="no fused CPU attention"
+)
+def test_window_attention_takes_the_fused_cpu_kernel():
+    # A 3-D bias mask sent every window to PyTorch's unfused attention, 3.5x slower.
+    attention = TinyViT(img_size=256, window_sizes=(7, 7, 14, 7)).layers[1].blocks[0].attn
+    nn.init.normal_(attention.attention_biases)
+    x = torch.randn(4, 49, attention.num_heads * attention.head_dim)
+    with torch.inference_mode(), torch.profiler.profile() as profile:
+        out = attention(x)
+    ran = {event.key for event in profile.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ran
+    assert "aten::_scaled_dot_product_attention_math" not in ran
+    with torch.inference_mode():
+        q, k, v = attention.qkv(attention.norm(x)).view(4, 49, attention.num_heads, 3, -1).permute(3, 0, 2, 1, 4)
+        bias = attention.attention_biases[:, attention.attention_bias_idxs]
+        weights = torch.softmax(q @ k.transpose(-1, -2) * attention.head_dim**-0.5 + bias, dim=-1)
+        expected = attention.proj((weights @ v).transpose(1, 2).reshape(x.shape))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_backward_reaches_every_used_parameter():
     model = TinyViT(img_size=64, depths=(1, 1, 1, 1)).train()
     model(torch.randn(2, 3, 64, 64)).square().mean().backward()
