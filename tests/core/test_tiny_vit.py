@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from samcore.modeling.tiny_vit import TinyViT, TinyViTBlock
+from samcore.modeling.tiny_vit import ConvBN, TinyViT, TinyViTBlock
 
 # Keys of ``image_encoder.*`` in mobile_sam.pt (prefix removed) with their shapes, as produced by
 # MobileSAM's own TinyViT for the vit_t configuration.
@@ -140,6 +140,20 @@ def test_window_attention_takes_the_fused_cpu_kernel():
         weights = torch.softmax(q @ k.transpose(-1, -2) * attention.head_dim**-0.5 + bias, dim=-1)
         expected = attention.proj((weights @ v).transpose(1, 2).reshape(x.shape))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_conv_bn_folds_its_batch_norm_in_eval_mode_only(groups):
+    layer = ConvBN(8, 8, kernel_size=3, stride=2, groups=groups)
+    for tensor in (layer.bn.weight, layer.bn.bias, layer.bn.running_mean):
+        nn.init.normal_(tensor)
+    nn.init.uniform_(layer.bn.running_var, 0.5, 2.0)
+    x = torch.randn(2, 8, 9, 9)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.bn(layer.c(x)), rtol=1e-5, atol=1e-5)
+    layer.train()
+    batch_stats = layer(x)  # training normalises with the batch's own statistics
+    torch.testing.assert_close(batch_stats.mean((0, 2, 3)), layer.bn.bias.detach(), rtol=1e-4, atol=1e-4)
 
 
 def test_backward_reaches_every_used_parameter():
