@@ -123,7 +123,8 @@ def test_global_attention_gives_the_fused_attentions_result_either_way(monkeypat
     with torch.inference_mode():
         assert through_onednn(q, k) == through
         chunked = chunked_attention(q, k, v, rel_h, rel_w, size)
-        whole = F.scaled_dot_product_attention(q, k, v, attn_mask=relative_position_bias(q, rel_h, rel_w, size))
+        bias = relative_position_bias(q, rel_h, rel_w, size)
+        whole = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
 
 
@@ -137,7 +138,8 @@ def test_global_attention_in_bf16_stays_close_to_float32():
     with torch.inference_mode():
         assert not through_onednn(q.bfloat16(), k.bfloat16())
         chunked = chunked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), rel_h, rel_w, size)
-        whole = F.scaled_dot_product_attention(q, k, v, attn_mask=relative_position_bias(q, rel_h, rel_w, size))
+        bias = relative_position_bias(q, rel_h, rel_w, size)
+        whole = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     assert chunked.dtype == torch.bfloat16
     error = (chunked.float() - whole).abs()
     assert error.mean() < 0.01 and error.max() < 0.2, (error.mean(), error.max())
@@ -154,7 +156,8 @@ def test_windowed_attention_trains_and_infers_alike():
     assert attention.rel_pos_h.grad.abs().sum() > 0 and attention.rel_pos_w.grad.abs().sum() > 0
     with torch.inference_mode():
         inferred = attention(x)
-        bias = relative_position_bias(x.new_ones(1, 1, 36, 16), attention.rel_pos_h, attention.rel_pos_w, (6, 6))
+        queries = x.new_ones(1, 1, 36, 16)
+        bias = relative_position_bias(queries, attention.rel_pos_h, attention.rel_pos_w, (6, 6))
     torch.testing.assert_close(inferred, trained.detach(), rtol=1e-5, atol=1e-6)
     assert bias.is_contiguous() and bias.shape == (1, 1, 36, 36)
 

@@ -123,7 +123,8 @@ def test_attention_bias_index_table():
 
 
 @pytest.mark.skipif(
-    not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"), reason="no fused CPU attention"
+    not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"),
+    reason="this PyTorch has no fused CPU attention",
 )
 def test_window_attention_takes_the_fused_cpu_kernel():
     # A 3-D bias mask sent every window to PyTorch's unfused attention, 3.5x slower.
@@ -136,7 +137,8 @@ def test_window_attention_takes_the_fused_cpu_kernel():
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ran
     assert "aten::_scaled_dot_product_attention_math" not in ran
     with torch.inference_mode():
-        q, k, v = attention.qkv(attention.norm(x)).view(4, 49, attention.num_heads, 3, -1).permute(3, 0, 2, 1, 4)
+        qkv = attention.qkv(attention.norm(x)).view(4, 49, attention.num_heads, 3, -1)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4)
         bias = attention.attention_biases[:, attention.attention_bias_idxs]
         weights = torch.softmax(q @ k.transpose(-1, -2) * attention.head_dim**-0.5 + bias, dim=-1)
         expected = attention.proj((weights @ v).transpose(1, 2).reshape(x.shape))

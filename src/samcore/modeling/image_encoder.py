@@ -232,14 +232,15 @@ def chunked_attention(
                 keys, values_t = keys.contiguous(), values.transpose(0, 1).contiguous()
             for start in range(0, tokens, QUERY_CHUNK):
                 rows = slice(start, start + QUERY_CHUNK)
+                queries = q[b, n, rows]
+                terms_h, terms_w = bias_h[b, n, rows, :, None], bias_w[b, n, rows, None, :]
                 if onednn:
-                    logits = onednn_linear(q[b, n, rows], keys, None, "none", "").view(-1, height, width)
-                    logits.add_(bias_h[b, n, rows, :, None]).add_(bias_w[b, n, rows, None, :])
+                    logits = onednn_linear(queries, keys, None, "none", "")
+                    logits.view(-1, height, width).add_(terms_h).add_(terms_w)
                 else:
-                    logits = logits_buffer[: len(q[b, n, rows])]
-                    bias = logits.view(-1, height, width)
-                    torch.add(bias_h[b, n, rows, :, None], bias_w[b, n, rows, None, :], out=bias)
-                    logits.addmm_(q[b, n, rows], keys.transpose(0, 1))
+                    logits = logits_buffer[: len(queries)]
+                    torch.add(terms_h, terms_w, out=logits.view(-1, height, width))
+                    logits.addmm_(queries, keys.transpose(0, 1))
                 weights = torch.softmax(logits.view(-1, tokens), dim=-1)
                 if onednn:
                     out[b, n, rows] = onednn_linear(weights, values_t, None, "none", "")
