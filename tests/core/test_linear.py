@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samcore.modeling import linear
+from samcore.modeling.common import LayerNorm2d
 from samcore.modeling.image_encoder import (
     Attention,
     chunked_attention,
@@ -176,6 +177,26 @@ def test_the_relative_position_bias_is_the_sum_of_its_two_terms(dtype):
     terms_w = torch.einsum("bnhwc,wkc->bnhwk", grid, relative_table(size[1], rel_w).to(dtype))
     expected = (terms_h[..., :, None] + terms_w[..., None, :]).reshape(bias.shape)
     assert bias.dtype == dtype and torch.equal(bias, expected)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_layer_norm_2d_normalises_each_pixel_over_its_channels_in_its_layout(layout):
+    norm = LayerNorm2d(16)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = (torch.randn(2, 16, 5, 7) * 3 + 1).contiguous(memory_format=layout)
+    mean = x.mean(1, keepdim=True)
+    variance = (x - mean).square().mean(1, keepdim=True)
+    normalised = (x - mean) / torch.sqrt(variance + norm.eps)
+    expected = norm.weight[:, None, None] * normalised + norm.bias[:, None, None]
+    out = norm(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=layout)
+    out.sum().backward()  # the decoders' norms train
+    assert norm.weight.grad is not None
+    with torch.inference_mode():
+        low = norm(x.bfloat16())
+    torch.testing.assert_close(low.float(), expected.detach(), rtol=0.02, atol=0.05)
 
 
 def test_cpu_autocast_dtype_is_none_outside_autocast():
