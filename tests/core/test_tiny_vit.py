@@ -181,6 +181,31 @@ def test_conv_bn_gelu_gives_the_gelu_of_its_output(groups, approximate):
     assert layer.c.weight.grad is not None
 
 
+def test_conv_bn_gelu_falls_back_where_the_fused_convolution_fails_or_differs(monkeypatch):
+    from samcore.modeling import linear
+
+    layer = ConvBN(8, 8, kernel_size=3).eval()
+    nn.init.normal_(layer.bn.running_mean)
+    x = torch.randn(2, 8, 9, 9)
+    expected = F.gelu(layer.bn(layer.c(x)))
+
+    def fails(*args):
+        raise RuntimeError("no such kernel here")
+
+    def differs(x, weight, bias, *args):
+        return F.conv2d(x, weight, bias, padding=1, groups=args[3])  # the GELU left out
+
+    for fake in (fails, differs):
+        monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", fake)
+        linear.conv_gelu_works.cache_clear()
+        assert not linear.conv_gelu_works()
+        with torch.inference_mode():
+            torch.testing.assert_close(layer.gelu(x), expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    linear.conv_gelu_works.cache_clear()
+    assert linear.conv_gelu_works() == torch.backends.mkldnn.is_available()
+
+
 def test_backward_reaches_every_used_parameter():
     model = TinyViT(img_size=64, depths=(1, 1, 1, 1)).train()
     model(torch.randn(2, 3, 64, 64)).square().mean().backward()
