@@ -182,7 +182,7 @@ def test_conv_bn_gelu_gives_the_gelu_of_its_output(groups, approximate):
 
 
 def test_conv_bn_gelu_falls_back_where_the_fused_convolution_fails_or_differs(monkeypatch):
-    from samcore.modeling import linear
+    from samcore.modeling import tiny_vit
 
     layer = ConvBN(8, 8, kernel_size=3).eval()
     nn.init.normal_(layer.bn.running_mean)
@@ -197,13 +197,13 @@ def test_conv_bn_gelu_falls_back_where_the_fused_convolution_fails_or_differs(mo
 
     for fake in (fails, differs):
         monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", fake)
-        linear.conv_gelu_works.cache_clear()
-        assert not linear.conv_gelu_works()
+        tiny_vit.conv_gelu_works.cache_clear()
+        assert not tiny_vit.conv_gelu_works()
         with torch.inference_mode():
             torch.testing.assert_close(layer.gelu(x), expected, rtol=1e-5, atol=1e-5)
     monkeypatch.undo()
-    linear.conv_gelu_works.cache_clear()
-    assert linear.conv_gelu_works() == torch.backends.mkldnn.is_available()
+    tiny_vit.conv_gelu_works.cache_clear()
+    assert tiny_vit.conv_gelu_works() == torch.backends.mkldnn.is_available()
 
 
 def test_backward_reaches_every_used_parameter():

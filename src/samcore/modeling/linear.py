@@ -110,24 +110,6 @@ def inference_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def conv_gelu_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
-    """The dtype in which a 2-D convolution of `x` followed by a GELU goes through oneDNN's convolution
-    with the GELU fused, or None: float32 inference on a CPU, or bf16 under the CPU's bf16 autocast.
-
-    Fusing saves a pass over the output, and applies the GELU before bf16 rounds the sum, not after.
-    A TinyViT MBConv layer of 256 x 256 x 256 took 37 instead of 60 ms in fp32, and 20 instead of 34 ms
-    in bf16, on a 2-core EPYC (Zen 4).
-    """
-    if not (inference_on_cpu(x, weight) and x.dim() == 4 and conv_gelu_works()):
-        return None
-    autocast = cpu_autocast_dtype()
-    if autocast is None and x.dtype == torch.float32:
-        return torch.float32
-    if autocast == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16):
-        return torch.bfloat16
-    return None
-
-
 def cpu_autocast_dtype() -> torch.dtype | None:
     """The dtype of the CPU's autocast where it is on, else None."""
     if hasattr(torch, "get_autocast_dtype"):  # PyTorch 2.4 and later
@@ -192,30 +174,6 @@ def onednn_is_faster() -> bool:
         mkl = best_time(lambda a, b: F.linear(a, b, bias), x, weight, 3)
         onednn = best_time(lambda a, b: onednn_linear(a, b, bias, "none", ""), x, weight, 3)
     return mkl >= MIN_SPEEDUP * onednn
-
-
-@functools.lru_cache(maxsize=1)
-def conv_gelu_works() -> bool:
-    """Whether oneDNN's convolution with a fused GELU runs here and gives the convolution's GELU, for a
-    plain and a depthwise convolution (checked once per process, in a few hundredths of a second)."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
-        return False
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 8, 9, 9, generator=generator).contiguous(memory_format=torch.channels_last)
-    bias = torch.randn(8, generator=generator)
-    with torch.inference_mode():
-        for groups in (1, 8):
-            weight = torch.randn(8, 8 // groups, 3, 3, generator=generator) / 4
-            expected = F.gelu(F.conv2d(x, weight, bias, padding=1, groups=groups))
-            try:
-                fused = torch.ops.mkldnn._convolution_pointwise(
-                    x, weight, bias, [1, 1], [1, 1], [1, 1], groups, "gelu", [], "none"
-                )
-            except (RuntimeError, TypeError):  # a build or CPU whose oneDNN cannot
-                return False
-            if not torch.allclose(fused, expected, rtol=1e-4, atol=1e-4):
-                return False
-    return True
 
 
 @functools.lru_cache(maxsize=1)
