@@ -240,16 +240,22 @@ def _image_to_tokens(
         torch.bmm(k, constants.query_pos[index], out=logits)
         keys_in_image_space = torch.bmm(k, split_rows(attn.q_proj.weight, heads))  # (h, T, C)
         logits.view(heads * tokens, -1).addmm_(keys_in_image_space.view(heads * tokens, -1), keys.T)
-    weights = workspace.get(f"i2t weights {index}", heads * tokens, len(constants.pos))  # kept for upscaling
+    rows = heads * tokens
+    # Block 0's weights share their buffer with a mask input's factors F = [h; 1], below them: the
+    # tokens' change D^T F (D = `mask_maps["tokens"]`) joins the residual's product.
+    factors = 0 if keys is not None or context.mask_factors is None else len(context.mask_factors)
+    buffer = workspace.get(f"i2t weights {index}", rows + factors, len(constants.pos))
+    weights = buffer[:rows]  # kept for upscaling
     torch.softmax(logits, dim=1, out=weights.view(heads, tokens, -1))  # over the T tokens of each head
     # Each head's weights sum to one over the tokens, so out_bias / h on every value row adds out_bias.
-    values = torch.bmm(v, constants.out_heads[index]).view(heads * tokens, -1) + attn.out_proj.bias / heads
+    values = torch.bmm(v, constants.out_heads[index]).view(rows, -1) + attn.out_proj.bias / heads
     if keys is None:
-        keys = torch.addmm(
-            context.image_tokens, weights.T, values, out=workspace.get("residual", *constants.pos.shape)
-        )
-        if context.mask_factors is not None:  # the tokens' change, D = change [h; 1]
-            keys.addmm_(context.mask_factors.T, constants.mask_maps["tokens"])
+        right = values
+        if factors:
+            buffer[rows:].copy_(context.mask_factors)
+            right = torch.cat([values, constants.mask_maps["tokens"]])
+        residual = workspace.get("residual", *constants.pos.shape)
+        keys = torch.addmm(context.image_tokens, buffer.T, right, out=residual)
     else:
         keys.addmm_(weights.T, values)  # the previous keys are not needed any more
     keys, mean, rstd = torch.native_layer_norm(keys, (keys.shape[-1],), norm.weight, norm.bias, norm.eps)
@@ -273,8 +279,6 @@ def _upscale_and_project(context: ImageContext, mixing: Mixing, hyper_in: torch.
     left, right, scale = _upscaling_input(context, mixing)
     x = torch.mul(context.projected, scale[:, None], out=workspace.get("conv1", *context.projected.shape))
     x.addmm_(left.T, right)  # conv1 of the final image tokens, (N, 4 * C1) ordered (dy, dx, c)
-    if context.mask_factors is not None:  # P's change by a mask input, scaled as P
-        x.addmm_((context.mask_factors * scale).T, constants.mask_maps["projected"])
     x = F.layer_norm(x.view(-1, norm.weight.shape[0]), norm.weight.shape, norm.weight, norm.bias, norm.eps)
     x = torch._C._nn.gelu_(x)  # (4 N, C1)
     y = constants.conv2(x, workspace.get("conv2", len(x), len(constants.conv2.bias)))  # (4 N, 4 * C2)
@@ -303,7 +307,8 @@ def _upscaling_input(
     scales = [mixing.rstds[-1]]
     for rstd in reversed(mixing.rstds[:-1]):
         scales.insert(0, rstd * scales[0])
-    rows = sum(len(w) + 2 for w in mixing.weights)
+    factors = context.mask_factors
+    rows = sum(len(w) + 2 for w in mixing.weights) + (0 if factors is None else len(factors))
     left = constants.workspace.get("left", rows, len(constants.pos))
     right = []
     row = 0
@@ -320,6 +325,10 @@ def _upscaling_input(
             left[row].copy_(scale)
             right.append(constants.chain_biases[layer][None])
             row += 1
+    if factors is not None:  # P's change by a mask input, scaled as P
+        torch.mul(factors, scales[0], out=left[row : row + len(factors)])
+        right.append(constants.mask_maps["projected"])
+        row += len(factors)
     left[row].fill_(1.0)
     right.append(constants.chain_constant[None])
     return left[: row + 1], torch.cat(right), scales[0]
