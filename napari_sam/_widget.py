@@ -872,8 +872,8 @@ class SamWidget(Container):
             if self._zoom.value:
                 window = session.predictor.zoom_window(prompt["box"], prompt["point_coords"])
             zoomed = window is not None and session.predictor.has_crop(window)
-            # Clicks alone are decoded on their crop as on the whole image; a box's crop is pasted into
-            # the whole image's logits at full resolution.
+            # Clicks alone are decoded on their crop as on the whole image; a box's crop is pasted on
+            # background at full resolution.
             on_crop = zoomed and window.clicks and mask_input is None
             decoder = session.predictor.crop_decoder(window) if on_crop else session.predictor
             # A click's candidates are refined when shown (see `Candidates`).

@@ -4,8 +4,8 @@ The model sees a whole image at its input size (512 px for the bundled model, 10
 nucleus of 15 px spans a cell or two of the embedding grid and its outline is guessed. For a box
 prompt, `zoom_window` picks a square crop around the box (`ZOOM_CONTEXT` times its longest side, so
 that the model still sees the object's neighbours and background), the crop is embedded enlarged to
-the model's input size, and the prompts are decoded there. The crop's logits replace the whole image's
-inside the crop (`samcore.Predictor.predict` with ``zoom``).
+the model's input size, and the prompts are decoded there. The crop's logits are pasted on background:
+the boxed object lies inside the crop (`samcore.Predictor.predict` with ``zoom``).
 
 Clicks without a box give no size to zoom to. On an image several times the model's input size
 (a 2048 px camera frame is four times the bundled model's), `click_window` picks a crop of the input

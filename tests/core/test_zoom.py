@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from samcore import Predictor, build_sam
+from samcore.crop_decoder import BACKGROUND_LOGIT
 from samcore.zoom import CLICK_MARGIN, ZOOM_CONTEXT, Window, click_order, click_window, serves, zoom_window
 
 
@@ -74,8 +75,11 @@ def test_a_zoomed_box_is_decoded_on_its_crop_and_pasted_into_the_image(model, im
     np.testing.assert_allclose(scores, crop_scores, atol=1e-6)
     outside = np.ones(image.shape[:2], bool)
     outside[rows, cols] = False
-    np.testing.assert_array_equal(logits[0][outside], whole[0][outside])
+    # Background around the crop: the boxed object lies inside it, and the whole image is not decoded.
+    np.testing.assert_array_equal(logits[0][outside], np.float32(BACKGROUND_LOGIT))
     assert low_res.shape == whole_low_res.shape and np.isfinite(low_res).all()
+    above = rows.start * low_res.shape[-1] // max(image.shape[:2]) - 2  # low-resolution rows above the crop
+    np.testing.assert_allclose(low_res[0][:above], BACKGROUND_LOGIT, atol=1e-4)
     masks, _, _ = predictor.predict(box=box, multimask_output=False)
     np.testing.assert_array_equal(masks[0], logits[0] > 0)
 
