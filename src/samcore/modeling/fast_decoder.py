@@ -214,9 +214,8 @@ class ImageContext:
         self.image_tokens = tokens  # (N, C)
         tokens_pos = torch.add(image_tokens_t, constants.pos_t, out=space.get("tokens+pos", channels, count))
         projections = constants.first_projections
-        both = torch.addmm(
-            constants.first_bias, projections, tokens_pos, out=space.get("keys+queries", len(projections), count)
-        )
+        both = space.get("keys+queries", len(projections), count)
+        both = torch.addmm(constants.first_bias, projections, tokens_pos, out=both)
         keys, queries = both.split([t2i.k_proj.out_features, i2t.q_proj.out_features])
         self.keys = keys.view(t2i.num_heads, -1, count)  # (h, d, N)
         self.queries = queries.view(i2t.num_heads, -1, count)  # query bias included
