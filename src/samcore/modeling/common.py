@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import Linear, linear_gelu
+from .winograd import Conv2d
 
 
 class LayerNorm2d(nn.Module):
@@ -50,7 +51,7 @@ def encoder_neck(embed_dim: int, out_chans: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
         LayerNorm2d(out_chans),
-        nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+        Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),  # by Winograd where faster
         LayerNorm2d(out_chans),
     )
 

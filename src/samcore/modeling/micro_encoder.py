@@ -25,6 +25,7 @@ from torch import nn
 
 from .common import MLPBlock, encoder_neck
 from .linear import Linear
+from .winograd import Conv2d
 
 STRIDES = (8, 16)  # token strides the stem can produce
 
@@ -124,7 +125,7 @@ class ConvStem(nn.Sequential):
         layers.extend(InvertedResidual(dims[1]) for _ in range(blocks[0]))
         layers.append(ConvNormAct(dims[1], dims[2], stride=2))
         layers.extend(InvertedResidual(dims[2]) for _ in range(blocks[1]))
-        layers.append(nn.Conv2d(dims[2], out_dim, kernel_size=3, stride=last_stride, padding=1))
+        layers.append(Conv2d(dims[2], out_dim, kernel_size=3, stride=last_stride, padding=1))
         super().__init__(*layers)
 
 
