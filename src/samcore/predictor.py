@@ -204,8 +204,10 @@ class Predictor:
             # One memory layout whatever the caller's tensor: channels-last, as `embed_rgb_batch` makes
             # it. A caller's (1, 3, h, w) tensor could otherwise run the encoder on other strides: other
             # kernels, rounding apart from `set_image`'s embedding of the same pixels.
-            pixels = torch.empty(resized.shape, device=self.device, memory_format=torch.channels_last)
-            pixels.copy_(resized)  # float32, in the strides of a channels-last copy
+            pixels = torch.empty(
+                resized.shape, dtype=torch.float32, device=self.device, memory_format=torch.channels_last
+            )
+            pixels.copy_(resized)
             for mirror_x, mirror_y in MIRRORS[: self.views]:  # mirrored after resizing: exact mirror images
                 axes = [axis for axis, mirrored in ((-1, mirror_x), (-2, mirror_y)) if mirrored]
                 view = pixels.flip(axes) if axes else pixels
