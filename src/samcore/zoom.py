@@ -36,7 +36,7 @@ class Window:
     y0: int
     width: int
     height: int
-    clicks: bool = False  # made for clicks without a box: what lies outside it is background
+    clicks: bool = False  # made for clicks without a box: later clicks well inside it may reuse it
 
     @property
     def slices(self) -> tuple[slice, slice]:
