@@ -64,4 +64,6 @@ def check_mask_input(mask_input: np.ndarray, side: tuple[int, int]) -> torch.Ten
             f"mask_input must be the (1, {side[0]}, {side[1]}) low-resolution logits of a previous "
             f"prediction, not an array of shape {array.shape}."
         )
+    if not np.all(np.isfinite(array)):  # the decoder would return NaN scores and empty masks
+        raise ValueError("mask_input contains NaN or infinite values: pass the logits of a previous prediction.")
     return torch.as_tensor(array)[None]

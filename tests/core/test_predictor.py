@@ -86,6 +86,16 @@ def test_bad_prompts_raise_clear_errors(predictor, prompt, message):
         predictor.predict(**prompt)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_mask_input_that_is_not_finite_is_refused(predictor, bad):
+    predictor.set_image(np.zeros((60, 80), dtype=np.uint8))
+    logits = np.zeros((1, *predictor.model.prompt_encoder.mask_input_size), np.float32)
+    predictor.predict(box=np.array([1, 1, 9, 9]), mask_input=logits)  # finite logits are taken
+    logits[0, 3, 4] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        predictor.predict(box=np.array([1, 1, 9, 9]), mask_input=logits)
+
+
 def test_predict_before_an_image_is_set_says_what_to_do():
     with pytest.raises(RuntimeError, match="set_image"):
         Predictor(build_sam("vit_test")).predict(box=np.array([0, 0, 5, 5]))
