@@ -173,6 +173,7 @@ def test_a_file_that_is_no_image_is_one_line_naming_it(tmp_path, capsys):
     assert main(["segment", str(fake), "--point", "1", "1", "-o", str(tmp_path / "o.tif")]) == 1
     err = capsys.readouterr().err.strip()
     assert "fake.png: it cannot be read as an image" in err and len(err.splitlines()) == 1
+    assert "reads TIFF files" in err  # and says what it can read
 
 
 @pytest.mark.parametrize(
