@@ -193,6 +193,7 @@ class EmbeddingJob:
                 widget._status.value = f"{self._after}Computing embeddings: {done}/{total} slices…"
             if payload == widget._current_z(session.layer) or session.view.n_slices == 1:
                 widget.segment()
+                widget._prepare.start()
             # Last: napari's bar may run queued events, and the job's end among them must have the last word.
             self._progress.update(1)
 

@@ -225,6 +225,10 @@ class SamWidget(Container):
         self._refocus.setSingleShot(True)
         self._refocus.setInterval(REFOCUS_MS)
         self._refocus.timeout.connect(self._embed_displayed_first)
+        self._prepare = QTimer()  # the displayed slice's decoding is made ready once the slider rests
+        self._prepare.setSingleShot(True)
+        self._prepare.setInterval(REFOCUS_MS)
+        self._prepare.timeout.connect(self._prepare_displayed)
         # The sessions of the last images the picker moved away from, newest last: picking one of
         # them again takes up its embeddings (and any model already loaded is not loaded again).
         self._earlier: list[Session] = []
@@ -547,6 +551,7 @@ class SamWidget(Container):
         """The dock was closed: stop the background work and give napari its keys back."""
         self._closed = True
         self._refocus.stop()
+        self._prepare.stop()
         self._stop_following()
         self._cancel_jobs("(the SAM widget was closed)")
         self.cancel()
@@ -746,6 +751,7 @@ class SamWidget(Container):
             return
         if z is not None and z not in session.store and self._embedding.running:
             self._refocus.start()  # (again): once the slider rests, embed this slice next
+        self._prepare.start()  # (again)
         self.segment()
 
     def _embed_displayed_first(self) -> None:
@@ -761,6 +767,25 @@ class SamWidget(Container):
         self._embedding.quit()
         self.wait()
         self._embedding.start(session.layer, session.model_source, session.settings)
+
+    def _prepare_displayed(self) -> None:
+        """Make the displayed slice's decoder contexts while the user looks at it: the first click on
+        a slice otherwise waits for them (about as long again as the click itself, per view).
+
+        Called once the slider has rested for `REFOCUS_MS`, and when the displayed slice's embedding
+        arrives; not while a propagation or segment all runs, whose work it would slow down.
+        """
+        session = self._session
+        if session is None or self._closed or self._running_job() is not None:
+            return
+        z = self._current_z(session.layer)
+        if session.stale([z or 0]) or self.view_problem(session.layer) is not None:
+            return
+        embedding = session.store.get(z or 0)
+        if embedding is None:
+            return
+        session.use(z or 0, embedding, pixels=self._zoom.value)  # as `segment` will
+        session.predictor.prepare_decoding()
 
     def _on_view_change(self, _=None) -> None:
         """The viewer turned to another plane or to 3D: say why prompts wait, or take them up again."""

@@ -416,6 +416,19 @@ class Predictor:
         low_res, scores = self.predict_low_res(*tensors, multimask_output, refine)
         return scores[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
 
+    def prepare_decoding(self) -> None:
+        """Make now the part of decoding the current image that no prompt changes (one context per view).
+
+        The first prompt on an image makes it otherwise, and waits about as long again as a prompt
+        for each view. A front end calls this while the user looks at the image, so that the first
+        click on it comes back as fast as the next. Where prompts are decoded in batches (see
+        `decodes_in_batches`) there is no such part, and nothing is done.
+        """
+        embedding = self._current()
+        if not self.decodes_in_batches:
+            with torch.inference_mode():
+                self._decoding(embedding)
+
     def masks_from_logits(self, low_res: np.ndarray, return_logits: bool = False) -> np.ndarray:
         """(C, 256, 256) low-resolution logits of the current image to (C, H, W) masks, as `predict`
         makes them (float32 logits with `return_logits`)."""

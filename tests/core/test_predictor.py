@@ -432,3 +432,37 @@ def test_a_model_that_enlarges_small_images_at_most_twice_maps_prompts_and_masks
 def test_an_image_of_nan_only_is_refused_in_its_own_terms(predictor):
     with pytest.raises(ValueError, match=r"^The image \(float32\) contains no finite values"):
         predictor.set_image(np.full((64, 64), np.nan, np.float32))
+
+
+def test_decoding_prepared_before_the_first_prompt_serves_it(monkeypatch):
+    import samcore.predictor as predictor_module
+
+    torch.manual_seed(0)
+    model = build_sam("vit_test")
+    made = []
+
+    class CountedContext(predictor_module.ImageContext):
+        def __init__(self, *args, **kwargs) -> None:
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "ImageContext", CountedContext)
+    image = np.random.default_rng(4).integers(0, 255, size=(70, 90, 3), dtype=np.uint8)
+    box = np.array([10.0, 12.0, 50.0, 40.0])
+    prepared, plain = (Predictor(model, precision="fp32", views=2) for _ in range(2))
+    for predictor in (prepared, plain):
+        predictor.set_image(image)
+    prepared.prepare_decoding()
+    assert len(made) == 2  # one context per view, before any prompt
+    masks, scores, logits = prepared.predict(box=box, multimask_output=False)
+    assert len(made) == 2  # the first prompt made none of its own
+    expected = plain.predict(box=box, multimask_output=False)
+    assert len(made) == 4
+    np.testing.assert_array_equal(masks, expected[0])
+    np.testing.assert_array_equal(scores, expected[1])
+    np.testing.assert_array_equal(logits, expected[2])
+
+
+def test_preparing_decoding_needs_an_image():
+    with pytest.raises(RuntimeError, match="set_image"):
+        Predictor(build_sam("vit_test"), precision="fp32").prepare_decoding()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import preview_mask
 
-from napari_sam._widget import SamWidget
+from napari_sam._widget import REFOCUS_MS, SamWidget
 
 
 def test_plugin_menu_opens_the_widget(sam):
@@ -411,3 +411,51 @@ def test_a_slice_change_redraws_the_preview_only_when_it_held_a_mask(sam, monkey
     assert not np.asarray(preview.data).any() and len(redraws) == drawn + 1
     viewer.dims.set_current_step(0, 1)
     assert len(redraws) == drawn + 1
+
+
+def test_the_slice_where_the_slider_rests_is_made_ready_for_its_first_click(sam, qtbot, monkeypatch):
+    import samcore.predictor as predictor_module
+
+    viewer, widget = sam
+    widget.load(block=True)
+    qtbot.wait(2 * REFOCUS_MS)  # the timer started by the displayed slice's embedding, if pending
+    predictor = widget._session.predictor
+    prepared, contexts = [], []
+    prepare = predictor.prepare_decoding
+    def recorded() -> None:
+        prepared.append(widget._current_z(widget._session.layer))
+        prepare()
+
+    monkeypatch.setattr(predictor, "prepare_decoding", recorded)
+
+    class CountedContext(predictor_module.ImageContext):
+        def __init__(self, *args, **kwargs) -> None:
+            contexts.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "ImageContext", CountedContext)
+    for z in (1, 2, 3):  # a scroll
+        viewer.dims.set_current_step(0, z)
+    qtbot.waitUntil(lambda: bool(prepared), timeout=5_000)
+    qtbot.wait(2 * REFOCUS_MS)
+    assert prepared == [3]  # once, where the slider rested
+    assert torch.equal(predictor.get_image_embedding(), widget._session.store.get(3).features)
+    made = len(contexts)
+    assert made == predictor.views
+    widget.add_point((3, 40, 40))
+    assert preview_mask(widget, 3).any()
+    assert len(contexts) == made  # the click decoded with the contexts made before it
+
+
+def test_a_2d_image_is_made_ready_to_decode_when_its_embedding_arrives(
+    make_napari_viewer, tiny_checkpoint, qtbot
+):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(1).random((96, 96)).astype(np.float32), name="plane")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    widget.load(block=True)
+    predictor = widget._session.predictor
+    # No click yet, and the contexts are made once the timer started by the embedding has run.
+    qtbot.waitUntil(lambda: predictor._context is not None, timeout=5_000)
+    assert not len(widget._prompt_layers.points.data)
