@@ -5,6 +5,9 @@ Run under a display (e.g. `xvfb-run -a python benchmarks/bench_plugin.py`). Prin
     background (how long the viewer would freeze), for `--slices` slices of nuclei3d;
   * click-to-preview time on the 512x512 DSB 2018 image with its embedding cached: from adding a
     point to the Points layer until the preview layer holds the mask (median over clicks);
+  * the first click on a slice of the stack: right after moving to the slice, and after the slider
+    has rested there (when the widget makes the slice's decoder contexts ahead of the click), the
+    same slices both ways, alternated;
   * how long Cancel takes when pressed part-way through a slice's embedding, next to the time one
     slice takes (what a cancel that waits for the slice in progress would cost, at worst);
   * the same for segment all on the DSB image, next to the time one batch of its points takes (what a
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=4, help="slices of nuclei3d to embed while watching the UI")
     parser.add_argument("--clicks", type=int, default=30)
     parser.add_argument("--cancels", type=int, default=3, help="tries of Cancel during an embedding")
+    parser.add_argument("--rounds", type=int, default=4, help="first clicks on each slice, each way")
     args = parser.parse_args()
 
     import napari
@@ -64,6 +68,14 @@ def main() -> None:
     print(f"click to preview on {image.shape[0]}x{image.shape[1]}, embedding cached: "
           f"median {statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms "
           f"({len(latencies)} clicks)")
+
+    stack_layer = viewer.layers["nuclei3d"]
+    at_once, rested = first_click_latencies(viewer, widget, stack_layer, args.rounds)
+    print(f"first click on a slice of nuclei3d ({len(at_once)} each way): right after moving to it "
+          f"median {statistics.median(at_once) * 1000:.1f} ms, after the slider rested "
+          f"{statistics.median(rested) * 1000:.1f} ms")
+    widget._image.value = layer
+    widget.load(block=True)
 
     waits, batch_seconds = segment_all_cancel_latencies(widget, args.cancels)
     print(f"Cancel pressed during segment all: returned in median {statistics.median(waits) * 1000:.0f} ms, "
@@ -114,6 +126,47 @@ def click_latencies(widget, shape: tuple[int, int], clicks: int) -> list[float]:
         latencies.append(time.perf_counter() - start)
         assert widget._candidates is not None
     return latencies
+
+
+def first_click_latencies(viewer, widget, stack_layer, rounds: int) -> tuple[list[float], list[float]]:
+    """Click each slice of the stack right after moving to it, and after the slider rested there.
+
+    Before each click the viewer shows another slice for a while, whose decoder contexts the widget
+    then holds. Returns the latencies of the clicks made at once and of those made after resting.
+    """
+    from napari_sam._widget import REFOCUS_MS
+
+    widget._image.value = stack_layer
+    widget.load(block=True)  # the stack's embeddings, computed first, are taken up again
+    slices = stack_layer.data.shape[0]
+    rng = np.random.default_rng(3)
+    at_once, rested = [], []
+    for round_ in range(rounds):
+        for z in range(slices):
+            for rest in (False, True) if (round_ + z) % 2 else (True, False):
+                widget.clear()
+                viewer.dims.set_current_step(0, (z + 1) % slices)
+                run_events(3 * REFOCUS_MS / 1000)
+                viewer.dims.set_current_step(0, z)
+                if rest:
+                    run_events(3 * REFOCUS_MS / 1000)
+                y, x = rng.uniform(20, stack_layer.data.shape[1] - 20, 2)
+                start = time.perf_counter()
+                widget.add_point((z, y, x))
+                (rested if rest else at_once).append(time.perf_counter() - start)
+                assert widget._candidates is not None
+    widget.clear()
+    return at_once, rested
+
+
+def run_events(seconds: float) -> None:
+    """Let the viewer run (timers fire, signals arrive) for `seconds`."""
+    from qtpy.QtCore import QCoreApplication
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        QCoreApplication.processEvents()
+        time.sleep(0.002)
 
 
 def segment_all_cancel_latencies(widget, tries: int) -> tuple[list[float], float]:
