@@ -128,3 +128,4 @@ class BackgroundJob:
         self._worker, self._layer, self._painted, self._written = None, None, [], []
         self._widget._cancel_button.enabled = self._widget._busy()
         self._widget._embedding.resume(cancelled=self._cancel.is_set())
+        self._widget._prepare.start()  # the displayed slice's decoding, once no work is left

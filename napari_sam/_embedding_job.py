@@ -193,7 +193,6 @@ class EmbeddingJob:
                 widget._status.value = f"{self._after}Computing embeddings: {done}/{total} slices…"
             if payload == widget._current_z(session.layer) or session.view.n_slices == 1:
                 widget.segment()
-                widget._prepare.start()
             # Last: napari's bar may run queued events, and the job's end among them must have the last word.
             self._progress.update(1)
 
@@ -230,6 +229,7 @@ class EmbeddingJob:
         self.worker = None
         widget = self._widget
         widget._cancel_button.enabled = widget._busy()
+        widget._prepare.start()  # the displayed slice's decoding, now that the cores are free
         session, failed, self._failed = widget._session, self._failed, False
         if not failed and session is None and self._download_seen:
             widget._status.value = (

@@ -459,3 +459,33 @@ def test_a_2d_image_is_made_ready_to_decode_when_its_embedding_arrives(
     # No click yet, and the contexts are made once the timer started by the embedding has run.
     qtbot.waitUntil(lambda: predictor._context is not None, timeout=5_000)
     assert not len(widget._prompt_layers.points.data)
+
+
+def test_decoding_is_made_ready_only_once_the_background_work_is_done(
+    make_napari_viewer, tiny_checkpoint, qtbot, monkeypatch
+):
+    import time
+
+    from samcore.embeddings import EmbeddingStore
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(5).integers(0, 255, (8, 64, 64), dtype=np.uint8), name="stack")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+    widget.set_model(checkpoint=tiny_checkpoint)
+    put = EmbeddingStore.put
+
+    def slow_put(store, z, *args, **kwargs):  # a slow encoder, so that the job outlasts the slider's rest
+        time.sleep(0.2)
+        return put(store, z, *args, **kwargs)
+
+    monkeypatch.setattr(EmbeddingStore, "put", slow_put)
+    widget.load()
+    qtbot.waitUntil(lambda: widget._session is not None and len(widget._session.store) >= 2, timeout=10_000)
+    shown = widget._current_z(widget._session.layer)
+    viewer.dims.set_current_step(0, next(z for z in range(8) if z in widget._session.store and z != shown))
+    qtbot.wait(2 * REFOCUS_MS)
+    assert widget._embedding.running
+    predictor = widget._session.predictor
+    assert predictor._context is None  # not made while the worker has the cores
+    qtbot.waitUntil(lambda: not widget._embedding.running, timeout=10_000)
+    qtbot.waitUntil(lambda: predictor._context is not None, timeout=5_000)
