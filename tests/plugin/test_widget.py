@@ -360,25 +360,33 @@ def test_the_refine_box_follows_the_model_and_decides_the_preview(sam):
     assert widget._refine.value is True  # the bundled model's own choice
 
 
-def test_scrolling_while_embeddings_run_restarts_them_once_at_the_slice_where_the_slider_rests(
-    make_napari_viewer, tiny_checkpoint, qtbot, monkeypatch
-):
+def slowly_embedded_stack(viewer_factory, checkpoint, monkeypatch, slices: int, seconds: float):
+    """A viewer with a random stack and the widget, whose encoder takes `seconds` a slice; the widget
+    and the list of slices embedded so far, in order."""
     import time
 
     from samcore.embeddings import EmbeddingStore
 
-    viewer = make_napari_viewer()
-    viewer.add_image(np.random.default_rng(3).integers(0, 255, (12, 64, 64), dtype=np.uint8), name="long")
+    viewer = viewer_factory()
+    viewer.add_image(np.random.default_rng(3).integers(0, 255, (slices, 64, 64), dtype=np.uint8), name="long")
     _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
-    widget.set_model(checkpoint=tiny_checkpoint)
+    widget.set_model(checkpoint=checkpoint)
     order, put = [], EmbeddingStore.put
 
-    def slow_put(store, z, *args, **kwargs):  # a slow encoder: 150 ms a slice, under 2 while the slider rests
-        time.sleep(0.15)
+    def slow_put(store, z, *args, **kwargs):
+        time.sleep(seconds)
         order.append(z)
         return put(store, z, *args, **kwargs)
 
     monkeypatch.setattr(EmbeddingStore, "put", slow_put)
+    return viewer, widget, order
+
+
+def test_scrolling_while_embeddings_run_restarts_them_once_at_the_slice_where_the_slider_rests(
+    make_napari_viewer, tiny_checkpoint, qtbot, monkeypatch
+):
+    # A slow encoder: 150 ms a slice, under 2 while the slider rests.
+    viewer, widget, order = slowly_embedded_stack(make_napari_viewer, tiny_checkpoint, monkeypatch, 12, 0.15)
     starts = []
     start = widget._embedding.start
     monkeypatch.setattr(widget._embedding, "start", lambda *args: (starts.append(1), start(*args)))
@@ -464,21 +472,8 @@ def test_a_2d_image_is_made_ready_to_decode_when_its_embedding_arrives(
 def test_decoding_is_made_ready_only_once_the_background_work_is_done(
     make_napari_viewer, tiny_checkpoint, qtbot, monkeypatch
 ):
-    import time
-
-    from samcore.embeddings import EmbeddingStore
-
-    viewer = make_napari_viewer()
-    viewer.add_image(np.random.default_rng(5).integers(0, 255, (8, 64, 64), dtype=np.uint8), name="stack")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
-    widget.set_model(checkpoint=tiny_checkpoint)
-    put = EmbeddingStore.put
-
-    def slow_put(store, z, *args, **kwargs):  # a slow encoder, so that the job outlasts the slider's rest
-        time.sleep(0.2)
-        return put(store, z, *args, **kwargs)
-
-    monkeypatch.setattr(EmbeddingStore, "put", slow_put)
+    # A slow encoder, so that the job outlasts the slider's rest.
+    viewer, widget, _ = slowly_embedded_stack(make_napari_viewer, tiny_checkpoint, monkeypatch, 8, 0.2)
     widget.load()
     qtbot.waitUntil(lambda: widget._session is not None and len(widget._session.store) >= 2, timeout=10_000)
     shown = widget._current_z(widget._session.layer)
