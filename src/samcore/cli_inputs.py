@@ -13,7 +13,9 @@ import numpy as np
 
 TIFF_SUFFIXES = (".tif", ".tiff")  # samcore.batch.IMAGE_SUFFIXES, without importing torch for --help
 # What a reader's failure on a file of another kind is followed by.
-READABLE = " napari-sam reads TIFF files (.tif, .tiff) and the 2D formats scikit-image opens (PNG, JPEG, BMP, ...)."
+READABLE = (
+    " napari-sam reads TIFF files (.tif, .tiff) and the 2D formats scikit-image opens (PNG, JPEG, BMP, ...)."
+)
 
 
 def check_output(args: argparse.Namespace) -> None:
@@ -132,10 +134,12 @@ def read_image(args: argparse.Namespace) -> np.ndarray:
     except ValueError as error:  # `batch.read_image` says what is wrong with a TIFF
         if tiff:
             raise ValueError(f"{args.image}: {error}") from None
-        raise ValueError(f"{args.image}: it cannot be read as an image ({_first_line(error)}).{READABLE}") from None
+        reason = _first_line(error)
+        raise ValueError(f"{args.image}: it cannot be read as an image ({reason}).{READABLE}") from None
     except OSError as error:
         kind, readable = ("a TIFF file", "") if tiff else ("an image", READABLE)
-        raise ValueError(f"{args.image}: it cannot be read as {kind} ({_first_line(error)}).{readable}") from None
+        reason = _first_line(error)
+        raise ValueError(f"{args.image}: it cannot be read as {kind} ({reason}).{readable}") from None
     try:
         check_shape(image.shape)
     except ValueError as error:

@@ -65,5 +65,7 @@ def check_mask_input(mask_input: np.ndarray, side: tuple[int, int]) -> torch.Ten
             f"prediction, not an array of shape {array.shape}."
         )
     if not np.all(np.isfinite(array)):  # the decoder would return NaN scores and empty masks
-        raise ValueError("mask_input contains NaN or infinite values: pass the logits of a previous prediction.")
+        raise ValueError(
+            "mask_input contains NaN or infinite values: pass the logits of a previous prediction."
+        )
     return torch.as_tensor(array)[None]
