@@ -122,6 +122,16 @@ def test_the_probe_answers_once_per_shape():
     assert winograd.winograd_is_faster.cache_info().hits == 1
 
 
+def test_a_batch_takes_the_path_its_images_take_one_at_a_time(monkeypatch):
+    asked = []
+    monkeypatch.setattr(winograd, "winograd_is_faster", lambda *args: asked.append(args) or False)
+    conv, x = conv_and_input()
+    with torch.inference_mode():
+        conv(x[:1])
+        conv(torch.cat([x, x, x]))
+    assert len(asked) == 2 and asked[0] == asked[1] and asked[0][0][0] == 1
+
+
 def test_checkpoints_load_unchanged_and_copies_drop_the_transformed_weight(winograd_path):
     neck = encoder_neck(32, 16)
     plain = nn.Sequential(

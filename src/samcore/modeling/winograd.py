@@ -18,7 +18,8 @@ Whether it pays depends on the CPU and the layer. On a 2-core AMD EPYC (Zen 4) t
 to AVX2 (as on most laptops; `ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`, `MKL_ENABLE_INSTRUCTIONS`)
 16 ms against 29 ms; a 128-channel layer on that grid came out faster or slower from one run to the
 next. So each input shape is timed both ways once per process (`winograd_is_faster`, about 0.2 s
-for the neck's shape) and this path taken only where it is clearly faster.
+for the neck's shape; for one image, whatever the batch) and this path taken only where it is clearly
+faster.
 
 `Conv2d` is `nn.Conv2d` with the same parameters (checkpoints load unchanged); it takes this path
 for 3x3 convolutions of stride 1, padding 1, one group, in float32 inference on a CPU without
@@ -129,8 +130,10 @@ class Conv2d(nn.Conv2d):
     (see the module's text)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Probed for one image of the batch's shape: a batch takes the path of its images one at a
+        # time, so that embedding slices together rounds as embedding them one by one does.
         if self._takes_winograd(x) and winograd_is_faster(
-            tuple(x.shape), self.out_channels, x.is_contiguous(memory_format=torch.channels_last)
+            (1, *x.shape[1:]), self.out_channels, x.is_contiguous(memory_format=torch.channels_last)
         ):
             return winograd_conv3x3(x, self._transformed(), self.bias)
         return super().forward(x)
