@@ -430,6 +430,7 @@ def test_the_slice_where_the_slider_rests_is_made_ready_for_its_first_click(sam,
     predictor = widget._session.predictor
     prepared, contexts = [], []
     prepare = predictor.prepare_decoding
+
     def recorded() -> None:
         prepared.append(widget._current_z(widget._session.layer))
         prepare()
